@@ -1,0 +1,78 @@
+"""The `cacheproxy` command line: run, check-config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from cacheproxy import __version__
+from cacheproxy.config import Config, ConfigError, load_config, render_config
+from cacheproxy.observability import logs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cacheproxy", description="A caching proxy sidecar for PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"cacheproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "run the proxy"),
+        ("check-config", "validate the configuration and print it with secrets masked"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", "-c", help="YAML configuration file")
+        sub.add_argument("--listen", help='client listen address, "host:port" (overrides the file)')
+        sub.add_argument("--upstream", help="upstream postgres:// URL (overrides the file and CACHEPROXY_UPSTREAM)")
+        sub.add_argument("--admin-listen", help='admin HTTP address, "host:port" or "off"')
+        sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        sub.add_argument("--log-format", choices=["text", "json"])
+    demo = commands.add_parser("demo", help="start a throwaway PostgreSQL and the proxy, run a short workload")
+    demo.add_argument("--queries", type=int, default=2000, help="queries per target (default 2000)")
+    demo.add_argument("--config", "-c", help="YAML configuration for the proxy (rules, cache)")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(
+        args.config,
+        env=os.environ,
+        listen=args.listen,
+        upstream=args.upstream,
+        admin_listen=args.admin_listen,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from cacheproxy.devtools.demo import run_demo
+
+        return run_demo(args.queries, args.config)
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"cacheproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        sys.stdout.write(render_config(config))
+        return 0
+    logs.configure(config.logging.level, config.logging.format)
+    return _run(config)
+
+
+def _run(config: Config) -> int:
+    from cacheproxy.app import App, new_event_loop
+
+    async def serve() -> None:
+        await App(config).run()
+
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(serve())
+    except OSError as exc:
+        print(f"cacheproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,123 @@
+"""`cacheproxy demo`: a throwaway PostgreSQL, the proxy in front of it (as a real subprocess), a short workload.
+
+It shows an application talking to PostgreSQL through cacheproxy by changing nothing but its URL, and compares the
+answers and the latency with the same queries sent straight to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+
+from cacheproxy.devtools.pgcluster import PgCluster, free_port
+
+_ROWS = 10_000
+_QUERY = "SELECT id, name, price, tags FROM items WHERE id = $1"
+
+
+def run_demo(queries: int = 2000, config: str | None = None) -> int:
+    print("cacheproxy demo: starting a throwaway PostgreSQL ...", flush=True)
+    cluster = PgCluster.start()
+    proxy: subprocess.Popen[bytes] | None = None
+    try:
+        port = free_port()
+        proxy = _start_proxy(cluster, port, config)
+        print(f"  postgres   127.0.0.1:{cluster.port} (data in {cluster.base_dir})")
+        print(f"  cacheproxy 127.0.0.1:{port}  (DATABASE_URL={cluster.url(port=port)})")
+        return asyncio.run(_workload(cluster, port, queries))
+    finally:
+        if proxy is not None:
+            _stop_proxy(proxy)
+        cluster.cleanup()
+
+
+def _start_proxy(cluster: PgCluster, port: int, config: str | None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "cacheproxy", "run", "--listen", f"127.0.0.1:{port}", "--admin-listen", "off"]
+    cmd += ["--upstream", cluster.url(), "--log-level", "warning"]
+    if config:
+        cmd += ["--config", config]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"cacheproxy exited with status {proc.returncode} at start")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("cacheproxy did not start listening within 15 s")
+
+
+def _stop_proxy(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _workload(cluster: PgCluster, port: int, queries: int) -> int:
+    direct = await asyncpg.connect(cluster.url())
+    via = await asyncpg.connect(cluster.url(port=port))
+    try:
+        print(f"loading {_ROWS} sample rows through the proxy ...", flush=True)
+        await via.execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(10,2), tags text[]);"
+            f"INSERT INTO items SELECT g, 'item ' || g, g * 1.25, ARRAY['t' || g % 7, 'x'] "
+            f"FROM generate_series(1, {_ROWS}) g"
+        )
+        keys = [random.randint(1, _ROWS) for _ in range(queries)]
+        results: dict[str, list[float]] = {}
+        for name, conn in (("direct", direct), ("cacheproxy", via)):
+            results[name] = await _timed(name, conn, keys)
+        mismatches = 0
+        for key in keys[:200]:
+            if await direct.fetchrow(_QUERY, key) != await via.fetchrow(_QUERY, key):
+                mismatches += 1
+    finally:
+        await direct.close()
+        await via.close()
+    _report(results, mismatches)
+    return 1 if mismatches else 0
+
+
+async def _timed(name: str, conn: asyncpg.Connection, keys: list[int]) -> list[float]:
+    statement = await conn.prepare(_QUERY)
+    latencies = []
+    step = max(1, len(keys) // 40)
+    interactive = sys.stdout.isatty()
+    for i, key in enumerate(keys, 1):
+        started = time.perf_counter()
+        await statement.fetchrow(key)
+        latencies.append(time.perf_counter() - started)
+        if interactive and (i % step == 0 or i == len(keys)):
+            done = i * 40 // len(keys)
+            print(f"\r  {name:<11}[{'#' * done}{'.' * (40 - done)}] {i}/{len(keys)}", end="", flush=True)
+    print(f"\r  {name:<11}[{'#' * 40}] {len(keys)}/{len(keys)}")
+    return latencies
+
+
+def _report(results: dict[str, list[float]], mismatches: int) -> None:
+    print()
+    print(f"{'target':<12}{'queries':>9}{'p50 ms':>10}{'p99 ms':>10}{'total s':>10}")
+    for name, lat in results.items():
+        p99 = statistics.quantiles(lat, n=100)[98]
+        print(f"{name:<12}{len(lat):>9}{statistics.median(lat) * 1e3:>10.3f}{p99 * 1e3:>10.3f}{sum(lat):>10.2f}")
+    ratio = statistics.median(results["cacheproxy"]) / statistics.median(results["direct"])
+    print(f"\nmedian latency through the proxy: {ratio:.2f}x direct; answers compared: 200, mismatches: {mismatches}")
+    print("This build relays every query to PostgreSQL (the query cache is the next milestone).")
+    print(f"Next: `cacheproxy check-config --config {Path('configs/cacheproxy.yaml')}` and README.md.")

@@ -1,0 +1,87 @@
+"""Splits a byte stream of regular v3 messages into whole messages without copying them one by one.
+
+Wire format (PostgreSQL docs, "Message Formats"): one type byte, then an Int32 length that counts itself and the
+body but not the type byte. The framer only reads headers: a relay forwards the returned region in one write and
+looks at the few messages it cares about by offset.
+"""
+
+from __future__ import annotations
+
+from struct import Struct
+
+from cacheproxy.errors import PROGRAM_LIMIT_EXCEEDED, ProtocolViolation
+
+_HEADER = Struct("!cI")
+_INT32 = Struct("!I")
+HEADER_SIZE = 5
+
+# (type byte as int, offset of the type byte in the region, offset one past the message's last byte)
+Frame = tuple[int, int, int]
+
+
+class Framer:
+    """Incremental framer for one direction of a connection.
+
+    `feed(data)` returns `(region, frames)`: `region` is the bytes of every message completed so far, and `frames`
+    locates each message in it. Bytes of an incomplete message stay buffered until a later feed completes it. A
+    header announcing a message larger than `max_size` raises before any of its body is buffered.
+    """
+
+    __slots__ = ("_buf", "_max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self._buf = bytearray()
+        self._max_size = max_size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a message not yet complete."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray = self._buf
+        else:
+            buf = data
+        frames: list[Frame] = []
+        pos = 0
+        end_of_data = len(buf)
+        unpack = _INT32.unpack_from
+        max_size = self._max_size
+        while end_of_data - pos >= HEADER_SIZE:
+            length = unpack(buf, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"invalid message length {length} for message type {chr(buf[pos])!r}")
+            if length > max_size:
+                raise ProtocolViolation(
+                    f"message of type {chr(buf[pos])!r} is {length} bytes, over the limit of {max_size} bytes",
+                    sqlstate=PROGRAM_LIMIT_EXCEEDED,
+                )
+            end = pos + 1 + length
+            if end > end_of_data:
+                break
+            frames.append((buf[pos], pos, end))
+            pos = end
+        if buf is data:
+            if pos == end_of_data:
+                return data, frames
+            self._buf = bytearray(data[pos:])
+            return data[:pos], frames
+        region = bytes(self._buf[:pos])
+        del self._buf[:pos]
+        return region, frames
+
+
+def split_messages(data: bytes, max_size: int = 1 << 30) -> list[tuple[int, bytes]]:
+    """Decode a buffer holding only whole messages into (type, body) pairs (tests and small control paths)."""
+    framer = Framer(max_size)
+    region, frames = framer.feed(data)
+    if framer.buffered:
+        raise ProtocolViolation(f"{framer.buffered} trailing bytes do not form a whole message")
+    return [(t, region[s + HEADER_SIZE : e]) for t, s, e in frames]
+
+
+def encode(msg_type: bytes, body: bytes = b"") -> bytes:
+    """One regular message: type byte, Int32 length, body."""
+    return _HEADER.pack(msg_type, len(body) + 4) + body

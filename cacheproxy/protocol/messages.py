@@ -1,0 +1,113 @@
+"""Builders and small decoders for the backend and frontend messages the proxy itself writes or reads.
+
+Builders are pure functions returning wire bytes (PostgreSQL docs, "Message Formats"). Everything the proxy merely
+relays is never decoded at all.
+"""
+
+from __future__ import annotations
+
+from struct import Struct
+
+from cacheproxy.protocol.framing import encode
+
+_INT32 = Struct("!I")
+_KEY = Struct("!II")
+
+# Backend message types (as ints, the way the framer reports them).
+AUTHENTICATION = ord("R")
+BACKEND_KEY_DATA = ord("K")
+COMMAND_COMPLETE = ord("C")
+ERROR_RESPONSE = ord("E")
+NEGOTIATE_PROTOCOL_VERSION = ord("v")
+NOTICE_RESPONSE = ord("N")
+PARAMETER_STATUS = ord("S")
+READY_FOR_QUERY = ord("Z")
+
+# Frontend message types.
+BIND = ord("B")
+CLOSE = ord("C")
+COPY_DATA = ord("d")
+COPY_DONE = ord("c")
+COPY_FAIL = ord("f")
+DESCRIBE = ord("D")
+EXECUTE = ord("E")
+FLUSH = ord("H")
+FUNCTION_CALL = ord("F")
+PARSE = ord("P")
+PASSWORD = ord("p")  # also SASLInitialResponse, SASLResponse and GSSResponse
+QUERY = ord("Q")
+SYNC = ord("S")
+TERMINATE = ord("X")
+
+FRONTEND_TYPES = frozenset(b"BCdcfDEHFpPQSX")
+
+# Authentication request codes (the Int32 after 'R').
+AUTH_OK = 0
+AUTH_SASL = 10
+AUTH_SASL_FINAL = 12
+
+
+def error_response(
+    severity: str, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None
+) -> bytes:
+    return encode(b"E", _fields(severity, sqlstate, message, detail, hint))
+
+
+def notice_response(severity: str, sqlstate: str, message: str, *, detail: str | None = None) -> bytes:
+    return encode(b"N", _fields(severity, sqlstate, message, detail, None))
+
+
+def _fields(severity: str, sqlstate: str, message: str, detail: str | None, hint: str | None) -> bytes:
+    # 'S' is the localized severity, 'V' the non-localized one (both sent by PostgreSQL >= 9.6).
+    parts = [b"S" + severity.encode(), b"V" + severity.encode(), b"C" + sqlstate.encode(), b"M" + message.encode()]
+    if detail:
+        parts.append(b"D" + detail.encode())
+    if hint:
+        parts.append(b"H" + hint.encode())
+    return b"\x00".join(parts) + b"\x00\x00"
+
+
+def ready_for_query(status: bytes) -> bytes:
+    return encode(b"Z", status)
+
+
+def backend_key_data(process_id: int, secret_key: int) -> bytes:
+    return encode(b"K", _KEY.pack(process_id, secret_key))
+
+
+def terminate() -> bytes:
+    return encode(b"X")
+
+
+def decode_backend_key_data(body: bytes) -> tuple[int, int]:
+    pid, secret = _KEY.unpack_from(body)
+    return int(pid), int(secret)
+
+
+def decode_error_fields(body: bytes) -> dict[str, str]:
+    """ErrorResponse/NoticeResponse body -> {field code: value}, e.g. {'S': 'ERROR', 'C': '42601', ...}."""
+    fields: dict[str, str] = {}
+    for part in bytes(body).split(b"\x00"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return fields
+
+
+def decode_parameter_status(body: bytes) -> tuple[str, str]:
+    name, value, *_ = bytes(body).split(b"\x00")
+    return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
+
+
+def auth_code(body: bytes) -> int:
+    code: int = _INT32.unpack_from(body)[0]
+    return code
+
+
+def sasl_mechanisms(body: bytes) -> list[str]:
+    """Mechanism names of an AuthenticationSASL body (code, then NUL-terminated names, then a NUL)."""
+    return [m.decode() for m in bytes(body[4:]).split(b"\x00") if m]
+
+
+def authentication_sasl(mechanisms: list[str]) -> bytes:
+    body = _INT32.pack(AUTH_SASL) + b"".join(m.encode() + b"\x00" for m in mechanisms) + b"\x00"
+    return encode(b"R", body)

@@ -1,0 +1,54 @@
+"""Link: the asyncio Protocol that takes over a transport once a session is authenticated.
+
+Streams (StreamReader/StreamWriter) are convenient for the few round trips of startup and authentication, but
+each read there costs a future and a task wake-up. The relay is the hot path, so there the session swaps each
+transport's protocol for a Link: bytes arrive by direct callback and leave by `transport.write`, with no
+coroutine in between. Backpressure is explicit: when one side's write buffer fills, the other side stops reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+class Link(asyncio.Protocol):
+    """Forwards one transport's events to its session; pauses the peer's reading while our writes back up."""
+
+    __slots__ = ("_on_closed", "_on_data", "peer", "transport")
+
+    def __init__(self, on_data: Callable[[bytes], None], on_closed: Callable[[Exception | None], None]) -> None:
+        self._on_data = on_data
+        self._on_closed = on_closed
+        self.transport: asyncio.Transport | None = None
+        self.peer: asyncio.Transport | None = None  # the transport whose reading we pause
+
+    @classmethod
+    def take_over(
+        cls,
+        transport: asyncio.Transport,
+        on_data: Callable[[bytes], None],
+        on_closed: Callable[[Exception | None], None],
+    ) -> Link:
+        link = cls(on_data, on_closed)
+        link.transport = transport
+        transport.set_protocol(link)
+        return link
+
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
+
+    def eof_received(self) -> bool:
+        self._on_closed(None)
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_closed(exc)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and not self.peer.is_closing():
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.is_closing():
+            self.peer.resume_reading()

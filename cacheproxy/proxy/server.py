@@ -1,0 +1,133 @@
+"""The listener: accepts clients, owns the live sessions, their cancel keys, admission limits and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import secrets
+import socket
+
+from cacheproxy.config import Config
+from cacheproxy.errors import TOO_MANY_CONNECTIONS, ProxyError
+from cacheproxy.proxy.session import Session
+from cacheproxy.proxy.upstream import READ_LIMIT, send_cancel
+
+log = logging.getLogger("cacheproxy.server")
+
+
+class ProxyServer:
+    """Accepts client connections and runs one `Session` per connection.
+
+    It is the one owner of the session table (admission, cancel keys) and of the shutdown order: stop accepting,
+    close idle sessions, let busy ones finish up to a timeout, then abort the rest.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._server: asyncio.Server | None = None
+        self._ids = itertools.count(1)
+        self._live: dict[Session, asyncio.Task[None]] = {}  # every connection's session, admitted or not
+        self._admitted: set[Session] = set()
+        self._by_key: dict[int, Session] = {}
+        self._shutting_down: str | None = None
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if self._server else []
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the configured port is 0)."""
+        return int(self.sockets[0].getsockname()[1])
+
+    @property
+    def client_count(self) -> int:
+        return len(self._admitted)
+
+    async def start(self) -> None:
+        listen = self.config.listen
+        self._server = await asyncio.start_server(
+            self._on_connect, listen.host, listen.port, limit=READ_LIMIT, reuse_address=True
+        )
+        log.info("listening on %s", ", ".join(_fmt(s.getsockname()) for s in self.sockets))
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(self, reader, writer, next(self._ids))
+        task = asyncio.current_task()
+        assert task is not None
+        self._live[session] = task
+        try:
+            await session.run()
+        finally:
+            del self._live[session]
+
+    # -- the session table -----------------------------------------------------------------------------------
+
+    def admit(self, session: Session) -> None:
+        """Count a session that sent its StartupMessage against `limits.max_client_connections`."""
+        if self._shutting_down:
+            raise ProxyError("57P03", "the proxy is shutting down")
+        limit = self.config.limits.max_client_connections
+        if len(self._admitted) >= limit:
+            log.warning("refusing client %s: %d client connections already (limit)", session.peer, limit)
+            raise ProxyError(TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+        self._admitted.add(session)
+
+    def issue_key(self, session: Session) -> tuple[int, int]:
+        """A fresh (process id, secret) for the client's BackendKeyData; cancels are looked up by it."""
+        while True:
+            pid = secrets.randbelow(0x7FFFFFFF - 1) + 1
+            if pid not in self._by_key:
+                break
+        self._by_key[pid] = session
+        return pid, secrets.randbits(32)
+
+    def forget(self, session: Session) -> None:
+        self._admitted.discard(session)
+        if self._by_key.get(session.process_id) is session:
+            del self._by_key[session.process_id]
+
+    async def forward_cancel(self, process_id: int, secret_key: int) -> None:
+        """Map a client's CancelRequest (our key) to the upstream backend's key, and deliver it."""
+        session = self._by_key.get(process_id)
+        # Compare secrets in constant time; an unknown or wrong key is ignored silently, as PostgreSQL does.
+        if session is None or not hmac.compare_digest(
+            session.secret_key.to_bytes(4, "big"), secret_key.to_bytes(4, "big")
+        ):
+            log.info("ignoring cancel request with an unknown key")
+            return
+        if session.upstream_key is None:
+            log.info("session %d: cancel request ignored: upstream gave no key", session.id)
+            return
+        log.info("session %d: forwarding cancel request", session.id)
+        await send_cancel(self.config.upstream, *session.upstream_key)
+
+    # -- shutdown --------------------------------------------------------------------------------------------
+
+    async def shutdown(self, timeout: float, reason: str = "the proxy is shutting down") -> None:
+        """Stop accepting, close idle sessions, wait up to `timeout` for busy ones, then abort what is left."""
+        self._shutting_down = reason
+        if self._server is not None:
+            self._server.close()
+        log.info("shutdown: %d sessions open, waiting up to %gs for busy ones", len(self._live), timeout)
+        for session in list(self._live):
+            session.request_close(reason)
+        if self._live:
+            _, pending = await asyncio.wait(list(self._live.values()), timeout=timeout)
+            if pending:
+                log.warning("shutdown: aborting %d sessions still busy after %gs", len(pending), timeout)
+                for session in list(self._live):
+                    session.abort(reason)
+                _, pending = await asyncio.wait(pending, timeout=5.0)
+                for task in pending:
+                    task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+        log.info("shutdown complete")
+
+
+def _fmt(sockname: tuple[object, ...]) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

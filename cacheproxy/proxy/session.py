@@ -1,0 +1,449 @@
+"""Client session: one client connection and its own upstream connection, from accept to close.
+
+Phases: startup negotiation (SSL/GSS refusal, cancel requests, admission), the authentication exchange relayed
+between client and upstream, then the relay proper. The relay runs two pumps, one per direction; each reads what has
+arrived, frames it (the framer reads headers only), notes the few messages that change session state, and forwards
+the whole region in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import Enum
+from typing import TYPE_CHECKING, cast
+
+from cacheproxy.errors import (
+    ADMIN_SHUTDOWN,
+    IDLE_SESSION_TIMEOUT,
+    INTERNAL_ERROR,
+    ProtocolViolation,
+    ProxyError,
+    UpstreamError,
+)
+from cacheproxy.protocol import messages as m
+from cacheproxy.protocol.framing import HEADER_SIZE, Framer, encode
+from cacheproxy.protocol.startup import (
+    CancelRequest,
+    GSSEncRequest,
+    SSLRequest,
+    StartupMessage,
+    decode_startup,
+    read_length,
+)
+from cacheproxy.proxy.link import Link
+from cacheproxy.proxy.upstream import connection_lost_error, open_upstream
+
+if TYPE_CHECKING:
+    from cacheproxy.proxy.server import ProxyServer
+
+log = logging.getLogger("cacheproxy.session")
+
+# Authentication requests after which the server waits for nothing from the client (AuthenticationOk and
+# AuthenticationSASLFinal); every other request code expects one PasswordMessage-family reply.
+_NO_REPLY_AUTH = frozenset((m.AUTH_OK, m.AUTH_SASL_FINAL))
+# Upstream messages during authentication are small; anything bigger is not a PostgreSQL server.
+_MAX_STARTUP_MESSAGE = 1 << 20
+# PostgreSQL's own message-size ceiling (1 GB for a field, plus headers): server messages are trusted up to it.
+_MAX_BACKEND_MESSAGE = (1 << 30) + (1 << 20)
+_CLOSE_GRACE = 5.0
+_FATAL_SEVERITIES = frozenset(("FATAL", "PANIC"))
+# Frontend messages that end a request cycle; each one gets exactly one ReadyForQuery.
+_CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
+
+
+class Phase(Enum):
+    """Where a session is in its life; `Session._set_phase` is the only writer."""
+
+    STARTUP = "startup"
+    """Reading SSLRequest/GSSENCRequest/StartupMessage."""
+    AUTHENTICATING = "authenticating"
+    """Upstream connected; relaying the authentication exchange."""
+    READY = "ready"
+    """Authenticated: relaying queries and results."""
+    CLOSING = "closing"
+    """A close was decided; pumps are stopping."""
+    CLOSED = "closed"
+
+
+class SessionEnd(Exception):
+    """Ends a session without an error of ours to report (the reason is logged)."""
+
+
+class Session:
+    """One client connection and the upstream connection opened for it."""
+
+    def __init__(
+        self, server: ProxyServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session_id: int
+    ) -> None:
+        self.server = server
+        self.id = session_id
+        self.peer = _peer_name(writer)
+        self.startup: StartupMessage | None = None
+        self.phase = Phase.STARTUP
+        self.process_id = 0
+        self.secret_key = 0
+        self.upstream_key: tuple[int, int] | None = None
+        self.parameters: dict[str, str] = {}
+        self.tx_status = b"I"
+        self.opened_at = time.monotonic()
+        self._client_reader = reader
+        self._client_writer = writer
+        self._up_reader: asyncio.StreamReader | None = None
+        self._up_writer: asyncio.StreamWriter | None = None
+        self._in_flight = 0  # request cycles (Query/Sync/FunctionCall) forwarded and not yet answered by 'Z'
+        self._open_batch = False  # extended-protocol messages forwarded since the last Sync
+        self._client_terminated = False
+        self._upstream_fatal = False  # the upstream already told the client why it is closing
+        self._close_requested: str | None = None
+        self._relay_end: asyncio.Future[str] | None = None
+        self._client_framer = Framer(server.config.limits.max_message_size)
+        self._up_framer = Framer(_MAX_BACKEND_MESSAGE)
+        self._idle_timeout = server.config.limits.idle_client_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def _set_phase(self, phase: Phase, why: str) -> None:
+        log.debug("session %d: %s -> %s (%s)", self.id, self.phase.value, phase.value, why)
+        self.phase = phase
+
+    @property
+    def idle(self) -> bool:
+        """Between request cycles and outside a transaction block: safe to close without losing work."""
+        return self.phase is Phase.READY and not self._in_flight and not self._open_batch and self.tx_status == b"I"
+
+    async def run(self) -> None:
+        reason = "closed"
+        error: bytes | None = None
+        try:
+            reason = await self._run()
+        except UpstreamError as exc:
+            reason = exc.message
+            error = None if self._upstream_fatal else _error_message(exc)
+        except ProxyError as exc:
+            reason = exc.message
+            error = _error_message(exc)
+        except SessionEnd as exc:
+            reason = str(exc)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            reason = self._close_requested or "client disconnected"
+        except asyncio.CancelledError:
+            reason = self._close_requested or "cancelled"
+            error = m.error_response("FATAL", ADMIN_SHUTDOWN, "terminating connection: " + reason)
+        except Exception:
+            log.exception("session %d: internal error", self.id)
+            reason = "internal error"
+            error = m.error_response("FATAL", INTERNAL_ERROR, "cacheproxy internal error")
+        finally:
+            self._set_phase(Phase.CLOSING, reason)
+            await self._close(error)
+            self._set_phase(Phase.CLOSED, reason)
+            self.server.forget(self)
+            self._log_closed(reason)
+
+    async def _run(self) -> str:
+        startup = await self._negotiate_startup()
+        if startup is None:
+            return "cancel request handled"
+        self.startup = startup
+        self.server.admit(self)  # raises TOO_MANY_CONNECTIONS
+        log.info(
+            "session %d: client %s user=%s database=%s application_name=%s",
+            self.id,
+            self.peer,
+            startup.user,
+            startup.database,
+            startup.parameters.get("application_name", ""),
+        )
+        timeout = self.server.config.limits.startup_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self._authenticate(startup)
+        except TimeoutError as exc:
+            raise ProxyError("57014", f"canceling authentication due to timeout ({timeout:g}s)") from exc
+        self._set_phase(Phase.READY, "authenticated")
+        return await self._relay()
+
+    def request_close(self, reason: str) -> None:
+        """Ask the session to end as soon as it is idle (graceful shutdown); immediately if it is idle now."""
+        self._close_requested = reason
+        if self.phase is not Phase.READY or self.idle:
+            self.abort(reason)
+
+    def abort(self, reason: str) -> None:
+        """End the session now; the client is told why (FATAL 57P01)."""
+        self._close_requested = reason
+        if self._relay_end is not None:
+            self._end_relay(ProxyError(ADMIN_SHUTDOWN, "terminating connection: " + reason))
+        else:  # still in startup or authentication: nothing to lose
+            self._client_writer.transport.abort()
+
+    async def _close(self, error: bytes | None) -> None:
+        """Close both transports; queued bytes (the error for the client, Terminate for the upstream) are flushed.
+
+        A peer that does not read within `_CLOSE_GRACE` seconds is cut off, so a stalled client cannot pin memory.
+        """
+        loop = asyncio.get_running_loop()
+        client = self._client_writer.transport
+        if not client.is_closing():
+            if error is not None:
+                client.write(error)
+            client.close()
+            loop.call_later(_CLOSE_GRACE, client.abort)
+        if self._up_writer is not None:
+            upstream = self._up_writer.transport
+            if not upstream.is_closing():
+                if not self._client_terminated:
+                    upstream.write(m.terminate())  # let the backend end cleanly instead of logging an EOF
+                upstream.close()
+                loop.call_later(_CLOSE_GRACE, upstream.abort)
+
+    def _log_closed(self, reason: str) -> None:
+        user = self.startup.user if self.startup else "-"
+        log.info(
+            "session %d: closed after %.3fs (client %s user=%s): %s",
+            self.id,
+            time.monotonic() - self.opened_at,
+            self.peer,
+            user,
+            reason,
+        )
+
+    # -- startup ---------------------------------------------------------------------------------------------
+
+    async def _negotiate_startup(self) -> StartupMessage | None:
+        """Read startup packets until a StartupMessage (returned) or a CancelRequest (handled; None)."""
+        reader, writer = self._client_reader, self._client_writer
+        timeout = self.server.config.limits.startup_timeout
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    header = await reader.readexactly(4)
+                    packet = header + await reader.readexactly(read_length(header) - 4)
+            except TimeoutError as exc:
+                raise SessionEnd("no startup packet received in time") from exc
+            except asyncio.IncompleteReadError as exc:
+                raise SessionEnd("client disconnected during startup") from exc
+            request = decode_startup(packet)
+            if isinstance(request, SSLRequest | GSSEncRequest):
+                # TLS towards clients is not offered yet: 'N' tells the client to go on in plaintext or give up.
+                writer.write(b"N")
+                continue
+            if isinstance(request, CancelRequest):
+                await self.server.forward_cancel(request.process_id, request.secret_key)
+                return None
+            return request
+
+    async def _authenticate(self, startup: StartupMessage) -> None:
+        self._set_phase(Phase.AUTHENTICATING, "upstream connect")
+        up_reader, up_writer = await open_upstream(self.server.config.upstream)
+        self._up_reader, self._up_writer = up_reader, up_writer
+        client = self._client_writer
+        up_writer.write(startup.raw)
+        while True:
+            msg_type, body = await _read_upstream_message(up_reader)
+            if msg_type == m.AUTHENTICATION:
+                code = m.auth_code(body)
+                client.write(_client_auth_request(code, body))
+                if code == m.AUTH_OK:
+                    break
+                if code not in _NO_REPLY_AUTH:
+                    await self._relay_auth_reply()
+            elif msg_type == m.ERROR_RESPONSE:
+                client.write(encode(bytes((msg_type,)), body))
+                raise SessionEnd("upstream refused: " + m.decode_error_fields(body).get("M", "error"))
+            elif msg_type in (m.NOTICE_RESPONSE, m.NEGOTIATE_PROTOCOL_VERSION):
+                client.write(encode(bytes((msg_type,)), body))
+            else:
+                raise ProtocolViolation(f"unexpected message {chr(msg_type)!r} from upstream during authentication")
+        await self._finish_startup(up_reader)
+
+    async def _relay_auth_reply(self) -> None:
+        """Forward the client's one reply (password, SASL or GSS response) to an authentication request."""
+        assert self._up_writer is not None
+        await self._client_writer.drain()
+        msg_type, body = await _read_message(self._client_reader, _MAX_STARTUP_MESSAGE)
+        if msg_type != m.PASSWORD:
+            raise ProtocolViolation(f"expected an authentication response, got message type {chr(msg_type)!r}")
+        self._up_writer.write(encode(b"p", body))
+
+    async def _finish_startup(self, up_reader: asyncio.StreamReader) -> None:
+        """After AuthenticationOk: relay ParameterStatus and notices, swap in our BackendKeyData, up to 'Z'."""
+        client = self._client_writer
+        while True:
+            msg_type, body = await _read_upstream_message(up_reader)
+            if msg_type == m.BACKEND_KEY_DATA:
+                # The client cancels through us, so it gets our key; the upstream's stays here (see forward_cancel).
+                self.upstream_key = m.decode_backend_key_data(body)
+                self.process_id, self.secret_key = self.server.issue_key(self)
+                client.write(m.backend_key_data(self.process_id, self.secret_key))
+                continue
+            client.write(encode(bytes((msg_type,)), body))
+            if msg_type == m.PARAMETER_STATUS:
+                name, value = m.decode_parameter_status(body)
+                self.parameters[name] = value
+            elif msg_type == m.READY_FOR_QUERY:
+                self.tx_status = bytes(body[:1])
+                break
+            elif msg_type == m.ERROR_RESPONSE:
+                raise SessionEnd("upstream refused: " + m.decode_error_fields(body).get("M", "error"))
+        await client.drain()
+
+    # -- relay -----------------------------------------------------------------------------------------------
+
+    async def _relay(self) -> str:
+        """Hand both transports to Links and relay until one side ends; return why it ended."""
+        assert self._up_reader is not None and self._up_writer is not None
+        loop = asyncio.get_running_loop()
+        self._relay_end = loop.create_future()
+        # Bytes the streams read ahead of the protocol swap would be lost with them: relay them first.
+        client_early = _drain_stream_buffer(self._client_reader)
+        upstream_early = _drain_stream_buffer(self._up_reader)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        client_transport = cast(asyncio.Transport, self._client_writer.transport)
+        up_transport = cast(asyncio.Transport, self._up_writer.transport)
+        self._client_link = Link.take_over(client_transport, self._on_client_data, self._on_client_closed)
+        self._up_link = Link.take_over(up_transport, self._on_upstream_data, self._on_upstream_closed)
+        self._client_link.peer, self._up_link.peer = up_transport, client_transport
+        client_transport.resume_reading()  # a StreamReader may have paused it on a full buffer
+        up_transport.resume_reading()
+        if upstream_early:
+            self._on_upstream_data(upstream_early)
+        if client_early:
+            self._on_client_data(client_early)
+        if self._close_requested:  # shutdown began while we were authenticating
+            self.request_close(self._close_requested)
+        try:
+            return await self._relay_end
+        finally:
+            self._cancel_idle_timer()
+
+    def _end_relay(self, outcome: str | BaseException) -> None:
+        """The one place the relay ends: the first outcome wins, later ones (the other side closing) are moot."""
+        if self._relay_end is None or self._relay_end.done():
+            return
+        if isinstance(outcome, BaseException):
+            self._relay_end.set_exception(outcome)
+        else:
+            self._relay_end.set_result(outcome)
+
+    def _on_client_data(self, data: bytes) -> None:
+        """Client -> upstream. Counts request cycles so that `idle` is known without parsing results."""
+        self._cancel_idle_timer()
+        try:
+            region, frames = self._client_framer.feed(data)
+        except ProtocolViolation as exc:
+            self._end_relay(exc)
+            return
+        for msg_type, _, _ in frames:
+            if msg_type in _CYCLE_ENDS:
+                self._in_flight += 1
+                self._open_batch = False
+            elif msg_type == m.TERMINATE:
+                self._client_terminated = True
+            elif msg_type not in m.FRONTEND_TYPES:
+                self._end_relay(ProtocolViolation(f"invalid frontend message type {msg_type}"))
+                return
+            elif msg_type not in (m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
+                self._open_batch = True
+        if region:
+            self._up_writer_transport().write(region)
+        if self._client_terminated:
+            self._end_relay("client sent Terminate")
+
+    def _on_upstream_data(self, data: bytes) -> None:
+        """Upstream -> client. Tracks ReadyForQuery (transaction status), ParameterStatus and FATAL errors."""
+        region, frames = self._up_framer.feed(data)
+        for msg_type, start, end in frames:
+            if msg_type == m.READY_FOR_QUERY:
+                if self._in_flight:
+                    self._in_flight -= 1
+                self.tx_status = region[start + HEADER_SIZE : start + HEADER_SIZE + 1]
+            elif msg_type == m.PARAMETER_STATUS:
+                name, value = m.decode_parameter_status(region[start + HEADER_SIZE : end])
+                self.parameters[name] = value
+            elif msg_type == m.ERROR_RESPONSE:
+                severity = m.decode_error_fields(region[start + HEADER_SIZE : end]).get("V", "")
+                self._upstream_fatal = self._upstream_fatal or severity in _FATAL_SEVERITIES
+        self._client_writer.transport.write(region)
+        if self.idle:
+            if self._close_requested:
+                self._end_relay(ProxyError(ADMIN_SHUTDOWN, "terminating connection: " + self._close_requested))
+            elif self._idle_timeout is not None:
+                self._arm_idle_timer()
+
+    def _on_client_closed(self, exc: Exception | None) -> None:
+        self._end_relay("client disconnected" if exc else "client closed the connection")
+
+    def _on_upstream_closed(self, exc: Exception | None) -> None:
+        if self._upstream_fatal:
+            self._end_relay(SessionEnd("upstream closed the connection after a FATAL error"))
+        else:
+            self._end_relay(connection_lost_error())
+
+    def _up_writer_transport(self) -> asyncio.WriteTransport:
+        assert self._up_writer is not None
+        return self._up_writer.transport
+
+    def _arm_idle_timer(self) -> None:
+        assert self._idle_timeout is not None
+        self._cancel_idle_timer()
+        self._idle_timer = asyncio.get_running_loop().call_later(self._idle_timeout, self._on_idle_timeout)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _on_idle_timeout(self) -> None:
+        self._idle_timer = None
+        if self.idle:
+            self._end_relay(ProxyError(IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout"))
+
+
+def _error_message(exc: ProxyError) -> bytes:
+    return m.error_response(exc.severity, exc.sqlstate, exc.message, detail=exc.detail)
+
+
+def _client_auth_request(code: int, body: bytes) -> bytes:
+    """The authentication request as the client should see it.
+
+    SCRAM-SHA-256-PLUS binds the exchange to the TLS channel it runs on; the client's channel ends at this proxy, so
+    a client that picked -PLUS would fail. Only the mechanisms without channel binding are offered.
+    """
+    if code == m.AUTH_SASL:
+        return m.authentication_sasl([mech for mech in m.sasl_mechanisms(body) if not mech.endswith("-PLUS")])
+    return encode(b"R", body)
+
+
+async def _read_message(reader: asyncio.StreamReader, max_size: int) -> tuple[int, bytes]:
+    """Read one whole message (startup and authentication phases only, where messages are few and small)."""
+    header = await reader.readexactly(HEADER_SIZE)
+    length = int.from_bytes(header[1:5], "big")
+    if length < 4 or length > max_size:
+        raise ProtocolViolation(f"invalid message length {length} for message type {chr(header[0])!r}")
+    return header[0], await reader.readexactly(length - 4)
+
+
+async def _read_upstream_message(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    try:
+        return await _read_message(reader, _MAX_STARTUP_MESSAGE)
+    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        raise connection_lost_error() from exc
+
+
+def _drain_stream_buffer(reader: asyncio.StreamReader) -> bytes:
+    """Whatever a StreamReader already holds, without waiting (the relay takes over its transport next)."""
+    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
+    data = bytes(buffer)
+    buffer.clear()
+    return data
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "unknown")

@@ -1,0 +1,106 @@
+"""Connections to the upstream PostgreSQL: TCP, the sslmode negotiation, and out-of-band cancel requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from cacheproxy.config import UpstreamConfig
+from cacheproxy.errors import CONNECTION_FAILURE, UpstreamError
+from cacheproxy.protocol.startup import encode_cancel, encode_ssl_request
+
+log = logging.getLogger("cacheproxy.upstream")
+
+# Large enough that a busy result streams in few reads; the StreamReader's own buffer limit is twice this.
+READ_LIMIT = 256 * 1024
+
+
+async def open_upstream(cfg: UpstreamConfig) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection to the upstream, negotiated to TLS as `cfg.sslmode` asks (libpq's semantics).
+
+    `allow` is treated as `disable`: libpq retries with TLS only after a plaintext attempt fails, and a proxy cannot
+    replay an authentication exchange that the client already took part in.
+    """
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(cfg.host, cfg.port, limit=READ_LIMIT), timeout=cfg.connect_timeout
+        )
+    except TimeoutError as exc:
+        raise UpstreamError(
+            f"could not connect to upstream server {cfg.host}:{cfg.port}: timeout after {cfg.connect_timeout:g}s"
+        ) from exc
+    except OSError as exc:
+        raise UpstreamError(
+            f"could not connect to upstream server {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+        ) from exc
+    if cfg.sslmode in ("disable", "allow"):
+        return reader, writer
+    try:
+        await _negotiate_tls(cfg, reader, writer)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def _negotiate_tls(cfg: UpstreamConfig, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(encode_ssl_request())
+    try:
+        answer = await asyncio.wait_for(reader.readexactly(1), timeout=cfg.connect_timeout)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        raise UpstreamError(f"upstream server {cfg.host}:{cfg.port} failed during SSL negotiation") from exc
+    if answer == b"N":
+        if cfg.sslmode == "prefer":
+            return
+        raise UpstreamError(f"upstream server {cfg.host}:{cfg.port} does not support SSL, but SSL was required")
+    if answer != b"S":
+        raise UpstreamError(f"upstream server {cfg.host}:{cfg.port} sent an invalid response to SSL negotiation")
+    context = client_ssl_context(cfg)
+    hostname = cfg.host if cfg.sslmode == "verify-full" else None
+    try:
+        await writer.start_tls(context, server_hostname=hostname)
+    except (ssl.SSLError, OSError) as exc:
+        raise UpstreamError(f"SSL connection to upstream server {cfg.host}:{cfg.port} failed: {exc}") from exc
+
+
+def client_ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext:
+    """The TLS context for `cfg.sslmode`. As in libpq, `require` with a root certificate verifies the chain."""
+    verify = cfg.sslmode in ("verify-ca", "verify-full") or (cfg.sslmode == "require" and bool(cfg.sslrootcert))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if verify:
+        if cfg.sslrootcert:
+            context.load_verify_locations(cafile=cfg.sslrootcert)
+        else:
+            context.load_default_certs()
+        context.check_hostname = cfg.sslmode == "verify-full"
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cfg.sslcert:
+        context.load_cert_chain(cfg.sslcert, cfg.sslkey)
+    return context
+
+
+async def send_cancel(cfg: UpstreamConfig, process_id: int, secret_key: int) -> None:
+    """Deliver a CancelRequest for an upstream backend. Best effort, as in libpq: no reply is expected."""
+    try:
+        reader, writer = await open_upstream(cfg)
+    except UpstreamError as exc:
+        log.warning("cancel request not delivered: %s", exc.message)
+        return
+    try:
+        writer.write(encode_cancel(process_id, secret_key))
+        await writer.drain()
+        # The server closes the connection once it has read the request; wait for that, briefly.
+        await asyncio.wait_for(reader.read(1), timeout=cfg.connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        log.warning("cancel request to upstream backend %d may not have been delivered: %s", process_id, exc)
+    finally:
+        writer.close()
+
+
+def connection_lost_error() -> UpstreamError:
+    return UpstreamError("lost connection to the upstream server", sqlstate=CONNECTION_FAILURE)

@@ -1,0 +1,91 @@
+"""Shared fixtures: one private PostgreSQL cluster per test session and a fresh database per test."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# tests/ has no __init__.py, so make `tests.support` importable however pytest is launched
+# (`python -m pytest` puts the cwd on sys.path, a bare `pytest` does not).
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from tests.support.pgcluster import PgCluster, quote_ident  # noqa: E402
+from tests.support.proxy import ProxyThread, proxy_config  # noqa: E402
+
+_PG_LOG_KEY = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="session")
+def pg(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+    """A private Postgres 15 on 127.0.0.1:<free port>, started once, removed at session end."""
+    cluster = PgCluster.start()
+    try:
+        yield cluster
+    finally:
+        if request.session.testsfailed:
+            # Read before cleanup() deletes it; printed by pytest_terminal_summary below.
+            request.config.stash[_PG_LOG_KEY] = cluster.log_tail(80)
+        cluster.cleanup()
+
+
+@pytest.fixture
+def dbname(pg: PgCluster) -> Iterator[str]:
+    """A fresh database `t_<uuid8>` that every role may use; dropped (forcibly) after the test."""
+    name = f"t_{uuid.uuid4().hex[:8]}"
+    pg.create_database(name)
+    pg.psql(f"GRANT ALL ON DATABASE {quote_ident(name)} TO PUBLIC")
+    pg.psql("GRANT ALL ON SCHEMA public TO PUBLIC", dbname=name)
+    yield name
+    # Hundreds of ~8 MB databases would pile up in /tmp otherwise. Best effort: a test may have
+    # stopped the server on purpose.
+    if pg.is_running():
+        pg.drop_database(name)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, None]:
+    """Attach the server log tail to each failed test that used the cluster."""
+    outcome = yield
+    report = outcome.get_result()
+    cluster = getattr(item, "funcargs", {}).get("pg")
+    if report.failed and isinstance(cluster, PgCluster):
+        report.sections.append(("postgres log (tail)", cluster.log_tail(50)))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    log = config.stash.get(_PG_LOG_KEY, None)
+    if log:
+        terminalreporter.section("postgres log (tail, session had failures)")
+        terminalreporter.write_line(log)
+
+
+# --- proxy fixtures (owned by the proxy author) ---
+
+
+@pytest.fixture(scope="session")
+def proxy(pg: PgCluster) -> Iterator[ProxyThread]:
+    """One in-process cacheproxy in front of `pg` for the session (tests that need their own use `start_proxy`)."""
+    with ProxyThread.from_mapping(proxy_config(pg.url(dbname="postgres"))) as running:
+        yield running
+
+
+@pytest.fixture
+def start_proxy(pg: PgCluster) -> Iterator[Callable[..., ProxyThread]]:
+    """Start a private proxy with config overrides, e.g. `start_proxy(limits={"max_client_connections": 2})`."""
+    started: list[ProxyThread] = []
+
+    def start(upstream: str | None = None, **sections: Any) -> ProxyThread:
+        running = ProxyThread.from_mapping(proxy_config(upstream or pg.url(dbname="postgres"), **sections))
+        started.append(running.start())
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
