@@ -79,9 +79,10 @@ def terminate() -> bytes:
     return encode(b"X")
 
 
-def decode_backend_key_data(body: bytes) -> tuple[int, int]:
-    pid, secret = _KEY.unpack_from(body)
-    return int(pid), int(secret)
+def decode_backend_key_data(body: bytes) -> tuple[int, bytes]:
+    """(process id, secret). The secret stays bytes: 4 in protocol 3.0, up to 256 in 3.2."""
+    pid: int = _INT32.unpack_from(body)[0]
+    return pid, bytes(body[4:])
 
 
 def decode_error_fields(body: bytes) -> dict[str, str]:

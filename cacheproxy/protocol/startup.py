@@ -121,8 +121,10 @@ def encode_startup(parameters: dict[str, str], major: int = 3, minor: int = 0) -
     return _INT32.pack(len(body) + 4) + body
 
 
-def encode_cancel(process_id: int, secret_key: int) -> bytes:
-    return _CANCEL.pack(16, CANCEL_REQUEST_CODE, process_id, secret_key)
+def encode_cancel(process_id: int, secret_key: int | bytes) -> bytes:
+    """A CancelRequest. The secret is 4 bytes in protocol 3.0; 3.2 servers may issue longer ones (as bytes)."""
+    secret = secret_key.to_bytes(4, "big") if isinstance(secret_key, int) else secret_key
+    return _INT32.pack(12 + len(secret)) + _INT32.pack(CANCEL_REQUEST_CODE) + _INT32.pack(process_id) + secret
 
 
 def encode_ssl_request() -> bytes:

@@ -48,6 +48,7 @@ _MAX_STARTUP_MESSAGE = 1 << 20
 # PostgreSQL's own message-size ceiling (1 GB for a field, plus headers): server messages are trusted up to it.
 _MAX_BACKEND_MESSAGE = (1 << 30) + (1 << 20)
 _CLOSE_GRACE = 5.0
+_MAX_NEGOTIATIONS = 2
 _FATAL_SEVERITIES = frozenset(("FATAL", "PANIC"))
 # Frontend messages that end a request cycle; each one gets exactly one ReadyForQuery.
 _CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
@@ -84,7 +85,7 @@ class Session:
         self.phase = Phase.STARTUP
         self.process_id = 0
         self.secret_key = 0
-        self.upstream_key: tuple[int, int] | None = None
+        self.upstream_key: tuple[int, bytes] | None = None
         self.parameters: dict[str, str] = {}
         self.tx_status = b"I"
         self.opened_at = time.monotonic()
@@ -215,19 +216,25 @@ class Session:
 
     async def _negotiate_startup(self) -> StartupMessage | None:
         """Read startup packets until a StartupMessage (returned) or a CancelRequest (handled; None)."""
+        try:
+            async with asyncio.timeout(self.server.config.limits.startup_timeout):
+                return await self._read_startup_packets()
+        except TimeoutError as exc:
+            raise SessionEnd("no startup packet received in time") from exc
+        except asyncio.IncompleteReadError as exc:
+            raise SessionEnd("client disconnected during startup") from exc
+
+    async def _read_startup_packets(self) -> StartupMessage | None:
         reader, writer = self._client_reader, self._client_writer
-        timeout = self.server.config.limits.startup_timeout
+        negotiations = 0
         while True:
-            try:
-                async with asyncio.timeout(timeout):
-                    header = await reader.readexactly(4)
-                    packet = header + await reader.readexactly(read_length(header) - 4)
-            except TimeoutError as exc:
-                raise SessionEnd("no startup packet received in time") from exc
-            except asyncio.IncompleteReadError as exc:
-                raise SessionEnd("client disconnected during startup") from exc
-            request = decode_startup(packet)
+            header = await reader.readexactly(4)
+            request = decode_startup(header + await reader.readexactly(read_length(header) - 4))
             if isinstance(request, SSLRequest | GSSEncRequest):
+                # libpq sends at most a GSSENCRequest then an SSLRequest; more is a client stalling for time.
+                negotiations += 1
+                if negotiations > _MAX_NEGOTIATIONS:
+                    raise ProtocolViolation("too many encryption requests before the startup message")
                 # TLS towards clients is not offered yet: 'N' tells the client to go on in plaintext or give up.
                 writer.write(b"N")
                 continue

@@ -84,7 +84,7 @@ def client_ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext:
     return context
 
 
-async def send_cancel(cfg: UpstreamConfig, process_id: int, secret_key: int) -> None:
+async def send_cancel(cfg: UpstreamConfig, process_id: int, secret_key: bytes) -> None:
     """Deliver a CancelRequest for an upstream backend. Best effort, as in libpq: no reply is expected."""
     try:
         reader, writer = await open_upstream(cfg)

@@ -87,6 +87,14 @@ def test_pipelined_simple_queries_in_one_write(pg: PgCluster, proxy: ProxyThread
     assert answers[0] == answers[1]
 
 
+def test_endless_encryption_requests_are_refused(proxy: ProxyThread) -> None:
+    with RawConn(proxy.host, proxy.port) as conn:
+        conn.send(encode_ssl_request() * 3)
+        assert conn.sock.recv(2) == b"NN"
+        fields = error_fields(conn.recv_until("never"))
+    assert (fields["V"], fields["C"]) == ("FATAL", "08P01")
+
+
 def test_unknown_message_type_is_a_protocol_violation(proxy: ProxyThread) -> None:
     with RawConn(proxy.host, proxy.port) as conn:
         conn.startup("postgres")
@@ -201,7 +209,7 @@ def test_many_concurrent_sessions_each_see_their_own_results(proxy: ProxyThread,
                     row = conn.execute("SELECT %s::int * 1000 + %s::int", (n, i)).fetchone()
                     if row != (n * 1000 + i,):
                         failures.append(f"{n}/{i}: {row}")
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+        except Exception as exc:
             failures.append(f"{n}: {exc!r}")
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(30)]

@@ -164,6 +164,8 @@ def test_special_requests() -> None:
     assert decode_startup(b"\x00\x00\x00\x08\x04\xd2\x16\x30") == GSSEncRequest()
     assert decode_startup(encode_cancel(4242, 0xDEADBEEF)) == CancelRequest(4242, 0xDEADBEEF)
     assert encode_cancel(1, 2) == b"\x00\x00\x00\x10\x04\xd2\x16\x2e\x00\x00\x00\x01\x00\x00\x00\x02"
+    assert encode_cancel(1, b"\x00\x00\x00\x02") == encode_cancel(1, 2)
+    assert len(encode_cancel(1, bytes(32))) == 44  # protocol 3.2's longer keys pass through whole
 
 
 @pytest.mark.parametrize(
@@ -209,7 +211,7 @@ def test_key_data_and_ready_for_query() -> None:
     assert m.ready_for_query(b"T") == b"Z\x00\x00\x00\x05T"
     wire = m.backend_key_data(12345, 0xFFFFFFFF)
     [(_, body)] = split_messages(wire)
-    assert m.decode_backend_key_data(body) == (12345, 0xFFFFFFFF)
+    assert m.decode_backend_key_data(body) == (12345, b"\xff\xff\xff\xff")
 
 
 def test_sasl_mechanism_list_round_trip() -> None:
