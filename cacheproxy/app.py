@@ -8,6 +8,7 @@ import logging
 import signal
 
 from cacheproxy.config import Config
+from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
 
 log = logging.getLogger("cacheproxy.app")
@@ -18,7 +19,8 @@ class App:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.proxy = ProxyServer(config)
+        self.cache = CacheService(config) if config.cache.enabled else None
+        self.proxy = ProxyServer(config, self.cache)
         self._stopped = asyncio.Event()
 
     @property
@@ -27,11 +29,15 @@ class App:
 
     async def start(self) -> None:
         log.info("upstream %s", self.config.upstream.masked_url())
+        if self.cache is not None:
+            self.cache.start()
         await self.proxy.start()
 
     async def stop(self, reason: str = "the proxy is shutting down") -> None:
         """Stop accepting, let in-flight work finish up to `shutdown.timeout`, then close everything."""
         await self.proxy.shutdown(self.config.shutdown.timeout, reason)
+        if self.cache is not None:
+            await self.cache.stop()
         self._stopped.set()
 
     async def run(self) -> None:

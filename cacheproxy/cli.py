@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 
@@ -73,6 +74,6 @@ def _run(config: Config) -> int:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(serve())
     except OSError as exc:
-        print(f"cacheproxy: cannot start: {exc}", file=sys.stderr)
+        logging.getLogger("cacheproxy").error("cannot start: %s", exc)
         return 1
     return 0

@@ -11,10 +11,13 @@ import socket
 
 from cacheproxy.config import Config
 from cacheproxy.errors import TOO_MANY_CONNECTIONS, ProxyError
+from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.session import Session
 from cacheproxy.proxy.upstream import READ_LIMIT, send_cancel
 
 log = logging.getLogger("cacheproxy.server")
+
+_CANCEL_GRACE = 2.0  # after cancelling at the shutdown timeout, how long sessions get to report the cancellation
 
 
 class ProxyServer:
@@ -24,8 +27,9 @@ class ProxyServer:
     close idle sessions, let busy ones finish up to a timeout, then abort the rest.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, cache: CacheService | None = None) -> None:
         self.config = config
+        self.cache = cache
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
         self._live: dict[Session, asyncio.Task[None]] = {}  # every connection's session, admitted or not
@@ -75,12 +79,16 @@ class ProxyServer:
             raise ProxyError(TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         self._admitted.add(session)
 
-    def issue_key(self, session: Session) -> tuple[int, int]:
-        """A fresh (process id, secret) for the client's BackendKeyData; cancels are looked up by it."""
-        while True:
+    def issue_key(self, session: Session, upstream_pid: int) -> tuple[int, int]:
+        """The (process id, secret) for the client's BackendKeyData; cancels are looked up by it.
+
+        The process id is the upstream backend's own, so that what the client sees (pg_backend_pid(), the pid in
+        notifications, asyncpg's get_server_pid()) agrees; in session mode each live session has a distinct one.
+        The secret is ours: the upstream's never leaves the proxy.
+        """
+        pid = upstream_pid
+        while pid in self._by_key or pid <= 0:  # only if two upstream servers ever share a pid
             pid = secrets.randbelow(0x7FFFFFFF - 1) + 1
-            if pid not in self._by_key:
-                break
         self._by_key[pid] = session
         return pid, secrets.randbits(32)
 
@@ -117,7 +125,17 @@ class ProxyServer:
         if self._live:
             _, pending = await asyncio.wait(list(self._live.values()), timeout=timeout)
             if pending:
-                log.warning("shutdown: aborting %d sessions still busy after %gs", len(pending), timeout)
+                # Closing the sockets alone would leave each backend running its query (and holding its locks)
+                # until it next writes: cancel those queries first, as PostgreSQL's own fast shutdown does.
+                busy = [s for s in self._live if s.upstream_key is not None and not s.idle]
+                log.warning("shutdown: cancelling queries of %d sessions still busy after %gs", len(busy), timeout)
+                await asyncio.gather(
+                    *(send_cancel(self.config.upstream, *s.upstream_key) for s in busy if s.upstream_key),
+                    return_exceptions=True,
+                )
+                _, pending = await asyncio.wait(pending, timeout=_CANCEL_GRACE)
+            if pending:
+                log.warning("shutdown: aborting %d sessions still open", len(pending))
                 for session in list(self._live):
                     session.abort(reason)
                 _, pending = await asyncio.wait(pending, timeout=5.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import TYPE_CHECKING, cast
 
@@ -32,6 +33,7 @@ from cacheproxy.protocol.startup import (
     decode_startup,
     read_length,
 )
+from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.link import Link
 from cacheproxy.proxy.upstream import connection_lost_error, open_upstream
 
@@ -103,6 +105,8 @@ class Session:
         self._up_framer = Framer(_MAX_BACKEND_MESSAGE)
         self._idle_timeout = server.config.limits.idle_client_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._caching: CachingRelay | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -113,7 +117,23 @@ class Session:
     @property
     def idle(self) -> bool:
         """Between request cycles and outside a transaction block: safe to close without losing work."""
-        return self.phase is Phase.READY and not self._in_flight and not self._open_batch and self.tx_status == b"I"
+        if self.phase is not Phase.READY or self.tx_status != b"I":
+            return False
+        if self._caching is not None:
+            return not self._caching.busy
+        return not self._in_flight and not self._open_batch
+
+    @property
+    def user(self) -> str:
+        return self.startup.user if self.startup else ""
+
+    @property
+    def database(self) -> str:
+        return self.startup.database if self.startup else ""
+
+    @property
+    def startup_parameters(self) -> dict[str, str]:
+        return self.startup.parameters if self.startup else {}
 
     async def run(self) -> None:
         reason = "closed"
@@ -141,6 +161,10 @@ class Session:
             self._set_phase(Phase.CLOSING, reason)
             await self._close(error)
             self._set_phase(Phase.CLOSED, reason)
+            if self._caching is not None:
+                self._caching.close()
+            for task in self._tasks:
+                task.cancel()
             self.server.forget(self)
             self._log_closed(reason)
 
@@ -284,7 +308,7 @@ class Session:
             if msg_type == m.BACKEND_KEY_DATA:
                 # The client cancels through us, so it gets our key; the upstream's stays here (see forward_cancel).
                 self.upstream_key = m.decode_backend_key_data(body)
-                self.process_id, self.secret_key = self.server.issue_key(self)
+                self.process_id, self.secret_key = self.server.issue_key(self, self.upstream_key[0])
                 client.write(m.backend_key_data(self.process_id, self.secret_key))
                 continue
             client.write(encode(bytes((msg_type,)), body))
@@ -314,6 +338,9 @@ class Session:
         self._client_link = Link.take_over(client_transport, self._on_client_data, self._on_client_closed)
         self._up_link = Link.take_over(up_transport, self._on_upstream_data, self._on_upstream_closed)
         self._client_link.peer, self._up_link.peer = up_transport, client_transport
+        service = self.server.cache
+        if service is not None and "replication" not in self.startup_parameters:
+            self._caching = CachingRelay(self, service, up_transport.write, client_transport.write)
         client_transport.resume_reading()  # a StreamReader may have paused it on a full buffer
         up_transport.resume_reading()
         if upstream_early:
@@ -339,6 +366,12 @@ class Session:
     def _on_client_data(self, data: bytes) -> None:
         """Client -> upstream. Counts request cycles so that `idle` is known without parsing results."""
         self._cancel_idle_timer()
+        if self._caching is not None:
+            self._guarded(self._caching.on_client_data, data)
+            if self._caching.terminated:
+                self._client_terminated = True
+                self._end_relay("client sent Terminate")
+            return
         try:
             region, frames = self._client_framer.feed(data)
         except ProtocolViolation as exc:
@@ -362,6 +395,10 @@ class Session:
 
     def _on_upstream_data(self, data: bytes) -> None:
         """Upstream -> client. Tracks ReadyForQuery (transaction status), ParameterStatus and FATAL errors."""
+        if self._caching is not None:
+            self._guarded(self._caching.on_upstream_data, data)
+            self._after_upstream_data()
+            return
         region, frames = self._up_framer.feed(data)
         for msg_type, start, end in frames:
             if msg_type == m.READY_FOR_QUERY:
@@ -375,11 +412,50 @@ class Session:
                 severity = m.decode_error_fields(region[start + HEADER_SIZE : end]).get("V", "")
                 self._upstream_fatal = self._upstream_fatal or severity in _FATAL_SEVERITIES
         self._client_writer.transport.write(region)
+        self._after_upstream_data()
+
+    def _after_upstream_data(self) -> None:
         if self.idle:
             if self._close_requested:
                 self._end_relay(ProxyError(ADMIN_SHUTDOWN, "terminating connection: " + self._close_requested))
             elif self._idle_timeout is not None:
                 self._arm_idle_timer()
+
+    # -- services for the caching relay -----------------------------------------------------------------------
+
+    def note_parameter(self, body: bytes) -> None:
+        name, value = m.decode_parameter_status(body)
+        self.parameters[name] = value
+
+    def note_error(self, body: bytes) -> None:
+        severity = m.decode_error_fields(body).get("V", "")
+        self._upstream_fatal = self._upstream_fatal or severity in _FATAL_SEVERITIES
+
+    def pause_client(self) -> None:
+        self._client_writer.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_client(self) -> None:
+        if not self._client_writer.transport.is_closing():
+            self._client_writer.transport.resume_reading()  # type: ignore[attr-defined]
+
+    def spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def run_guarded(self, fn: Callable[[], None]) -> None:
+        self._guarded(lambda _: fn(), b"")
+        self._after_upstream_data()
+
+    def _guarded(self, fn: Callable[[bytes], None], data: bytes) -> None:
+        """Run relay code from a transport callback: its errors end this session (never the event loop)."""
+        try:
+            fn(data)
+        except ProxyError as exc:
+            self._end_relay(exc)
+        except Exception as exc:
+            log.exception("session %d: internal error in the caching relay", self.id)
+            self._end_relay(ProxyError(INTERNAL_ERROR, f"cacheproxy internal error: {exc.__class__.__name__}"))
 
     def _on_client_closed(self, exc: Exception | None) -> None:
         self._end_relay("client disconnected" if exc else "client closed the connection")

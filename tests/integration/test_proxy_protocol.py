@@ -28,16 +28,21 @@ from tests.support.rawpg import (
 INT4PL_OID = 177  # pg_proc: int4pl(int4, int4)
 
 
-def test_startup_relays_parameters_and_issues_its_own_key(pg: PgCluster, proxy: ProxyThread) -> None:
+def test_startup_relays_parameters_and_issues_its_own_secret(pg: PgCluster, proxy: ProxyThread) -> None:
     with RawConn(proxy.host, proxy.port) as via, RawConn(pg.host, pg.port) as direct:
         params = {"application_name": "raw-test", "options": "-c search_path=pg_catalog"}
         got, want = via.startup("postgres", **params), direct.startup("postgres", **params)
         # Same sequence of message types (R, S..., K, Z) and the same ParameterStatus values.
         assert [t for t, _ in got] == [t for t, _ in want]
         assert sorted(b for t, b in got if t == "S") == sorted(b for t, b in want if t == "S")
-        proxy_pid, _ = backend_key(got)
+        proxy_pid, proxy_secret = backend_key(got)
         [[real_pid]] = data_rows(via.query("SELECT pg_backend_pid()"))
-        assert real_pid is not None and int(real_pid) != proxy_pid  # the client never sees the upstream key
+        # The pid is the backend's own (what pg_backend_pid() and notifications say); the secret is the proxy's.
+        assert real_pid is not None and int(real_pid) == proxy_pid
+        assert proxy.app is not None
+        [session] = [s for s in proxy.app.proxy._live if s.process_id == proxy_pid]
+        assert session.upstream_key is not None
+        assert session.upstream_key[1] != proxy_secret.to_bytes(4, "big")
         [[search_path]] = data_rows(via.query("SHOW search_path"))
         assert search_path == b"pg_catalog"
 

@@ -1,0 +1,268 @@
+"""Reading sqlglot ASTs: tables read and written, functions called, CTEs, SELECT INTO and locking clauses.
+
+This is the only module of the project that imports sqlglot (its internals move between releases: `args["with_"]`
+was `args["with"]` before v26, builtins keep being mapped to new node classes). Everything sqlglot-specific, including
+the names of its node classes, stays here; the rest of the package works on our own tokens and on `Parsed`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import sqlglot
+from sqlglot import exp
+
+from cacheproxy.analysis.lexer import fold
+from cacheproxy.analysis.model import TableRef
+
+_WITH_KEY = "with_" if "with_" in exp.Select.arg_types else "with"
+
+# sqlglot turns many builtins and operators into its own Func subclasses. These are not function calls in
+# PostgreSQL (casts, CASE, ARRAY[...], EXISTS, and operators such as ->, ->>, ~).
+_NOT_CALLS = frozenset(
+    {
+        "Cast",
+        "TryCast",
+        "Array",
+        "Exists",
+        "Case",
+        "If",
+        "Struct",
+        "Columns",
+        "JSONExtract",
+        "JSONExtractScalar",
+        "JSONBExtract",
+        "JSONBExtractScalar",
+        "JSONBContains",
+        "JSONBContainedBy",
+        "JSONBContainsAnyTopKeys",
+        "JSONBContainsAllTopKeys",
+        "JSONBDeleteAtPath",
+        "RegexpLike",
+        "RegexpILike",
+        "ArrayContains",
+        "ArrayContainsAll",
+        "ArrayContainedBy",
+        "ArrayOverlaps",
+        "Collate",
+    }
+)
+
+# sqlglot class name -> PostgreSQL function name, where they differ or are worth pinning down.
+_PG_NAMES = {
+    "Rand": "random",
+    "Uuid": "gen_random_uuid",
+    "CurrentVersion": "version",
+    "CurrentSchema": "current_schema",
+    "CurrentUser": "current_user",
+    "SessionUser": "session_user",
+    "CurrentDate": "current_date",
+    "CurrentTime": "current_time",
+    "Localtime": "localtime",
+    "Localtimestamp": "localtimestamp",
+    "GenerateSeries": "generate_series",
+    "ExplodingGenerateSeries": "generate_series",
+    "GroupConcat": "string_agg",
+    "TimeToStr": "to_char",
+    "TimestampTrunc": "date_trunc",
+    "DateTrunc": "date_trunc",
+    "ArrayAgg": "array_agg",
+    "Unnest": "unnest",
+    "Coalesce": "coalesce",
+    "Lower": "lower",
+    "Upper": "upper",
+    "Count": "count",
+}
+_HEAD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_class_name_cache: dict[type, str | None] = {}
+
+
+@dataclass(slots=True)
+class Parsed:
+    """What one statement's AST says, in our terms."""
+
+    root: str  # "select" | "insert" | "update" | "delete" | "merge" | "command" | "other"
+    reads: set[TableRef] = field(default_factory=set)
+    writes: set[TableRef] = field(default_factory=set)
+    functions: set[str] = field(default_factory=set)
+    cte_names: set[str] = field(default_factory=set)
+    data_modifying_cte: bool = False
+    into: TableRef | None = None  # SELECT INTO target
+    into_temp: bool = False
+    locks: bool = False  # FOR UPDATE / SHARE ...
+    command: bool = False  # sqlglot fell back to a generic Command somewhere: it did not understand everything
+
+
+def parse(sql: str, lexical_calls: frozenset[str] = frozenset()) -> Parsed | str:
+    """Parse one statement with sqlglot's postgres dialect; an error message (one line) when it cannot.
+
+    `lexical_calls` are the names our lexer saw written before a "(": they name builtins sqlglot renamed.
+    """
+    try:
+        trees = [t for t in sqlglot.parse(sql, read="postgres") if t is not None]
+    except Exception as exc:  # ParseError, TokenError, and the occasional ValueError/RecursionError
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        return lines[0][:120]
+    if len(trees) != 1:
+        return "expected exactly one statement"
+    try:
+        return _read_tree(trees[0], lexical_calls)
+    except Exception as exc:  # an AST shape we did not expect must not break the proxy
+        return f"unexpected syntax tree ({type(exc).__name__})"
+
+
+def _read_tree(tree: exp.Expr, lexical_calls: frozenset[str]) -> Parsed:
+    out = Parsed(root=_root_kind(tree))
+    targets: set[int] = set()
+    for node in tree.find_all(exp.Insert, exp.Update, exp.Delete, exp.Merge):
+        target = node.this
+        if isinstance(target, exp.Schema):
+            target = target.this
+        if isinstance(target, exp.Table):
+            targets.add(id(target))
+    for cte in tree.find_all(exp.CTE):
+        name = _alias_name(cte)
+        if name is not None:
+            out.cte_names.add(name)
+        body = cte.this
+        if isinstance(body, (exp.Insert, exp.Update, exp.Delete, exp.Merge)) or (
+            body is not None and body.find(exp.Insert, exp.Update, exp.Delete, exp.Merge) is not None
+        ):
+            out.data_modifying_cte = True
+    for table in tree.find_all(exp.Table):
+        _add_table(out, table, targets)
+    for func in tree.find_all(exp.Func):
+        name = _function_name(func, lexical_calls)
+        if name is not None:
+            out.functions.add(name)
+    out.locks = tree.find(exp.Lock) is not None
+    out.command = isinstance(tree, exp.Command) or tree.find(exp.Command) is not None
+    return out
+
+
+def _root_kind(tree: exp.Expr) -> str:
+    if isinstance(tree, (exp.Select, exp.SetOperation, exp.Values, exp.Subquery)):
+        return "select"
+    for cls, name in ((exp.Insert, "insert"), (exp.Update, "update"), (exp.Delete, "delete"), (exp.Merge, "merge")):
+        if isinstance(tree, cls):
+            return name
+    return "command" if isinstance(tree, exp.Command) else "other"
+
+
+def _ident(node: object) -> str | None:
+    """The folded name of an Identifier (quoted ones kept exactly)."""
+    if isinstance(node, exp.Identifier):
+        text = str(node.this)
+        return text if node.quoted else fold(text)
+    if isinstance(node, str):
+        return fold(node)
+    return None
+
+
+def _alias_name(cte: exp.CTE) -> str | None:
+    alias = cte.args.get("alias")
+    return _ident(alias.this) if isinstance(alias, exp.TableAlias) else None
+
+
+def _add_table(out: Parsed, table: exp.Table, targets: set[int]) -> None:
+    name = _ident(table.this)
+    if name is None:  # a table function (Func), ROWS FROM (...), or something we do not read as a relation
+        return
+    parent = table.parent
+    if isinstance(parent, exp.Lock):  # FOR UPDATE OF t: t is already in FROM
+        return
+    ref: TableRef = (_ident(table.args.get("db")), name)
+    if isinstance(parent, exp.Into):
+        out.into = ref
+        out.into_temp = bool(parent.args.get("temporary"))
+        out.writes.add(ref)
+        return
+    if id(table) in targets:
+        out.writes.add(ref)
+        return
+    if ref[0] is None and _is_cte_reference(table, name):
+        return
+    out.reads.add(ref)
+
+
+def _cte_names(with_: exp.With, upto: int | None = None) -> set[str]:
+    ctes = with_.expressions if upto is None else with_.expressions[:upto]
+    return {n for c in ctes if isinstance(c, exp.CTE) and (n := _alias_name(c)) is not None}
+
+
+def _is_cte_reference(table: exp.Table, name: str) -> bool:
+    """Whether an unqualified `name` at `table` resolves to a CTE in scope (PostgreSQL scoping rules).
+
+    The main query of a WITH sees all its CTEs; a CTE body sees the CTEs before it, or all of them (itself included)
+    under WITH RECURSIVE. A reference that no CTE in scope captures is a real relation, even if a CTE elsewhere in
+    the statement has the same name.
+    """
+    node: exp.Expr = table
+    parent = node.parent
+    while parent is not None:
+        if isinstance(parent, exp.With):
+            index = next((i for i, c in enumerate(parent.expressions) if c is node), len(parent.expressions))
+            visible = _cte_names(parent) if parent.args.get("recursive") else _cte_names(parent, index)
+            if name in visible:
+                return True
+            owner = parent.parent  # its body check must be skipped: we came from inside the WITH
+            if owner is None:
+                return False
+            node, parent = owner, owner.parent
+            continue
+        with_ = parent.args.get(_WITH_KEY)
+        if isinstance(with_, exp.With) and with_ is not node and name in _cte_names(with_):
+            return True
+        node, parent = parent, parent.parent
+    return False
+
+
+def _function_name(func: exp.Func, lexical_calls: frozenset[str]) -> str | None:
+    cls_name = type(func).__name__
+    if cls_name in _NOT_CALLS:
+        return None
+    if isinstance(func, exp.Anonymous):
+        name = fold(str(func.name))
+    elif cls_name == "CurrentTimestamp":
+        # now() and CURRENT_TIMESTAMP are the same node; report what was written
+        return "now" if "now" in lexical_calls else "current_timestamp"
+    else:
+        mapped = _PG_NAMES.get(cls_name)
+        if mapped is None:
+            mapped = _builtin_name(func, lexical_calls)
+        if mapped is None:
+            return None
+        name = mapped
+    schema = _qualifier(func)
+    return f"{schema}.{name}" if schema else name
+
+
+def _qualifier(func: exp.Func) -> str | None:
+    parent = func.parent
+    if isinstance(parent, exp.Dot) and parent.expression is func:
+        q = parent.this
+        if isinstance(q, exp.Dot):
+            q = q.expression
+        if isinstance(q, exp.Column):
+            q = q.this
+        return _ident(q)
+    if isinstance(parent, exp.Table) and parent.this is func:
+        return _ident(parent.args.get("db"))
+    return None
+
+
+def _builtin_name(func: exp.Func, lexical_calls: frozenset[str]) -> str | None:
+    """The PostgreSQL name of a builtin sqlglot mapped to its own class: as written if we saw it, else generated."""
+    for candidate in func.sql_names():
+        low = candidate.lower()
+        if low in lexical_calls:
+            return low
+    cls = type(func)
+    if cls not in _class_name_cache:
+        try:
+            m = _HEAD_RE.match(func.sql(dialect="postgres"))
+            _class_name_cache[cls] = m.group().lower() if m else None
+        except Exception:
+            _class_name_cache[cls] = None
+    return _class_name_cache[cls]

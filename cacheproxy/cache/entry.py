@@ -1,0 +1,120 @@
+"""One cached result (`Entry`), the unit of invalidation (`TableId`) and the byte accounting of an entry."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+
+# (database, table name): the unit of invalidation. Deliberately coarse: the proxy maps schema-qualified names onto
+# it, so a write to any schema's table `t` invalidates every cached `t` of that database.
+TableId = tuple[str, str]
+
+# Fixed bytes accounted per entry on top of its value, key and query text: the Entry object, its slot in the shard's
+# dict, its links and its reverse-index memberships. An estimate, not a measurement: it only has to be the right size
+# so that a budget full of tiny results still holds a bounded number of entries.
+ENTRY_OVERHEAD = 200
+
+# Fixed bytes accounted per key (the tuple object and its hash slot), on top of its str/bytes members.
+KEY_OVERHEAD = 64
+
+
+def key_size(key: Hashable) -> int:
+    """Cheap estimate of a key's memory: the len() of its str/bytes members (nested tuples included) + KEY_OVERHEAD.
+
+    >>> key_size(("db", "user", b"SELECT 1"))
+    78
+    >>> key_size(42)
+    64
+    """
+    return KEY_OVERHEAD + _members_len(key)
+
+
+def _members_len(part: object) -> int:
+    if isinstance(part, str | bytes):
+        return len(part)
+    if isinstance(part, tuple):
+        return sum(_members_len(member) for member in part)
+    return 0  # ints, None, ...: covered by the fixed overhead
+
+
+class Entry:
+    """A cached result: the backend's wire bytes, served as-is (never copied), and what it depends on.
+
+    Everything but `hits` is fixed at creation. `_prev` / `_next` are the shard's LRU links: only `Shard` touches
+    them (an intrusive list, so that a hit moves the entry without allocating and a sweep can keep a cursor).
+    """
+
+    __slots__ = (
+        "_next",
+        "_prev",
+        "created_at",
+        "expires_at",
+        "hits",
+        "key",
+        "query",
+        "rule",
+        "size",
+        "tables",
+        "value",
+    )
+
+    key: Hashable
+    value: bytes
+    tables: frozenset[TableId]
+    size: int
+    created_at: float
+    expires_at: float
+    hits: int
+    query: str
+    rule: str | None
+    _prev: Entry
+    _next: Entry
+
+    def __init__(
+        self,
+        key: Hashable,
+        value: bytes,
+        *,
+        tables: frozenset[TableId],
+        created_at: float,
+        expires_at: float,
+        query: str = "",
+        rule: str | None = None,
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.tables = tables
+        # len(query) counts characters, not UTF-8 bytes: close enough for SQL text, and no encode() per put.
+        self.size = len(value) + key_size(key) + len(query) + ENTRY_OVERHEAD
+        self.created_at = created_at
+        self.expires_at = expires_at
+        self.hits = 0
+        self.query = query
+        self.rule = rule
+        # _prev / _next stay unset until a Shard links the entry.
+
+    def expired(self, now: float) -> bool:
+        """True once `now` has reached the entry's expiry time (an entry with expires_at == now is expired)."""
+        return now >= self.expires_at
+
+    def ttl_left(self, now: float) -> float:
+        """Seconds until expiry (0.0 once expired); for operators."""
+        return max(0.0, self.expires_at - now)
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry(key={self.key!r}, size={self.size}, tables={sorted(self.tables)!r}, "
+            f"expires_at={self.expires_at!r}, hits={self.hits}, rule={self.rule!r})"
+        )
+
+
+def make_sentinel() -> Entry:
+    """An Entry that is never a real result: a list root, or the DETACHED marker. Never expires; links to itself."""
+    entry = Entry(object(), b"", tables=frozenset(), created_at=0.0, expires_at=math.inf)
+    entry._prev = entry._next = entry
+    return entry
+
+
+# What a removed entry's links point at. Not the entry itself: a self-loop is a reference cycle, and an evicted entry
+# (with its possibly large value) would then wait for a full GC pass instead of being freed by reference counting.
+DETACHED: Entry = make_sentinel()

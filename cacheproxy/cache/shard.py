@@ -1,0 +1,255 @@
+"""One cache shard: an LRU list within a byte budget, a reverse index table -> keys, TTL expiry and counters.
+
+Rules (sans-IO: time is the `now` argument, monotonic seconds; nothing here reads a clock):
+
+- An entry is expired once `now >= expires_at`. `get` removes an expired entry it meets (an expiration and a miss);
+  `sweep` removes expired entries it visits; `put` counts an LRU victim that had already expired as an expiration,
+  not an eviction.
+- `bytes` is always the sum of the live entries' `size` and never exceeds `max_bytes`.
+- The index maps each TableId to the keys of the live entries that depend on it; a table with no live dependents
+  has no index key.
+- Counters: `hits + misses` == number of `get` calls; `sets` counts stored entries; `evictions` entries dropped for
+  room; `expirations` entries dropped because expired; `invalidations` entries dropped by `invalidate`,
+  `invalidate_database` or `clear`. `remove` (a targeted delete by the owner) counts nothing.
+
+The LRU order is an intrusive doubly linked list through the entries (`Entry._prev` / `_next`) around a root
+sentinel: root._next is the least recently used entry, root._prev the most recent. A list (rather than an
+OrderedDict) because the sweep keeps a cursor *into* the order across calls, which an OrderedDict cannot do without
+copying its keys; a hit still costs a dict lookup plus a few pointer writes, with no allocation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+from cacheproxy.cache.entry import DETACHED, Entry, TableId, make_sentinel
+
+
+class Shard:
+    """An LRU + TTL + byte-budget cache segment. Not thread-safe (the proxy calls it from one event loop)."""
+
+    __slots__ = (
+        "_cursor",
+        "_entries",
+        "_index",
+        "_root",
+        "bytes",
+        "evictions",
+        "expirations",
+        "hits",
+        "invalidations",
+        "max_bytes",
+        "misses",
+        "sets",
+    )
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"a shard's max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.sets = 0
+        self.evictions = 0
+        self.expirations = 0
+        self.invalidations = 0
+        self._entries: dict[Hashable, Entry] = {}
+        self._index: dict[TableId, set[Hashable]] = {}
+        self._root = make_sentinel()
+        # The next entry the sweep looks at; the root means "start a new pass at the LRU end".
+        self._cursor = self._root
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def entries(self) -> int:
+        """Gauge: number of live entries."""
+        return len(self._entries)
+
+    # -- the hot path -------------------------------------------------------------------------------------------
+
+    def get(self, key: Hashable, now: float) -> Entry | None:
+        """The live entry for `key` (moved to the MRU end, hits + 1), or None (expired ones are removed)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        if now >= entry.expires_at:
+            self._drop(entry)
+            self.expirations += 1
+            self.misses += 1
+            return None
+        root = self._root
+        if entry._next is not root:  # not already the most recent: move it there
+            if self._cursor is entry:
+                self._cursor = entry._next
+            prev, nxt = entry._prev, entry._next
+            prev._next = nxt
+            nxt._prev = prev
+            last = root._prev
+            last._next = entry
+            entry._prev = last
+            entry._next = root
+            root._prev = entry
+        entry.hits += 1
+        self.hits += 1
+        return entry
+
+    def put(self, entry: Entry, now: float) -> bool:
+        """Store `entry` as the most recent, replacing any entry with its key and evicting from the LRU end until it
+        fits. False (and nothing changes) if the entry alone is larger than the shard's budget."""
+        if entry.size > self.max_bytes:
+            return False
+        old = self._entries.get(entry.key)
+        if old is not None:
+            self._drop(old)
+        root = self._root
+        while self.bytes + entry.size > self.max_bytes:
+            # Cannot reach the root: an empty shard has bytes == 0 and entry.size <= max_bytes.
+            victim = root._next
+            self._drop(victim)
+            if now >= victim.expires_at:
+                self.expirations += 1
+            else:
+                self.evictions += 1
+        key = entry.key
+        self._entries[key] = entry
+        last = root._prev
+        last._next = entry
+        entry._prev = last
+        entry._next = root
+        root._prev = entry
+        index = self._index
+        for table in entry.tables:
+            keys = index.get(table)
+            if keys is None:
+                index[table] = {key}
+            else:
+                keys.add(key)
+        self.bytes += entry.size
+        self.sets += 1
+        return True
+
+    # -- removal ------------------------------------------------------------------------------------------------
+
+    def remove(self, key: Hashable) -> bool:
+        """Delete `key`'s entry if present (counts nothing: the caller knows why)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        self._drop(entry)
+        return True
+
+    def invalidate(self, tables: Iterable[TableId]) -> int:
+        """Remove every entry that depends on any of `tables`; O(entries removed). Returns that count."""
+        removed = 0
+        entries = self._entries
+        for table in tables:
+            keys = self._index.pop(table, None)
+            if keys is None:
+                continue
+            # `keys` is out of the index now, so _drop's index cleanup cannot mutate the set we iterate.
+            for key in keys:
+                self._drop(entries[key])
+            removed += len(keys)
+        self.invalidations += removed
+        return removed
+
+    def invalidate_database(self, database: str) -> int:
+        """Remove every entry that depends on a table of `database`. O(distinct tables indexed + entries removed).
+
+        Entries with no tables at all (e.g. `SELECT 1`) belong to no database and stay."""
+        return self.invalidate([table for table in self._index if table[0] == database])
+
+    def clear(self) -> int:
+        """Remove everything (counted as invalidations). Returns the number of entries removed."""
+        removed = len(self._entries)
+        root = self._root
+        node = root._next
+        while node is not root:  # detach each entry so none stays reachable through a neighbour held elsewhere
+            nxt = node._next
+            node._prev = node._next = DETACHED
+            node = nxt
+        root._prev = root._next = root
+        self._cursor = root
+        self._entries.clear()
+        self._index.clear()
+        self.bytes = 0
+        self.invalidations += removed
+        return removed
+
+    def sweep(self, now: float, max_checks: int) -> int:
+        """Active expiry, one bounded step: look at up to `max_checks` entries (never more than the shard holds),
+        continuing from where the previous call stopped, oldest first; remove the expired ones.
+
+        The cursor walks from the LRU end to the MRU end, then starts a new pass. Entries that move (a hit) or
+        arrive (a put) go behind the cursor's direction of travel, to the MRU end, so every entry present when a
+        pass starts is looked at during that pass unless it is removed first. Returns the number removed."""
+        root = self._root
+        node = self._cursor
+        removed = 0
+        for _ in range(min(max_checks, len(self._entries))):
+            if node is root:
+                node = root._next  # wrap: a new pass (the shard is not empty: len() bounds the loop)
+            nxt = node._next
+            if now >= node.expires_at:
+                self._drop(node)
+                removed += 1
+            node = nxt
+        self._cursor = node
+        self.expirations += removed
+        return removed
+
+    # -- for operators and tests ------------------------------------------------------------------------------
+
+    def snapshot(self) -> list[Entry]:
+        """The live entries, least recently used first (a copy: safe to hold while the shard changes)."""
+        result: list[Entry] = []
+        root = self._root
+        node = root._next
+        while node is not root:
+            result.append(node)
+            node = node._next
+        return result
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the list, dict, index, cursor or byte count disagree. O(n): tests only."""
+        listed = self.snapshot()
+        assert len(listed) == len(self._entries), "list and dict sizes differ"
+        root = self._root
+        prev = root
+        for entry in listed:
+            assert entry._prev is prev, "broken back link"
+            assert self._entries.get(entry.key) is entry, "listed entry not in dict"
+            prev = entry
+        assert root._prev is prev, "root's back link is not the last entry"
+        assert sum(entry.size for entry in listed) == self.bytes, "bytes differs from the sum of sizes"
+        assert self.bytes <= self.max_bytes, "over budget"
+        assert self._cursor is root or self._entries.get(self._cursor.key) is self._cursor, "dangling cursor"
+        expected: dict[TableId, set[Hashable]] = {}
+        for entry in listed:
+            for table in entry.tables:
+                expected.setdefault(table, set()).add(entry.key)
+        assert self._index == expected, "reverse index differs from the entries' tables"
+
+    # -- the one place an entry leaves the shard --------------------------------------------------------------
+
+    def _drop(self, entry: Entry) -> None:
+        key = entry.key
+        del self._entries[key]
+        if self._cursor is entry:
+            self._cursor = entry._next
+        prev, nxt = entry._prev, entry._next
+        prev._next = nxt
+        nxt._prev = prev
+        entry._prev = entry._next = DETACHED
+        index = self._index
+        for table in entry.tables:
+            keys = index.get(table)
+            if keys is not None:  # None while `invalidate` walks this table's (already popped) key set
+                keys.discard(key)
+                if not keys:
+                    del index[table]
+        self.bytes -= entry.size

@@ -1,0 +1,183 @@
+"""Catalog: a frozen picture of one database's relations and functions, as read from pg_catalog (sans-IO).
+
+The cache needs it to answer three questions safely: what a name in a query refers to (and whether it is a plain
+table whose changes the proxy can see), which other tables a write may change (inheritance, cascading foreign keys,
+triggers and rules), and whether every function a query calls is immutable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# pg_class.relkind values whose reads the cache can follow: ordinary and partitioned tables (a write names them),
+# and materialized views (only REFRESH, which names them, changes their contents).
+CACHEABLE_RELKINDS = frozenset("rpm")
+RELKIND_NAMES = {
+    "r": "table",
+    "p": "partitioned table",
+    "m": "materialized view",
+    "v": "view",
+    "f": "foreign table",
+    "S": "sequence",
+    "i": "index",
+    "c": "composite type",
+    "t": "TOAST table",
+    "I": "partitioned index",
+}
+
+# Expressions that sqlglot reports as calls but that are SQL constructs, not pg_proc functions; all immutable
+# given their arguments, or dependent only on session state that the cache key includes.
+SQL_CONSTRUCTS = frozenset(
+    {
+        "coalesce",
+        "nullif",
+        "greatest",
+        "least",
+        "cast",
+        "try_cast",
+        "array",
+        "row",
+        "exists",
+        "any",
+        "all",
+        "some",
+        "case",
+        "if",
+        "current_user",
+        "session_user",
+        "current_role",
+        "user",
+        "current_schema",
+        "current_catalog",
+        "current_database",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    schema: str
+    name: str
+    relkind: str
+    has_triggers: bool  # user triggers or rewrite rules: a write may change other tables we cannot name
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """One database's schema as the proxy sees it. Build with `Catalog.build`; never mutated."""
+
+    database: str
+    version: int  # bumps on every reload, so that memoized decisions can tell they are stale
+    relations: dict[tuple[str, str], Relation]
+    by_name: dict[str, tuple[Relation, ...]]  # unqualified name -> every relation of that name (any schema)
+    family: dict[str, frozenset[str]]  # table name -> names of its inheritance/partition ancestors and descendants
+    cascades: dict[str, frozenset[str]]  # parent table name -> child tables changed by ON DELETE/UPDATE actions
+    immutable: frozenset[str]  # function names (and "schema.name") whose every overload is immutable
+    system_functions: frozenset[str] = field(default_factory=frozenset)  # defined in pg_catalog
+
+    @classmethod
+    def build(
+        cls,
+        database: str,
+        version: int,
+        relations: Iterable[Relation],
+        inherits: Iterable[tuple[str, str]],
+        cascades: Iterable[tuple[str, str]],
+        functions: Iterable[tuple[str, str, bool]],
+    ) -> Catalog:
+        functions = list(functions)
+        """From catalog rows: relations, (child, parent) inheritance pairs, (parent, child) cascading foreign keys,
+        and (schema, function name, immutable) per function overload."""
+        rels = {(r.schema, r.name): r for r in relations}
+        by_name: dict[str, list[Relation]] = {}
+        for rel in rels.values():
+            by_name.setdefault(rel.name, []).append(rel)
+        return cls(
+            database=database,
+            version=version,
+            relations=rels,
+            by_name={name: tuple(group) for name, group in by_name.items()},
+            family=_families(inherits),
+            cascades=_closure(cascades),
+            immutable=_immutable(functions),
+            system_functions=frozenset(
+                name for schema, fn, _ in functions if schema == "pg_catalog" for name in (fn, f"pg_catalog.{fn}")
+            ),
+        )
+
+    def resolve(self, schema: str | None, name: str) -> tuple[Relation, ...]:
+        """Every relation a reference may mean: the exact one when qualified, every schema's when not.
+
+        Taking every schema's relation of that name, rather than guessing the session's search_path, can only make
+        the cache more conservative: dependencies and rules are taken over all of them.
+        """
+        if schema is not None:
+            rel = self.relations.get((schema, name))
+            return (rel,) if rel else ()
+        return self.by_name.get(name, ())
+
+    def function_is_immutable(self, name: str) -> bool:
+        return name in self.immutable or name in SQL_CONSTRUCTS
+
+    def may_write(self, function: str) -> bool:
+        """A call whose side effects the proxy cannot see: any function not built in (nor immutable)."""
+        return not (function in self.system_functions or self.function_is_immutable(function))
+
+    def write_closure(self, names: Iterable[str]) -> set[str]:
+        """Tables whose contents a write to `names` may change: themselves, their inheritance family, cascades."""
+        out: set[str] = set()
+        for name in names:
+            out.add(name)
+            out |= self.family.get(name, frozenset())
+            out |= self.cascades.get(name, frozenset())
+        for name in list(out):
+            out |= self.family.get(name, frozenset())
+        return out
+
+    def has_triggers(self, name: str) -> bool:
+        return any(rel.has_triggers for rel in self.by_name.get(name, ()))
+
+
+def _families(inherits: Iterable[tuple[str, str]]) -> dict[str, frozenset[str]]:
+    # Connected components of the inheritance graph: a write to a partition changes what its parent returns, and
+    # a write through the parent lands in partitions.
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for child, par in inherits:
+        parent[find(child)] = find(par)
+    groups: dict[str, set[str]] = {}
+    for name in list(parent):
+        groups.setdefault(find(name), set()).add(name)
+    return {name: frozenset(group - {name}) for group in groups.values() for name in group}
+
+
+def _closure(edges: Iterable[tuple[str, str]]) -> dict[str, frozenset[str]]:
+    graph: dict[str, set[str]] = {}
+    for src, dst in edges:
+        graph.setdefault(src, set()).add(dst)
+    result: dict[str, frozenset[str]] = {}
+    for start in graph:
+        seen: set[str] = set()
+        stack = list(graph[start])
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(graph.get(node, ()))
+        result[start] = frozenset(seen - {start})
+    return result
+
+
+def _immutable(functions: Iterable[tuple[str, str, bool]]) -> frozenset[str]:
+    verdict: dict[str, bool] = {}
+    for schema, name, immutable in functions:
+        for key in (name, f"{schema}.{name}"):
+            verdict[key] = verdict.get(key, True) and immutable
+    return frozenset(key for key, ok in verdict.items() if ok)

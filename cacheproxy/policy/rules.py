@@ -1,0 +1,99 @@
+"""Per-table rules from the configuration: the first rule whose pattern matches a table decides for it.
+
+A query over several tables takes the shortest TTL among them, and `strategy: none` on any of them wins.
+Patterns follow SQL identifier rules: unquoted parts fold to lower case, "quoted" parts are exact; `*` and `?`
+are globs; a pattern without a schema matches the table name in every schema.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cacheproxy.config import Rule
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whether a result over some tables may be cached, for how long, and which rule said so."""
+
+    cacheable: bool
+    ttl: float
+    strategy: str
+    rule: str  # "rules[2] (public.*)" or "cache.default_ttl"
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    schema: re.Pattern[str] | None
+    name: re.Pattern[str]
+
+
+_PART = re.compile(r'"((?:[^"]|"")*)"|([^".]+)')
+
+
+def parse_pattern(text: str) -> tuple[str | None, str]:
+    """'public.*' -> ('public', '*'); 'Orders' -> (None, 'orders'); '"My"."T"' -> ('My', 'T')."""
+    parts: list[str] = []
+    pos = 0
+    while pos < len(text):
+        match = _PART.match(text, pos)
+        if not match:
+            raise ValueError(f"bad table pattern {text!r}")
+        parts.append(match.group(1).replace('""', '"') if match.group(1) is not None else match.group(2).lower())
+        pos = match.end()
+        if pos < len(text):
+            if text[pos] != ".":
+                raise ValueError(f"bad table pattern {text!r}")
+            pos += 1
+    if len(parts) == 1:
+        return None, parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise ValueError(f"bad table pattern {text!r}: use name or schema.name")
+
+
+def _compile(text: str) -> _Pattern:
+    schema, name = parse_pattern(text)
+    return _Pattern(
+        re.compile(fnmatch.translate(schema)) if schema is not None else None, re.compile(fnmatch.translate(name))
+    )
+
+
+class RuleSet:
+    """The configured rules, compiled; `decide` gives the verdict for a set of (schema, table) names."""
+
+    def __init__(self, rules: tuple[Rule, ...], default_ttl: float) -> None:
+        self.rules = rules
+        self.default_ttl = default_ttl
+        self._compiled = [[_compile(t) for t in rule.tables] for rule in rules]
+
+    def match(self, schema: str, name: str) -> tuple[int, Rule] | None:
+        """The first rule (index, rule) with a pattern matching the table, or None."""
+        for index, patterns in enumerate(self._compiled):
+            for pattern in patterns:
+                if pattern.name.match(name) and (pattern.schema is None or pattern.schema.match(schema)):
+                    return index, self.rules[index]
+        return None
+
+    def decide(self, tables: Iterable[tuple[str, str]]) -> Decision:
+        ttl, source, strategy = self.default_ttl, "cache.default_ttl", "lazy"
+        first = True
+        for schema, name in sorted(tables):
+            found = self.match(schema, name)
+            table_ttl, label = self.default_ttl, "cache.default_ttl"
+            if found is not None:
+                index, rule = found
+                label = f"rules[{index}] ({', '.join(rule.tables)})"
+                if rule.strategy == "none":
+                    return Decision(False, 0.0, "none", label, f"rule says strategy none for {schema}.{name}")
+                if rule.ttl is not None:
+                    table_ttl = rule.ttl
+                if rule.strategy == "write_through":
+                    strategy = "write_through"
+            if first or table_ttl < ttl:
+                ttl, source, first = table_ttl, label, False
+        return Decision(True, ttl, strategy, source)

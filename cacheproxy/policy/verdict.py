@@ -1,0 +1,92 @@
+"""The verdict on one statement: may its result be cached (and under which rule), and what does it invalidate.
+
+Static analysis (cacheproxy.analysis) says what a statement is; the catalog says what its names are; the rules say
+what the operator wants. All three must agree before a result is stored: when unsure, the answer is no.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo
+from cacheproxy.catalog.model import CACHEABLE_RELKINDS, RELKIND_NAMES, Catalog
+from cacheproxy.policy.rules import RuleSet
+
+UNKNOWN_TARGET = UNKNOWN_TABLE[1]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadVerdict:
+    """For a read: cacheable or why not; the table names its result depends on; the TTL and rule."""
+
+    cacheable: bool
+    reason: str | None
+    tables: frozenset[str] = frozenset()
+    ttl: float = 0.0
+    rule: str = ""
+    strategy: str = "lazy"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteScope:
+    """What a statement may have changed: named tables, or everything in the database (`everything`)."""
+
+    tables: frozenset[str]
+    everything: bool
+    why: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.tables and not self.everything
+
+
+NOTHING = WriteScope(frozenset(), False)
+
+
+def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict:
+    if info.kind is not Kind.READ:
+        return ReadVerdict(False, info.reason or f"not a read ({info.kind.name.lower()})")
+    if not info.cacheable:
+        return ReadVerdict(False, info.reason)
+    for function in sorted(info.functions):
+        if not catalog.function_is_immutable(function):
+            return ReadVerdict(False, f"calls {function}(), which is not immutable")
+    qualified: set[tuple[str, str]] = set()
+    depends: set[str] = set()
+    for schema, name in info.reads:
+        relations = catalog.resolve(schema, name)
+        shown = f"{schema}.{name}" if schema else name
+        if not relations:
+            return ReadVerdict(False, f"relation {shown} is not in the catalog")
+        for rel in relations:
+            if rel.relkind not in CACHEABLE_RELKINDS:
+                kind = RELKIND_NAMES.get(rel.relkind, rel.relkind)
+                return ReadVerdict(False, f"reads {kind} {rel.schema}.{rel.name}, whose changes the cache cannot see")
+            qualified.add((rel.schema, rel.name))
+            depends.add(rel.name)
+            depends |= catalog.family.get(rel.name, frozenset())
+    decision = rules.decide(qualified)
+    if not decision.cacheable:
+        return ReadVerdict(False, decision.reason, rule=decision.rule)
+    return ReadVerdict(True, None, frozenset(depends), decision.ttl, decision.rule, decision.strategy)
+
+
+def write_scope(info: QueryInfo, catalog: Catalog | None) -> WriteScope:
+    """What to invalidate after `info` runs. DDL, DO, CALL and calls to functions with unknown effects: everything."""
+    if info.kind is Kind.DDL:
+        return WriteScope(frozenset(), True, "DDL")
+    if catalog is not None:
+        for function in sorted(info.functions):
+            if catalog.may_write(function):
+                return WriteScope(frozenset(), True, f"calls {function}(), which may write")
+    names = {name for _, name in info.writes}
+    if not names:
+        return NOTHING
+    if UNKNOWN_TARGET in names:
+        return WriteScope(frozenset(), True, "write to a table the analyzer could not name")
+    if catalog is None:
+        return WriteScope(frozenset(names), False)
+    for name in sorted(names):
+        if catalog.has_triggers(name):
+            return WriteScope(frozenset(), True, f"{name} has triggers or rules")
+    return WriteScope(frozenset(catalog.write_closure(names)), False)

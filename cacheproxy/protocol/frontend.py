@@ -1,0 +1,154 @@
+"""Decoders for the extended-query messages a client sends, and builders for the replies the proxy answers with.
+
+Layouts from the PostgreSQL docs, "Message Formats": Parse, Bind, Describe, Execute, Close (frontend) and
+ParseComplete, BindComplete, CloseComplete, NoData, EmptyQueryResponse (backend). Decoders take the message body
+(without type byte and length) and never copy more than the names and the SQL text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from struct import Struct
+
+from cacheproxy.errors import ProtocolViolation
+from cacheproxy.protocol.framing import encode
+
+_INT16 = Struct("!H")
+_INT32 = Struct("!I")
+_INT32S = Struct("!i")
+
+PARSE_COMPLETE = encode(b"1")
+BIND_COMPLETE = encode(b"2")
+CLOSE_COMPLETE = encode(b"3")
+NO_DATA = encode(b"n")
+
+
+@dataclass(frozen=True, slots=True)
+class Parse:
+    statement: str
+    query: str
+    param_types: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    portal: str
+    statement: str
+    # Everything after the two names: parameter formats, values and result formats. It is the part of the cache
+    # key that the parameters contribute, taken as bytes so that text and binary parameters are both exact.
+    arguments: bytes
+    result_formats: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Describe:
+    kind: str  # "S" (statement) or "P" (portal)
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    portal: str
+    max_rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    kind: str
+    name: str
+
+
+def _cstring(body: bytes, pos: int) -> tuple[str, int]:
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolViolation("invalid message format: missing string terminator")
+    try:
+        return body[pos:end].decode("utf-8"), end + 1
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("invalid message format: string is not valid UTF-8") from exc
+
+
+def _need(body: bytes, pos: int, size: int) -> None:
+    if pos + size > len(body):
+        raise ProtocolViolation("invalid message format: message is shorter than its fields")
+
+
+def decode_parse(body: bytes) -> Parse:
+    name, pos = _cstring(body, 0)
+    query, pos = _cstring(body, pos)
+    _need(body, pos, 2)
+    count = _INT16.unpack_from(body, pos)[0]
+    pos += 2
+    _need(body, pos, 4 * count)
+    types = tuple(_INT32.unpack_from(body, pos + 4 * i)[0] for i in range(count))
+    if pos + 4 * count != len(body):
+        raise ProtocolViolation("invalid message format: Parse has trailing bytes")
+    return Parse(name, query, types)
+
+
+def decode_bind(body: bytes) -> Bind:
+    portal, pos = _cstring(body, 0)
+    statement, pos = _cstring(body, pos)
+    arguments_at = pos
+    _need(body, pos, 2)
+    n_formats = _INT16.unpack_from(body, pos)[0]
+    pos += 2 + 2 * n_formats
+    _need(body, pos, 2)
+    n_params = _INT16.unpack_from(body, pos)[0]
+    pos += 2
+    for _ in range(n_params):
+        _need(body, pos, 4)
+        length = _INT32S.unpack_from(body, pos)[0]
+        pos += 4
+        if length > 0:
+            _need(body, pos, length)
+            pos += length
+        elif length < -1:
+            raise ProtocolViolation(f"invalid message format: parameter length {length}")
+    _need(body, pos, 2)
+    n_results = _INT16.unpack_from(body, pos)[0]
+    pos += 2
+    _need(body, pos, 2 * n_results)
+    results = tuple(_INT16.unpack_from(body, pos + 2 * i)[0] for i in range(n_results))
+    if pos + 2 * n_results != len(body):
+        raise ProtocolViolation("invalid message format: Bind has trailing bytes")
+    return Bind(portal, statement, bytes(body[arguments_at:]), results)
+
+
+def decode_describe(body: bytes) -> Describe:
+    return Describe(*_kind_and_name(body, "Describe"))
+
+
+def decode_close(body: bytes) -> Close:
+    return Close(*_kind_and_name(body, "Close"))
+
+
+def _kind_and_name(body: bytes, what: str) -> tuple[str, str]:
+    if len(body) < 2 or body[0] not in b"SP":
+        raise ProtocolViolation(f"invalid {what} message subtype")
+    name, pos = _cstring(body, 1)
+    if pos != len(body):
+        raise ProtocolViolation(f"invalid message format: {what} has trailing bytes")
+    return chr(body[0]), name
+
+
+def decode_execute(body: bytes) -> Execute:
+    portal, pos = _cstring(body, 0)
+    if pos + 4 != len(body):
+        raise ProtocolViolation("invalid message format: Execute")
+    return Execute(portal, _INT32S.unpack_from(body, pos)[0])
+
+
+def decode_query(body: bytes) -> str:
+    text, _ = _cstring(body, 0)
+    return text
+
+
+def encode_parse(statement: str, query: str, param_types: tuple[int, ...]) -> bytes:
+    body = statement.encode() + b"\x00" + query.encode() + b"\x00" + _INT16.pack(len(param_types))
+    body += b"".join(_INT32.pack(t) for t in param_types)
+    return encode(b"P", body)
+
+
+def encode_describe(kind: str, name: str) -> bytes:
+    return encode(b"D", kind.encode() + name.encode() + b"\x00")

@@ -1,0 +1,153 @@
+"""CacheService: the cache state shared by every session: engine, analyzer, rules, catalogs, fills in flight.
+
+Sessions ask it three things: what a statement is and whether its result may be cached here (`classify`), to
+store or look up results, and to invalidate after writes. It owns the single-flight table (one upstream query per
+missing key at a time) and the background sweeper that expires entries actively.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from cacheproxy.analysis.analyzer import Analyzer
+from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo
+from cacheproxy.cache.engine import CacheEngine
+from cacheproxy.cache.entry import TableId
+from cacheproxy.config import Config
+from cacheproxy.policy.rules import RuleSet
+from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
+from cacheproxy.proxy.catalog_loader import CatalogLoader
+
+log = logging.getLogger("cacheproxy.cache")
+
+_SWEEP_INTERVAL = 1.0
+_SWEEP_CHECKS = 2048
+_CLASSIFY_MEMO = 50_000
+# Statements longer than this are not analyzed: the analyzer is pure Python (a few µs per byte) and runs on the event
+# loop, so a multi-megabyte bulk INSERT would stall every session. Such statements are never cached, and count as
+# writing anything: the whole database is invalidated after them.
+MAX_ANALYZED_BYTES = 16 * 1024
+NO_CATALOG = ReadVerdict(False, "the catalog of this database is not loaded (yet)")
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """A statement's analysis and, for reads, the verdict under the catalog version it was judged with."""
+
+    info: QueryInfo
+    verdict: ReadVerdict
+    catalog_version: int
+
+
+class CacheService:
+    def __init__(self, config: Config) -> None:
+        cache = config.cache
+        self.config = config
+        self.engine = CacheEngine(max_memory=cache.max_memory, max_entry_size=cache.max_entry_size, shards=cache.shards)
+        self.analyzer = Analyzer(cache.analysis_cache_size)
+        self.rules = RuleSet(config.rules, cache.default_ttl)
+        self.catalogs = CatalogLoader(config.upstream)
+        self.max_entry_size = cache.max_entry_size
+        self.clock = time.monotonic
+        # Exact statement text -> classification, per database: the hot path's one dict lookup.
+        self._memo: OrderedDict[tuple[str, bytes], Classified] = OrderedDict()
+        self._fills: dict[Hashable, asyncio.Future[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self.database_flushes = 0
+
+    # -- classification --------------------------------------------------------------------------------------
+
+    def classify(self, database: str, sql: bytes) -> Classified:
+        catalog = self.catalogs.get(database)
+        version = catalog.version if catalog is not None else -1
+        memo_key = (database, sql)
+        found = self._memo.get(memo_key)
+        if found is not None and found.catalog_version == version:
+            self._memo.move_to_end(memo_key)
+            return found
+        if len(sql) > MAX_ANALYZED_BYTES:
+            info = _unanalyzed(sql)
+        else:
+            info = self.analyzer.analyze(sql.decode("utf-8", "replace"))
+        verdict = judge_read(info, catalog, self.rules) if catalog is not None else NO_CATALOG
+        found = Classified(info, verdict, version)
+        self._memo[memo_key] = found
+        if len(self._memo) > _CLASSIFY_MEMO:
+            self._memo.popitem(last=False)
+        return found
+
+    # -- invalidation ----------------------------------------------------------------------------------------
+
+    def invalidate(self, database: str, scope: WriteScope) -> None:
+        if scope.everything:
+            removed = self.engine.invalidate_database(database)
+            self.database_flushes += 1
+            log.debug("database %r invalidated (%s): %d entries", database, scope.why, removed)
+        elif scope.tables:
+            self.engine.invalidate_tables([(database, name) for name in scope.tables])
+
+    def after_ddl(self, database: str) -> None:
+        """DDL changes names, kinds and volatility: decide nothing more for this database until a reload."""
+        self.catalogs.mark_stale(database)
+        self.catalogs.ensure(database)
+
+    # -- single flight ---------------------------------------------------------------------------------------
+
+    def fill_in_flight(self, key: Hashable) -> asyncio.Future[None] | None:
+        return self._fills.get(key)
+
+    def begin_fill(self, key: Hashable) -> None:
+        self._fills[key] = asyncio.get_running_loop().create_future()
+
+    def end_fill(self, key: Hashable) -> None:
+        future = self._fills.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # -- storage ---------------------------------------------------------------------------------------------
+
+    def tables_of(self, database: str, names: frozenset[str]) -> frozenset[TableId]:
+        return frozenset((database, name) for name in names)
+
+    # -- background ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="cache-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            try:
+                self.engine.sweep(self.clock(), _SWEEP_CHECKS)
+            except Exception:  # a sweeper bug must not stop expiry forever, nor the proxy
+                log.exception("cache sweep failed")
+
+
+def _unanalyzed(sql: bytes) -> QueryInfo:
+    """What is assumed of a statement too long to analyze: not cacheable; it may write anything.
+
+    Even a long SELECT may call a function that writes, so only the session-level effects are ruled out by its first
+    keyword (a long DO block is treated as what it is: unknown effects, OTHER)."""
+    head = sql[:64].lstrip(b" \t\r\n(").lower()
+    kind = Kind.OTHER if head.startswith((b"do", b"call")) else Kind.WRITE
+    return QueryInfo(
+        kind=kind,
+        statement_count=1,
+        reads=frozenset(),
+        writes=frozenset({UNKNOWN_TABLE}),
+        functions=frozenset(),
+        cacheable=False,
+        reason=f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed",
+    )

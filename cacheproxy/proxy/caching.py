@@ -1,0 +1,745 @@
+"""CachingRelay: the relay of one session when the cache is on. It answers what it can from the cache and tracks
+every request it forwards, so that results can be captured on their way back and writes invalidate what they touch.
+
+Client side: simple queries are handled one by one; extended-protocol messages are held until Sync (or Flush) so
+that a batch is either answered locally as a whole, or forwarded as a whole. Local answers are only given when
+nothing is pending upstream and the session is outside a transaction block, so replies never overtake each other.
+
+Upstream side: every reply goes through the ReplyTracker, which says which request it answers. Replies to the
+proxy's own requests (a Parse replayed for a statement it answered locally, a Describe that gives a captured result
+its RowDescription) are stripped; captured results are stored when their request completes without error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind
+from cacheproxy.cache.entry import TableId
+from cacheproxy.errors import ProtocolViolation
+from cacheproxy.policy.verdict import NOTHING, WriteScope, write_scope
+from cacheproxy.protocol import frontend as fe
+from cacheproxy.protocol import messages as m
+from cacheproxy.protocol.framing import HEADER_SIZE, Framer
+from cacheproxy.protocol.replies import Capture, Op, Pending, ReplyTracker
+from cacheproxy.proxy.cache_service import CacheService, Classified
+
+if TYPE_CHECKING:
+    from cacheproxy.proxy.session import Session
+
+log = logging.getLogger("cacheproxy.caching")
+
+# A batch held for a Sync is forwarded anyway past these bounds (a client pipelining thousands of queries).
+_MAX_BATCH_MESSAGES = 512
+_MAX_BATCH_BYTES = 1 << 20
+# How long a miss waits for another session's fill of the same key before asking upstream itself.
+_SINGLE_FLIGHT_WAIT = 2.0
+# How long a session waits for its database's catalog before deciding without the cache.
+_CATALOG_WAIT = 2.0
+# Startup parameters that cannot change a query's result (others, such as options or TimeZone, can).
+_NEUTRAL_STARTUP = frozenset(("application_name", "fallback_application_name", "user", "database", "replication"))
+_DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
+_PREPARE = re.compile(rb"^\s*prepare\s+(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
+
+
+@dataclass(slots=True)
+class Statement:
+    """A named (or the unnamed) prepared statement of the client's, as the proxy knows it."""
+
+    query: bytes
+    param_types: tuple[int, ...]
+    upstream: bool  # False while it exists only here (its Parse was answered locally)
+
+
+@dataclass(slots=True)
+class Portal:
+    statement: Statement
+    bind: fe.Bind
+
+
+# In a batch answered locally: the statement, its Bind, the row limit of its Execute, and the result once found.
+_LocalPortal = tuple[Statement, fe.Bind, int, bytes | None]
+
+
+@dataclass(slots=True)
+class Fill:
+    """What storing a captured result needs: its key, its dependencies, and the generations taken at send time."""
+
+    key: Hashable
+    tables: frozenset[TableId]
+    generations: tuple[int, ...]
+    ttl: float
+    query: str
+    rule: str
+    leader: bool  # this session registered the single-flight entry for the key
+
+
+class CachingRelay:
+    """The caching relay of one session (its transports are already taken over by Links)."""
+
+    def __init__(
+        self,
+        session: Session,
+        service: CacheService,
+        write_upstream: Callable[[bytes], None],
+        write_client: Callable[[bytes], None],
+    ) -> None:
+        self.session = session
+        self.service = service
+        self._write_upstream = write_upstream
+        self._write_client = write_client
+        self.database = session.database
+        self.user = session.user
+        self.tracker = ReplyTracker()
+        self._client_framer = Framer(session.server.config.limits.max_message_size)
+        self._up_framer = Framer(1 << 31)
+        self._inbox: deque[tuple[int, bytes]] = deque()
+        self._batch: list[tuple[int, bytes]] = []
+        self._batch_bytes = 0
+        self._statements: dict[str, Statement] = {}
+        self._portals: dict[str, Portal] = {}
+        self._set_history: list[bytes] = []
+        self._digest: bytes | None = None
+        self._uncertain: str | None = None  # why the session's state can no longer be known: caching stops
+        self._temp_tables: set[str] = set()
+        self._tx_writes: list[WriteScope] = []
+        self._leading: set[Hashable] = set()
+        self._unsynced = False  # extended messages forwarded since the last forwarded Sync
+        self._unsynced_write = False  # ... and one of them was not a cacheable read: an implicit transaction wrote
+        self._waiting = False
+        self._waited = False  # the message at the inbox head already waited once: do not wait again
+        self.terminated = False
+        service.catalogs.ensure(self.database)
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.tracker) or bool(self._batch) or bool(self._inbox)
+
+    def _can_serve(self) -> bool:
+        """Local answers only when the server is idle as far as this session goes: nothing pending, no extended
+        messages forwarded since the last Sync (an implicit transaction may be open), no transaction block."""
+        return not self.tracker and not self._unsynced and self.session.tx_status == b"I" and self._uncertain is None
+
+    def _state_digest(self) -> bytes:
+        """Everything of the session that can change a result, beyond database and user: startup parameters,
+        the values the server reports (TimeZone, DateStyle, session_authorization...), and every SET seen."""
+        if self._digest is None:
+            startup = self.session.startup_parameters
+            parts = [f"{k}={v}" for k, v in sorted(startup.items()) if k not in _NEUTRAL_STARTUP]
+            parts += [f"{k}={v}" for k, v in sorted(self.session.parameters.items()) if k != "application_name"]
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update("\x00".join(parts).encode())
+            for statement in self._set_history:
+                digest.update(b"\x01" + statement)
+            self._digest = digest.digest()
+        return self._digest
+
+    def parameters_changed(self) -> None:
+        self._digest = None
+
+    def close(self) -> None:
+        """The session ended: release every single-flight slot it held, so that waiters go upstream themselves."""
+        for key in self._leading:
+            self.service.end_fill(key)
+        self._leading.clear()
+
+    # -- client -> upstream ----------------------------------------------------------------------------------
+
+    def on_client_data(self, data: bytes) -> None:
+        region, frames = self._client_framer.feed(data)
+        for msg_type, start, end in frames:
+            self._inbox.append((msg_type, region[start:end]))
+        self._drain_inbox()
+
+    def _drain_inbox(self) -> None:
+        out: list[bytes] = []
+        inbox = self._inbox
+        while inbox and not self._waiting:
+            msg_type, message = inbox[0]
+            if not self._dispatch(msg_type, message, out):
+                break  # waiting: the message stays at the head and is dispatched again after the wait
+            inbox.popleft()
+            self._waited = False
+        if out:
+            self._write_upstream(b"".join(out))
+
+    def _dispatch(self, msg_type: int, message: bytes, out: list[bytes]) -> bool:
+        """Handle one client message; False when it must wait (it will be dispatched again)."""
+        if msg_type == m.QUERY:
+            if self._batch:
+                self._forward_batch(out)
+            return self._on_query(message, out)
+        if msg_type in (m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE):
+            self._batch.append((msg_type, message))
+            self._batch_bytes += len(message)
+            if len(self._batch) > _MAX_BATCH_MESSAGES or self._batch_bytes > _MAX_BATCH_BYTES:
+                self._forward_batch(out)
+            return True
+        if msg_type in (m.SYNC, m.FLUSH):
+            self._batch.append((msg_type, message))
+            if self._on_batch_end(out):
+                return True
+            self._batch.pop()  # waiting: the Sync (or Flush) is dispatched again afterwards
+            return False
+        if self._batch:
+            self._forward_batch(out)
+        if msg_type in (m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
+            out.append(message)
+        elif msg_type == m.FUNCTION_CALL:
+            # A fast-path call can run any function: assume it wrote anything.
+            scope = WriteScope(frozenset(), True, "FunctionCall")
+            self._before_write(scope)
+            self.tracker.expect(Pending(Op.FUNCTION_CALL, on_done=scope))
+            out.append(message)
+        elif msg_type == m.TERMINATE:
+            self.terminated = True
+            out.append(message)
+        else:
+            raise ProtocolViolation(f"invalid frontend message type {msg_type}")
+        return True
+
+    # -- simple query ----------------------------------------------------------------------------------------
+
+    def _on_query(self, message: bytes, out: list[bytes]) -> bool:
+        sql = message[HEADER_SIZE:-1]
+        classified = self._classify(sql)
+        if classified is None:
+            return False
+        info = classified.info
+        capture: Capture | None = None
+        on_done: object = None
+        if info.kind is Kind.READ and info.statement_count == 1 and self._servable(classified):
+            key = ("q", self.database, self.user, self._state_digest(), sql)
+            entry = self.service.engine.get(key, self.service.clock())
+            if entry is not None:
+                self._write_client(entry.value + m.ready_for_query(self.session.tx_status))
+                return True
+            fill = self._begin_fill(key, classified, sql)
+            if fill is None:
+                return False
+            capture = Capture(self.service.max_entry_size, fill)
+        else:
+            on_done = self._note_effects(classified, sql)
+        self.tracker.expect(Pending(Op.QUERY, capture=capture, on_done=on_done))
+        self._unsynced = self._unsynced_write = False  # a Query ends any implicit transaction
+        out.append(message)
+        return True
+
+    def _classify(self, sql: bytes) -> Classified | None:
+        """Classify, first waiting (once, bounded) for the database's catalog when it is still loading."""
+        if self._wait_for_catalog():
+            return None
+        return self.service.classify(self.database, sql)
+
+    def _wait_for_catalog(self) -> bool:
+        """True when the session now waits for its database's catalog (a first query, or one after DDL)."""
+        if self._waited or self.service.catalogs.get(self.database) is not None:
+            return False
+        task = self.service.catalogs.ensure(self.database)
+        if task is None:
+            return False  # unreadable: decide without it (nothing is cached)
+        self._wait_for(task, _CATALOG_WAIT)
+        return True
+
+    def _can_fill(self) -> bool:
+        """Results read now may be stored: the server's state is known (nothing pending), no transaction block,
+        and no write of this session's that is not yet committed (an implicit extended-protocol transaction)."""
+        return (
+            not self.tracker and not self._unsynced_write and self.session.tx_status == b"I" and self._uncertain is None
+        )
+
+    def _servable(self, classified: Classified) -> bool:
+        """Cacheable, and the session is where a local answer may be given now."""
+        return self._can_serve() and self._cacheable_here(classified)
+
+    def _cacheable_here(self, classified: Classified) -> bool:
+        """Cacheable for this session: the verdict, and no temporary table of the session shadowing a name."""
+        if not classified.verdict.cacheable:
+            return False
+        return not (self._temp_tables and self._temp_tables & {name for _, name in classified.info.reads})
+
+    def _begin_fill(self, key: Hashable, classified: Classified, sql: bytes) -> Fill | None:
+        """Prepare to capture a miss; None when another session is already filling it (we wait, then retry)."""
+        service = self.service
+        in_flight = service.fill_in_flight(key)
+        if in_flight is not None and key not in self._leading:
+            if not self._waited:
+                self._wait_for(in_flight, _SINGLE_FLIGHT_WAIT)
+                return None
+            leader = False
+        else:
+            service.begin_fill(key)
+            self._leading.add(key)
+            leader = True
+        verdict = classified.verdict
+        tables = service.tables_of(self.database, verdict.tables)
+        return Fill(
+            key,
+            tables,
+            service.engine.generations(tables),
+            verdict.ttl,
+            sql.decode("utf-8", "replace"),
+            verdict.rule,
+            leader,
+        )
+
+    def _wait_for(
+        self, awaitable: asyncio.Future[object] | asyncio.Task[object] | asyncio.Future[None], timeout: float
+    ) -> None:
+        """Pause this session's client side until `awaitable` is done (or `timeout`), then go on where it was."""
+        self._waiting = True
+        self.session.pause_client()
+
+        async def wait() -> None:
+            try:
+                await asyncio.wait_for(asyncio.shield(awaitable), timeout)
+            except (TimeoutError, asyncio.CancelledError, Exception):
+                pass
+            finally:
+                self._waiting = False
+                self._waited = True
+                self.session.resume_client()
+            self.session.run_guarded(self._drain_inbox)
+
+        self.session.spawn(wait())
+
+    # -- what a statement does to the session and the cache ---------------------------------------------------
+
+    def _note_effects(self, classified: Classified, sql: bytes) -> WriteScope | None:
+        """Before a non-cached statement goes upstream: invalidate what it may write, track session state."""
+        info = classified.info
+        for statement in info.statements or (info,):
+            if statement.session is not None:
+                # A SET among several statements is judged on its own; its text alone keys the new state.
+                self._on_session_change(statement.session.op, sql, alone=info.statement_count == 1)
+            if statement.kind is Kind.OTHER and UNKNOWN_TABLE in statement.writes:
+                self._uncertain = self._uncertain or "a statement with unknown effects (DO, CALL) ran"
+        if info.temp_tables_created:
+            self._temp_tables |= {name for _, name in info.temp_tables_created}
+        if _PREPARE.match(sql):
+            name = _identifier(_PREPARE.match(sql).group(1))  # type: ignore[union-attr]
+            self._statements[name] = Statement(b"", (), upstream=True)
+        elif (dealloc := _DEALLOCATE.match(sql)) is not None:
+            target = dealloc.group(1)
+            if target.lower() == b"all":
+                self._statements.clear()
+            else:
+                self._statements.pop(_identifier(target), None)
+        if "set_config" in info.functions or "pg_catalog.set_config" in info.functions:
+            self._uncertain = self._uncertain or "set_config() changed settings the proxy cannot see"
+        catalog = self.service.catalogs.last_known(self.database)
+        scope = write_scope(info, catalog)
+        if info.kind is Kind.DDL:
+            self.service.after_ddl(self.database)
+        if scope.empty:
+            return None
+        self._before_write(scope)
+        return scope
+
+    def _on_session_change(self, op: str, sql: bytes, *, alone: bool) -> None:
+        if op in ("set_local", "set_transaction"):
+            return  # lasts until the transaction ends; nothing is served inside a transaction block
+        if op == "discard_all" and alone:
+            self._set_history.clear()
+            self._temp_tables.clear()
+            self._statements.clear()
+            self._digest = None
+            return
+        if self.session.tx_status != b"I" or self.tracker or not alone:
+            # Inside a transaction block, a SET may yet be rolled back; the proxy cannot tell which state holds.
+            self._uncertain = self._uncertain or "SET inside a transaction block"
+            return
+        self._set_history.append(sql)
+        self._digest = None
+
+    def _before_write(self, scope: WriteScope) -> None:
+        """Invalidate before the write is sent: fills already in flight for these tables will not be stored."""
+        self.service.invalidate(self.database, scope)
+
+    def _after_write(self, scope: WriteScope) -> None:
+        self.service.invalidate(self.database, scope)
+        if self.session.tx_status != b"I":
+            self._tx_writes.append(scope)  # again at commit (or rollback: invalidating then is safe)
+
+    # -- extended protocol ----------------------------------------------------------------------------------
+
+    def _on_batch_end(self, out: list[bytes]) -> bool:
+        if self._can_serve():
+            if self._wait_for_catalog():
+                return False
+            local = self._answer_locally()
+            if local is None:
+                return False  # waiting for a catalog or another session's fill
+            if local:
+                self._write_client(local)
+                self._batch.clear()
+                self._batch_bytes = 0
+                return True
+        self._forward_batch(out)
+        return True
+
+    def _answer_locally(self) -> bytes | None:
+        """The whole batch's replies from the cache; b"" when it cannot be, None to wait and retry."""
+        parsed: dict[str, Statement] = {}
+        portals: dict[str, _LocalPortal] = {}
+        closed: list[str] = []
+        executed: set[str] = set()
+        unproven: dict[str, Statement] = {}
+        replies: list[bytes] = []
+        statement: Statement | None
+        for index, (msg_type, message) in enumerate(self._batch):
+            body = message[HEADER_SIZE:]
+            if msg_type == m.PARSE:
+                parse = fe.decode_parse(body)
+                if parse.statement and (parse.statement in self._statements or parse.statement in parsed):
+                    return b""  # "already exists" is the server's to say
+                query = parse.query.encode()
+                new = Statement(query, parse.param_types, upstream=False)
+                if self._describe_entry(query, parse.param_types) is None:
+                    # Only a stored result of this very statement (below) proves it parses for this session.
+                    unproven[parse.statement] = new
+                parsed[parse.statement] = new
+                replies.append(fe.PARSE_COMPLETE)
+            elif msg_type == m.BIND:
+                bind = fe.decode_bind(body)
+                statement = parsed.get(bind.statement) or self._statements.get(bind.statement)
+                if statement is None or not statement.query:
+                    return b""
+                rows = self._next_execute_rows(index, bind.portal)
+                if rows is None:
+                    return b""  # a Bind never executed: let the server validate it
+                portals[bind.portal] = (statement, bind, rows, None)
+                executed.discard(bind.portal)  # a Bind (re)creates the portal
+                replies.append(fe.BIND_COMPLETE)
+            elif msg_type == m.DESCRIBE:
+                describe = fe.decode_describe(body)
+                if describe.kind == "S":
+                    statement = parsed.get(describe.name) or self._statements.get(describe.name)
+                    if statement is None or not statement.query:
+                        return b""
+                    described = self._describe_entry(statement.query, statement.param_types)
+                    if described is None:
+                        return b""
+                    replies.append(described)
+                else:
+                    value = self._portal_result(portals, describe.name)
+                    if value is None:
+                        return self._miss_or_wait(portals, describe.name)
+                    replies.append(value[: _header_length(value)])
+            elif msg_type == m.EXECUTE:
+                execute = fe.decode_execute(body)
+                if execute.portal in executed:
+                    return b""  # executing a portal again continues it: the server's to answer
+                value = self._portal_result(portals, execute.portal)
+                if value is None:
+                    return self._miss_or_wait(portals, execute.portal)
+                replies.append(value[_header_length(value) :])
+                executed.add(execute.portal)
+                hit_statement = portals[execute.portal][0]
+                unproven = {name: st for name, st in unproven.items() if st is not hit_statement}
+            elif msg_type == m.CLOSE:
+                close = fe.decode_close(body)
+                if close.kind == "S":
+                    existing = self._statements.get(close.name)
+                    if existing is not None and existing.upstream:
+                        return b""  # the server must close it too
+                    closed.append(close.name)
+                replies.append(fe.CLOSE_COMPLETE)
+            elif msg_type == m.SYNC:
+                replies.append(m.ready_for_query(self.session.tx_status))
+        if unproven:
+            return b""
+        self._statements.update(parsed)
+        for name in closed:
+            self._statements.pop(name, None)
+        return b"".join(replies)
+
+    def _next_execute_rows(self, index: int, portal: str) -> int | None:
+        """max_rows of the first Execute of `portal` after batch position `index` (None if there is none)."""
+        for msg_type, message in self._batch[index + 1 :]:
+            if msg_type == m.EXECUTE:
+                execute = fe.decode_execute(message[HEADER_SIZE:])
+                if execute.portal == portal:
+                    return execute.max_rows
+            elif msg_type == m.BIND and fe.decode_bind(message[HEADER_SIZE:]).portal == portal:
+                return None
+        return None
+
+    def _execute_key(self, statement: Statement, bind: fe.Bind, max_rows: int) -> tuple[object, ...]:
+        # max_rows is part of the key: a result stored whole under a row limit it fitted in (it ended in
+        # CommandComplete, not PortalSuspended) answers the same limit again; another limit asks upstream.
+        return (
+            "x",
+            self.database,
+            self.user,
+            self._state_digest(),
+            statement.query,
+            statement.param_types,
+            bind.arguments,
+            max_rows,
+        )
+
+    def _describe_key(self, query: bytes, param_types: tuple[int, ...]) -> tuple[object, ...]:
+        return ("d", self.database, self.user, self._state_digest(), query, param_types)
+
+    def _describe_entry(self, query: bytes, param_types: tuple[int, ...]) -> bytes | None:
+        classified = self.service.classify(self.database, query)
+        if not classified.verdict.cacheable:
+            return None
+        entry = self.service.engine.get(self._describe_key(query, param_types), self.service.clock())
+        return entry.value if entry is not None else None
+
+    def _portal_result(self, portals: dict[str, _LocalPortal], name: str) -> bytes | None:
+        found = portals.get(name)
+        if found is None:
+            return None
+        statement, bind, rows, value = found
+        if value is not None:
+            return value
+        classified = self.service.classify(self.database, statement.query)
+        if not self._servable(classified):
+            return None
+        entry = self.service.engine.get(self._execute_key(statement, bind, rows), self.service.clock())
+        if entry is None:
+            return None
+        portals[name] = (statement, bind, rows, entry.value)
+        return entry.value
+
+    def _miss_or_wait(self, portals: dict[str, _LocalPortal], name: str) -> bytes | None:
+        """A miss in a batch: wait once if another session is filling that very key, else forward the batch."""
+        found = portals.get(name)
+        if found is not None and not self._waited:
+            statement, bind, rows, _ = found
+            in_flight = self.service.fill_in_flight(self._execute_key(statement, bind, rows))
+            if in_flight is not None:
+                self._wait_for(in_flight, _SINGLE_FLIGHT_WAIT)
+                return None
+        return b""
+
+    def _forward_batch(self, out: list[bytes]) -> None:
+        """Forward the held batch, replaying statements that exist only here and arranging captures."""
+        described: dict[str, Capture | None] = {}
+        serve = self._can_fill()
+        for index, (msg_type, message) in enumerate(self._batch):
+            body = message[HEADER_SIZE:]
+            if msg_type == m.PARSE:
+                parse = fe.decode_parse(body)
+                existing = self._statements.get(parse.statement)
+                if parse.statement and existing is not None and not existing.upstream:
+                    self._replay(parse.statement, existing, out)  # so that the server says "already exists"
+                self._statements[parse.statement] = Statement(parse.query.encode(), parse.param_types, upstream=True)
+                self._expect(Op.PARSE, message, out)
+            elif msg_type == m.BIND:
+                bind = fe.decode_bind(body)
+                statement = self._statements.get(bind.statement)
+                if statement is not None:
+                    if not statement.upstream:
+                        self._replay(bind.statement, statement, out)
+                    self._portals[bind.portal] = Portal(statement, bind)
+                self._expect(Op.BIND, message, out)
+            elif msg_type == m.DESCRIBE:
+                describe = fe.decode_describe(body)
+                if describe.kind == "S":
+                    self._forward_describe_statement(describe.name, message, out, serve)
+                else:
+                    rows = self._next_execute_rows(index, describe.name)
+                    capture = self._execute_capture(describe.name, rows) if serve and rows is not None else None
+                    described[describe.name] = capture
+                    self.tracker.expect(Pending(Op.DESCRIBE_PORTAL, capture=capture))
+                    out.append(message)
+            elif msg_type == m.EXECUTE:
+                self._forward_execute(fe.decode_execute(body), message, out, described, serve)
+            elif msg_type == m.CLOSE:
+                close = fe.decode_close(body)
+                (self._statements if close.kind == "S" else self._portals).pop(close.name, None)
+                self._expect(Op.CLOSE, message, out)
+            elif msg_type == m.SYNC:
+                self._expect(Op.SYNC, message, out)
+            else:  # Flush
+                out.append(message)
+            self._unsynced = msg_type != m.SYNC
+            if msg_type == m.SYNC:
+                self._unsynced_write = False
+        self._batch.clear()
+        self._batch_bytes = 0
+
+    def _expect(self, op: Op, message: bytes, out: list[bytes]) -> None:
+        self.tracker.expect(Pending(op))
+        out.append(message)
+
+    def _replay(self, name: str, statement: Statement, out: list[bytes]) -> None:
+        """Create upstream a statement whose Parse was answered locally; its ParseComplete is not the client's."""
+        out.append(fe.encode_parse(name, statement.query.decode("utf-8", "replace"), statement.param_types))
+        self.tracker.expect(Pending(Op.PARSE, strip=True))
+        statement.upstream = True
+
+    def _forward_describe_statement(self, name: str, message: bytes, out: list[bytes], serve: bool) -> None:
+        statement = self._statements.get(name)
+        capture: Capture | None = None
+        if statement is not None:
+            if not statement.upstream:
+                self._replay(name, statement, out)
+            classified = self.service.classify(self.database, statement.query)
+            if serve and self._cacheable_here(classified) and statement.query:
+                verdict = classified.verdict
+                tables = self.service.tables_of(self.database, verdict.tables)
+                fill = Fill(
+                    self._describe_key(statement.query, statement.param_types),
+                    tables,
+                    self.service.engine.generations(tables),
+                    verdict.ttl,
+                    statement.query.decode("utf-8", "replace"),
+                    verdict.rule,
+                    leader=False,
+                )
+                capture = Capture(self.service.max_entry_size, fill)
+        self.tracker.expect(Pending(Op.DESCRIBE_STATEMENT, capture=capture))
+        out.append(message)
+
+    def _execute_capture(self, portal_name: str, max_rows: int) -> Capture | None:
+        portal = self._portals.get(portal_name)
+        if portal is None or not portal.statement.query:
+            return None
+        classified = self.service.classify(self.database, portal.statement.query)
+        if classified.info.kind is not Kind.READ or not self._cacheable_here(classified):
+            return None
+        key = self._execute_key(portal.statement, portal.bind, max_rows)
+        in_flight = self.service.fill_in_flight(key)
+        leader = in_flight is None
+        if leader:
+            self.service.begin_fill(key)
+            self._leading.add(key)
+        verdict = classified.verdict
+        tables = self.service.tables_of(self.database, verdict.tables)
+        fill = Fill(
+            key,
+            tables,
+            self.service.engine.generations(tables),
+            verdict.ttl,
+            portal.statement.query.decode("utf-8", "replace"),
+            verdict.rule,
+            leader,
+        )
+        return Capture(self.service.max_entry_size, fill)
+
+    def _forward_execute(
+        self,
+        execute: fe.Execute,
+        message: bytes,
+        out: list[bytes],
+        described: dict[str, Capture | None],
+        serve: bool,
+    ) -> None:
+        portal = self._portals.get(execute.portal)
+        capture: Capture | None = None
+        on_done: object = None
+        if portal is not None and portal.statement.query:
+            classified = self.service.classify(self.database, portal.statement.query)
+            fill = serve and not self._unsynced_write  # a write earlier in this batch: its reads see it uncommitted
+            if classified.info.kind is Kind.READ and fill and self._cacheable_here(classified):
+                if execute.portal in described:
+                    capture = described.pop(execute.portal)
+                else:
+                    capture = self._execute_capture(execute.portal, execute.max_rows)
+                    if capture is not None:
+                        # The result must carry its RowDescription: ask for it, and keep the answer from the client.
+                        out.append(fe.encode_describe("P", execute.portal))
+                        self.tracker.expect(Pending(Op.DESCRIBE_PORTAL, strip=True, capture=capture))
+            elif classified.info.kind is not Kind.READ or not classified.verdict.cacheable:
+                on_done = self._note_effects(classified, portal.statement.query)
+                self._unsynced_write = True
+        elif portal is None:
+            on_done = WriteScope(frozenset(), True, "Execute of a portal the proxy does not know")
+            self._before_write(on_done)
+            self._unsynced_write = True
+        self.tracker.expect(Pending(Op.EXECUTE, capture=capture, on_done=on_done))
+        out.append(message)
+
+    # -- upstream -> client ----------------------------------------------------------------------------------
+
+    def on_upstream_data(self, data: bytes) -> None:
+        region, frames = self._up_framer.feed(data)
+        tracker = self.tracker
+        pieces: list[bytes] | None = None
+        last = 0
+        completed: list[Pending] = []
+        for msg_type, start, end in frames:
+            outcome = tracker.on_message(msg_type, region, start, end)
+            if not outcome.relay:
+                if pieces is None:
+                    pieces = []
+                pieces.append(region[last:start])
+                last = end
+            if outcome.done:
+                completed.extend(outcome.done)
+            if msg_type == m.READY_FOR_QUERY:
+                self.session.tx_status = region[start + HEADER_SIZE : start + HEADER_SIZE + 1]
+            elif msg_type == m.PARAMETER_STATUS:
+                self.session.note_parameter(region[start + HEADER_SIZE : end])
+                self._digest = None
+            elif msg_type == m.ERROR_RESPONSE:
+                self.session.note_error(region[start + HEADER_SIZE : end])
+        # Invalidate and store before the client sees ReadyForQuery: its next query must find the cache current.
+        for pending in completed:
+            self._complete(pending)
+        if self._tx_writes and self.session.tx_status == b"I" and not tracker:
+            for scope in self._tx_writes:
+                self.service.invalidate(self.database, scope)
+            self._tx_writes.clear()
+        if self.session.tx_status == b"I" and not tracker:
+            self._portals.clear()
+        if pieces is None:
+            self._write_client(region)
+        else:
+            pieces.append(region[last:])
+            self._write_client(b"".join(pieces))
+
+    def _complete(self, pending: Pending) -> None:
+        on_done = pending.on_done
+        if isinstance(on_done, WriteScope):
+            self._after_write(on_done)
+        capture = pending.capture
+        if capture is None or pending.op is Op.DESCRIBE_PORTAL:
+            return
+        fill = capture.context
+        assert isinstance(fill, Fill)
+        try:
+            if not capture.failed and not pending.seen_error and capture.header:
+                self.service.engine.put(
+                    fill.key,
+                    capture.value(),
+                    tables=fill.tables,
+                    ttl=fill.ttl,
+                    now=self.service.clock(),
+                    query=fill.query,
+                    rule=fill.rule,
+                    generations=fill.generations,
+                )
+        finally:
+            if fill.leader:
+                self._leading.discard(fill.key)
+                self.service.end_fill(fill.key)
+
+
+def _header_length(value: bytes) -> int:
+    """Length of the RowDescription that starts a stored result (its Int32 length + the type byte)."""
+    return 1 + int.from_bytes(value[1:5], "big")
+
+
+def _identifier(raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace")
+    if text.startswith('"'):
+        return text[1:-1].replace('""', '"')
+    return text.lower()
+
+
+_ = NOTHING  # re-exported for symmetry with write_scope's callers

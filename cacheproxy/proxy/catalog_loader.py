@@ -1,0 +1,142 @@
+"""Reads each database's catalog over the proxy's own control connection (asyncpg), and keeps it fresh.
+
+The control connection logs in as the upstream URL's user (the proxy never has the clients' passwords). One load per
+database on first use and after DDL seen through the proxy; until a database's catalog is loaded, nothing of it is
+cached, and a database whose catalog cannot be read is not cached at all (logged once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+
+import asyncpg
+
+from cacheproxy.catalog.model import Catalog, Relation
+from cacheproxy.config import UpstreamConfig
+from cacheproxy.proxy.upstream import client_ssl_context
+
+log = logging.getLogger("cacheproxy.catalog")
+
+_RELATIONS = """
+SELECT n.nspname, c.relname, c.relkind::text,
+       c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'm', 'v', 'f', 'S')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast%'
+"""
+_INHERITS = """
+SELECT c.relname, p.relname FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
+"""
+# Foreign keys whose ON DELETE / ON UPDATE action changes the referencing table: cascade, set null, set default.
+_CASCADES = """
+SELECT p.relname, c.relname FROM pg_constraint k
+JOIN pg_class c ON c.oid = k.conrelid JOIN pg_class p ON p.oid = k.confrelid
+WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+"""
+_FUNCTIONS = """
+SELECT n.nspname, p.proname, p.provolatile = 'i' FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+"""
+
+
+class CatalogLoader:
+    """Owns the per-database catalogs: `get` returns the current one (or None), `refresh` reloads in the background."""
+
+    def __init__(self, upstream: UpstreamConfig) -> None:
+        self._upstream = upstream
+        self._catalogs: dict[str, Catalog] = {}
+        self._loading: dict[str, asyncio.Task[Catalog | None]] = {}
+        self._failed: set[str] = set()
+        self._stale: set[str] = set()
+        self._versions = 0
+
+    def get(self, database: str) -> Catalog | None:
+        """The catalog to decide with, or None (not loaded yet, stale after DDL, or unreadable)."""
+        if database in self._stale:
+            return None
+        return self._catalogs.get(database)
+
+    def last_known(self, database: str) -> Catalog | None:
+        """The newest catalog even if stale: for invalidation, where an older picture is still a useful superset."""
+        return self._catalogs.get(database)
+
+    def ensure(self, database: str) -> asyncio.Task[Catalog | None] | None:
+        """Start loading `database` if needed; return the task to wait on, or None when nothing is pending."""
+        if database in self._loading:
+            return self._loading[database]
+        if (database in self._catalogs and database not in self._stale) or database in self._failed:
+            return None
+        task = asyncio.get_running_loop().create_task(self._load(database), name=f"catalog-{database}")
+        self._loading[database] = task
+        return task
+
+    def mark_stale(self, database: str) -> None:
+        """DDL went through: decisions must wait for a reload."""
+        self._stale.add(database)
+
+    async def _load(self, database: str) -> Catalog | None:
+        started = time.monotonic()
+        try:
+            catalog = await self._read(database)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ssl.SSLError) as exc:
+            if database not in self._failed:
+                log.warning(
+                    "catalog of database %r could not be read as %r (%s): its queries are not cached",
+                    database,
+                    self._upstream.user,
+                    exc.__class__.__name__ + (f": {exc}" if str(exc) else ""),
+                )
+            self._failed.add(database)
+            return None
+        finally:
+            del self._loading[database]
+        self._catalogs[database] = catalog
+        self._stale.discard(database)
+        log.info(
+            "catalog of database %r loaded: %d relations, %d immutable functions (%.0f ms)",
+            database,
+            len(catalog.relations),
+            len(catalog.immutable),
+            (time.monotonic() - started) * 1000,
+        )
+        return catalog
+
+    async def _read(self, database: str) -> Catalog:
+        cfg = self._upstream
+        ssl_arg: ssl.SSLContext | str | bool = False
+        if cfg.sslmode == "prefer":
+            ssl_arg = "prefer"
+        elif cfg.sslmode not in ("disable", "allow"):
+            ssl_arg = client_ssl_context(cfg)
+        conn = await asyncpg.connect(
+            host=cfg.host,
+            port=cfg.port,
+            user=cfg.user,
+            password=cfg.password,
+            database=database,
+            ssl=ssl_arg,
+            timeout=cfg.connect_timeout,
+            statement_cache_size=0,
+            server_settings={"application_name": "cacheproxy-catalog"},
+        )
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                relations = await conn.fetch(_RELATIONS)
+                inherits = await conn.fetch(_INHERITS)
+                cascades = await conn.fetch(_CASCADES)
+                functions = await conn.fetch(_FUNCTIONS)
+        finally:
+            await conn.close()
+        self._versions += 1
+        return Catalog.build(
+            database,
+            self._versions,
+            relations=[Relation(r[0], r[1], r[2], bool(r[3])) for r in relations],
+            inherits=[(r[0], r[1]) for r in inherits],
+            cascades=[(r[0], r[1]) for r in cascades],
+            functions=[(r[0], r[1], bool(r[2])) for r in functions],
+        )
