@@ -13,7 +13,6 @@ its RowDescription) are stripped; captured results are stored when their request
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 from collections import deque
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind
+from cacheproxy.cache import keys
 from cacheproxy.cache.entry import TableId
 from cacheproxy.errors import ProtocolViolation
 from cacheproxy.policy.verdict import NOTHING, WriteScope, write_scope
@@ -43,8 +43,7 @@ _MAX_BATCH_BYTES = 1 << 20
 _SINGLE_FLIGHT_WAIT = 2.0
 # How long a session waits for its database's catalog before deciding without the cache.
 _CATALOG_WAIT = 2.0
-# Startup parameters that cannot change a query's result (others, such as options or TimeZone, can).
-_NEUTRAL_STARTUP = frozenset(("application_name", "fallback_application_name", "user", "database", "replication"))
+_READY_IDLE = m.ready_for_query(b"I")
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 _PREPARE = re.compile(rb"^\s*prepare\s+(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 
@@ -130,17 +129,9 @@ class CachingRelay:
         return not self.tracker and not self._unsynced and self.session.tx_status == b"I" and self._uncertain is None
 
     def _state_digest(self) -> bytes:
-        """Everything of the session that can change a result, beyond database and user: startup parameters,
-        the values the server reports (TimeZone, DateStyle, session_authorization...), and every SET seen."""
         if self._digest is None:
-            startup = self.session.startup_parameters
-            parts = [f"{k}={v}" for k, v in sorted(startup.items()) if k not in _NEUTRAL_STARTUP]
-            parts += [f"{k}={v}" for k, v in sorted(self.session.parameters.items()) if k != "application_name"]
-            digest = hashlib.blake2b(digest_size=16)
-            digest.update("\x00".join(parts).encode())
-            for statement in self._set_history:
-                digest.update(b"\x01" + statement)
-            self._digest = digest.digest()
+            session = self.session
+            self._digest = keys.state_digest(session.startup_parameters, session.parameters, self._set_history)
         return self._digest
 
     def parameters_changed(self) -> None:
@@ -218,10 +209,11 @@ class CachingRelay:
         capture: Capture | None = None
         on_done: object = None
         if info.kind is Kind.READ and info.statement_count == 1 and self._servable(classified):
-            key = ("q", self.database, self.user, self._state_digest(), sql)
+            key = keys.query_key(self.database, self.user, self._state_digest(), sql)
             entry = self.service.engine.get(key, self.service.clock())
             if entry is not None:
-                self._write_client(entry.value + m.ready_for_query(self.session.tx_status))
+                # Served only outside a transaction block, so the status is always idle.
+                self._write_client(entry.value + _READY_IDLE)
                 return True
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
@@ -376,7 +368,13 @@ class CachingRelay:
         if self._can_serve():
             if self._wait_for_catalog():
                 return False
-            local = self._answer_locally()
+            try:
+                local = self._answer_hot_batch() or self._answer_locally()
+            except ProtocolViolation:
+                local = b""  # a malformed message: the server will say what is wrong with it
+            except Exception:
+                log.exception("session %d: cache lookup failed; relaying the batch upstream", self.session.id)
+                local = b""
             if local is None:
                 return False  # waiting for a catalog or another session's fill
             if local:
@@ -386,6 +384,67 @@ class CachingRelay:
                 return True
         self._forward_batch(out)
         return True
+
+    def _answer_hot_batch(self) -> bytes | None:
+        """The common batch, answered without decoding it fully: [Parse ""], Bind, [Describe portal], Execute, Sync.
+
+        This is what drivers send for every execution of a prepared or parameterized query; the general path
+        (`_answer_locally`) gives the same answer for it, with more work. None: not this shape, or not a hit.
+        """
+        batch = self._batch
+        count = len(batch)
+        if count < 3 or count > 5 or batch[-1][0] != m.SYNC or batch[-2][0] != m.EXECUTE:
+            return None
+        first = 0
+        statement: Statement | None = None
+        if batch[0][0] == m.PARSE:
+            parse = batch[0][1]
+            if parse[HEADER_SIZE] != 0:
+                return None  # a named Parse: "already exists" and friends are the general path's
+            end = parse.index(0, HEADER_SIZE + 1)
+            params = parse[end + 1 :]
+            n_types = int.from_bytes(params[:2], "big")
+            types = tuple(int.from_bytes(params[2 + 4 * i : 6 + 4 * i], "big") for i in range(n_types))
+            statement = Statement(parse[HEADER_SIZE + 1 : end], types, upstream=False)
+            first = 1
+        if batch[first][0] != m.BIND or count - first - 3 not in (0, 1):
+            return None
+        bind = batch[first][1]
+        portal_end = bind.index(0, HEADER_SIZE)
+        name_end = bind.index(0, portal_end + 1)
+        portal = bind[HEADER_SIZE:portal_end]
+        execute = batch[-2][1]
+        if execute[HEADER_SIZE:-5] != portal:
+            return None
+        describe = batch[first + 1][1] if count - first == 4 else None
+        if describe is not None and (batch[first + 1][0] != m.DESCRIBE or describe[HEADER_SIZE + 1 : -1] != portal
+                                     or describe[HEADER_SIZE] != ord("P")):  # fmt: skip
+            return None
+        name = bind[portal_end + 1 : name_end].decode("utf-8", "replace")
+        if statement is None:
+            statement = self._statements.get(name)
+            if statement is None or not statement.query:
+                return None
+        elif name:
+            return None  # binds a named statement after an unnamed Parse: general path
+        if not self._servable(self.service.classify(self.database, statement.query)):
+            return None
+        max_rows = int.from_bytes(execute[-4:], "big", signed=True)
+        key = keys.execute_key(
+            self.database, self.user, self._state_digest(), statement.query, statement.param_types,
+            bind[name_end + 1 :], max_rows,
+        )  # fmt: skip
+        entry = self.service.engine.get(key, self.service.clock())
+        if entry is None:
+            return None
+        value = entry.value
+        header = _header_length(value)
+        body: bytes | memoryview = value if describe is not None else memoryview(value)[header:]
+        replies: list[bytes | memoryview] = [fe.BIND_COMPLETE, body, _READY_IDLE]
+        if first:
+            replies.insert(0, fe.PARSE_COMPLETE)
+            self._statements[""] = statement
+        return b"".join(replies)
 
     def _answer_locally(self) -> bytes | None:
         """The whole batch's replies from the cache; b"" when it cannot be, None to wait and retry."""
@@ -474,11 +533,8 @@ class CachingRelay:
                 return None
         return None
 
-    def _execute_key(self, statement: Statement, bind: fe.Bind, max_rows: int) -> tuple[object, ...]:
-        # max_rows is part of the key: a result stored whole under a row limit it fitted in (it ended in
-        # CommandComplete, not PortalSuspended) answers the same limit again; another limit asks upstream.
-        return (
-            "x",
+    def _execute_key(self, statement: Statement, bind: fe.Bind, max_rows: int) -> keys.ExecuteKey:
+        return keys.execute_key(
             self.database,
             self.user,
             self._state_digest(),
@@ -488,8 +544,8 @@ class CachingRelay:
             max_rows,
         )
 
-    def _describe_key(self, query: bytes, param_types: tuple[int, ...]) -> tuple[object, ...]:
-        return ("d", self.database, self.user, self._state_digest(), query, param_types)
+    def _describe_key(self, query: bytes, param_types: tuple[int, ...]) -> keys.DescribeKey:
+        return keys.describe_key(self.database, self.user, self._state_digest(), query, param_types)
 
     def _describe_entry(self, query: bytes, param_types: tuple[int, ...]) -> bytes | None:
         classified = self.service.classify(self.database, query)
