@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (port, proc) in targets.items():
                     pg_before, proxy_before = _pg_cpu(cluster), _proc_cpu(proc)
                     tps, latency = _bench(env, port, mode, script, args.clients, args.seconds)
+                    # Backends exit when their clients leave and are then reaped, adding their CPU time to the
+                    # postmaster's: let that happen now, so that it counts for this run and not the next.
+                    time.sleep(1.0)
                     runs.append(
                         Run(name, mode, tps, latency, _pg_cpu(cluster) - pg_before, _proc_cpu(proc) - proxy_before)
                     )

@@ -34,6 +34,7 @@ class WriteScope:
     tables: frozenset[str]
     everything: bool
     why: str | None = None
+    ddl: bool = False  # the schema may have changed: the catalog must be read again once it is committed
 
     @property
     def empty(self) -> bool:
@@ -73,8 +74,8 @@ def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict
 
 def write_scope(info: QueryInfo, catalog: Catalog | None) -> WriteScope:
     """What to invalidate after `info` runs. DDL, DO, CALL and calls to functions with unknown effects: everything."""
-    if info.kind is Kind.DDL:
-        return WriteScope(frozenset(), True, "DDL")
+    if info.kind is Kind.DDL or any(s.kind is Kind.DDL for s in info.statements):
+        return WriteScope(frozenset(), True, "DDL", ddl=True)
     if catalog is not None:
         for function in sorted(info.functions):
             if catalog.may_write(function):

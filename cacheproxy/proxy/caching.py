@@ -330,8 +330,9 @@ class CachingRelay:
             self._uncertain = self._uncertain or "set_config() changed settings the proxy cannot see"
         catalog = self.service.catalogs.last_known(self.database)
         scope = write_scope(info, catalog)
-        if info.kind is Kind.DDL:
-            self.service.after_ddl(self.database)
+        if scope.ddl:
+            # Decide nothing with the old catalog from now on; it is read again once the DDL has completed.
+            self.service.catalogs.mark_stale(self.database)
         if scope.empty:
             return None
         self._before_write(scope)
@@ -359,6 +360,8 @@ class CachingRelay:
 
     def _after_write(self, scope: WriteScope) -> None:
         self.service.invalidate(self.database, scope)
+        if scope.ddl:
+            self.service.after_ddl(self.database)
         if self.session.tx_status != b"I":
             self._tx_writes.append(scope)  # again at commit (or rollback: invalidating then is safe)
 
@@ -750,6 +753,8 @@ class CachingRelay:
         if self._tx_writes and self.session.tx_status == b"I" and not tracker:
             for scope in self._tx_writes:
                 self.service.invalidate(self.database, scope)
+                if scope.ddl:
+                    self.service.after_ddl(self.database)  # the committed schema, as other sessions now see it
             self._tx_writes.clear()
         if self.session.tx_status == b"I" and not tracker:
             self._portals.clear()

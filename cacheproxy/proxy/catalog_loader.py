@@ -52,6 +52,7 @@ class CatalogLoader:
         self._loading: dict[str, asyncio.Task[Catalog | None]] = {}
         self._failed: set[str] = set()
         self._stale: set[str] = set()
+        self._ddl_epochs: dict[str, int] = {}  # bumped by mark_stale: a load that started before is not fresh
         self._versions = 0
 
     def get(self, database: str) -> Catalog | None:
@@ -75,14 +76,17 @@ class CatalogLoader:
         return task
 
     def mark_stale(self, database: str) -> None:
-        """DDL went through: decisions must wait for a reload."""
+        """DDL went through: decisions must wait for a reload (one started before now does not count)."""
         self._stale.add(database)
+        self._ddl_epochs[database] = self._ddl_epochs.get(database, 0) + 1
 
     async def _load(self, database: str) -> Catalog | None:
         started = time.monotonic()
+        epoch = self._ddl_epochs.get(database, 0)
         try:
             catalog = await self._read(database)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ssl.SSLError) as exc:
+            del self._loading[database]
             if database not in self._failed:
                 log.warning(
                     "catalog of database %r could not be read as %r (%s): its queries are not cached",
@@ -92,9 +96,15 @@ class CatalogLoader:
                 )
             self._failed.add(database)
             return None
-        finally:
+        except BaseException:
             del self._loading[database]
+            raise
+        del self._loading[database]
         self._catalogs[database] = catalog
+        if self._ddl_epochs.get(database, 0) != epoch:
+            # DDL was seen while we read: what we read may predate it. It stays stale; read again.
+            self.ensure(database)
+            return catalog
         self._stale.discard(database)
         log.info(
             "catalog of database %r loaded: %d relations, %d immutable functions (%.0f ms)",

@@ -301,3 +301,16 @@ def test_cache_counts_hits_and_misses(pg: PgCluster, dbname: str, cached: ProxyT
     after = engine.stats()
     assert after.hits - before.hits == 4
     assert after.sets - before.sets >= 1
+
+
+def test_a_table_created_through_the_proxy_is_cached_once_committed(
+    pg: PgCluster, dbname: str, cached: ProxyThread
+) -> None:
+    marker = _marker()
+    with psycopg.connect(pg.dsn(dbname=dbname, port=cached.port), autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("CREATE TABLE fresh (id int PRIMARY KEY, v text)")
+            conn.execute("INSERT INTO fresh VALUES (1, 'one')")
+        for _ in range(4):
+            assert conn.execute(f"SELECT v AS {marker} FROM fresh WHERE id = 1").fetchone() == ("one",)
+    assert upstream_calls(pg, marker) == 1
