@@ -6,22 +6,33 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
+from dataclasses import fields, replace
 
-from cacheproxy.config import Config
+from cacheproxy.config import Config, ConfigError
+from cacheproxy.errors import ProxyError
+from cacheproxy.observability import logs
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
 
 log = logging.getLogger("cacheproxy.app")
 
 
-class App:
-    """cacheproxy as a whole: today the proxy listener; later issues add the cache, admin HTTP and snapshots."""
+# Settings that only a restart can change: a reload keeps their old values and says so.
+_RESTART_ONLY = ("listen", "upstream", "admin.listen", "cache.enabled", "cache.max_memory", "cache.shards")
 
-    def __init__(self, config: Config) -> None:
+
+class App:
+    """cacheproxy as a whole: the proxy listener and the cache service (admin HTTP and snapshots come later).
+
+    `load_config`, when given, rebuilds the configuration from its sources (file, environment, flags) for a reload.
+    """
+
+    def __init__(self, config: Config, load_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._load_config = load_config
         self.cache = CacheService(config) if config.cache.enabled else None
-        self.proxy = ProxyServer(config, self.cache)
-        self._stopped = asyncio.Event()
+        self.proxy = ProxyServer(config, self.cache, self.reload if load_config is not None else None)
 
     @property
     def port(self) -> int:
@@ -38,7 +49,36 @@ class App:
         await self.proxy.shutdown(self.config.shutdown.timeout, reason)
         if self.cache is not None:
             await self.cache.stop()
-        self._stopped.set()
+
+    def reload(self) -> str:
+        """Build and validate a new configuration, then swap it in whole; on any error keep the old one.
+
+        Changed rules apply to new entries; entries of tables whose rule became `none` are dropped at once.
+        Returns a one-line summary; raises ProxyError (SQLSTATE F0000, config_file_error) with the reason.
+        """
+        assert self._load_config is not None
+        try:
+            new = self._load_config()
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            raise ProxyError("F0000", f"reload refused: {exc}", severity="ERROR") from exc
+        old = self.config
+        kept = [name for name in _RESTART_ONLY if _get(old, name) != _get(new, name)]
+        new = replace(new, listen=old.listen, upstream=old.upstream, admin=replace(new.admin, listen=old.admin.listen),
+                      cache=replace(new.cache, enabled=old.cache.enabled, max_memory=old.cache.max_memory,
+                                    shards=old.cache.shards))  # fmt: skip
+        changed = [
+            f.name for f in fields(Config) if getattr(old, f.name) != getattr(new, f.name) and f.name != "source"
+        ]
+        self.config = new
+        self.proxy.config = new
+        dropped = self.cache.apply_config(new) if self.cache is not None else 0
+        logs.configure(new.logging.level, new.logging.format)
+        summary = f"changed: {', '.join(changed) or 'nothing'}; entries dropped: {dropped}"
+        if kept:
+            summary += f"; restart needed for: {', '.join(kept)}"
+        log.info("configuration reloaded from %s: %s", new.source or "the environment", summary)
+        return summary
 
     async def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop gracefully (the CLI's `run`)."""
@@ -47,13 +87,27 @@ class App:
         stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal, sig, stop_requested)
+        if self._load_config is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
         await self.stop()
+
+    def _on_sighup(self) -> None:
+        log.info("received SIGHUP: reloading the configuration")
+        with contextlib.suppress(ProxyError):  # already logged; the running configuration stays
+            self.reload()
+
+
+def _get(config: Config, dotted: str) -> object:
+    value: object = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _on_signal(sig: signal.Signals, stop_requested: asyncio.Event) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from cacheproxy import __version__
 from cacheproxy.config import Config, ConfigError, load_config, render_config
@@ -61,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(render_config(config))
         return 0
     logs.configure(config.logging.level, config.logging.format)
-    return _run(config)
+    return _run(config, lambda: _load(args))
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, load_config: Callable[[], Config]) -> int:
     from cacheproxy.app import App, new_event_loop
 
     async def serve() -> None:
-        await App(config).run()
+        await App(config, load_config).run()
 
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -112,3 +112,31 @@ def sasl_mechanisms(body: bytes) -> list[str]:
 def authentication_sasl(mechanisms: list[str]) -> bytes:
     body = _INT32.pack(AUTH_SASL) + b"".join(m.encode() + b"\x00" for m in mechanisms) + b"\x00"
     return encode(b"R", body)
+
+
+_TEXT_OID = 25
+
+
+def row_description(columns: list[str]) -> bytes:
+    """A RowDescription of text columns (type text, no table), as the proxy's own result sets use."""
+    body = len(columns).to_bytes(2, "big")
+    for name in columns:
+        # name, table oid, column number, type oid, type size, type modifier, format code (text)
+        body += name.encode() + b"\x00" + b"\x00\x00\x00\x00\x00\x00" + _INT32.pack(_TEXT_OID) + b"\xff\xff"
+        body += b"\xff\xff\xff\xff\x00\x00"
+    return encode(b"T", body)
+
+
+def data_row(values: list[str | None]) -> bytes:
+    body = len(values).to_bytes(2, "big")
+    for value in values:
+        if value is None:
+            body += b"\xff\xff\xff\xff"
+        else:
+            data = value.encode()
+            body += _INT32.pack(len(data)) + data
+    return encode(b"D", body)
+
+
+def command_complete(tag: str) -> bytes:
+    return encode(b"C", tag.encode() + b"\x00")

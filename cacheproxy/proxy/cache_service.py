@@ -82,6 +82,33 @@ class CacheService:
             self._memo.popitem(last=False)
         return found
 
+    def apply_config(self, config: Config) -> int:
+        """Swap in reloaded rules and limits; drop the entries of tables whose rule is now `none`."""
+        self.config = config
+        self.rules = RuleSet(config.rules, config.cache.default_ttl)
+        self.max_entry_size = config.cache.max_entry_size
+        self._memo.clear()  # verdicts were judged under the old rules
+        doomed: set[TableId] = set()
+        for entry in self.engine.entries():
+            for table in entry.tables:
+                catalog = self.catalogs.last_known(table[0])
+                relations = catalog.resolve(None, table[1]) if catalog is not None else ()
+                if any(not self.rules.decide([(r.schema, r.name)]).cacheable for r in relations):
+                    doomed.add(table)
+        return self.engine.invalidate_tables(doomed) if doomed else 0
+
+    # -- observation -----------------------------------------------------------------------------------------
+
+    def observe_hit(self) -> None:
+        """A read answered from the cache."""
+
+    def observe(self, kind: str, outcome: str, seconds: float, sql: bytes = b"") -> None:
+        """One query done: counted by kind and outcome; logged when slower than `logging.slow_query`."""
+        slow = self.config.logging.slow_query
+        if slow is not None and seconds >= slow:
+            text = sql[:500].decode("utf-8", "replace")
+            log.warning("slow query (%.3fs, %s %s): %s", seconds, kind, outcome, text)
+
     # -- invalidation ----------------------------------------------------------------------------------------
 
     def invalidate(self, database: str, scope: WriteScope) -> None:
@@ -125,6 +152,7 @@ class CacheService:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        await self.catalogs.close()
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -29,6 +29,7 @@ from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer
 from cacheproxy.protocol.replies import Capture, Op, Pending, ReplyTracker
+from cacheproxy.proxy.admin_console import is_admin_command
 from cacheproxy.proxy.cache_service import CacheService, Classified
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ _MAX_BATCH_BYTES = 1 << 20
 _SINGLE_FLIGHT_WAIT = 2.0
 # How long a session waits for its database's catalog before deciding without the cache.
 _CATALOG_WAIT = 2.0
+_ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits for their replies this long
 _READY_IDLE = m.ready_for_query(b"I")
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 _PREPARE = re.compile(rb"^\s*prepare\s+(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
@@ -61,6 +63,27 @@ class Statement:
 class Portal:
     statement: Statement
     bind: fe.Bind
+
+
+_KIND_LABELS = {
+    Kind.READ: "read",
+    Kind.WRITE: "write",
+    Kind.DDL: "ddl",
+    Kind.TRANSACTION: "tx",
+    Kind.SESSION: "session",
+    Kind.OTHER: "other",
+}
+
+
+@dataclass(slots=True)
+class _Request:
+    """A forwarded query or Execute, for what happens when it completes: invalidation, metrics, slow-query log."""
+
+    scope: WriteScope | None
+    kind: str
+    outcome: str  # "miss" (its result will be stored) or "bypass"
+    started: float
+    sql: bytes
 
 
 # In a batch answered locally: the statement, its Bind, the row limit of its Execute, and the result once found.
@@ -113,6 +136,7 @@ class CachingRelay:
         self._unsynced = False  # extended messages forwarded since the last forwarded Sync
         self._unsynced_write = False  # ... and one of them was not a cacheable read: an implicit transaction wrote
         self._waiting = False
+        self._drained: asyncio.Future[None] | None = None
         self._waited = False  # the message at the inbox head already waited once: do not wait again
         self.terminated = False
         service.catalogs.ensure(self.database)
@@ -189,7 +213,8 @@ class CachingRelay:
             # A fast-path call can run any function: assume it wrote anything.
             scope = WriteScope(frozenset(), True, "FunctionCall")
             self._before_write(scope)
-            self.tracker.expect(Pending(Op.FUNCTION_CALL, on_done=scope))
+            request = _Request(scope, "other", "bypass", self.service.clock(), b"<FunctionCall>")
+            self.tracker.expect(Pending(Op.FUNCTION_CALL, on_done=request))
             out.append(message)
         elif msg_type == m.TERMINATE:
             self.terminated = True
@@ -202,29 +227,69 @@ class CachingRelay:
 
     def _on_query(self, message: bytes, out: list[bytes]) -> bool:
         sql = message[HEADER_SIZE:-1]
+        if is_admin_command(sql):
+            return self._on_admin_command(sql)
         classified = self._classify(sql)
         if classified is None:
             return False
         info = classified.info
         capture: Capture | None = None
-        on_done: object = None
+        scope: WriteScope | None = None
+        started = self.service.clock()
         if info.kind is Kind.READ and info.statement_count == 1 and self._servable(classified):
             key = keys.query_key(self.database, self.user, self._state_digest(), sql)
-            entry = self.service.engine.get(key, self.service.clock())
+            entry = self.service.engine.get(key, started)
             if entry is not None:
                 # Served only outside a transaction block, so the status is always idle.
                 self._write_client(entry.value + _READY_IDLE)
+                self.service.observe_hit()
                 return True
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
                 return False
             capture = Capture(self.service.max_entry_size, fill)
         else:
-            on_done = self._note_effects(classified, sql)
-        self.tracker.expect(Pending(Op.QUERY, capture=capture, on_done=on_done))
+            scope = self._note_effects(classified, sql)
+        request = _Request(scope, _KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
+        self.tracker.expect(Pending(Op.QUERY, capture=capture, on_done=request))
         self._unsynced = self._unsynced_write = False  # a Query ends any implicit transaction
         out.append(message)
         return True
+
+    def _on_admin_command(self, sql: bytes) -> bool:
+        """Answer a CACHEPROXY command in order: after every reply still due from upstream."""
+        if self.tracker and not self._waited:
+            self._drained = asyncio.get_running_loop().create_future()
+            self._wait_for(self._drained, _ADMIN_WAIT)
+            return False
+        reply = self.session.server.admin_console.execute(self.session, sql.decode("utf-8", "replace"))
+        self._write_client(reply + m.ready_for_query(self.session.tx_status))
+        return True
+
+    def explain(self, sql: bytes) -> list[tuple[str, str]]:
+        """Why `sql` would or would not be served from the cache in this session (CACHEPROXY EXPLAIN)."""
+        classified = self.service.classify(self.database, sql)
+        info, verdict = classified.info, classified.verdict
+        servable = self._cacheable_here(classified) and info.statement_count == 1
+        reason = verdict.reason
+        if verdict.cacheable and not servable:
+            reason = "reads a temporary table of this session" if info.statement_count == 1 else "multiple statements"
+        if servable and self._uncertain is not None:
+            servable, reason = False, f"this session's settings are unknown: {self._uncertain}"
+        rows = [
+            ("cacheable", "yes" if servable else "no"),
+            ("reason", reason or ("outside a transaction block" if servable else "")),
+            ("kind", info.kind.value),
+            ("reads", ", ".join(sorted(f"{s}.{n}" if s else n for s, n in info.reads))),
+            ("depends_on", ", ".join(sorted(verdict.tables))),
+            ("rule", verdict.rule),
+            ("ttl", f"{verdict.ttl:g}s" if verdict.cacheable else ""),
+            ("strategy", verdict.strategy if verdict.cacheable else ""),
+        ]
+        scope = write_scope(info, self.service.catalogs.last_known(self.database))
+        if not scope.empty:
+            rows.append(("invalidates", "the whole database" if scope.everything else ", ".join(sorted(scope.tables))))
+        return rows
 
     def _classify(self, sql: bytes) -> Classified | None:
         """Classify, first waiting (once, bounded) for the database's catalog when it is still loading."""
@@ -382,6 +447,9 @@ class CachingRelay:
                 return False  # waiting for a catalog or another session's fill
             if local:
                 self._write_client(local)
+                executes = sum(1 for msg_type, _ in self._batch if msg_type == m.EXECUTE)
+                for _ in range(executes):
+                    self.service.observe_hit()
                 self._batch.clear()
                 self._batch_bytes = 0
                 return True
@@ -700,10 +768,12 @@ class CachingRelay:
     ) -> None:
         portal = self._portals.get(execute.portal)
         capture: Capture | None = None
-        on_done: object = None
+        on_done: WriteScope | None = None
+        kind = "other"
         if portal is not None and portal.statement.query:
             classified = self.service.classify(self.database, portal.statement.query)
             fill = serve and not self._unsynced_write  # a write earlier in this batch: its reads see it uncommitted
+            kind = _KIND_LABELS[classified.info.kind]
             if classified.info.kind is Kind.READ and fill and self._cacheable_here(classified):
                 if execute.portal in described:
                     capture = described.pop(execute.portal)
@@ -720,7 +790,9 @@ class CachingRelay:
             on_done = WriteScope(frozenset(), True, "Execute of a portal the proxy does not know")
             self._before_write(on_done)
             self._unsynced_write = True
-        self.tracker.expect(Pending(Op.EXECUTE, capture=capture, on_done=on_done))
+        query = portal.statement.query if portal is not None else b"<unknown portal>"
+        request = _Request(on_done, kind, "miss" if capture else "bypass", self.service.clock(), query)
+        self.tracker.expect(Pending(Op.EXECUTE, capture=capture, on_done=request))
         out.append(message)
 
     # -- upstream -> client ----------------------------------------------------------------------------------
@@ -758,6 +830,10 @@ class CachingRelay:
             self._tx_writes.clear()
         if self.session.tx_status == b"I" and not tracker:
             self._portals.clear()
+        if not tracker and self._drained is not None:
+            if not self._drained.done():
+                self._drained.set_result(None)
+            self._drained = None
         if pieces is None:
             self._write_client(region)
         else:
@@ -765,9 +841,11 @@ class CachingRelay:
             self._write_client(b"".join(pieces))
 
     def _complete(self, pending: Pending) -> None:
-        on_done = pending.on_done
-        if isinstance(on_done, WriteScope):
-            self._after_write(on_done)
+        request = pending.on_done
+        if isinstance(request, _Request):
+            if request.scope is not None:
+                self._after_write(request.scope)
+            self.service.observe(request.kind, request.outcome, self.service.clock() - request.started, request.sql)
         capture = pending.capture
         if capture is None or pending.op is Op.DESCRIBE_PORTAL:
             return

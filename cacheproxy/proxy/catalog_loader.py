@@ -75,6 +75,13 @@ class CatalogLoader:
         self._loading[database] = task
         return task
 
+    async def close(self) -> None:
+        """Cancel loads in flight (shutdown)."""
+        tasks = list(self._loading.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def mark_stale(self, database: str) -> None:
         """DDL went through: decisions must wait for a reload (one started before now does not count)."""
         self._stale.add(database)

@@ -8,9 +8,11 @@ import itertools
 import logging
 import secrets
 import socket
+from collections.abc import Callable
 
 from cacheproxy.config import Config
 from cacheproxy.errors import TOO_MANY_CONNECTIONS, ProxyError
+from cacheproxy.proxy.admin_console import AdminConsole
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.session import Session
 from cacheproxy.proxy.upstream import READ_LIMIT, send_cancel
@@ -27,9 +29,13 @@ class ProxyServer:
     close idle sessions, let busy ones finish up to a timeout, then abort the rest.
     """
 
-    def __init__(self, config: Config, cache: CacheService | None = None) -> None:
+    def __init__(
+        self, config: Config, cache: CacheService | None = None, reload: Callable[[], str] | None = None
+    ) -> None:
         self.config = config
         self.cache = cache
+        self._reload = reload
+        self.admin_console = AdminConsole(self, lambda session, sql: session.explain(sql))
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
         self._live: dict[Session, asyncio.Task[None]] = {}  # every connection's session, admitted or not
@@ -66,6 +72,12 @@ class ProxyServer:
             await session.run()
         finally:
             del self._live[session]
+
+    def reload(self) -> str:
+        """Reload the configuration (CACHEPROXY RELOAD, SIGHUP): what changed, or a ProxyError saying why not."""
+        if self._reload is None:
+            raise ProxyError("55000", "reload is not available: the proxy was not started from a configuration")
+        return self._reload()
 
     # -- the session table -----------------------------------------------------------------------------------
 

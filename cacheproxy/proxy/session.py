@@ -33,6 +33,7 @@ from cacheproxy.protocol.startup import (
     decode_startup,
     read_length,
 )
+from cacheproxy.proxy.admin_console import is_admin_command
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.link import Link
 from cacheproxy.proxy.upstream import connection_lost_error, open_upstream
@@ -377,6 +378,8 @@ class Session:
         except ProtocolViolation as exc:
             self._end_relay(exc)
             return
+        if frames and frames[0][0] == m.QUERY and self._answer_admin_command(region, frames):
+            return
         for msg_type, _, _ in frames:
             if msg_type in _CYCLE_ENDS:
                 self._in_flight += 1
@@ -420,6 +423,23 @@ class Session:
                 self._end_relay(ProxyError(ADMIN_SHUTDOWN, "terminating connection: " + self._close_requested))
             elif self._idle_timeout is not None:
                 self._arm_idle_timer()
+
+    def explain(self, sql: bytes) -> list[tuple[str, str]]:
+        if self._caching is None:
+            return [("cacheable", "no"), ("reason", "the cache is disabled (cache.enabled: false)")]
+        return self._caching.explain(sql)
+
+    def _answer_admin_command(self, region: bytes, frames: list[tuple[int, int, int]]) -> bool:
+        """Without the cache the relay reads no queries, but the admin console must still answer: a lone Query
+        starting with CACHEPROXY, with nothing in flight, is answered here."""
+        if len(frames) != 1 or frames[0][0] != m.QUERY or self._in_flight or self._open_batch:
+            return False
+        sql = region[HEADER_SIZE:-1]
+        if not is_admin_command(sql):
+            return False
+        reply = self.server.admin_console.execute(self, sql.decode("utf-8", "replace"))
+        self._client_writer.transport.write(reply + m.ready_for_query(self.tx_status))
+        return True
 
     # -- services for the caching relay -----------------------------------------------------------------------
 

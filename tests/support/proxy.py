@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cacheproxy.app import App, new_event_loop
@@ -16,8 +16,9 @@ from cacheproxy.config import Config, build_config
 class ProxyThread:
     """An App on a background thread. `host`/`port` are where clients connect; `stop()` shuts it down gracefully."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, load_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.load_config = load_config
         self.app: App | None = None
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cacheproxy-test", daemon=True)
@@ -43,7 +44,7 @@ class ProxyThread:
         self._thread.start()
 
         async def start() -> App:
-            app = App(self.config)
+            app = App(self.config, self.load_config)
             await app.start()
             return app
 

@@ -1,0 +1,129 @@
+"""The admin console: `CACHEPROXY ...` commands sent as SQL on any proxied connection, answered by the proxy.
+
+Answers are ordinary result sets (RowDescription, DataRows, CommandComplete), so psql shows them as tables. Only the
+roles in `admin.users` may run them (others get SQLSTATE 42501); every command is logged with role and client.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, ProxyError
+from cacheproxy.policy.rules import parse_pattern
+from cacheproxy.protocol import messages as m
+
+if TYPE_CHECKING:
+    from cacheproxy.proxy.cache_service import CacheService
+    from cacheproxy.proxy.server import ProxyServer
+    from cacheproxy.proxy.session import Session
+
+log = logging.getLogger("cacheproxy.admin")
+
+_PREFIX = re.compile(rb"^\s*cacheproxy\b", re.IGNORECASE)
+_SYNTAX_ERROR = "42601"
+USAGE = (
+    "CACHEPROXY SHOW STATS | SHOW CACHES [n] | SHOW RULES | EXPLAIN <query> | INVALIDATE TABLE <name> | FLUSH | RELOAD"
+)
+
+
+def is_admin_command(sql: bytes) -> bool:
+    return _PREFIX.match(sql) is not None
+
+
+class AdminConsole:
+    """Runs one CACHEPROXY command for a session; returns its reply messages (without ReadyForQuery)."""
+
+    def __init__(self, server: ProxyServer, explain_for: Callable[[Session, bytes], list[tuple[str, str]]]) -> None:
+        self._server = server
+        self._explain_for = explain_for
+
+    def execute(self, session: Session, sql: str) -> bytes:
+        words = sql.strip().rstrip(";").split()
+        command = " ".join(w.upper() for w in words[1:3])
+        log.info("admin command from %s (user %s): %s", session.peer, session.user, " ".join(words[:3]))
+        try:
+            if session.user not in self._server.config.admin.users:
+                raise ProxyError(
+                    INSUFFICIENT_PRIVILEGE,
+                    "permission denied: CACHEPROXY commands are for admin.users",
+                    severity="ERROR",
+                )
+            return self._dispatch(session, sql, words, command)
+        except ProxyError as exc:
+            return m.error_response(exc.severity, exc.sqlstate, exc.message, detail=exc.detail)
+
+    def _dispatch(self, session: Session, sql: str, words: list[str], command: str) -> bytes:
+        if command == "SHOW STATS":
+            return _table(["stat", "value"], self._stats(), "SHOW")
+        if command == "SHOW RULES":
+            return _table(["rule", "tables", "ttl", "strategy", "in_transaction"], self._rules(), "SHOW")
+        if command == "SHOW CACHES":
+            limit = int(words[3]) if len(words) > 3 and words[3].isdigit() else 20
+            columns = ["query", "tables", "hits", "bytes", "age_s", "ttl_left_s", "rule"]
+            return _table(columns, self._caches(limit), "SHOW")
+        if words[1:2] and words[1].upper() == "EXPLAIN" and len(words) > 2:
+            query = sql.strip().rstrip(";").split(None, 2)[2]
+            return _table(["property", "value"], self._explain_for(session, query.encode()), "EXPLAIN")
+        if command == "INVALIDATE TABLE" and len(words) == 4:
+            service = self._cache()
+            try:
+                _, name = parse_pattern(words[3])
+            except ValueError as exc:
+                raise ProxyError(_SYNTAX_ERROR, str(exc), severity="ERROR") from exc
+            removed = service.engine.invalidate_tables([(session.database, name)])
+            return m.command_complete(f"INVALIDATE {removed}")
+        if command == "FLUSH":
+            return m.command_complete(f"FLUSH {self._cache().engine.flush()}")
+        if command == "RELOAD":
+            return m.command_complete(f"RELOAD {self._server.reload()}")
+        raise ProxyError(_SYNTAX_ERROR, f"unknown CACHEPROXY command; use {USAGE}", severity="ERROR")
+
+    def _cache(self) -> CacheService:
+        if self._server.cache is None:
+            raise ProxyError(FEATURE_NOT_SUPPORTED, "the cache is disabled (cache.enabled: false)", severity="ERROR")
+        return self._server.cache
+
+    def _stats(self) -> list[list[str | None]]:
+        rows: list[list[str | None]] = [["client_connections", str(self._server.client_count)]]
+        service = self._server.cache
+        if service is None:
+            return [*rows, ["cache_enabled", "false"]]
+        stats = service.engine.stats()
+        lookups = stats.hits + stats.misses
+        rows += [[name, str(getattr(stats, name))] for name in stats.__dataclass_fields__]
+        rows.append(["hit_ratio", f"{stats.hits / lookups:.4f}" if lookups else None])
+        rows.append(["database_invalidations", str(service.database_flushes)])
+        rows.append(["analysis_memo_hits", str(service.analyzer.memo_hits)])
+        rows.append(["analysis_memo_misses", str(service.analyzer.memo_misses)])
+        return rows
+
+    def _rules(self) -> list[list[str | None]]:
+        config = self._server.config
+        rows: list[list[str | None]] = [
+            [str(i), ", ".join(r.tables), f"{r.ttl if r.ttl is not None else config.cache.default_ttl:g}s", r.strategy,
+             r.in_transaction]
+            for i, r in enumerate(config.rules)
+        ]  # fmt: skip
+        rows.append(["default", "(any other table)", f"{config.cache.default_ttl:g}s", "lazy", "until_write"])
+        return rows
+
+    def _caches(self, limit: int) -> list[list[str | None]]:
+        service = self._cache()
+        now = service.clock()
+        entries = sorted(service.engine.entries(), key=lambda e: e.hits, reverse=True)[:limit]
+        return [
+            [e.query[:200], ", ".join(sorted(f"{t[1]}" for t in e.tables)), str(e.hits), str(e.size),
+             f"{now - e.created_at:.1f}", f"{max(0.0, e.expires_at - now):.1f}", e.rule]
+            for e in entries
+        ]  # fmt: skip
+
+
+def _table(columns: list[str], rows: Sequence[Sequence[str | None]], tag: str) -> bytes:
+    return (
+        m.row_description(columns)
+        + b"".join(m.data_row(list(row)) for row in rows)
+        + m.command_complete(f"{tag} {len(rows)}" if tag == "SHOW" else tag)
+    )
