@@ -6,18 +6,23 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import fields, replace
 
 from cacheproxy.config import Config, ConfigError
-from cacheproxy.errors import ProxyError
+from cacheproxy.errors import ProxyError, UpstreamError
 from cacheproxy.observability import logs
+from cacheproxy.observability.admin_http import AdminServer
+from cacheproxy.observability.metrics import Metrics
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
+from cacheproxy.proxy.upstream import open_upstream
 
 log = logging.getLogger("cacheproxy.app")
 
 
+_READY_TTL = 1.0
 # Settings that only a restart can change: a reload keeps their old values and says so.
 _RESTART_ONLY = ("listen", "upstream", "admin.listen", "cache.enabled", "cache.max_memory", "cache.shards")
 
@@ -31,8 +36,16 @@ class App:
     def __init__(self, config: Config, load_config: Callable[[], Config] | None = None) -> None:
         self.config = config
         self._load_config = load_config
-        self.cache = CacheService(config) if config.cache.enabled else None
-        self.proxy = ProxyServer(config, self.cache, self.reload if load_config is not None else None)
+        self.metrics = Metrics()
+        self.cache = CacheService(config, self.metrics) if config.cache.enabled else None
+        self.proxy = ProxyServer(config, self.cache, self.reload if load_config is not None else None, self.metrics)
+        admin = config.admin.listen
+        self.admin = (
+            AdminServer(admin.host, admin.port, metrics=self.metrics, ready=self.ready, stats=self.stats)
+            if admin is not None
+            else None
+        )
+        self._ready_cache: tuple[float, tuple[bool, str]] | None = None
 
     @property
     def port(self) -> int:
@@ -43,12 +56,41 @@ class App:
         if self.cache is not None:
             self.cache.start()
         await self.proxy.start()
+        if self.admin is not None:
+            await self.admin.start()
+
+    async def ready(self) -> tuple[bool, str]:
+        """/readyz: listening, not shutting down, and the upstream accepts a connection (checked at most once a
+        second, so that a probe storm cannot become a connection storm on the database)."""
+        now = time.monotonic()
+        if self._ready_cache is not None and now - self._ready_cache[0] < _READY_TTL:
+            return self._ready_cache[1]
+        if not self.proxy.accepting:
+            answer = (False, "not accepting connections")
+        else:
+            try:
+                _, writer = await open_upstream(self.config.upstream)
+                writer.close()
+                answer = (True, "ok")
+            except UpstreamError as exc:
+                answer = (False, exc.message)
+        self._ready_cache = (now, answer)
+        return answer
+
+    def stats(self) -> dict[str, object]:
+        """/stats: the metrics summary, and what this process is configured with (no secrets)."""
+        summary = self.metrics.snapshot()
+        summary["upstream"] = self.config.upstream.masked_url()
+        summary["rules"] = len(self.config.rules)
+        return summary
 
     async def stop(self, reason: str = "the proxy is shutting down") -> None:
         """Stop accepting, let in-flight work finish up to `shutdown.timeout`, then close everything."""
         await self.proxy.shutdown(self.config.shutdown.timeout, reason)
         if self.cache is not None:
             await self.cache.stop()
+        if self.admin is not None:
+            await self.admin.stop()
 
     def reload(self) -> str:
         """Build and validate a new configuration, then swap it in whole; on any error keep the old one.
@@ -73,7 +115,8 @@ class App:
         self.config = new
         self.proxy.config = new
         dropped = self.cache.apply_config(new) if self.cache is not None else 0
-        logs.configure(new.logging.level, new.logging.format)
+        if (new.logging.level, new.logging.format) != (old.logging.level, old.logging.format):
+            logs.configure(new.logging.level, new.logging.format)
         summary = f"changed: {', '.join(changed) or 'nothing'}; entries dropped: {dropped}"
         if kept:
             summary += f"; restart needed for: {', '.join(kept)}"

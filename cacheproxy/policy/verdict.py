@@ -35,6 +35,7 @@ class WriteScope:
     everything: bool
     why: str | None = None
     ddl: bool = False  # the schema may have changed: the catalog must be read again once it is committed
+    code: str = "other"  # for metrics, when `everything`: ddl | unknown_effects | triggers | function_call | other
 
     @property
     def empty(self) -> bool:
@@ -75,19 +76,19 @@ def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict
 def write_scope(info: QueryInfo, catalog: Catalog | None) -> WriteScope:
     """What to invalidate after `info` runs. DDL, DO, CALL and calls to functions with unknown effects: everything."""
     if info.kind is Kind.DDL or any(s.kind is Kind.DDL for s in info.statements):
-        return WriteScope(frozenset(), True, "DDL", ddl=True)
+        return WriteScope(frozenset(), True, "DDL", ddl=True, code="ddl")
     if catalog is not None:
         for function in sorted(info.functions):
             if catalog.may_write(function):
-                return WriteScope(frozenset(), True, f"calls {function}(), which may write")
+                return WriteScope(frozenset(), True, f"calls {function}(), which may write", code="function_call")
     names = {name for _, name in info.writes}
     if not names:
         return NOTHING
     if UNKNOWN_TARGET in names:
-        return WriteScope(frozenset(), True, "write to a table the analyzer could not name")
+        return WriteScope(frozenset(), True, "write to a table the analyzer could not name", code="unknown_effects")
     if catalog is None:
         return WriteScope(frozenset(names), False)
     for name in sorted(names):
         if catalog.has_triggers(name):
-            return WriteScope(frozenset(), True, f"{name} has triggers or rules")
+            return WriteScope(frozenset(), True, f"{name} has triggers or rules", code="triggers")
     return WriteScope(frozenset(catalog.write_closure(names)), False)

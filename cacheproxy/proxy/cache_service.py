@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 from cacheproxy.analysis.analyzer import Analyzer
@@ -20,6 +20,7 @@ from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo
 from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import TableId
 from cacheproxy.config import Config
+from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
 from cacheproxy.proxy.catalog_loader import CatalogLoader
@@ -46,13 +47,15 @@ class Classified:
 
 
 class CacheService:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         cache = config.cache
         self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
         self.engine = CacheEngine(max_memory=cache.max_memory, max_entry_size=cache.max_entry_size, shards=cache.shards)
         self.analyzer = Analyzer(cache.analysis_cache_size)
         self.rules = RuleSet(config.rules, cache.default_ttl)
-        self.catalogs = CatalogLoader(config.upstream)
+        self.catalogs = CatalogLoader(config.upstream, self.metrics.catalog_loaded)
+        self.metrics.set_stats_source(self.engine.stats)
         self.max_entry_size = cache.max_entry_size
         self.clock = time.monotonic
         # Exact statement text -> classification, per database: the hot path's one dict lookup.
@@ -99,11 +102,19 @@ class CacheService:
 
     # -- observation -----------------------------------------------------------------------------------------
 
-    def observe_hit(self) -> None:
-        """A read answered from the cache."""
+    def observe_hit(self, tables: Iterable[str]) -> None:
+        """A read answered from the cache (its time is not measured: it is the cost of one write)."""
+        self.metrics.query("read", "hit", 0.0)
+        for table in tables:
+            self.metrics.table_hit(table)
+
+    def observe_miss(self, tables: Iterable[str]) -> None:
+        for table in tables:
+            self.metrics.table_miss(table)
 
     def observe(self, kind: str, outcome: str, seconds: float, sql: bytes = b"") -> None:
         """One query done: counted by kind and outcome; logged when slower than `logging.slow_query`."""
+        self.metrics.query(kind, outcome, seconds)
         slow = self.config.logging.slow_query
         if slow is not None and seconds >= slow:
             text = sql[:500].decode("utf-8", "replace")
@@ -111,10 +122,14 @@ class CacheService:
 
     # -- invalidation ----------------------------------------------------------------------------------------
 
-    def invalidate(self, database: str, scope: WriteScope) -> None:
+    def invalidate(self, database: str, scope: WriteScope, *, counted: bool = True) -> None:
+        """Apply `scope`. A write is invalidated several times (before it is sent, after, at commit): only the one
+        after it completes is `counted` in the whole-database metric."""
         if scope.everything:
             removed = self.engine.invalidate_database(database)
-            self.database_flushes += 1
+            if counted:
+                self.database_flushes += 1
+                self.metrics.database_invalidated(scope.code)
             log.debug("database %r invalidated (%s): %d entries", database, scope.why, removed)
         elif scope.tables:
             self.engine.invalidate_tables([(database, name) for name in scope.tables])

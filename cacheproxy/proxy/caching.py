@@ -211,7 +211,7 @@ class CachingRelay:
             out.append(message)
         elif msg_type == m.FUNCTION_CALL:
             # A fast-path call can run any function: assume it wrote anything.
-            scope = WriteScope(frozenset(), True, "FunctionCall")
+            scope = WriteScope(frozenset(), True, "FunctionCall", code="function_call")
             self._before_write(scope)
             request = _Request(scope, "other", "bypass", self.service.clock(), b"<FunctionCall>")
             self.tracker.expect(Pending(Op.FUNCTION_CALL, on_done=request))
@@ -242,12 +242,13 @@ class CachingRelay:
             if entry is not None:
                 # Served only outside a transaction block, so the status is always idle.
                 self._write_client(entry.value + _READY_IDLE)
-                self.service.observe_hit()
+                self.service.observe_hit(classified.verdict.tables)
                 return True
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
                 return False
             capture = Capture(self.service.max_entry_size, fill)
+            self.service.observe_miss(classified.verdict.tables)
         else:
             scope = self._note_effects(classified, sql)
         request = _Request(scope, _KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
@@ -421,7 +422,7 @@ class CachingRelay:
 
     def _before_write(self, scope: WriteScope) -> None:
         """Invalidate before the write is sent: fills already in flight for these tables will not be stored."""
-        self.service.invalidate(self.database, scope)
+        self.service.invalidate(self.database, scope, counted=False)
 
     def _after_write(self, scope: WriteScope) -> None:
         self.service.invalidate(self.database, scope)
@@ -449,7 +450,7 @@ class CachingRelay:
                 self._write_client(local)
                 executes = sum(1 for msg_type, _ in self._batch if msg_type == m.EXECUTE)
                 for _ in range(executes):
-                    self.service.observe_hit()
+                    self.service.observe_hit(())
                 self._batch.clear()
                 self._batch_bytes = 0
                 return True
@@ -824,7 +825,7 @@ class CachingRelay:
             self._complete(pending)
         if self._tx_writes and self.session.tx_status == b"I" and not tracker:
             for scope in self._tx_writes:
-                self.service.invalidate(self.database, scope)
+                self.service.invalidate(self.database, scope, counted=False)
                 if scope.ddl:
                     self.service.after_ddl(self.database)  # the committed schema, as other sessions now see it
             self._tx_writes.clear()

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 
 import asyncpg
 
@@ -46,8 +47,9 @@ SELECT n.nspname, p.proname, p.provolatile = 'i' FROM pg_proc p JOIN pg_namespac
 class CatalogLoader:
     """Owns the per-database catalogs: `get` returns the current one (or None), `refresh` reloads in the background."""
 
-    def __init__(self, upstream: UpstreamConfig) -> None:
+    def __init__(self, upstream: UpstreamConfig, on_load: Callable[[bool], None] | None = None) -> None:
         self._upstream = upstream
+        self._on_load = on_load
         self._catalogs: dict[str, Catalog] = {}
         self._loading: dict[str, asyncio.Task[Catalog | None]] = {}
         self._failed: set[str] = set()
@@ -102,12 +104,16 @@ class CatalogLoader:
                     exc.__class__.__name__ + (f": {exc}" if str(exc) else ""),
                 )
             self._failed.add(database)
+            if self._on_load is not None:
+                self._on_load(False)
             return None
         except BaseException:
             del self._loading[database]
             raise
         del self._loading[database]
         self._catalogs[database] = catalog
+        if self._on_load is not None:
+            self._on_load(True)
         if self._ddl_epochs.get(database, 0) != epoch:
             # DDL was seen while we read: what we read may predate it. It stays stale; read again.
             self.ensure(database)

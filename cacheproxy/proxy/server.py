@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from cacheproxy.config import Config
 from cacheproxy.errors import TOO_MANY_CONNECTIONS, ProxyError
+from cacheproxy.observability.metrics import Metrics
 from cacheproxy.proxy.admin_console import AdminConsole
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.session import Session
@@ -30,10 +31,15 @@ class ProxyServer:
     """
 
     def __init__(
-        self, config: Config, cache: CacheService | None = None, reload: Callable[[], str] | None = None
+        self,
+        config: Config,
+        cache: CacheService | None = None,
+        reload: Callable[[], str] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
+        self.metrics = metrics if metrics is not None else (cache.metrics if cache is not None else Metrics())
         self._reload = reload
         self.admin_console = AdminConsole(self, lambda session, sql: session.explain(sql))
         self._server: asyncio.Server | None = None
@@ -51,6 +57,10 @@ class ProxyServer:
     def port(self) -> int:
         """The bound port (useful when the configured port is 0)."""
         return int(self.sockets[0].getsockname()[1])
+
+    @property
+    def accepting(self) -> bool:
+        return self._server is not None and self._server.is_serving() and not self._shutting_down
 
     @property
     def client_count(self) -> int:
@@ -84,12 +94,15 @@ class ProxyServer:
     def admit(self, session: Session) -> None:
         """Count a session that sent its StartupMessage against `limits.max_client_connections`."""
         if self._shutting_down:
+            self.metrics.client_refused("shutting_down")
             raise ProxyError("57P03", "the proxy is shutting down")
         limit = self.config.limits.max_client_connections
         if len(self._admitted) >= limit:
             log.warning("refusing client %s: %d client connections already (limit)", session.peer, limit)
+            self.metrics.client_refused("too_many_connections")
             raise ProxyError(TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         self._admitted.add(session)
+        self.metrics.client_opened()
 
     def issue_key(self, session: Session, upstream_pid: int) -> tuple[int, int]:
         """The (process id, secret) for the client's BackendKeyData; cancels are looked up by it.
@@ -105,7 +118,9 @@ class ProxyServer:
         return pid, secrets.randbits(32)
 
     def forget(self, session: Session) -> None:
-        self._admitted.discard(session)
+        if session in self._admitted:
+            self._admitted.discard(session)
+            self.metrics.client_closed()
         if self._by_key.get(session.process_id) is session:
             del self._by_key[session.process_id]
 

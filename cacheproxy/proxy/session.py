@@ -162,6 +162,8 @@ class Session:
             self._set_phase(Phase.CLOSING, reason)
             await self._close(error)
             self._set_phase(Phase.CLOSED, reason)
+            if self._up_writer is not None:
+                self.server.metrics.upstream_closed()
             if self._caching is not None:
                 self._caching.close()
             for task in self._tasks:
@@ -271,6 +273,7 @@ class Session:
     async def _authenticate(self, startup: StartupMessage) -> None:
         self._set_phase(Phase.AUTHENTICATING, "upstream connect")
         up_reader, up_writer = await open_upstream(self.server.config.upstream)
+        self.server.metrics.upstream_opened()
         self._up_reader, self._up_writer = up_reader, up_writer
         client = self._client_writer
         up_writer.write(startup.raw)

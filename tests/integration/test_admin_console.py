@@ -42,7 +42,9 @@ def test_non_admins_are_refused(pg: PgCluster, dbname: str, admin_proxy: tuple[P
         assert conn.execute("SELECT 1").fetchone() == (1,)  # the session goes on
 
 
-def test_stats_caches_explain_invalidate_flush(pg: PgCluster, dbname: str, admin_proxy: tuple[ProxyThread, Path]) -> None:
+def test_stats_caches_explain_invalidate_flush(
+    pg: PgCluster, dbname: str, admin_proxy: tuple[ProxyThread, Path]
+) -> None:
     proxy, _ = admin_proxy
     _setup(pg, dbname)
     marker = _marker()
