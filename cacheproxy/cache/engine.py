@@ -98,9 +98,9 @@ class CacheEngine:
 
     # -- lookups and fills --------------------------------------------------------------------------------------
 
-    def get(self, key: Hashable, now: float) -> Entry | None:
+    def get(self, key: Hashable, now: float, *, count_miss: bool = True) -> Entry | None:
         """The live entry for `key`, or None. The returned entry's `value` is the stored bytes object itself."""
-        return self._shards[hash(key) & self._mask].get(key, now)
+        return self._shards[hash(key) & self._mask].get(key, now, count_miss=count_miss)
 
     def generations(self, tables: Iterable[TableId]) -> tuple[int, ...]:
         """One generation per table, in `sorted(tables)` order; take it before the query goes upstream.

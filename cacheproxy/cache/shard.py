@@ -70,16 +70,20 @@ class Shard:
 
     # -- the hot path -------------------------------------------------------------------------------------------
 
-    def get(self, key: Hashable, now: float) -> Entry | None:
-        """The live entry for `key` (moved to the MRU end, hits + 1), or None (expired ones are removed)."""
+    def get(self, key: Hashable, now: float, *, count_miss: bool = True) -> Entry | None:
+        """The live entry for `key` (moved to the MRU end, hits + 1), or None (expired ones are removed).
+
+        `count_miss=False` for probes that are not a query's own lookup (is this statement known to parse?)."""
         entry = self._entries.get(key)
         if entry is None:
-            self.misses += 1
+            if count_miss:
+                self.misses += 1
             return None
         if now >= entry.expires_at:
             self._drop(entry)
             self.expirations += 1
-            self.misses += 1
+            if count_miss:
+                self.misses += 1
             return None
         root = self._root
         if entry._next is not root:  # not already the most recent: move it there

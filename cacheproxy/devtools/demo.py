@@ -7,6 +7,7 @@ answers and the latency with the same queries sent straight to PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -15,12 +16,14 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import asyncpg
 
 from cacheproxy.devtools.pgcluster import PgCluster, free_port
 
+_DEFAULT_CONFIG = "configs/cacheproxy.yaml"
 _ROWS = 10_000
 _HOT = 500  # the workload reads a hot set of this many rows, as a real application's reads tend to
 _QUERY = "SELECT id, name, price, tags FROM items WHERE id = $1"
@@ -31,19 +34,24 @@ def run_demo(queries: int = 2000, config: str | None = None) -> int:
     cluster = PgCluster.start()
     proxy: subprocess.Popen[bytes] | None = None
     try:
-        port = free_port()
-        proxy = _start_proxy(cluster, port, config)
+        port, admin_port = free_port(), free_port()
+        if config is None and Path(_DEFAULT_CONFIG).is_file():
+            config = _DEFAULT_CONFIG
+        proxy = _start_proxy(cluster, port, admin_port, config)
         print(f"  postgres   127.0.0.1:{cluster.port} (data in {cluster.base_dir})")
-        print(f"  cacheproxy 127.0.0.1:{port}  (DATABASE_URL={cluster.url(port=port)})")
-        return asyncio.run(_workload(cluster, port, queries))
+        print(f"  cacheproxy 127.0.0.1:{port}  (DATABASE_URL={cluster.url(port=port)}), rules from {config or '-'}")
+        status = asyncio.run(_workload(cluster, port, queries))
+        _report_proxy_stats(admin_port)
+        return status
     finally:
         if proxy is not None:
             _stop_proxy(proxy)
         cluster.cleanup()
 
 
-def _start_proxy(cluster: PgCluster, port: int, config: str | None) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "cacheproxy", "run", "--listen", f"127.0.0.1:{port}", "--admin-listen", "off"]
+def _start_proxy(cluster: PgCluster, port: int, admin_port: int, config: str | None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "cacheproxy", "run", "--listen", f"127.0.0.1:{port}"]
+    cmd += ["--admin-listen", f"127.0.0.1:{admin_port}"]
     cmd += ["--upstream", cluster.url(), "--log-level", "warning"]
     if config:
         cmd += ["--config", config]
@@ -115,6 +123,25 @@ async def _timed(name: str, conn: asyncpg.Connection, keys: list[int]) -> list[f
     return latencies
 
 
+def _report_proxy_stats(admin_port: int) -> None:
+    """What the proxy itself counted, from its admin endpoint (/stats), and where to look next."""
+    base = f"http://127.0.0.1:{admin_port}"
+    try:
+        with urllib.request.urlopen(base + "/stats", timeout=5) as reply:
+            stats = json.loads(reply.read())
+    except (OSError, ValueError) as exc:
+        print(f"(could not read the proxy's /stats: {exc})")
+        return
+    cache = stats.get("cache", {})
+    ratio = stats.get("hit_ratio")
+    shown = f"{ratio:.1%}" if isinstance(ratio, float) else "n/a"
+    print(f"the proxy's own count: {cache.get('hits')} hits, {cache.get('misses')} misses (hit ratio {shown}), "
+          f"{cache.get('entries')} entries, {cache.get('bytes')} bytes")  # fmt: skip
+    print(f"While it runs, a proxy shows this at {base}/metrics (Prometheus), {base}/stats and {base}/readyz,")
+    print("and to admin.users over SQL: CACHEPROXY SHOW STATS | SHOW CACHES | EXPLAIN <query>.")
+    print(f"Next: `cacheproxy check-config --config {_DEFAULT_CONFIG}`, the rules in configs/, README.md.")
+
+
 def _report(results: dict[str, list[float]], mismatches: int, upstream: int) -> None:
     print()
     print(f"{'target':<12}{'queries':>9}{'p50 ms':>10}{'p99 ms':>10}{'total s':>10}")
@@ -128,7 +155,4 @@ def _report(results: dict[str, list[float]], mismatches: int, upstream: int) -> 
     print(
         f"median latency through the proxy: {ratio:.2f}x direct; "
         f"answers compared with direct: 200, mismatches: {mismatches}"
-    )
-    print(
-        f"Next: `cacheproxy check-config --config {Path('configs/cacheproxy.yaml')}`, the rules in configs/, README.md."
     )

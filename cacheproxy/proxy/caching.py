@@ -18,7 +18,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind
 from cacheproxy.cache import keys
@@ -437,8 +437,10 @@ class CachingRelay:
         if self._can_serve():
             if self._wait_for_catalog():
                 return False
+            local: bytes | None
             try:
-                local = self._answer_hot_batch() or self._answer_locally()
+                hot = self._answer_hot_batch()
+                local = self._answer_locally() if hot is False else hot
             except ProtocolViolation:
                 local = b""  # a malformed message: the server will say what is wrong with it
             except Exception:
@@ -457,22 +459,23 @@ class CachingRelay:
         self._forward_batch(out)
         return True
 
-    def _answer_hot_batch(self) -> bytes | None:
+    def _answer_hot_batch(self) -> bytes | Literal[False] | None:
         """The common batch, answered without decoding it fully: [Parse ""], Bind, [Describe portal], Execute, Sync.
 
         This is what drivers send for every execution of a prepared or parameterized query; the general path
-        (`_answer_locally`) gives the same answer for it, with more work. None: not this shape, or not a hit.
+        (`_answer_locally`) gives the same answer for it, with more work. False: not this shape (ask the general
+        path); b"": a miss; None: waiting for another session's fill of this key; else the replies.
         """
         batch = self._batch
         count = len(batch)
         if count < 3 or count > 5 or batch[-1][0] != m.SYNC or batch[-2][0] != m.EXECUTE:
-            return None
+            return False
         first = 0
         statement: Statement | None = None
         if batch[0][0] == m.PARSE:
             parse = batch[0][1]
             if parse[HEADER_SIZE] != 0:
-                return None  # a named Parse: "already exists" and friends are the general path's
+                return False  # a named Parse: "already exists" and friends are the general path's
             end = parse.index(0, HEADER_SIZE + 1)
             params = parse[end + 1 :]
             n_types = int.from_bytes(params[:2], "big")
@@ -480,27 +483,27 @@ class CachingRelay:
             statement = Statement(parse[HEADER_SIZE + 1 : end], types, upstream=False)
             first = 1
         if batch[first][0] != m.BIND or count - first - 3 not in (0, 1):
-            return None
+            return False
         bind = batch[first][1]
         portal_end = bind.index(0, HEADER_SIZE)
         name_end = bind.index(0, portal_end + 1)
         portal = bind[HEADER_SIZE:portal_end]
         execute = batch[-2][1]
         if execute[HEADER_SIZE:-5] != portal:
-            return None
+            return False
         describe = batch[first + 1][1] if count - first == 4 else None
         if describe is not None and (batch[first + 1][0] != m.DESCRIBE or describe[HEADER_SIZE + 1 : -1] != portal
                                      or describe[HEADER_SIZE] != ord("P")):  # fmt: skip
-            return None
+            return False
         name = bind[portal_end + 1 : name_end].decode("utf-8", "replace")
         if statement is None:
             statement = self._statements.get(name)
             if statement is None or not statement.query:
-                return None
+                return False
         elif name:
-            return None  # binds a named statement after an unnamed Parse: general path
+            return False  # binds a named statement after an unnamed Parse: general path
         if not self._servable(self.service.classify(self.database, statement.query)):
-            return None
+            return False
         max_rows = int.from_bytes(execute[-4:], "big", signed=True)
         key = keys.execute_key(
             self.database, self.user, self._state_digest(), statement.query, statement.param_types,
@@ -508,7 +511,11 @@ class CachingRelay:
         )  # fmt: skip
         entry = self.service.engine.get(key, self.service.clock())
         if entry is None:
-            return None
+            in_flight = self.service.fill_in_flight(key)
+            if in_flight is not None and not self._waited:
+                self._wait_for(in_flight, _SINGLE_FLIGHT_WAIT)
+                return None
+            return b""
         value = entry.value
         header = _header_length(value)
         body: bytes | memoryview = value if describe is not None else memoryview(value)[header:]
@@ -623,7 +630,8 @@ class CachingRelay:
         classified = self.service.classify(self.database, query)
         if not classified.verdict.cacheable:
             return None
-        entry = self.service.engine.get(self._describe_key(query, param_types), self.service.clock())
+        key = self._describe_key(query, param_types)
+        entry = self.service.engine.get(key, self.service.clock(), count_miss=False)
         return entry.value if entry is not None else None
 
     def _portal_result(self, portals: dict[str, _LocalPortal], name: str) -> bytes | None:
