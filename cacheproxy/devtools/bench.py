@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cacheproxy.devtools.pgcluster import PgCluster, free_port
+from cacheproxy.devtools.proxyprocess import start_proxy_process
 
 _HOT_SCRIPT = "\\set aid random(1, 10000)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
 _MODES = ("simple", "extended", "prepared")
@@ -106,18 +106,8 @@ def _machine() -> str:
 def _start_proxy(cluster: PgCluster, port: int, *, cache: bool) -> subprocess.Popen[bytes]:
     config = Path(tempfile.mkdtemp()) / "bench.yaml"
     config.write_text(f"cache:\n  enabled: {'true' if cache else 'false'}\n  max_memory: 512MiB\n")
-    cmd = [sys.executable, "-m", "cacheproxy", "run", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
-    cmd += ["--upstream", cluster.url(), "--admin-listen", "off", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("proxy did not start")
+    args = ["--config", str(config), "--upstream", cluster.url(), "--admin-listen", "off", "--log-level", "warning"]
+    return start_proxy_process(args, port)
 
 
 def _pgbench(env: dict[str, str], args: list[str], check: bool = False) -> str:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from pathlib import Path
 import asyncpg
 
 from cacheproxy.devtools.pgcluster import PgCluster, free_port
+from cacheproxy.devtools.proxyprocess import start_proxy_process
 
 _DEFAULT_CONFIG = "configs/cacheproxy.yaml"
 _ROWS = 10_000
@@ -50,23 +49,10 @@ def run_demo(queries: int = 2000, config: str | None = None) -> int:
 
 
 def _start_proxy(cluster: PgCluster, port: int, admin_port: int, config: str | None) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "cacheproxy", "run", "--listen", f"127.0.0.1:{port}"]
-    cmd += ["--admin-listen", f"127.0.0.1:{admin_port}"]
-    cmd += ["--upstream", cluster.url(), "--log-level", "warning"]
+    args = ["--admin-listen", f"127.0.0.1:{admin_port}", "--upstream", cluster.url(), "--log-level", "warning"]
     if config:
-        cmd += ["--config", config]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"cacheproxy exited with status {proc.returncode} at start")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("cacheproxy did not start listening within 15 s")
+        args += ["--config", config]
+    return start_proxy_process(args, port)
 
 
 def _stop_proxy(proc: subprocess.Popen[bytes]) -> None:
