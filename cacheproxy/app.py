@@ -18,17 +18,20 @@ from cacheproxy.observability.metrics import Metrics
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
 from cacheproxy.proxy.upstream import open_upstream
+from cacheproxy.snapshot import SnapshotFailed, load_snapshot, rules_fingerprint, write_snapshot
 
 log = logging.getLogger("cacheproxy.app")
 
 
 _READY_TTL = 1.0
+# With snapshot.interval unset (or removed by a reload), how often the periodic task looks at the setting again.
+_SNAPSHOT_RECHECK = 5.0
 # Settings that only a restart can change: a reload keeps their old values and says so.
 _RESTART_ONLY = ("listen", "upstream", "admin.listen", "cache.enabled", "cache.max_memory", "cache.shards")
 
 
 class App:
-    """cacheproxy as a whole: the proxy listener and the cache service (admin HTTP and snapshots come later).
+    """cacheproxy as a whole: the proxy listener, the cache service and its snapshots, and the admin HTTP server.
 
     `load_config`, when given, rebuilds the configuration from its sources (file, environment, flags) for a reload.
     """
@@ -38,7 +41,15 @@ class App:
         self._load_config = load_config
         self.metrics = Metrics()
         self.cache = CacheService(config, self.metrics) if config.cache.enabled else None
-        self.proxy = ProxyServer(config, self.cache, self.reload if load_config is not None else None, self.metrics)
+        self.proxy = ProxyServer(
+            config,
+            self.cache,
+            self.reload if load_config is not None else None,
+            self.metrics,
+            snapshot=self.snapshot_now if self.cache is not None else None,
+        )
+        self._snapshot_lock = asyncio.Lock()
+        self._snapshotter: asyncio.Task[None] | None = None
         admin = config.admin.listen
         self.admin = (
             AdminServer(admin.host, admin.port, metrics=self.metrics, ready=self.ready, stats=self.stats)
@@ -55,7 +66,10 @@ class App:
         log.info("upstream %s", self.config.upstream.masked_url())
         if self.cache is not None:
             self.cache.start()
+            await self._load_snapshot()
         await self.proxy.start()
+        if self.cache is not None and self.config.snapshot.path is not None:
+            self._snapshotter = asyncio.get_running_loop().create_task(self._snapshot_forever(), name="snapshots")
         if self.admin is not None:
             await self.admin.start()
 
@@ -87,10 +101,70 @@ class App:
     async def stop(self, reason: str = "the proxy is shutting down") -> None:
         """Stop accepting, let in-flight work finish up to `shutdown.timeout`, then close everything."""
         await self.proxy.shutdown(self.config.shutdown.timeout, reason)
+        if self._snapshotter is not None:
+            self._snapshotter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._snapshotter
+        if self.cache is not None and self.config.snapshot.path is not None:
+            with contextlib.suppress(SnapshotFailed):  # logged; the previous snapshot stays
+                await self.snapshot_now()
         if self.cache is not None:
             await self.cache.stop()
         if self.admin is not None:
             await self.admin.stop()
+
+    # -- snapshots (cacheproxy/snapshot) ------------------------------------------------------------------------
+
+    async def _load_snapshot(self) -> None:
+        """Load the snapshot, if any, BEFORE the listener accepts clients: loading while serving could resurrect an
+        entry after a write through the proxy invalidated its table (the invalidation runs, then the snapshot's
+        older entry is put back), and would serve entries before their tables' change evidence was checked."""
+        path = self.config.snapshot.path
+        if path is None or self.cache is None:
+            return
+        cache = self.cache
+        try:
+            result = await load_snapshot(
+                path, cache.engine, self.config.upstream, rules_fingerprint(self.config), cache.clock
+            )
+        except Exception:  # a bug must not stop the proxy from starting: start cold instead
+            log.exception("snapshot: loading %s failed; cold start", path)
+            cache.engine.flush()
+            return
+        self.metrics.snapshot_loaded(result.loaded, dict(result.dropped))
+
+    async def snapshot_now(self) -> str:
+        """Write a snapshot now (periodic, at shutdown, CACHEPROXY SNAPSHOT); a one-line summary, or SnapshotFailed
+        (logged) with the previous file left whole. One snapshot at a time: a second caller waits for the first."""
+        path = self.config.snapshot.path
+        if path is None or self.cache is None:
+            raise SnapshotFailed("snapshots are off: snapshot.path is not set, or the cache is disabled")
+        cache = self.cache
+        async with self._snapshot_lock:
+            try:
+                result = await write_snapshot(
+                    path, cache.engine, self.config.upstream, rules_fingerprint(self.config), cache.clock
+                )
+            except (SnapshotFailed, OSError) as exc:
+                self.metrics.snapshot_failed()
+                log.error("snapshot to %s failed, the previous one stays: %s", path, exc)
+                raise SnapshotFailed(str(exc)) from exc
+            except Exception as exc:  # a bug must not end the periodic task nor the shutdown
+                self.metrics.snapshot_failed()
+                log.exception("snapshot to %s failed, the previous one stays", path)
+                raise SnapshotFailed(f"internal error: {exc!r}") from exc
+        self.metrics.snapshot_written(result.seconds, result.size, result.entries)
+        summary = f"{result.entries} entries, {result.size} bytes, {result.seconds:.2f}s"
+        log.info("snapshot written to %s: %s (%d skipped)", path, summary, result.skipped)
+        return summary
+
+    async def _snapshot_forever(self) -> None:
+        while True:
+            interval = self.config.snapshot.interval
+            await asyncio.sleep(interval if interval is not None else _SNAPSHOT_RECHECK)
+            if interval is not None and self.config.snapshot.interval is not None:
+                with contextlib.suppress(SnapshotFailed):  # logged; try again next time
+                    await self.snapshot_now()
 
     def reload(self) -> str:
         """Build and validate a new configuration, then swap it in whole; on any error keep the old one.

@@ -1,4 +1,4 @@
-"""The `cacheproxy` command line: run, check-config, demo."""
+"""The `cacheproxy` command line: run, check-config, demo, snapshot inspect."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start a throwaway PostgreSQL and the proxy, run a short workload")
     demo.add_argument("--queries", type=int, default=2000, help="queries per target (default 2000)")
     demo.add_argument("--config", "-c", help="YAML configuration for the proxy (rules, cache)")
+    snapshot = commands.add_parser("snapshot", help="snapshot files").add_subparsers(dest="action", required=True)
+    inspect = snapshot.add_parser("inspect", help="show a snapshot's header, entries per table, sizes and validity")
+    inspect.add_argument("path", help="the snapshot file")
     return parser
 
 
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from cacheproxy.devtools.demo import run_demo
 
         return run_demo(args.queries, args.config)
+    if args.command == "snapshot":
+        return _inspect_snapshot(args.path)
     try:
         config = _load(args)
     except ConfigError as exc:
@@ -63,6 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.configure(config.logging.level, config.logging.format)
     return _run(config, lambda: _load(args))
+
+
+def _inspect_snapshot(path: str) -> int:
+    """Exit status 0 for a whole, valid file, 1 for a damaged one, 2 when it cannot be read at all."""
+    from cacheproxy.snapshot.report import inspect_snapshot
+
+    try:
+        valid, report = inspect_snapshot(path)
+    except OSError as exc:
+        print(f"cacheproxy: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(report)
+    return 0 if valid else 1
 
 
 def _run(config: Config, load_config: Callable[[], Config]) -> int:

@@ -220,6 +220,11 @@ class CacheEngine:
         """The sum of `shard_stats()`."""
         return sum(self.shard_stats(), CacheStats())
 
+    def shard_entries(self, index: int) -> list[Entry]:
+        """The live entries of shard `index`, LRU first (a copy: the snapshot writer walks the cache a shard at a
+        time, yielding to the event loop in between)."""
+        return self._shards[index].snapshot()
+
     def entries(self) -> Iterator[Entry]:
         """Every live entry, shard by shard, LRU first within a shard. Each shard is copied when reached, so the
         cache may change during the iteration (later shards then show their state at that later moment)."""

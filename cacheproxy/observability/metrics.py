@@ -127,6 +127,14 @@ class Metrics:
         self._db_invalidations = dict.fromkeys(INVALIDATION_REASONS, 0)
         self._catalog_ok = 0
         self._catalog_error = 0
+        # Snapshots (cacheproxy/snapshot): the last write's duration and size, entry counts, last success.
+        self._snapshot_seconds = 0.0
+        self._snapshot_bytes = 0
+        self._snapshot_written = 0
+        self._snapshot_loaded = 0
+        self._snapshot_dropped: dict[str, int] = {}
+        self._snapshot_failures = 0
+        self._snapshot_last_success = 0.0
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self))
 
@@ -209,6 +217,22 @@ class Metrics:
         else:
             self._catalog_error += 1
 
+    # -- snapshots --------------------------------------------------------------------------------------------
+
+    def snapshot_written(self, seconds: float, size: int, entries: int) -> None:
+        self._snapshot_seconds = seconds
+        self._snapshot_bytes = size
+        self._snapshot_written += entries
+        self._snapshot_last_success = time.time()
+
+    def snapshot_failed(self) -> None:
+        self._snapshot_failures += 1
+
+    def snapshot_loaded(self, entries: int, dropped: dict[str, int]) -> None:
+        self._snapshot_loaded += entries
+        for reason, count in dropped.items():
+            self._snapshot_dropped[reason] = self._snapshot_dropped.get(reason, 0) + count
+
     # -- reading -----------------------------------------------------------------------------------------------
 
     def cache_stats(self) -> CacheStats:
@@ -265,6 +289,7 @@ class _Collector:
         catalog.add_metric(["ok"], m._catalog_ok)
         catalog.add_metric(["error"], m._catalog_error)
         yield catalog
+        yield from _snapshot_families(m)
         yield GaugeMetricFamily("cacheproxy_uptime_seconds", "Seconds since the proxy started.", value=m.uptime())
         info = GaugeMetricFamily("cacheproxy_info", "The proxy's version; always 1.", labels=["version"])
         info.add_metric([m._version], 1)
@@ -324,3 +349,30 @@ def _cache_families(stats: CacheStats) -> Iterator[Metric]:
         yield CounterMetricFamily(name, doc, value=getattr(stats, field))
     for name, field, doc in _CACHE_GAUGES:
         yield GaugeMetricFamily(name, doc, value=getattr(stats, field))
+
+
+def _snapshot_families(m: Metrics) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "cacheproxy_snapshot_duration_seconds", "Time the last snapshot took to write.", value=m._snapshot_seconds
+    )
+    yield GaugeMetricFamily("cacheproxy_snapshot_bytes", "Size of the last snapshot file.", value=m._snapshot_bytes)
+    yield CounterMetricFamily(
+        "cacheproxy_snapshot_entries_written", "Entries written to snapshots.", value=m._snapshot_written
+    )
+    yield CounterMetricFamily(
+        "cacheproxy_snapshot_entries_loaded", "Entries loaded from a snapshot.", value=m._snapshot_loaded
+    )
+    dropped = CounterMetricFamily(
+        "cacheproxy_snapshot_entries_dropped", "Snapshot entries not loaded, by reason.", labels=["reason"]
+    )
+    for reason, count in m._snapshot_dropped.items():
+        dropped.add_metric([reason], count)
+    yield dropped
+    yield CounterMetricFamily(
+        "cacheproxy_snapshot_failures", "Snapshot writes that failed.", value=m._snapshot_failures
+    )
+    yield GaugeMetricFamily(
+        "cacheproxy_snapshot_last_success_timestamp_seconds",
+        "Unix time of the last successful snapshot (0: none yet).",
+        value=m._snapshot_last_success,
+    )

@@ -6,6 +6,8 @@ roles in `admin.users` may run them (others get SQLSTATE 42501); every command i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -26,6 +28,7 @@ _PREFIX = re.compile(rb"^\s*cacheproxy\b", re.IGNORECASE)
 _SYNTAX_ERROR = "42601"
 USAGE = (
     "CACHEPROXY SHOW STATS | SHOW CACHES [n] | SHOW RULES | EXPLAIN <query> | INVALIDATE TABLE <name> | FLUSH | RELOAD"
+    " | SNAPSHOT"
 )
 
 
@@ -39,6 +42,7 @@ class AdminConsole:
     def __init__(self, server: ProxyServer, explain_for: Callable[[Session, bytes], list[tuple[str, str]]]) -> None:
         self._server = server
         self._explain_for = explain_for
+        self._snapshots: set[asyncio.Future[str]] = set()  # running CACHEPROXY SNAPSHOT tasks (kept referenced)
 
     def execute(self, session: Session, sql: str) -> bytes:
         words = sql.strip().rstrip(";").split()
@@ -79,7 +83,25 @@ class AdminConsole:
             return m.command_complete(f"FLUSH {self._cache().engine.flush()}")
         if command == "RELOAD":
             return m.command_complete(f"RELOAD {self._server.reload()}")
+        if command == "SNAPSHOT":
+            return self._snapshot()
         raise ProxyError(_SYNTAX_ERROR, f"unknown CACHEPROXY command; use {USAGE}", severity="ERROR")
+
+    def _snapshot(self) -> bytes:
+        """Start a snapshot and answer at once: commands run inside a transport callback and cannot wait for it.
+        Its outcome is logged (and counted in the snapshot metrics)."""
+        snapshot = self._server.snapshot
+        if snapshot is None or self._server.config.snapshot.path is None:
+            raise ProxyError(FEATURE_NOT_SUPPORTED, "snapshots are off (snapshot.path is not set)", severity="ERROR")
+        task = asyncio.ensure_future(snapshot())
+        self._snapshots.add(task)
+        task.add_done_callback(self._snapshot_done)
+        return m.command_complete("SNAPSHOT started")
+
+    def _snapshot_done(self, task: asyncio.Future[str]) -> None:
+        self._snapshots.discard(task)
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # the snapshot logs its own failure
+            task.result()
 
     def _cache(self) -> CacheService:
         if self._server.cache is None:

@@ -8,7 +8,7 @@ import itertools
 import logging
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cacheproxy.config import Config
 from cacheproxy.errors import TOO_MANY_CONNECTIONS, ProxyError
@@ -36,11 +36,13 @@ class ProxyServer:
         cache: CacheService | None = None,
         reload: Callable[[], str] | None = None,
         metrics: Metrics | None = None,
+        snapshot: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
         self.metrics = metrics if metrics is not None else (cache.metrics if cache is not None else Metrics())
         self._reload = reload
+        self.snapshot = snapshot  # App.snapshot_now, for CACHEPROXY SNAPSHOT
         self.admin_console = AdminConsole(self, lambda session, sql: session.explain(sql))
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
