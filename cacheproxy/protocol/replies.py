@@ -107,18 +107,45 @@ _STRIP = Outcome(False, _NONE)
 
 
 class ReplyTracker:
-    """Attributes upstream replies to pending requests (a FIFO)."""
+    """Attributes upstream replies to pending requests (a FIFO).
 
-    __slots__ = ("_pending",)
+    It mirrors two server states in which requests get no reply at all (PostgreSQL docs, "Extended Query" and
+    "COPY Operations"): after an error in extended protocol, every message up to the next Sync is discarded; and
+    during COPY FROM STDIN started by an Execute, Sync and Flush are ignored until CopyDone or CopyFail.
+    """
+
+    __slots__ = ("_copy_in", "_pending", "_skipping")
 
     def __init__(self) -> None:
         self._pending: deque[Pending] = deque()
+        self._skipping = False  # the server discards messages until a Sync: new requests get no reply
+        self._copy_in = False  # an Execute put the server in copy-in mode: Syncs sent meanwhile are ignored
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def expect(self, pending: Pending) -> None:
+    def expect(self, pending: Pending) -> bool:
+        """Queue a request sent upstream. False when the server will not answer it (it discards messages until a
+        Sync after an error): the caller completes it at once, as skipped."""
+        if self._skipping:
+            if pending.op is not Op.SYNC:
+                pending.seen_error = True
+                if pending.capture is not None:
+                    pending.capture.fail()
+                return False
+            self._skipping = False
         self._pending.append(pending)
+        return True
+
+    def client_copy_end(self) -> list[Pending]:
+        """The client sent CopyDone or CopyFail. Syncs forwarded during copy-in were ignored by the server: they
+        will get no ReadyForQuery. Returns them (completed, with no reply)."""
+        if not self._copy_in:
+            return []
+        self._copy_in = False
+        ignored = [p for p in self._pending if p.op is Op.SYNC]
+        self._pending = deque(p for p in self._pending if p.op is not Op.SYNC)
+        return ignored
 
     def on_message(self, msg_type: int, region: bytes, start: int, end: int) -> Outcome:
         """Account for one whole upstream message, `region[start:end]` (type byte included).
@@ -137,6 +164,8 @@ class ReplyTracker:
         head = self._pending[0]
         if msg_type == ord("E"):
             return Outcome(True, self._on_error(head))
+        if msg_type == ord("G") and head.op is Op.EXECUTE:
+            self._copy_in = True
         relay = not head.strip
         capture = head.capture
         if capture is not None and not capture.failed:
@@ -153,6 +182,7 @@ class ReplyTracker:
 
     def _on_error(self, head: Pending) -> list[Pending]:
         """ErrorResponse: it ends the head request; in extended protocol, every request up to Sync is skipped."""
+        self._copy_in = False  # an error ends copy-in mode too
         if head.op in (Op.QUERY, Op.FUNCTION_CALL):
             head.seen_error = True  # ReadyForQuery still follows
             if head.capture is not None:
@@ -165,4 +195,6 @@ class ReplyTracker:
             if skipped.capture is not None:
                 skipped.capture.fail()
             done.append(skipped)
+        if not self._pending:
+            self._skipping = True  # no Sync sent yet: what the client sends next is discarded up to one
         return done

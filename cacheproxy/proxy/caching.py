@@ -76,6 +76,15 @@ _KIND_LABELS = {
 
 
 @dataclass(slots=True)
+class _ParseDone:
+    """A Parse sent upstream: if the server refuses or skips it, the statement does not exist there."""
+
+    name: str
+    statement: Statement
+    replay: bool = False
+
+
+@dataclass(slots=True)
 class _Request:
     """A forwarded query or Execute, for what happens when it completes: invalidation, metrics, slow-query log."""
 
@@ -127,6 +136,7 @@ class CachingRelay:
         self._batch_bytes = 0
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
+        self._executed_portals: set[str] = set()  # executed since their Bind: a further Execute continues them
         self._set_history: list[bytes] = []
         self._digest: bytes | None = None
         self._uncertain: str | None = None  # why the session's state can no longer be known: caching stops
@@ -209,12 +219,15 @@ class CachingRelay:
             self._forward_batch(out)
         if msg_type in (m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
             out.append(message)
+            if msg_type != m.COPY_DATA:
+                for ignored in self.tracker.client_copy_end():
+                    self._complete(ignored)
         elif msg_type == m.FUNCTION_CALL:
             # A fast-path call can run any function: assume it wrote anything.
             scope = WriteScope(frozenset(), True, "FunctionCall", code="function_call")
             self._before_write(scope)
             request = _Request(scope, "other", "bypass", self.service.clock(), b"<FunctionCall>")
-            self.tracker.expect(Pending(Op.FUNCTION_CALL, on_done=request))
+            self._queue(Pending(Op.FUNCTION_CALL, on_done=request))
             out.append(message)
         elif msg_type == m.TERMINATE:
             self.terminated = True
@@ -252,7 +265,7 @@ class CachingRelay:
         else:
             scope = self._note_effects(classified, sql)
         request = _Request(scope, _KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
-        self.tracker.expect(Pending(Op.QUERY, capture=capture, on_done=request))
+        self._queue(Pending(Op.QUERY, capture=capture, on_done=request))
         self._unsynced = self._unsynced_write = False  # a Query ends any implicit transaction
         out.append(message)
         return True
@@ -428,8 +441,9 @@ class CachingRelay:
         self.service.invalidate(self.database, scope)
         if scope.ddl:
             self.service.after_ddl(self.database)
-        if self.session.tx_status != b"I":
-            self._tx_writes.append(scope)  # again at commit (or rollback: invalidating then is safe)
+        # Again when the transaction ends (explicit, or the implicit one of an extended batch up to its Sync):
+        # invalidating after a rollback is merely safe.
+        self._tx_writes.append(scope)
 
     # -- extended protocol ----------------------------------------------------------------------------------
 
@@ -672,15 +686,19 @@ class CachingRelay:
                 existing = self._statements.get(parse.statement)
                 if parse.statement and existing is not None and not existing.upstream:
                     self._replay(parse.statement, existing, out)  # so that the server says "already exists"
-                self._statements[parse.statement] = Statement(parse.query.encode(), parse.param_types, upstream=True)
-                self._expect(Op.PARSE, message, out)
+                statement = Statement(parse.query.encode(), parse.param_types, upstream=True)
+                self._statements[parse.statement] = statement
+                # Taken back if the server refuses (or skips) the Parse: no statement by that name then exists.
+                self._queue(Pending(Op.PARSE, on_done=_ParseDone(parse.statement, statement)))
+                out.append(message)
             elif msg_type == m.BIND:
                 bind = fe.decode_bind(body)
-                statement = self._statements.get(bind.statement)
-                if statement is not None:
-                    if not statement.upstream:
-                        self._replay(bind.statement, statement, out)
-                    self._portals[bind.portal] = Portal(statement, bind)
+                bound = self._statements.get(bind.statement)
+                if bound is not None:
+                    if not bound.upstream:
+                        self._replay(bind.statement, bound, out)
+                    self._portals[bind.portal] = Portal(bound, bind)
+                self._executed_portals.discard(bind.portal)
                 self._expect(Op.BIND, message, out)
             elif msg_type == m.DESCRIBE:
                 describe = fe.decode_describe(body)
@@ -688,9 +706,12 @@ class CachingRelay:
                     self._forward_describe_statement(describe.name, message, out, serve)
                 else:
                     rows = self._next_execute_rows(index, describe.name)
-                    capture = self._execute_capture(describe.name, rows) if serve and rows is not None else None
+                    fresh = describe.name not in self._executed_portals and not self._unsynced_write
+                    capture = (
+                        self._execute_capture(describe.name, rows) if serve and fresh and rows is not None else None
+                    )
                     described[describe.name] = capture
-                    self.tracker.expect(Pending(Op.DESCRIBE_PORTAL, capture=capture))
+                    self._queue(Pending(Op.DESCRIBE_PORTAL, capture=capture))
                     out.append(message)
             elif msg_type == m.EXECUTE:
                 self._forward_execute(fe.decode_execute(body), message, out, described, serve)
@@ -705,18 +726,28 @@ class CachingRelay:
             self._unsynced = msg_type != m.SYNC
             if msg_type == m.SYNC:
                 self._unsynced_write = False
+        for unused in described.values():  # a Describe whose Execute did not capture: free its single-flight slot
+            if unused is not None:
+                unused.fail()
+                self._release_fill(unused)
         self._batch.clear()
         self._batch_bytes = 0
 
     def _expect(self, op: Op, message: bytes, out: list[bytes]) -> None:
-        self.tracker.expect(Pending(op))
+        self._queue(Pending(op))
         out.append(message)
+
+    def _queue(self, pending: Pending) -> None:
+        """Track a request sent upstream; one the server will discard (after an error, before a Sync) completes
+        at once, so that its invalidation and its single-flight slot are not left waiting for a reply."""
+        if not self.tracker.expect(pending):
+            self._complete(pending)
 
     def _replay(self, name: str, statement: Statement, out: list[bytes]) -> None:
         """Create upstream a statement whose Parse was answered locally; its ParseComplete is not the client's."""
-        out.append(fe.encode_parse(name, statement.query.decode("utf-8", "replace"), statement.param_types))
-        self.tracker.expect(Pending(Op.PARSE, strip=True))
+        out.append(fe.encode_parse(name, statement.query.decode("utf-8", "surrogateescape"), statement.param_types))
         statement.upstream = True
+        self._queue(Pending(Op.PARSE, strip=True, on_done=_ParseDone(name, statement, replay=True)))
 
     def _forward_describe_statement(self, name: str, message: bytes, out: list[bytes], serve: bool) -> None:
         statement = self._statements.get(name)
@@ -738,7 +769,7 @@ class CachingRelay:
                     leader=False,
                 )
                 capture = Capture(self.service.max_entry_size, fill)
-        self.tracker.expect(Pending(Op.DESCRIBE_STATEMENT, capture=capture))
+        self._queue(Pending(Op.DESCRIBE_STATEMENT, capture=capture))
         out.append(message)
 
     def _execute_capture(self, portal_name: str, max_rows: int) -> Capture | None:
@@ -781,7 +812,9 @@ class CachingRelay:
         kind = "other"
         if portal is not None and portal.statement.query:
             classified = self.service.classify(self.database, portal.statement.query)
-            fill = serve and not self._unsynced_write  # a write earlier in this batch: its reads see it uncommitted
+            # Not after a write earlier in this batch (its reads see it uncommitted), nor a further Execute of a portal
+            # (it continues the result where the last one stopped).
+            fill = serve and not self._unsynced_write and execute.portal not in self._executed_portals
             kind = _KIND_LABELS[classified.info.kind]
             if classified.info.kind is Kind.READ and fill and self._cacheable_here(classified):
                 if execute.portal in described:
@@ -791,7 +824,7 @@ class CachingRelay:
                     if capture is not None:
                         # The result must carry its RowDescription: ask for it, and keep the answer from the client.
                         out.append(fe.encode_describe("P", execute.portal))
-                        self.tracker.expect(Pending(Op.DESCRIBE_PORTAL, strip=True, capture=capture))
+                        self._queue(Pending(Op.DESCRIBE_PORTAL, strip=True, capture=capture))
             elif classified.info.kind is not Kind.READ or not classified.verdict.cacheable:
                 on_done = self._note_effects(classified, portal.statement.query)
                 self._unsynced_write = True
@@ -799,9 +832,10 @@ class CachingRelay:
             on_done = WriteScope(frozenset(), True, "Execute of a portal the proxy does not know")
             self._before_write(on_done)
             self._unsynced_write = True
+        self._executed_portals.add(execute.portal)
         query = portal.statement.query if portal is not None else b"<unknown portal>"
         request = _Request(on_done, kind, "miss" if capture else "bypass", self.service.clock(), query)
-        self.tracker.expect(Pending(Op.EXECUTE, capture=capture, on_done=request))
+        self._queue(Pending(Op.EXECUTE, capture=capture, on_done=request))
         out.append(message)
 
     # -- upstream -> client ----------------------------------------------------------------------------------
@@ -811,7 +845,6 @@ class CachingRelay:
         tracker = self.tracker
         pieces: list[bytes] | None = None
         last = 0
-        completed: list[Pending] = []
         for msg_type, start, end in frames:
             outcome = tracker.on_message(msg_type, region, start, end)
             if not outcome.relay:
@@ -819,26 +852,20 @@ class CachingRelay:
                     pieces = []
                 pieces.append(region[last:start])
                 last = end
-            if outcome.done:
-                completed.extend(outcome.done)
+            # Invalidate and store as each request completes, all before the client sees any of these bytes:
+            # its next query must find the cache current.
+            for pending in outcome.done:
+                self._complete(pending)
             if msg_type == m.READY_FOR_QUERY:
-                self.session.tx_status = region[start + HEADER_SIZE : start + HEADER_SIZE + 1]
+                status = region[start + HEADER_SIZE : start + HEADER_SIZE + 1]
+                self.session.tx_status = status
+                if status == b"I":
+                    self._transaction_ended()
             elif msg_type == m.PARAMETER_STATUS:
                 self.session.note_parameter(region[start + HEADER_SIZE : end])
                 self._digest = None
             elif msg_type == m.ERROR_RESPONSE:
                 self.session.note_error(region[start + HEADER_SIZE : end])
-        # Invalidate and store before the client sees ReadyForQuery: its next query must find the cache current.
-        for pending in completed:
-            self._complete(pending)
-        if self._tx_writes and self.session.tx_status == b"I" and not tracker:
-            for scope in self._tx_writes:
-                self.service.invalidate(self.database, scope, counted=False)
-                if scope.ddl:
-                    self.service.after_ddl(self.database)  # the committed schema, as other sessions now see it
-            self._tx_writes.clear()
-        if self.session.tx_status == b"I" and not tracker:
-            self._portals.clear()
         if not tracker and self._drained is not None:
             if not self._drained.done():
                 self._drained.set_result(None)
@@ -849,8 +876,26 @@ class CachingRelay:
             pieces.append(region[last:])
             self._write_client(b"".join(pieces))
 
+    def _transaction_ended(self) -> None:
+        """ReadyForQuery 'I': whatever this session wrote is committed (or rolled back) now. Invalidate it again,
+        so that no entry filled by another session while the write was uncommitted survives; portals are gone."""
+        for scope in self._tx_writes:
+            self.service.invalidate(self.database, scope, counted=False)
+            if scope.ddl:
+                self.service.after_ddl(self.database)  # the committed schema, as other sessions now see it
+        self._tx_writes.clear()
+        self._portals.clear()
+        self._executed_portals.clear()
+
     def _complete(self, pending: Pending) -> None:
         request = pending.on_done
+        if isinstance(request, _ParseDone):
+            if pending.seen_error:
+                if request.replay:
+                    request.statement.upstream = False
+                elif self._statements.get(request.name) is request.statement:
+                    del self._statements[request.name]
+            return
         if isinstance(request, _Request):
             if request.scope is not None:
                 self._after_write(request.scope)
@@ -873,9 +918,14 @@ class CachingRelay:
                     generations=fill.generations,
                 )
         finally:
-            if fill.leader:
-                self._leading.discard(fill.key)
-                self.service.end_fill(fill.key)
+            self._release_fill(capture)
+
+    def _release_fill(self, capture: Capture) -> None:
+        """Give up the single-flight slot of a fill this session leads (waiters then look up, or go upstream)."""
+        fill = capture.context
+        if isinstance(fill, Fill) and fill.leader and fill.key in self._leading:
+            self._leading.discard(fill.key)
+            self.service.end_fill(fill.key)
 
 
 def _header_length(value: bytes) -> int:

@@ -144,3 +144,34 @@ def test_result_cut_by_a_row_limit_is_captured_with_its_portal_suspended() -> No
     shown, _ = feed(tracker, T + D1 + suspended + Z)
     assert shown == D1 + suspended + Z
     assert capture.value() == T + D1 + suspended
+
+
+def test_requests_after_an_error_without_sync_get_no_reply() -> None:
+    tracker = ReplyTracker()
+    tracker.expect(Pending(Op.PARSE))
+    tracker.expect(Pending(Op.BIND))
+    tracker.expect(Pending(Op.EXECUTE))
+    shown, done = feed(tracker, ERR)  # the client had sent Flush, not Sync
+    assert shown == ERR and [p.op for p in done] == [Op.PARSE, Op.BIND, Op.EXECUTE]
+    capture = Capture(1 << 20)
+    assert tracker.expect(Pending(Op.BIND)) is False  # discarded by the server
+    assert tracker.expect(Pending(Op.EXECUTE, capture=capture)) is False
+    assert capture.failed
+    assert tracker.expect(Pending(Op.SYNC)) is True
+    tracker.expect(Pending(Op.QUERY))
+    shown, done = feed(tracker, Z + T + D1 + C + Z)
+    assert [p.op for p in done] == [Op.SYNC, Op.QUERY] and not len(tracker)
+
+
+def test_syncs_sent_during_extended_copy_in_are_ignored() -> None:
+    tracker = ReplyTracker()
+    for op in (Op.PARSE, Op.BIND, Op.EXECUTE, Op.SYNC):
+        tracker.expect(Pending(op))
+    copy_in = encode(b"G", b"\x00\x00\x01\x00\x00")
+    shown, done = feed(tracker, encode(b"1") + encode(b"2") + copy_in)
+    assert [p.op for p in done] == [Op.PARSE, Op.BIND] and len(tracker) == 2
+    ignored = tracker.client_copy_end()  # CopyDone: the Sync sent with the batch was ignored by the server
+    assert [p.op for p in ignored] == [Op.SYNC]
+    tracker.expect(Pending(Op.SYNC))  # the one the client sends after CopyDone
+    shown, done = feed(tracker, encode(b"C", b"COPY 1\x00") + Z)
+    assert [p.op for p in done] == [Op.EXECUTE, Op.SYNC] and not len(tracker)
