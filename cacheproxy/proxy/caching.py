@@ -46,6 +46,7 @@ _SINGLE_FLIGHT_WAIT = 2.0
 _CATALOG_WAIT = 2.0
 _ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits for their replies this long
 _READY_IDLE = m.ready_for_query(b"I")
+_DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.I)
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 _PREPARE = re.compile(rb"^\s*prepare\s+(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 
@@ -86,13 +87,15 @@ class _ParseDone:
 
 @dataclass(slots=True)
 class _Request:
-    """A forwarded query or Execute, for what happens when it completes: invalidation, metrics, slow-query log."""
+    """A forwarded query or Execute, for what happens when it completes: invalidation, session state, metrics and
+    the slow-query log."""
 
     scope: WriteScope | None
     kind: str
     outcome: str  # "miss" (its result will be stored) or "bypass"
     started: float
     sql: bytes
+    changes_state: bool = False  # a SET/RESET/DISCARD to record if it succeeds
 
 
 # In a batch answered locally: the statement, its Bind, the row limit of its Execute, and the result once found.
@@ -137,6 +140,8 @@ class CachingRelay:
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
         self._executed_portals: set[str] = set()  # executed since their Bind: a further Execute continues them
+        self._state_changes: list[bytes] = []  # SET/RESET/DISCARD ALL done, to apply at ReadyForQuery
+        self._failed_since_ready = False  # an ErrorResponse since the last ReadyForQuery
         self._set_history: list[bytes] = []
         self._digest: bytes | None = None
         self._uncertain: str | None = None  # why the session's state can no longer be known: caching stops
@@ -248,6 +253,7 @@ class CachingRelay:
         info = classified.info
         capture: Capture | None = None
         scope: WriteScope | None = None
+        changes_state = False
         started = self.service.clock()
         if info.kind is Kind.READ and info.statement_count == 1 and self._servable(classified):
             key = keys.query_key(self.database, self.user, self._state_digest(), sql)
@@ -263,8 +269,9 @@ class CachingRelay:
             capture = Capture(self.service.max_entry_size, fill)
             self.service.observe_miss(classified.verdict.tables)
         else:
-            scope = self._note_effects(classified, sql)
+            scope, changes_state = self._note_effects(classified, sql, idle=not self.tracker)
         request = _Request(scope, _KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
+        request.changes_state = changes_state
         self._queue(Pending(Op.QUERY, capture=capture, on_done=request))
         self._unsynced = self._unsynced_write = False  # a Query ends any implicit transaction
         out.append(message)
@@ -385,52 +392,60 @@ class CachingRelay:
 
     # -- what a statement does to the session and the cache ---------------------------------------------------
 
-    def _note_effects(self, classified: Classified, sql: bytes) -> WriteScope | None:
-        """Before a non-cached statement goes upstream: invalidate what it may write, track session state."""
+    def _note_effects(self, classified: Classified, sql: bytes, *, idle: bool) -> tuple[WriteScope | None, bool]:
+        """Before a non-cached statement goes upstream: invalidate what it may write, and see what it does to the
+        session's state. `idle`: nothing else was pending and no transaction block was open when it was sent.
+        Returns the write scope, and whether the statement, once it succeeds, changes the session's state."""
         info = classified.info
+        changes_state = False
         for statement in info.statements or (info,):
             if statement.session is not None:
-                # A SET among several statements is judged on its own; its text alone keys the new state.
-                self._on_session_change(statement.session.op, sql, alone=info.statement_count == 1)
+                changes_state = self._on_session_change(statement.session.op, idle=idle and info.statement_count == 1)
             if statement.kind is Kind.OTHER and UNKNOWN_TABLE in statement.writes:
-                self._uncertain = self._uncertain or "a statement with unknown effects (DO, CALL) ran"
+                self._uncertain = self._uncertain or "a statement with unknown effects (DO, CALL, EXECUTE) ran"
         if info.temp_tables_created:
             self._temp_tables |= {name for _, name in info.temp_tables_created}
-        if _PREPARE.match(sql):
-            name = _identifier(_PREPARE.match(sql).group(1))  # type: ignore[union-attr]
-            self._statements[name] = Statement(b"", (), upstream=True)
+        if (prepared := _PREPARE.match(sql)) is not None:
+            self._statements[_identifier(prepared.group(1))] = Statement(b"", (), upstream=True)
         elif (dealloc := _DEALLOCATE.match(sql)) is not None:
             target = dealloc.group(1)
             if target.lower() == b"all":
                 self._statements.clear()
             else:
                 self._statements.pop(_identifier(target), None)
-        if "set_config" in info.functions or "pg_catalog.set_config" in info.functions:
-            self._uncertain = self._uncertain or "set_config() changed settings the proxy cannot see"
         catalog = self.service.catalogs.last_known(self.database)
+        for function in info.functions:
+            # A function that may write may also change settings (set_config(), SET inside it): unknowable.
+            if function in ("set_config", "pg_catalog.set_config") or catalog is None or catalog.may_write(function):
+                self._uncertain = self._uncertain or f"{function}() may have changed settings the proxy cannot see"
         scope = write_scope(info, catalog)
         if scope.ddl:
             # Decide nothing with the old catalog from now on; it is read again once the DDL has completed.
             self.service.catalogs.mark_stale(self.database)
         if scope.empty:
-            return None
+            return None, changes_state
         self._before_write(scope)
-        return scope
+        return scope, changes_state
 
-    def _on_session_change(self, op: str, sql: bytes, *, alone: bool) -> None:
+    def _on_session_change(self, op: str, *, idle: bool) -> bool:
+        """True when the change is to be recorded once the statement succeeds (SET, RESET, DISCARD ALL...)."""
         if op in ("set_local", "set_transaction"):
-            return  # lasts until the transaction ends; nothing is served inside a transaction block
-        if op == "discard_all" and alone:
+            return False  # lasts until the transaction ends; nothing is served inside a transaction block
+        if not idle or self.session.tx_status != b"I":
+            # Inside a transaction block a SET may yet be rolled back (and DISCARD ALL fails there): the proxy
+            # cannot tell which state holds, so this session stops using the cache.
+            self._uncertain = self._uncertain or "SET, RESET or DISCARD inside a transaction block or a pipeline"
+            return False
+        return True
+
+    def _apply_session_change(self, sql: bytes) -> None:
+        """A SET/RESET/DISCARD completed without error: it becomes part of the state that keys results."""
+        if _DISCARD_ALL.match(sql):
             self._set_history.clear()
             self._temp_tables.clear()
             self._statements.clear()
-            self._digest = None
-            return
-        if self.session.tx_status != b"I" or self.tracker or not alone:
-            # Inside a transaction block, a SET may yet be rolled back; the proxy cannot tell which state holds.
-            self._uncertain = self._uncertain or "SET inside a transaction block"
-            return
-        self._set_history.append(sql)
+        else:
+            self._set_history.append(sql)
         self._digest = None
 
     def _before_write(self, scope: WriteScope) -> None:
@@ -679,6 +694,7 @@ class CachingRelay:
         """Forward the held batch, replaying statements that exist only here and arranging captures."""
         described: dict[str, Capture | None] = {}
         serve = self._can_fill()
+        idle = not self.tracker and self.session.tx_status == b"I"  # before this batch queues anything
         for index, (msg_type, message) in enumerate(self._batch):
             body = message[HEADER_SIZE:]
             if msg_type == m.PARSE:
@@ -714,7 +730,7 @@ class CachingRelay:
                     self._queue(Pending(Op.DESCRIBE_PORTAL, capture=capture))
                     out.append(message)
             elif msg_type == m.EXECUTE:
-                self._forward_execute(fe.decode_execute(body), message, out, described, serve)
+                self._forward_execute(fe.decode_execute(body), message, out, described, serve, idle)
             elif msg_type == m.CLOSE:
                 close = fe.decode_close(body)
                 (self._statements if close.kind == "S" else self._portals).pop(close.name, None)
@@ -805,10 +821,12 @@ class CachingRelay:
         out: list[bytes],
         described: dict[str, Capture | None],
         serve: bool,
+        idle: bool,
     ) -> None:
         portal = self._portals.get(execute.portal)
         capture: Capture | None = None
         on_done: WriteScope | None = None
+        changes_state = False
         kind = "other"
         if portal is not None and portal.statement.query:
             classified = self.service.classify(self.database, portal.statement.query)
@@ -826,15 +844,20 @@ class CachingRelay:
                         out.append(fe.encode_describe("P", execute.portal))
                         self._queue(Pending(Op.DESCRIBE_PORTAL, strip=True, capture=capture))
             elif classified.info.kind is not Kind.READ or not classified.verdict.cacheable:
-                on_done = self._note_effects(classified, portal.statement.query)
+                on_done, changes_state = self._note_effects(classified, portal.statement.query, idle=idle)
                 self._unsynced_write = True
-        elif portal is None:
-            on_done = WriteScope(frozenset(), True, "Execute of a portal the proxy does not know")
+        else:
+            # A portal the proxy does not know, or a statement prepared with SQL PREPARE (its text unknown here):
+            # it may write anything.
+            on_done = WriteScope(
+                frozenset(), True, "Execute of a statement the proxy cannot see", code="unknown_effects"
+            )
             self._before_write(on_done)
             self._unsynced_write = True
         self._executed_portals.add(execute.portal)
         query = portal.statement.query if portal is not None else b"<unknown portal>"
         request = _Request(on_done, kind, "miss" if capture else "bypass", self.service.clock(), query)
+        request.changes_state = changes_state
         self._queue(Pending(Op.EXECUTE, capture=capture, on_done=request))
         out.append(message)
 
@@ -861,11 +884,14 @@ class CachingRelay:
                 self.session.tx_status = status
                 if status == b"I":
                     self._transaction_ended()
+                self._state_changes.clear()
+                self._failed_since_ready = False
             elif msg_type == m.PARAMETER_STATUS:
                 self.session.note_parameter(region[start + HEADER_SIZE : end])
                 self._digest = None
             elif msg_type == m.ERROR_RESPONSE:
                 self.session.note_error(region[start + HEADER_SIZE : end])
+                self._failed_since_ready = True
         if not tracker and self._drained is not None:
             if not self._drained.done():
                 self._drained.set_result(None)
@@ -886,6 +912,9 @@ class CachingRelay:
         self._tx_writes.clear()
         self._portals.clear()
         self._executed_portals.clear()
+        if not self._failed_since_ready:
+            for sql in self._state_changes:
+                self._apply_session_change(sql)
 
     def _complete(self, pending: Pending) -> None:
         request = pending.on_done
@@ -899,6 +928,10 @@ class CachingRelay:
         if isinstance(request, _Request):
             if request.scope is not None:
                 self._after_write(request.scope)
+            if request.changes_state and not pending.seen_error:
+                # Applied at ReadyForQuery, if nothing failed before it: an error later in the same implicit
+                # transaction (an extended batch up to its Sync) rolls the SET back.
+                self._state_changes.append(request.sql)
             self.service.observe(request.kind, request.outcome, self.service.clock() - request.started, request.sql)
         capture = pending.capture
         if capture is None or pending.op is Op.DESCRIBE_PORTAL:
