@@ -315,7 +315,8 @@ def _create(c: Cursor, sub: SubAnalyze) -> Draft:
         ref = c.table()
         if ref is not None:
             draft.writes.add(ref)
-            if obj == "table" and (("temp" in modifiers or "temporary" in modifiers) or ref[0] == "pg_temp"):
+            # A temporary view shadows a table of the same name for this session, just as a temporary table does.
+            if obj in ("table", "view") and (("temp" in modifiers or "temporary" in modifiers) or ref[0] == "pg_temp"):
                 draft.temp_tables.add(ref)
         j = c.find_top_word("partition")
         if j >= 0 and is_word(c.tokens[j + 1] if j + 1 < len(c.tokens) else None, "of"):

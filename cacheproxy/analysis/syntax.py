@@ -74,8 +74,7 @@ _PG_NAMES = {
     "Upper": "upper",
     "Count": "count",
 }
-_HEAD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_class_name_cache: dict[type, str | None] = {}
+_CALL_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\(")
 
 
 @dataclass(slots=True)
@@ -258,11 +257,13 @@ def _builtin_name(func: exp.Func, lexical_calls: frozenset[str]) -> str | None:
         low = candidate.lower()
         if low in lexical_calls:
             return low
-    cls = type(func)
-    if cls not in _class_name_cache:
-        try:
-            m = _HEAD_RE.match(func.sql(dialect="postgres"))
-            _class_name_cache[cls] = m.group().lower() if m else None
-        except Exception:
-            _class_name_cache[cls] = None
-    return _class_name_cache[cls]
+    # Operators and connectors (AND, =, ||...) are Func subclasses in sqlglot but call nothing.
+    if isinstance(func, exp.Binary | exp.Connector):
+        return None
+    # Rendered per node, never cached per class: the text depends on the node. Only a rendering of the form
+    # name(...) names a function; "a AND pg_catalog.f(x)" once named every later AND's function "pg_catalog".
+    try:
+        m = _CALL_RE.match(func.sql(dialect="postgres"))
+    except Exception:
+        return None
+    return m.group(1).rsplit(".", 1)[-1].lower() if m else None

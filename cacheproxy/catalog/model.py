@@ -61,6 +61,7 @@ class Relation:
     name: str
     relkind: str
     has_triggers: bool  # user triggers or rewrite rules: a write may change other tables we cannot name
+    row_security: bool = False  # RLS enabled: its policies may read other tables and settings the cache cannot see
 
 
 @dataclass(frozen=True)

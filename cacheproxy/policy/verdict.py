@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo
+from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo, TxOp
 from cacheproxy.catalog.model import CACHEABLE_RELKINDS, RELKIND_NAMES, Catalog
 from cacheproxy.policy.rules import RuleSet
 
@@ -61,6 +61,9 @@ def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict
         if not relations:
             return ReadVerdict(False, f"relation {shown} is not in the catalog")
         for rel in relations:
+            if rel.row_security:
+                return ReadVerdict(False, f"{rel.schema}.{rel.name} has row-level security, whose policies may read "
+                                   "other tables and settings")  # fmt: skip
             if rel.relkind not in CACHEABLE_RELKINDS:
                 kind = RELKIND_NAMES.get(rel.relkind, rel.relkind)
                 return ReadVerdict(False, f"reads {kind} {rel.schema}.{rel.name}, whose changes the cache cannot see")
@@ -75,6 +78,9 @@ def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict
 
 def write_scope(info: QueryInfo, catalog: Catalog | None) -> WriteScope:
     """What to invalidate after `info` runs. DDL, DO, CALL and calls to functions with unknown effects: everything."""
+    if info.tx is not None and info.tx.op in (TxOp.COMMIT_PREPARED, TxOp.ROLLBACK_PREPARED):
+        # The prepared transaction's writes were seen in another session, maybe another process: name them all.
+        return WriteScope(frozenset(), True, "COMMIT PREPARED", code="unknown_effects")
     if info.kind is Kind.DDL or any(s.kind is Kind.DDL for s in info.statements):
         return WriteScope(frozenset(), True, "DDL", ddl=True, code="ddl")
     if catalog is not None:

@@ -62,10 +62,9 @@ def _cstring(body: bytes, pos: int) -> tuple[str, int]:
     end = body.find(b"\x00", pos)
     if end < 0:
         raise ProtocolViolation("invalid message format: missing string terminator")
-    try:
-        return body[pos:end].decode("utf-8"), end + 1
-    except UnicodeDecodeError as exc:
-        raise ProtocolViolation("invalid message format: string is not valid UTF-8") from exc
+    # The bytes are in the client's encoding (client_encoding may be LATIN1...): keep them exactly, so that
+    # what is replayed upstream is what the client sent.
+    return body[pos:end].decode("utf-8", "surrogateescape"), end + 1
 
 
 def _need(body: bytes, pos: int, size: int) -> None:
@@ -145,10 +144,11 @@ def decode_query(body: bytes) -> str:
 
 
 def encode_parse(statement: str, query: str, param_types: tuple[int, ...]) -> bytes:
-    body = statement.encode() + b"\x00" + query.encode() + b"\x00" + _INT16.pack(len(param_types))
+    body = statement.encode("utf-8", "surrogateescape") + b"\x00" + query.encode("utf-8", "surrogateescape")
+    body += b"\x00" + _INT16.pack(len(param_types))
     body += b"".join(_INT32.pack(t) for t in param_types)
     return encode(b"P", body)
 
 
 def encode_describe(kind: str, name: str) -> bytes:
-    return encode(b"D", kind.encode() + name.encode() + b"\x00")
+    return encode(b"D", kind.encode() + name.encode("utf-8", "surrogateescape") + b"\x00")

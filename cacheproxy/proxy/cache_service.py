@@ -30,6 +30,7 @@ log = logging.getLogger("cacheproxy.cache")
 _SWEEP_INTERVAL = 1.0
 _SWEEP_CHECKS = 2048
 _CLASSIFY_MEMO = 50_000
+_MEMO_MAX_STATEMENT = 4096  # bytes: bounds the memo to ~200 MiB of statement text at worst
 # Statements longer than this are not analyzed: the analyzer is pure Python (a few µs per byte) and runs on the event
 # loop, so a multi-megabyte bulk INSERT would stall every session. Such statements are never cached, and count as
 # writing anything: the whole database is invalidated after them.
@@ -63,6 +64,9 @@ class CacheService:
         self._fills: dict[Hashable, asyncio.Future[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
+        # Bumped by ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened before and after it start with
+        # different settings (search_path...), so they must not share entries.
+        self.settings_epoch = 0
 
     # -- classification --------------------------------------------------------------------------------------
 
@@ -80,9 +84,10 @@ class CacheService:
             info = self.analyzer.analyze(sql.decode("utf-8", "replace"))
         verdict = judge_read(info, catalog, self.rules) if catalog is not None else NO_CATALOG
         found = Classified(info, verdict, version)
-        self._memo[memo_key] = found
-        if len(self._memo) > _CLASSIFY_MEMO:
-            self._memo.popitem(last=False)
+        if len(sql) <= _MEMO_MAX_STATEMENT:  # long statements are rare repeats, and would pin their text here
+            self._memo[memo_key] = found
+            if len(self._memo) > _CLASSIFY_MEMO:
+                self._memo.popitem(last=False)
         return found
 
     def apply_config(self, config: Config) -> int:

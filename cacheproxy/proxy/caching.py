@@ -46,6 +46,10 @@ _SINGLE_FLIGHT_WAIT = 2.0
 _CATALOG_WAIT = 2.0
 _ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits for their replies this long
 _READY_IDLE = m.ready_for_query(b"I")
+# Date/time input words PostgreSQL evaluates when it reads them (docs, "Special Date/Time Inputs").
+_TIME_WORDS = re.compile(rb"(?i)(?<![a-z])(now|today|tomorrow|yesterday|current)(?![a-z])")
+_NAMES_STATEMENT = re.compile(rb"^\s*(?:deallocate\s+(?:prepare\s+)?|execute\s+)(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
+_ROLE_SETTINGS = re.compile(rb"^\s*alter\s+(?:role|user|database)\s.*\b(?:set|reset)\b", re.I | re.S)
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.I)
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 _PREPARE = re.compile(rb"^\s*prepare\s+(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
@@ -132,6 +136,7 @@ class CachingRelay:
         self.database = session.database
         self.user = session.user
         self.tracker = ReplyTracker()
+        self._epoch = str(service.settings_epoch)
         self._client_framer = Framer(session.server.config.limits.max_message_size)
         self._up_framer = Framer(1 << 31)
         self._inbox: deque[tuple[int, bytes]] = deque()
@@ -170,7 +175,8 @@ class CachingRelay:
     def _state_digest(self) -> bytes:
         if self._digest is None:
             session = self.session
-            self._digest = keys.state_digest(session.startup_parameters, session.parameters, self._set_history)
+            startup = {**session.startup_parameters, "cacheproxy.settings_epoch": self._epoch}
+            self._digest = keys.state_digest(startup, session.parameters, self._set_history)
         return self._digest
 
     def parameters_changed(self) -> None:
@@ -247,6 +253,12 @@ class CachingRelay:
         sql = message[HEADER_SIZE:-1]
         if is_admin_command(sql):
             return self._on_admin_command(sql)
+        self._statements.pop("", None)  # a simple Query replaces the unnamed statement (and portal)
+        if (named := _NAMES_STATEMENT.match(sql)) is not None:
+            # DEALLOCATE or EXECUTE of a statement whose Parse was answered here: create it upstream first.
+            existing = self._statements.get(_identifier(named.group(1)))
+            if existing is not None and not existing.upstream and existing.query:
+                self._replay(_identifier(named.group(1)), existing, out)
         classified = self._classify(sql)
         if classified is None:
             return False
@@ -419,6 +431,8 @@ class CachingRelay:
             if function in ("set_config", "pg_catalog.set_config") or catalog is None or catalog.may_write(function):
                 self._uncertain = self._uncertain or f"{function}() may have changed settings the proxy cannot see"
         scope = write_scope(info, catalog)
+        if _ROLE_SETTINGS.match(sql):
+            self.service.settings_epoch += 1
         if scope.ddl:
             # Decide nothing with the old catalog from now on; it is read again once the DDL has completed.
             self.service.catalogs.mark_stale(self.database)
@@ -463,9 +477,11 @@ class CachingRelay:
     # -- extended protocol ----------------------------------------------------------------------------------
 
     def _on_batch_end(self, out: list[bytes]) -> bool:
-        if self._can_serve():
-            if self._wait_for_catalog():
-                return False
+        if self._can_fill() and self._wait_for_catalog():
+            return False  # the first batch of a session: its results are cacheable once the catalog is read
+        # A batch ending in Flush is answered here only if it binds no portal: the client may go on using a portal
+        # after a Flush, and it must then exist upstream. (Parse + Describe + Flush, a driver preparing, is fine.)
+        if self._can_serve() and (self._batch[-1][0] == m.SYNC or all(t != m.BIND for t, _ in self._batch)):
             local: bytes | None
             try:
                 hot = self._answer_hot_batch()
@@ -524,7 +540,7 @@ class CachingRelay:
         if describe is not None and (batch[first + 1][0] != m.DESCRIBE or describe[HEADER_SIZE + 1 : -1] != portal
                                      or describe[HEADER_SIZE] != ord("P")):  # fmt: skip
             return False
-        name = bind[portal_end + 1 : name_end].decode("utf-8", "replace")
+        name = bind[portal_end + 1 : name_end].decode("utf-8", "surrogateescape")
         if statement is None:
             statement = self._statements.get(name)
             if statement is None or not statement.query:
@@ -569,7 +585,7 @@ class CachingRelay:
                 parse = fe.decode_parse(body)
                 if parse.statement and (parse.statement in self._statements or parse.statement in parsed):
                     return b""  # "already exists" is the server's to say
-                query = parse.query.encode()
+                query = parse.query.encode("utf-8", "surrogateescape")
                 new = Statement(query, parse.param_types, upstream=False)
                 if self._describe_entry(query, parse.param_types) is None:
                     # Only a stored result of this very statement (below) proves it parses for this session.
@@ -657,7 +673,7 @@ class CachingRelay:
 
     def _describe_entry(self, query: bytes, param_types: tuple[int, ...]) -> bytes | None:
         classified = self.service.classify(self.database, query)
-        if not classified.verdict.cacheable:
+        if not self._servable(classified):
             return None
         key = self._describe_key(query, param_types)
         entry = self.service.engine.get(key, self.service.clock(), count_miss=False)
@@ -702,7 +718,7 @@ class CachingRelay:
                 existing = self._statements.get(parse.statement)
                 if parse.statement and existing is not None and not existing.upstream:
                     self._replay(parse.statement, existing, out)  # so that the server says "already exists"
-                statement = Statement(parse.query.encode(), parse.param_types, upstream=True)
+                statement = Statement(parse.query.encode("utf-8", "surrogateescape"), parse.param_types, upstream=True)
                 self._statements[parse.statement] = statement
                 # Taken back if the server refuses (or skips) the Parse: no statement by that name then exists.
                 self._queue(Pending(Op.PARSE, on_done=_ParseDone(parse.statement, statement)))
@@ -795,6 +811,8 @@ class CachingRelay:
         classified = self.service.classify(self.database, portal.statement.query)
         if classified.info.kind is not Kind.READ or not self._cacheable_here(classified):
             return None
+        if _TIME_WORDS.search(portal.bind.arguments):
+            return None  # a parameter such as 'now' is evaluated when the statement runs: never cache it
         key = self._execute_key(portal.statement, portal.bind, max_rows)
         in_flight = self.service.fill_in_flight(key)
         leader = in_flight is None

@@ -23,7 +23,8 @@ log = logging.getLogger("cacheproxy.catalog")
 
 _RELATIONS = """
 SELECT n.nspname, c.relname, c.relkind::text,
-       c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)
+       c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal),
+       c.relrowsecurity
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'm', 'v', 'f', 'S')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -158,7 +159,7 @@ class CatalogLoader:
         return Catalog.build(
             database,
             self._versions,
-            relations=[Relation(r[0], r[1], r[2], bool(r[3])) for r in relations],
+            relations=[Relation(r[0], r[1], r[2], bool(r[3]), bool(r[4])) for r in relations],
             inherits=[(r[0], r[1]) for r in inherits],
             cascades=[(r[0], r[1]) for r in cascades],
             functions=[(r[0], r[1], bool(r[2])) for r in functions],

@@ -15,13 +15,16 @@ from collections.abc import Callable
 class Link(asyncio.Protocol):
     """Forwards one transport's events to its session; pauses the peer's reading while our writes back up."""
 
-    __slots__ = ("_on_closed", "_on_data", "peer", "transport")
+    __slots__ = ("_on_closed", "_on_data", "pause_self", "peer", "transport")
 
     def __init__(self, on_data: Callable[[bytes], None], on_closed: Callable[[Exception | None], None]) -> None:
         self._on_data = on_data
         self._on_closed = on_closed
         self.transport: asyncio.Transport | None = None
         self.peer: asyncio.Transport | None = None  # the transport whose reading we pause
+        # Also stop reading our own side while our writes back up: a client that sends requests without reading
+        # the answers (which the cache writes directly) must not make the proxy buffer them without bound.
+        self.pause_self = False
 
     @classmethod
     def take_over(
@@ -48,7 +51,11 @@ class Link(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.peer is not None and not self.peer.is_closing():
             self.peer.pause_reading()
+        if self.pause_self and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.peer is not None and not self.peer.is_closing():
             self.peer.resume_reading()
+        if self.pause_self and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()

@@ -342,6 +342,7 @@ class Session:
         self._client_link = Link.take_over(client_transport, self._on_client_data, self._on_client_closed)
         self._up_link = Link.take_over(up_transport, self._on_upstream_data, self._on_upstream_closed)
         self._client_link.peer, self._up_link.peer = up_transport, client_transport
+        self._client_link.pause_self = True
         service = self.server.cache
         if service is not None and "replication" not in self.startup_parameters:
             self._caching = CachingRelay(self, service, up_transport.write, client_transport.write)

@@ -168,10 +168,10 @@ def test_syncs_sent_during_extended_copy_in_are_ignored() -> None:
     for op in (Op.PARSE, Op.BIND, Op.EXECUTE, Op.SYNC):
         tracker.expect(Pending(op))
     copy_in = encode(b"G", b"\x00\x00\x01\x00\x00")
-    shown, done = feed(tracker, encode(b"1") + encode(b"2") + copy_in)
+    _, done = feed(tracker, encode(b"1") + encode(b"2") + copy_in)
     assert [p.op for p in done] == [Op.PARSE, Op.BIND] and len(tracker) == 2
     ignored = tracker.client_copy_end()  # CopyDone: the Sync sent with the batch was ignored by the server
     assert [p.op for p in ignored] == [Op.SYNC]
     tracker.expect(Pending(Op.SYNC))  # the one the client sends after CopyDone
-    shown, done = feed(tracker, encode(b"C", b"COPY 1\x00") + Z)
+    _shown, done = feed(tracker, encode(b"C", b"COPY 1\x00") + Z)
     assert [p.op for p in done] == [Op.EXECUTE, Op.SYNC] and not len(tracker)
