@@ -237,6 +237,8 @@ class CachingRelay:
             # A fast-path call can run any function: assume it wrote anything.
             scope = WriteScope(frozenset(), True, "FunctionCall", code="function_call")
             self._before_write(scope)
+            # It may as well have changed settings (set_config() through the fast path): unknowable from here.
+            self._uncertain = self._uncertain or "a FunctionCall ran"
             request = _Request(scope, "other", "bypass", self.service.clock(), b"<FunctionCall>")
             self._queue(Pending(Op.FUNCTION_CALL, on_done=request))
             out.append(message)

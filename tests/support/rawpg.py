@@ -114,3 +114,49 @@ def function_call(oid: int, *int4_args: int) -> bytes:
         body += pack("!ii", 4, arg)
     body += pack("!H", 1)
     return encode(b"F", body)
+
+
+# -- extended-protocol message builders for tests that script exact batches ----------------------------------
+
+
+def parse(name: str, query: str, types: tuple[int, ...] = ()) -> bytes:
+    body = name.encode() + b"\x00" + query.encode() + b"\x00" + pack("!H", len(types))
+    return encode(b"P", body + b"".join(pack("!I", t) for t in types))
+
+
+def bind(portal: str = "", statement: str = "", params: tuple[bytes, ...] = ()) -> bytes:
+    body = portal.encode() + b"\x00" + statement.encode() + b"\x00" + pack("!HH", 0, len(params))
+    for param in params:
+        body += pack("!i", len(param)) + param
+    return encode(b"B", body + pack("!H", 0))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return encode(b"E", portal.encode() + b"\x00" + pack("!i", max_rows))
+
+
+def describe_portal(name: str = "") -> bytes:
+    return encode(b"D", b"P" + name.encode() + b"\x00")
+
+
+SYNC = encode(b"S")
+FLUSH = encode(b"H")
+
+
+def query(sql: str) -> bytes:
+    return encode(b"Q", sql.encode() + b"\x00")
+
+
+def shape(messages: list[Message]) -> list[str]:
+    """Message types, with DataRow values and error codes spelled out, for comparing replies."""
+    out = []
+    for msg_type, body in messages:
+        if msg_type == "D":
+            out.append("D" + ",".join("NULL" if v is None else v.decode() for v in data_rows([(msg_type, body)])[0]))
+        elif msg_type == "E":
+            out.append("E" + error_fields([(msg_type, body)]).get("C", ""))
+        elif msg_type in "CZ":
+            out.append(msg_type + body.rstrip(b"\x00").decode())
+        else:
+            out.append(msg_type)
+    return out
