@@ -17,7 +17,7 @@ import asyncpg
 
 from cacheproxy.catalog.model import Catalog, Relation
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.proxy.upstream import client_ssl_context
+from cacheproxy.proxy.upstream import control_connection
 
 log = logging.getLogger("cacheproxy.catalog")
 
@@ -130,23 +130,7 @@ class CatalogLoader:
         return catalog
 
     async def _read(self, database: str) -> Catalog:
-        cfg = self._upstream
-        ssl_arg: ssl.SSLContext | str | bool = False
-        if cfg.sslmode == "prefer":
-            ssl_arg = "prefer"
-        elif cfg.sslmode not in ("disable", "allow"):
-            ssl_arg = client_ssl_context(cfg)
-        conn = await asyncpg.connect(
-            host=cfg.host,
-            port=cfg.port,
-            user=cfg.user,
-            password=cfg.password,
-            database=database,
-            ssl=ssl_arg,
-            timeout=cfg.connect_timeout,
-            statement_cache_size=0,
-            server_settings={"application_name": "cacheproxy-catalog"},
-        )
+        conn = await control_connection(self._upstream, database, "catalog")
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 relations = await conn.fetch(_RELATIONS)

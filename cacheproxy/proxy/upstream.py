@@ -6,6 +6,8 @@ import asyncio
 import logging
 import ssl
 
+import asyncpg
+
 from cacheproxy.config import UpstreamConfig
 from cacheproxy.errors import CONNECTION_FAILURE, UpstreamError
 from cacheproxy.protocol.startup import encode_cancel, encode_ssl_request
@@ -82,6 +84,27 @@ def client_ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext:
     if cfg.sslcert:
         context.load_cert_chain(cfg.sslcert, cfg.sslkey)
     return context
+
+
+async def control_connection(cfg: UpstreamConfig, database: str, purpose: str) -> asyncpg.Connection:
+    """The proxy's own asyncpg connection (catalog reads, snapshot evidence), as the upstream URL's user, with the
+    same sslmode as client sessions; `purpose` shows in pg_stat_activity as application_name cacheproxy-<purpose>."""
+    ssl_arg: ssl.SSLContext | str | bool = False
+    if cfg.sslmode == "prefer":
+        ssl_arg = "prefer"
+    elif cfg.sslmode not in ("disable", "allow"):
+        ssl_arg = client_ssl_context(cfg)
+    return await asyncpg.connect(
+        host=cfg.host,
+        port=cfg.port,
+        user=cfg.user,
+        password=cfg.password,
+        database=database,
+        ssl=ssl_arg,
+        timeout=cfg.connect_timeout,
+        statement_cache_size=0,
+        server_settings={"application_name": f"cacheproxy-{purpose}"},
+    )
 
 
 async def send_cancel(cfg: UpstreamConfig, process_id: int, secret_key: bytes) -> None:

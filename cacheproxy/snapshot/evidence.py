@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.proxy.upstream import client_ssl_context
+from cacheproxy.proxy.upstream import control_connection
 
 # Every plain / partitioned table and materialized view outside the system schemas (pg_% covers pg_catalog, pg_toast
 # and the pg_temp_N of sessions), with its inheritance tree below it; stats are NULL for relations without a row.
@@ -51,22 +51,7 @@ class Cluster:
 
 
 async def connect(upstream: UpstreamConfig, database: str) -> asyncpg.Connection:
-    ssl_arg: ssl.SSLContext | str | bool = False
-    if upstream.sslmode == "prefer":
-        ssl_arg = "prefer"
-    elif upstream.sslmode not in ("disable", "allow"):
-        ssl_arg = client_ssl_context(upstream)
-    return await asyncpg.connect(
-        host=upstream.host,
-        port=upstream.port,
-        user=upstream.user,
-        password=upstream.password,
-        database=database,
-        ssl=ssl_arg,
-        timeout=upstream.connect_timeout,
-        statement_cache_size=0,
-        server_settings={"application_name": "cacheproxy-snapshot"},
-    )
+    return await control_connection(upstream, database, "snapshot")
 
 
 async def read_cluster(upstream: UpstreamConfig, database: str) -> Cluster:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +11,13 @@ import psycopg
 
 from cacheproxy.cache.entry import Entry
 from cacheproxy.snapshot.format import Header, decode_snapshot, encode_snapshot
+from tests.integration.test_cache import _marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread, proxy_config
 
 # psql's backend flushes its statistics before answering (rather than up to ~10 s later, or at exit, after psql
 # has returned), so the proxy reads them as of this write.
 _FLUSH = "SELECT pg_stat_force_next_flush();"
-
-
-def _marker() -> str:
-    return "m_" + uuid.uuid4().hex[:10]
-
-
-def upstream_calls(pg: PgCluster, marker: str) -> int:
-    out = pg.psql(f"SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%{marker}%'")
-    return int(out.strip())
 
 
 def _setup(pg: PgCluster, dbname: str) -> None:
