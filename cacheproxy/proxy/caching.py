@@ -394,12 +394,15 @@ class CachingRelay:
         async def wait() -> None:
             try:
                 await asyncio.wait_for(asyncio.shield(awaitable), timeout)
-            except (TimeoutError, asyncio.CancelledError, Exception):
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the session is closing: nothing more to dispatch
+            except Exception:  # timed out, or what we waited for failed: go on without it
                 pass
-            finally:
-                self._waiting = False
-                self._waited = True
-                self.session.resume_client()
+            self._waiting = False
+            self._waited = True
+            self.session.resume_client()
             self.session.run_guarded(self._drain_inbox)
 
         self.session.spawn(wait())

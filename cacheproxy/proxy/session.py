@@ -468,7 +468,14 @@ class Session:
         task.add_done_callback(self._tasks.discard)
 
     def run_guarded(self, fn: Callable[[], None]) -> None:
+        """Run relay work that resumes outside a transport callback (after a wait), with the same guards."""
+        if self._relay_end is None or self._relay_end.done():
+            return
         self._guarded(lambda _: fn(), b"")
+        if self._caching is not None and self._caching.terminated:
+            self._client_terminated = True
+            self._end_relay("client sent Terminate")
+            return
         self._after_upstream_data()
 
     def _guarded(self, fn: Callable[[bytes], None], data: bytes) -> None:
