@@ -27,7 +27,7 @@ _READY_TTL = 1.0
 # With snapshot.interval unset (or removed by a reload), how often the periodic task looks at the setting again.
 _SNAPSHOT_RECHECK = 5.0
 # Settings that only a restart can change: a reload keeps their old values and says so.
-_RESTART_ONLY = ("listen", "upstream", "admin.listen", "cache.enabled", "cache.max_memory", "cache.shards")
+_RESTART_ONLY = ("listen", "upstream", "admin.listen", "tls", "cache.enabled", "cache.max_memory", "cache.shards")
 
 
 class App:
@@ -180,7 +180,8 @@ class App:
             raise ProxyError("F0000", f"reload refused: {exc}", severity="ERROR") from exc
         old = self.config
         kept = [name for name in _RESTART_ONLY if _get(old, name) != _get(new, name)]
-        new = replace(new, listen=old.listen, upstream=old.upstream, admin=replace(new.admin, listen=old.admin.listen),
+        new = replace(new, listen=old.listen, upstream=old.upstream, tls=old.tls,
+                      admin=replace(new.admin, listen=old.admin.listen),
                       cache=replace(new.cache, enabled=old.cache.enabled, max_memory=old.cache.max_memory,
                                     shards=old.cache.shards))  # fmt: skip
         changed = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -50,6 +51,7 @@ GiB: Final = 1024 * MiB
 TiB: Final = 1024 * GiB
 
 SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+TLS_MODES: Final = ("disable", "allow", "require")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 STRATEGIES: Final = ("lazy", "write_through", "none")
@@ -212,6 +214,16 @@ class SnapshotConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """TLS towards clients. ``mode``: disable (SSLRequest answered 'N'), allow (TLS when the client asks),
+    require (plaintext clients are refused). ``cert`` and ``key`` are PEM files, required unless disabled."""
+
+    mode: str = "disable"
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """A per-table caching rule. ``tables`` holds names or globs exactly as written (no case folding)."""
 
@@ -233,6 +245,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     rules: tuple[Rule, ...] = ()
     source: str | None = None
 
@@ -776,6 +789,21 @@ def _snapshot(m: Mapping[str, object], where: _Where) -> SnapshotConfig:
     return snapshot
 
 
+def _tls(m: Mapping[str, object], where: _Where) -> TLSConfig:
+    tls = TLSConfig(
+        mode=_get(m, "tls.mode", "disable", _choice(TLS_MODES), where),
+        cert=_get(m, "tls.cert", None, _optional(_str), where),
+        key=_get(m, "tls.key", None, _optional(_str), where),
+    )
+    if tls.mode != "disable":
+        for name, path in (("cert", tls.cert), ("key", tls.key)):
+            if not path:
+                raise where.error(f"tls.{name}", f"required when tls.mode is {tls.mode}")
+            if not os.path.isfile(path):
+                raise where.error(f"tls.{name}", f"no such file: {path}")
+    return tls
+
+
 # Table names or globs: one to three dot-separated parts, each a "quoted" identifier or unquoted text.
 _IDENT: Final = r'(?:"(?:[^"]|"")+"|[^\s".]+)'
 _TABLE_PATTERN = re.compile(rf"{_IDENT}(?:\.{_IDENT}){{0,2}}")
@@ -834,6 +862,7 @@ def _build(data: object, where: _Where) -> Config:
         logging=_logging(_mapping(top.get("logging"), "logging", _keys(LoggingConfig), where), where),
         cache=_cache(_mapping(top.get("cache"), "cache", _keys(CacheConfig), where), where),
         snapshot=_snapshot(_mapping(top.get("snapshot"), "snapshot", _keys(SnapshotConfig), where), where),
+        tls=_tls(_mapping(top.get("tls"), "tls", _keys(TLSConfig), where), where),
         rules=_rules(top.get("rules"), where),
         source=where.source,
     )
@@ -975,6 +1004,7 @@ def render_config(config: Config) -> str:
             "analysis_cache_size": config.cache.analysis_cache_size,
         },
         "snapshot": {"path": config.snapshot.path, "interval": _optional_duration(config.snapshot.interval)},
+        "tls": {"mode": config.tls.mode, "cert": config.tls.cert, "key": config.tls.key},
         "rules": [
             {
                 "tables": list(rule.tables),

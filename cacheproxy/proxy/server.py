@@ -8,6 +8,7 @@ import itertools
 import logging
 import secrets
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 from cacheproxy.config import Config
@@ -44,6 +45,7 @@ class ProxyServer:
         self._reload = reload
         self.snapshot = snapshot  # App.snapshot_now, for CACHEPROXY SNAPSHOT
         self.admin_console = AdminConsole(self, lambda session, sql: session.explain(sql))
+        self.tls_context = server_tls_context(config)
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
         self._live: dict[Session, asyncio.Task[None]] = {}  # every connection's session, admitted or not
@@ -173,6 +175,17 @@ class ProxyServer:
         if self._server is not None:
             await self._server.wait_closed()
         log.info("shutdown complete")
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The TLS context offered to clients, or None when tls.mode is disable."""
+    tls = config.tls
+    if tls.mode == "disable" or tls.cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
 
 
 def _fmt(sockname: tuple[object, ...]) -> str:

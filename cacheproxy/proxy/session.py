@@ -19,6 +19,7 @@ from cacheproxy.errors import (
     ADMIN_SHUTDOWN,
     IDLE_SESSION_TIMEOUT,
     INTERNAL_ERROR,
+    INVALID_AUTHORIZATION_SPECIFICATION,
     ProtocolViolation,
     ProxyError,
     UpstreamError,
@@ -84,6 +85,7 @@ class Session:
         self.server = server
         self.id = session_id
         self.peer = _peer_name(writer)
+        self.tls = False  # the client's connection is encrypted (it asked, and tls.mode allows it)
         self.startup: StartupMessage | None = None
         self.phase = Phase.STARTUP
         self.process_id = 0
@@ -254,6 +256,7 @@ class Session:
     async def _read_startup_packets(self) -> StartupMessage | None:
         reader, writer = self._client_reader, self._client_writer
         negotiations = 0
+        tls_context = self.server.tls_context
         while True:
             header = await reader.readexactly(4)
             request = decode_startup(header + await reader.readexactly(read_length(header) - 4))
@@ -262,12 +265,22 @@ class Session:
                 negotiations += 1
                 if negotiations > _MAX_NEGOTIATIONS:
                     raise ProtocolViolation("too many encryption requests before the startup message")
-                # TLS towards clients is not offered yet: 'N' tells the client to go on in plaintext or give up.
-                writer.write(b"N")
+                if isinstance(request, SSLRequest) and tls_context is not None and not self.tls:
+                    writer.write(b"S")
+                    await writer.drain()
+                    await writer.start_tls(tls_context)  # the reader reads decrypted bytes from here on
+                    self.tls = True
+                    continue
+                writer.write(b"N")  # GSSAPI encryption is not offered; nor TLS when it is disabled
                 continue
             if isinstance(request, CancelRequest):
                 await self.server.forward_cancel(request.process_id, request.secret_key)
                 return None
+            if self.server.config.tls.mode == "require" and not self.tls:
+                raise ProxyError(
+                    INVALID_AUTHORIZATION_SPECIFICATION,
+                    "cacheproxy requires TLS (tls.mode: require): connect with sslmode=require",
+                )
             return request
 
     async def _authenticate(self, startup: StartupMessage) -> None:
