@@ -71,6 +71,8 @@ class Pending:
     op: Op
     strip: bool = False  # the proxy's own request: its replies are not shown to the client (errors excepted)
     capture: Capture | None = None
+    copy_from: bool = False  # an Execute of COPY ... FROM STDIN: Syncs sent until CopyDone may be ignored
+    during_copy: bool = False  # a Sync sent after a COPY FROM Execute, before the client ended the copy
     on_done: object = None  # opaque to the tracker: handed back when the request completes
     seen_error: bool = field(default=False)
 
@@ -111,18 +113,26 @@ class ReplyTracker:
 
     It mirrors two server states in which requests get no reply at all (PostgreSQL docs, "Extended Query" and
     "COPY Operations"): after an error in extended protocol, every message up to the next Sync is discarded; and
-    during COPY FROM STDIN started by an Execute, Sync and Flush are ignored until CopyDone or CopyFail.
+    during COPY FROM STDIN started by an Execute, Sync and Flush are ignored. Syncs sent after a COPY FROM Execute
+    and before the client's CopyDone/CopyFail are marked: if the server did enter copy-in mode (CopyInResponse),
+    they get no reply and are dropped; if the COPY failed before that, they are answered as usual.
     """
 
-    __slots__ = ("_copy_in", "_pending", "_skipping")
+    __slots__ = ("_client_copy_ended", "_copy_in", "_copy_open", "_pending", "_skipping")
 
     def __init__(self) -> None:
         self._pending: deque[Pending] = deque()
         self._skipping = False  # the server discards messages until a Sync: new requests get no reply
-        self._copy_in = False  # an Execute put the server in copy-in mode: Syncs sent meanwhile are ignored
+        self._copy_open = False  # a COPY FROM Execute is queued and the client has not ended the copy
+        self._copy_in = False  # the server sent CopyInResponse for it
+        self._client_copy_ended = False
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    @property
+    def skipping(self) -> bool:
+        return self._skipping
 
     def expect(self, pending: Pending) -> bool:
         """Queue a request sent upstream. False when the server will not answer it (it discards messages until a
@@ -134,18 +144,31 @@ class ReplyTracker:
                     pending.capture.fail()
                 return False
             self._skipping = False
+        if pending.copy_from:
+            self._copy_open, self._copy_in, self._client_copy_ended = True, False, False
+        elif pending.op is Op.SYNC and self._copy_open and not self._client_copy_ended:
+            pending.during_copy = True
         self._pending.append(pending)
         return True
 
     def client_copy_end(self) -> list[Pending]:
-        """The client sent CopyDone or CopyFail. Syncs forwarded during copy-in were ignored by the server: they
-        will get no ReadyForQuery. Returns them (completed, with no reply)."""
-        if not self._copy_in:
-            return []
-        self._copy_in = False
-        ignored = [p for p in self._pending if p.op is Op.SYNC]
-        self._pending = deque(p for p in self._pending if p.op is not Op.SYNC)
-        return ignored
+        """The client sent CopyDone or CopyFail: Syncs sent before it, while the server was in copy-in mode, were
+        ignored by the server."""
+        if self._copy_open:
+            self._client_copy_ended = True
+            if self._copy_in:
+                self._drop_copy_syncs()
+        return []
+
+    def _drop_copy_syncs(self) -> None:
+        self._pending = deque(p for p in self._pending if not p.during_copy)
+        self._copy_open = self._copy_in = False
+
+    def _copy_failed_early(self) -> None:
+        """The COPY failed before copy-in mode: the Syncs sent meanwhile are ordinary Syncs."""
+        for pending in self._pending:
+            pending.during_copy = False
+        self._copy_open = self._copy_in = False
 
     def on_message(self, msg_type: int, region: bytes, start: int, end: int) -> Outcome:
         """Account for one whole upstream message, `region[start:end]` (type byte included).
@@ -164,8 +187,10 @@ class ReplyTracker:
         head = self._pending[0]
         if msg_type == ord("E"):
             return Outcome(True, self._on_error(head))
-        if msg_type == ord("G") and head.op is Op.EXECUTE:
+        if msg_type == ord("G") and head.op is Op.EXECUTE and self._copy_open:
             self._copy_in = True
+            if self._client_copy_ended:  # the client's CopyDone was already on its way
+                self._drop_copy_syncs()
         relay = not head.strip
         capture = head.capture
         if capture is not None and not capture.failed:
@@ -182,7 +207,11 @@ class ReplyTracker:
 
     def _on_error(self, head: Pending) -> list[Pending]:
         """ErrorResponse: it ends the head request; in extended protocol, every request up to Sync is skipped."""
-        self._copy_in = False  # an error ends copy-in mode too
+        if self._copy_open:
+            if self._copy_in:
+                self._drop_copy_syncs()  # they were read, and ignored, during copy-in
+            else:
+                self._copy_failed_early()
         if head.op in (Op.QUERY, Op.FUNCTION_CALL):
             head.seen_error = True  # ReadyForQuery still follows
             if head.capture is not None:

@@ -48,7 +48,9 @@ _ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits f
 _READY_IDLE = m.ready_for_query(b"I")
 # Date/time input words PostgreSQL evaluates when it reads them (docs, "Special Date/Time Inputs").
 _TIME_WORDS = re.compile(rb"(?i)(?<![a-z])(now|today|tomorrow|yesterday|current)(?![a-z])")
-_NAMES_STATEMENT = re.compile(rb"^\s*(?:deallocate\s+(?:prepare\s+)?|execute\s+)(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
+_NAMES_STATEMENT = re.compile(rb"^\s*(deallocate\s+(?:prepare\s+)?|execute\s+)(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
+_SYNC = b"S\x00\x00\x00\x04"
+_COPY_FROM_STDIN = re.compile(rb"^\s*copy\b(?:(?!\bto\b).)*\bfrom\s+stdin\b", re.I | re.S)
 _ROLE_SETTINGS = re.compile(rb"^\s*alter\s+(?:role|user|database)\s.*\b(?:set|reset)\b", re.I | re.S)
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.I)
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
@@ -170,7 +172,13 @@ class CachingRelay:
     def _can_serve(self) -> bool:
         """Local answers only when the server is idle as far as this session goes: nothing pending, no extended
         messages forwarded since the last Sync (an implicit transaction may be open), no transaction block."""
-        return not self.tracker and not self._unsynced and self.session.tx_status == b"I" and self._uncertain is None
+        return (
+            not self.tracker
+            and not self._unsynced
+            and not self.tracker.skipping
+            and self.session.tx_status == b"I"
+            and self._uncertain is None
+        )
 
     def _state_digest(self) -> bytes:
         if self._digest is None:
@@ -254,13 +262,24 @@ class CachingRelay:
     def _on_query(self, message: bytes, out: list[bytes]) -> bool:
         sql = message[HEADER_SIZE:-1]
         if is_admin_command(sql):
-            return self._on_admin_command(sql)
+            return self._on_admin_command(sql, message, out)
         self._statements.pop("", None)  # a simple Query replaces the unnamed statement (and portal)
         if (named := _NAMES_STATEMENT.match(sql)) is not None:
-            # DEALLOCATE or EXECUTE of a statement whose Parse was answered here: create it upstream first.
-            existing = self._statements.get(_identifier(named.group(1)))
+            name = _identifier(named.group(2))
+            existing = self._statements.get(name)
             if existing is not None and not existing.upstream and existing.query:
-                self._replay(_identifier(named.group(1)), existing, out)
+                if named.group(1).lower().startswith(b"deallocate"):
+                    # It exists only here: deallocating it is ours to answer (in order, outside a failed block).
+                    if not self.tracker and self.session.tx_status != b"E":
+                        del self._statements[name]
+                        self._write_client(m.command_complete("DEALLOCATE") + m.ready_for_query(self.session.tx_status))
+                        return True
+                else:
+                    # EXECUTE of it: create it upstream first, closed by its own Sync so that a failing Parse does
+                    # not make the server discard the Query behind it.
+                    self._replay(name, existing, out)
+                    out.append(_SYNC)
+                    self._queue(Pending(Op.SYNC, strip=True))
         classified = self._classify(sql)
         if classified is None:
             return False
@@ -291,12 +310,17 @@ class CachingRelay:
         out.append(message)
         return True
 
-    def _on_admin_command(self, sql: bytes) -> bool:
+    def _on_admin_command(self, sql: bytes, message: bytes, out: list[bytes]) -> bool:
         """Answer a CACHEPROXY command in order: after every reply still due from upstream."""
-        if self.tracker and not self._waited:
-            self._drained = asyncio.get_running_loop().create_future()
-            self._wait_for(self._drained, _ADMIN_WAIT)
-            return False
+        if self.tracker:
+            if not self._waited:
+                self._drained = asyncio.get_running_loop().create_future()
+                self._wait_for(self._drained, _ADMIN_WAIT)
+                return False
+            # Still busy after the wait: an answer now would overtake replies. The server answers instead.
+            self._queue(Pending(Op.QUERY))
+            out.append(message)
+            return True
         reply = self.session.server.admin_console.execute(self.session, sql.decode("utf-8", "replace"))
         self._write_client(reply + m.ready_for_query(self.session.tx_status))
         return True
@@ -635,6 +659,8 @@ class CachingRelay:
                 hit_statement = portals[execute.portal][0]
                 unproven = {name: st for name, st in unproven.items() if st is not hit_statement}
             elif msg_type == m.CLOSE:
+                if any(t not in (m.CLOSE, m.SYNC, m.FLUSH) for t, _ in self._batch[index + 1 :]):
+                    return b""  # something after it uses what it closes: the server's to answer
                 close = fe.decode_close(body)
                 if close.kind == "S":
                     existing = self._statements.get(close.name)
@@ -881,7 +907,8 @@ class CachingRelay:
         query = portal.statement.query if portal is not None else b"<unknown portal>"
         request = _Request(on_done, kind, "miss" if capture else "bypass", self.service.clock(), query)
         request.changes_state = changes_state
-        self._queue(Pending(Op.EXECUTE, capture=capture, on_done=request))
+        copy_from = _COPY_FROM_STDIN.match(query) is not None
+        self._queue(Pending(Op.EXECUTE, capture=capture, on_done=request, copy_from=copy_from))
         out.append(message)
 
     # -- upstream -> client ----------------------------------------------------------------------------------
@@ -907,6 +934,9 @@ class CachingRelay:
                 self.session.tx_status = status
                 if status == b"I":
                     self._transaction_ended()
+                elif self._state_changes:
+                    # A SET that ran inside what turned out to be a transaction block: it may yet be rolled back.
+                    self._uncertain = self._uncertain or "SET inside a transaction block"
                 self._state_changes.clear()
                 self._failed_since_ready = False
             elif msg_type == m.PARAMETER_STATUS:

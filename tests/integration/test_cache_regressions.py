@@ -160,3 +160,68 @@ def test_a_query_drops_the_unnamed_statement(env: tuple[PgCluster, str, ProxyThr
     assert _replies(via, query("SELECT 1") + bind() + execute() + SYNC, count=2) == _replies(
         direct, query("SELECT 1") + bind() + execute() + SYNC, count=2
     )
+
+
+def _copy_data(row: bytes) -> bytes:
+    return b"d" + (len(row) + 4).to_bytes(4, "big") + row
+
+
+COPY_DONE = b"c\x00\x00\x00\x04"
+
+
+def test_a_bad_row_in_extended_copy_keeps_the_session_in_step(env: tuple[PgCluster, str, ProxyThread]) -> None:
+    via, direct = _both(env)
+    for conn in (via, direct):
+        conn.send(parse("", "COPY copytab FROM STDIN") + bind() + execute() + SYNC)
+        assert shape(conn.recv_until("G")) == ["1", "2", "G"]
+        conn.send(_copy_data(b"not a number\n"))
+        assert shape(conn.recv_until("E")) == ["E22P02"]
+        conn.send(COPY_DONE + SYNC)
+        assert shape(conn.recv_until("Z")) == ["ZI"]
+        assert _replies(conn, query("SELECT 7")) == ["T", "D7", "CSELECT 1", "ZI"]
+
+
+def test_extended_copy_sent_in_one_write_keeps_the_session_in_step(env: tuple[PgCluster, str, ProxyThread]) -> None:
+    via, direct = _both(env)
+    for conn in (via, direct):
+        conn.send(
+            parse("", "COPY copytab FROM STDIN") + bind() + execute() + SYNC + _copy_data(b"5\n") + COPY_DONE + SYNC
+        )
+        assert shape(conn.recv_until("Z")) == ["1", "2", "G", "CCOPY 1", "ZI"]
+        assert _replies(conn, query("SELECT 8")) == ["T", "D8", "CSELECT 1", "ZI"]
+
+
+def test_a_set_in_a_batch_that_opens_a_transaction_is_not_lost(env: tuple[PgCluster, str, ProxyThread]) -> None:
+    _pg, dbname, proxy = env
+    conn = _conn(proxy.host, proxy.port, dbname)
+    read = query("SELECT name FROM items ORDER BY id LIMIT 1")
+    assert "Ditem 1" in _replies(conn, read)
+    batch = parse("", "SET search_path = s2, public") + bind() + execute()
+    batch += parse("", "BEGIN") + bind() + execute() + SYNC
+    assert _replies(conn, batch)[-1] == "ZT"
+    assert _replies(conn, query("COMMIT"))[-1] == "ZI"
+    assert "Ds2 row" in _replies(conn, read)
+
+
+def test_no_local_answer_while_the_server_skips_to_a_sync(env: tuple[PgCluster, str, ProxyThread]) -> None:
+    via, direct = _both(env)
+    sql = "SELECT name FROM items WHERE id = $1"
+    for conn in (via, direct):  # warm the cache with id 35
+        _replies(conn, parse("", sql) + bind(params=(b"35",)) + execute() + SYNC)
+    for conn in (via, direct):
+        conn.send(parse("", "SELECT 1/0") + bind() + execute() + FLUSH)
+        conn.recv_until("E")
+        conn.send(query("SELECT 1"))  # discarded by the server: it waits for a Sync
+    batches = parse("", sql) + bind(params=(b"35",)) + execute() + SYNC + parse("", sql) + bind(params=(b"36",))
+    batches += execute() + SYNC
+    assert _replies(via, batches, count=2) == _replies(direct, batches, count=2)
+
+
+def test_close_inside_a_batch_is_honoured(env: tuple[PgCluster, str, ProxyThread]) -> None:
+    via, direct = _both(env)
+    sql = "SELECT name FROM items WHERE id = 37"
+    close_portal = b"C" + (4 + 3).to_bytes(4, "big") + b"Pp\x00"
+    for conn in (via, direct):  # warm
+        _replies(conn, parse("", sql) + bind("p") + execute("p") + SYNC)
+    batch = parse("", sql) + bind("p") + close_portal + execute("p") + SYNC
+    assert _replies(via, batch) == _replies(direct, batch)

@@ -166,12 +166,48 @@ def test_requests_after_an_error_without_sync_get_no_reply() -> None:
 def test_syncs_sent_during_extended_copy_in_are_ignored() -> None:
     tracker = ReplyTracker()
     for op in (Op.PARSE, Op.BIND, Op.EXECUTE, Op.SYNC):
-        tracker.expect(Pending(op))
+        tracker.expect(Pending(op, copy_from=op is Op.EXECUTE))
     copy_in = encode(b"G", b"\x00\x00\x01\x00\x00")
     _, done = feed(tracker, encode(b"1") + encode(b"2") + copy_in)
     assert [p.op for p in done] == [Op.PARSE, Op.BIND] and len(tracker) == 2
-    ignored = tracker.client_copy_end()  # CopyDone: the Sync sent with the batch was ignored by the server
-    assert [p.op for p in ignored] == [Op.SYNC]
+    tracker.client_copy_end()  # CopyDone: the Sync sent with the batch was ignored by the server
+    assert len(tracker) == 1  # only the Execute is left
     tracker.expect(Pending(Op.SYNC))  # the one the client sends after CopyDone
     _shown, done = feed(tracker, encode(b"C", b"COPY 1\x00") + Z)
     assert [p.op for p in done] == [Op.EXECUTE, Op.SYNC] and not len(tracker)
+
+
+COPY_IN = encode(b"G", b"\x00\x00\x01\x00\x00")
+
+
+def _copy_batch(tracker: ReplyTracker) -> None:
+    for op in (Op.PARSE, Op.BIND, Op.EXECUTE, Op.SYNC):
+        tracker.expect(Pending(op, copy_from=op is Op.EXECUTE))
+
+
+def test_a_bad_row_during_extended_copy_in_leaves_one_ready_for_query() -> None:
+    tracker = ReplyTracker()
+    _copy_batch(tracker)
+    feed(tracker, encode(b"1") + encode(b"2") + COPY_IN)
+    _, done = feed(tracker, ERR)  # a bad CopyData row: the batch's Sync had been ignored during copy-in
+    assert [p.op for p in done] == [Op.EXECUTE] and not len(tracker)
+    tracker.client_copy_end()
+    tracker.expect(Pending(Op.SYNC))  # the client's own Sync after CopyDone
+    _, done = feed(tracker, Z)
+    assert [p.op for p in done] == [Op.SYNC] and not len(tracker)
+
+
+def test_copy_end_pipelined_before_copy_in_response() -> None:
+    tracker = ReplyTracker()
+    _copy_batch(tracker)
+    tracker.client_copy_end()  # P B E S d c S all sent at once
+    tracker.expect(Pending(Op.SYNC))
+    _, done = feed(tracker, encode(b"1") + encode(b"2") + COPY_IN + encode(b"C", b"COPY 1\x00") + Z)
+    assert [p.op for p in done] == [Op.PARSE, Op.BIND, Op.EXECUTE, Op.SYNC] and not len(tracker)
+
+
+def test_copy_failing_before_copy_in_keeps_its_sync() -> None:
+    tracker = ReplyTracker()
+    _copy_batch(tracker)
+    _, done = feed(tracker, encode(b"1") + encode(b"2") + ERR + Z)  # e.g. the table does not exist
+    assert [p.op for p in done] == [Op.PARSE, Op.BIND, Op.EXECUTE, Op.SYNC] and not len(tracker)
