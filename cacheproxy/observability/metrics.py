@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry
@@ -279,16 +279,14 @@ class _Collector:
         yield from self._connection_families()
         yield from self._query_families()
         yield from self._table_families()
-        invalidations = CounterMetricFamily(
-            "cacheproxy_database_invalidations", "Whole-database invalidations, by reason.", labels=["reason"]
-        )
-        for reason, count in m._db_invalidations.items():
-            invalidations.add_metric([reason], count)
-        yield invalidations
-        catalog = CounterMetricFamily("cacheproxy_catalog_loads", "Catalog loads, by result.", labels=["result"])
-        catalog.add_metric(["ok"], m._catalog_ok)
-        catalog.add_metric(["error"], m._catalog_error)
-        yield catalog
+        yield _by_label(
+            "cacheproxy_database_invalidations", "Whole-database invalidations, by reason.", "reason",
+            m._db_invalidations,
+        )  # fmt: skip
+        yield _by_label(
+            "cacheproxy_catalog_loads", "Catalog loads, by result.", "result",
+            {"ok": m._catalog_ok, "error": m._catalog_error},
+        )  # fmt: skip
         yield from _snapshot_families(m)
         yield GaugeMetricFamily("cacheproxy_uptime_seconds", "Seconds since the proxy started.", value=m.uptime())
         info = GaugeMetricFamily("cacheproxy_info", "The proxy's version; always 1.", labels=["version"])
@@ -301,12 +299,9 @@ class _Collector:
         yield CounterMetricFamily(
             "cacheproxy_client_connections", "Client connections accepted.", value=m._clients_total
         )
-        refused = CounterMetricFamily(
-            "cacheproxy_client_connections_refused", "Client connections refused, by reason.", labels=["reason"]
+        yield _by_label(
+            "cacheproxy_client_connections_refused", "Client connections refused, by reason.", "reason", m._refused
         )
-        for reason, count in m._refused.items():
-            refused.add_metric([reason], count)
-        yield refused
         yield GaugeMetricFamily("cacheproxy_upstream_connections", "Upstream connections open now.", value=m._upstreams)
 
     def _query_families(self) -> Iterator[Metric]:
@@ -344,6 +339,14 @@ class _Collector:
         yield misses
 
 
+def _by_label(name: str, doc: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter family with one sample per value of `label`."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
+
+
 def _cache_families(stats: CacheStats) -> Iterator[Metric]:
     for name, field, doc in _CACHE_COUNTERS:
         yield CounterMetricFamily(name, doc, value=getattr(stats, field))
@@ -362,12 +365,9 @@ def _snapshot_families(m: Metrics) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "cacheproxy_snapshot_entries_loaded", "Entries loaded from a snapshot.", value=m._snapshot_loaded
     )
-    dropped = CounterMetricFamily(
-        "cacheproxy_snapshot_entries_dropped", "Snapshot entries not loaded, by reason.", labels=["reason"]
+    yield _by_label(
+        "cacheproxy_snapshot_entries_dropped", "Snapshot entries not loaded, by reason.", "reason", m._snapshot_dropped
     )
-    for reason, count in m._snapshot_dropped.items():
-        dropped.add_metric([reason], count)
-    yield dropped
     yield CounterMetricFamily(
         "cacheproxy_snapshot_failures", "Snapshot writes that failed.", value=m._snapshot_failures
     )

@@ -24,7 +24,7 @@ from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import TableId
 from cacheproxy.errors import ProtocolViolation
-from cacheproxy.policy.verdict import NOTHING, WriteScope, write_scope
+from cacheproxy.policy.verdict import WriteScope, write_scope
 from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer
@@ -187,9 +187,6 @@ class CachingRelay:
             self._digest = keys.state_digest(startup, session.parameters, self._set_history)
         return self._digest
 
-    def parameters_changed(self) -> None:
-        self._digest = None
-
     def close(self) -> None:
         """The session ended: release every single-flight slot it held, so that waiters go upstream themselves."""
         for key in self._leading:
@@ -264,22 +261,6 @@ class CachingRelay:
         if is_admin_command(sql):
             return self._on_admin_command(sql, message, out)
         self._statements.pop("", None)  # a simple Query replaces the unnamed statement (and portal)
-        if (named := _NAMES_STATEMENT.match(sql)) is not None:
-            name = _identifier(named.group(2))
-            existing = self._statements.get(name)
-            if existing is not None and not existing.upstream and existing.query:
-                if named.group(1).lower().startswith(b"deallocate"):
-                    # It exists only here: deallocating it is ours to answer (in order, outside a failed block).
-                    if not self.tracker and self.session.tx_status != b"E":
-                        del self._statements[name]
-                        self._write_client(m.command_complete("DEALLOCATE") + m.ready_for_query(self.session.tx_status))
-                        return True
-                else:
-                    # EXECUTE of it: create it upstream first, closed by its own Sync so that a failing Parse does
-                    # not make the server discard the Query behind it.
-                    self._replay(name, existing, out)
-                    out.append(_SYNC)
-                    self._queue(Pending(Op.SYNC, strip=True))
         classified = self._classify(sql)
         if classified is None:
             return False
@@ -302,6 +283,8 @@ class CachingRelay:
             capture = Capture(self.service.max_entry_size, fill)
             self.service.observe_miss(classified.verdict.tables)
         else:
+            if self._statement_only_here(sql, out):
+                return True
             scope, changes_state = self._note_effects(classified, sql, idle=not self.tracker)
         request = _Request(scope, _KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
         request.changes_state = changes_state
@@ -309,6 +292,30 @@ class CachingRelay:
         self._unsynced = self._unsynced_write = False  # a Query ends any implicit transaction
         out.append(message)
         return True
+
+    def _statement_only_here(self, sql: bytes, out: list[bytes]) -> bool:
+        """SQL DEALLOCATE or EXECUTE naming a statement whose Parse was answered here (it does not exist upstream).
+        True when the Query was answered here; else what the server needs first is added to `out`."""
+        named = _NAMES_STATEMENT.match(sql)
+        if named is None:
+            return False
+        name = _identifier(named.group(2))
+        existing = self._statements.get(name)
+        if existing is None or existing.upstream or not existing.query:
+            return False
+        if named.group(1).lower().startswith(b"deallocate"):
+            # Deallocating it is ours to answer (in order, outside a failed transaction block).
+            if self.tracker or self.session.tx_status == b"E":
+                return False
+            del self._statements[name]
+            self._write_client(m.command_complete("DEALLOCATE") + m.ready_for_query(self.session.tx_status))
+            return True
+        # EXECUTE of it: create it upstream first, closed by its own Sync so that a failing Parse does not make the
+        # server discard the Query behind it.
+        self._replay(name, existing, out)
+        out.append(_SYNC)
+        self._queue(Pending(Op.SYNC, strip=True))
+        return False
 
     def _on_admin_command(self, sql: bytes, message: bytes, out: list[bytes]) -> bool:
         """Answer a CACHEPROXY command in order: after every reply still due from upstream."""
@@ -1024,6 +1031,3 @@ def _identifier(raw: bytes) -> str:
     if text.startswith('"'):
         return text[1:-1].replace('""', '"')
     return text.lower()
-
-
-_ = NOTHING  # re-exported for symmetry with write_scope's callers
