@@ -125,7 +125,7 @@ class App:
         cache = self.cache
         try:
             result = await load_snapshot(
-                path, cache.engine, self.config.upstream, rules_fingerprint(self.config), cache.clock
+                path, cache.engine, self.config.upstream, rules_fingerprint(self.config), cache.clock, cache.follow
             )
         except Exception:  # a bug must not stop the proxy from starting: start cold instead
             log.exception("snapshot: loading %s failed; cold start", path)

@@ -29,12 +29,14 @@ __all__ = [
     "CacheConfig",
     "Config",
     "ConfigError",
+    "InvalidationConfig",
     "LimitsConfig",
     "LoggingConfig",
     "Rule",
     "ShutdownConfig",
     "SnapshotConfig",
     "UpstreamConfig",
+    "WriteThroughConfig",
     "build_config",
     "format_duration",
     "format_size",
@@ -56,6 +58,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 STRATEGIES: Final = ("lazy", "write_through", "none")
 IN_TRANSACTION: Final = ("never", "until_write", "always")
+UNKNOWN_WRITES: Final = ("invalidate_database", "ignore")
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_UPSTREAM_PORT: Final = 5432
@@ -167,6 +170,12 @@ class LimitsConfig:
     idle_client_timeout: float | None = None
     connect_timeout: float = 10.0
     startup_timeout: float = 60.0
+    # Named prepared statements the proxy tracks per session; past it the session ends with 53400, rather than the
+    # proxy's memory growing with a client that prepares without ever closing.
+    max_prepared_statements: int = 10000
+    # Extended-protocol messages held while waiting for Sync (to answer the batch from the cache): past this many
+    # bytes the batch is forwarded upstream as it is, and flow control (paused reads) bounds the rest.
+    max_pipeline_bytes: int = 1 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +212,35 @@ class CacheConfig:
     shards: int = 16
     default_ttl: float = 60.0
     analysis_cache_size: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidationConfig:
+    """How writes the proxy does not see itself reach its cache.
+
+    ``bus``: every invalidation is published with NOTIFY on ``channel`` and every proxy LISTENs there (one control
+    connection per database); while that connection is down, the database's entries are not served.
+    ``unknown_writes``: what a statement with unknown effects (DO, CALL, a function that may write) does:
+    ``invalidate_database`` (default) or ``ignore``. ``replication``: also follow a logical replication stream
+    (publication ``publication``, a temporary slot named ``slot_prefix`` + a per-instance suffix), which sees
+    writes that bypass every proxy.
+    """
+
+    bus: bool = True
+    channel: str = "cacheproxy_invalidation"
+    unknown_writes: str = "invalidate_database"
+    replication: bool = False
+    publication: str = "cacheproxy"
+    slot_prefix: str = "cacheproxy"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteThroughConfig:
+    """Refreshes of `strategy: write_through` entries after a committed write: at most ``concurrency`` run after
+    one commit, at most ``per_second`` in all."""
+
+    concurrency: int = 4
+    per_second: float = 1000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +284,8 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    invalidation: InvalidationConfig = field(default_factory=InvalidationConfig)
+    write_through: WriteThroughConfig = field(default_factory=WriteThroughConfig)
     rules: tuple[Rule, ...] = ()
     source: str | None = None
 
@@ -667,6 +707,19 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
     return convert
 
 
+def _number(*, positive: bool) -> Callable[[object], float]:
+    def convert(value: object) -> float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"must be a number, got {_show(value)}")
+        if value < 0 or (positive and value == 0):
+            raise ValueError(f"must be {'greater than 0' if positive else 'at least 0'}, got {value}")
+        return float(value)
+
+    return convert
+
+
 def _duration(*, positive: bool) -> Callable[[object], float]:
     def convert(value: object) -> float:
         seconds = parse_duration(value)
@@ -720,6 +773,8 @@ def _limits(m: Mapping[str, object], where: _Where) -> LimitsConfig:
         ),
         connect_timeout=_get(m, "limits.connect_timeout", d.connect_timeout, _duration(positive=True), where),
         startup_timeout=_get(m, "limits.startup_timeout", d.startup_timeout, _duration(positive=True), where),
+        max_prepared_statements=_get(m, "limits.max_prepared_statements", d.max_prepared_statements, _int(1), where),
+        max_pipeline_bytes=_get(m, "limits.max_pipeline_bytes", d.max_pipeline_bytes, _size(KiB), where),
     )
 
 
@@ -804,6 +859,36 @@ def _tls(m: Mapping[str, object], where: _Where) -> TLSConfig:
     return tls
 
 
+_CHANNEL = re.compile(r"[a-z_][a-z0-9_$]{0,62}")
+
+
+def _channel(value: object) -> str:
+    # Written into LISTEN/NOTIFY unquoted: a plain lower-case identifier only.
+    if not isinstance(value, str) or not _CHANNEL.fullmatch(value):
+        raise ValueError(f"must be a lower-case identifier (letters, digits, _), got {_show(value)}")
+    return value
+
+
+def _invalidation(m: Mapping[str, object], where: _Where) -> InvalidationConfig:
+    d = InvalidationConfig()
+    return InvalidationConfig(
+        bus=_get(m, "invalidation.bus", d.bus, _bool, where),
+        channel=_get(m, "invalidation.channel", d.channel, _channel, where),
+        unknown_writes=_get(m, "invalidation.unknown_writes", d.unknown_writes, _choice(UNKNOWN_WRITES), where),
+        replication=_get(m, "invalidation.replication", d.replication, _bool, where),
+        publication=_get(m, "invalidation.publication", d.publication, _channel, where),
+        slot_prefix=_get(m, "invalidation.slot_prefix", d.slot_prefix, _channel, where),
+    )
+
+
+def _write_through(m: Mapping[str, object], where: _Where) -> WriteThroughConfig:
+    d = WriteThroughConfig()
+    return WriteThroughConfig(
+        concurrency=_get(m, "write_through.concurrency", d.concurrency, _int(1, 64), where),
+        per_second=_get(m, "write_through.per_second", d.per_second, _number(positive=True), where),
+    )
+
+
 # Table names or globs: one to three dot-separated parts, each a "quoted" identifier or unquoted text.
 _IDENT: Final = r'(?:"(?:[^"]|"")+"|[^\s".]+)'
 _TABLE_PATTERN = re.compile(rf"{_IDENT}(?:\.{_IDENT}){{0,2}}")
@@ -863,6 +948,12 @@ def _build(data: object, where: _Where) -> Config:
         cache=_cache(_mapping(top.get("cache"), "cache", _keys(CacheConfig), where), where),
         snapshot=_snapshot(_mapping(top.get("snapshot"), "snapshot", _keys(SnapshotConfig), where), where),
         tls=_tls(_mapping(top.get("tls"), "tls", _keys(TLSConfig), where), where),
+        invalidation=_invalidation(
+            _mapping(top.get("invalidation"), "invalidation", _keys(InvalidationConfig), where), where
+        ),
+        write_through=_write_through(
+            _mapping(top.get("write_through"), "write_through", _keys(WriteThroughConfig), where), where
+        ),
         rules=_rules(top.get("rules"), where),
         source=where.source,
     )
@@ -988,6 +1079,8 @@ def render_config(config: Config) -> str:
             "idle_client_timeout": _optional_duration(config.limits.idle_client_timeout),
             "connect_timeout": format_duration(config.limits.connect_timeout),
             "startup_timeout": format_duration(config.limits.startup_timeout),
+            "max_prepared_statements": config.limits.max_prepared_statements,
+            "max_pipeline_bytes": format_size(config.limits.max_pipeline_bytes),
         },
         "shutdown": {"timeout": format_duration(config.shutdown.timeout)},
         "logging": {
@@ -1005,6 +1098,18 @@ def render_config(config: Config) -> str:
         },
         "snapshot": {"path": config.snapshot.path, "interval": _optional_duration(config.snapshot.interval)},
         "tls": {"mode": config.tls.mode, "cert": config.tls.cert, "key": config.tls.key},
+        "invalidation": {
+            "bus": config.invalidation.bus,
+            "channel": config.invalidation.channel,
+            "unknown_writes": config.invalidation.unknown_writes,
+            "replication": config.invalidation.replication,
+            "publication": config.invalidation.publication,
+            "slot_prefix": config.invalidation.slot_prefix,
+        },
+        "write_through": {
+            "concurrency": config.write_through.concurrency,
+            "per_second": config.write_through.per_second,
+        },
         "rules": [
             {
                 "tables": list(rule.tables),

@@ -158,21 +158,22 @@ class CacheEngine:
 
     # -- invalidation -------------------------------------------------------------------------------------------
 
-    def invalidate_tables(self, tables: Iterable[TableId]) -> int:
+    def invalidate_tables(self, tables: Iterable[TableId], dropped: list[Entry] | None = None) -> int:
         """Bump each table's generation (even with nothing cached), then remove its dependents from every shard.
 
         Each shard finds dependents through its reverse index: O(shards x tables) dict lookups plus O(entries
-        removed), never a scan of the entries. Returns the number of entries removed."""
+        removed), never a scan of the entries. Returns the number of entries removed; they are appended to
+        `dropped` when given."""
         targets = set(tables)
         table_gens = self._table_generations
         for table in targets:  # first, so that a fill racing with this call is refused by put()
             table_gens[table] = table_gens.get(table, 0) + 1
-        return sum(shard.invalidate(targets) for shard in self._shards)
+        return sum(shard.invalidate(targets, dropped) for shard in self._shards)
 
-    def invalidate_database(self, database: str) -> int:
+    def invalidate_database(self, database: str, dropped: list[Entry] | None = None) -> int:
         """Bump `database`'s generation (changing every one of its tables' generations), then remove its entries."""
         self._db_generations[database] = self._db_generations.get(database, 0) + 1
-        return sum(shard.invalidate_database(database) for shard in self._shards)
+        return sum(shard.invalidate_database(database, dropped) for shard in self._shards)
 
     def flush(self) -> int:
         """Remove everything and bump the global generation (refusing every fill in flight)."""

@@ -146,8 +146,9 @@ class Shard:
         self._drop(entry)
         return True
 
-    def invalidate(self, tables: Iterable[TableId]) -> int:
-        """Remove every entry that depends on any of `tables`; O(entries removed). Returns that count."""
+    def invalidate(self, tables: Iterable[TableId], dropped: list[Entry] | None = None) -> int:
+        """Remove every entry that depends on any of `tables`; O(entries removed). Returns that count; the entries
+        are appended to `dropped` when given (write-through refreshes them)."""
         removed = 0
         entries = self._entries
         for table in tables:
@@ -156,16 +157,19 @@ class Shard:
                 continue
             # `keys` is out of the index now, so _drop's index cleanup cannot mutate the set we iterate.
             for key in keys:
-                self._drop(entries[key])
+                entry = entries[key]
+                self._drop(entry)
+                if dropped is not None:
+                    dropped.append(entry)
             removed += len(keys)
         self.invalidations += removed
         return removed
 
-    def invalidate_database(self, database: str) -> int:
+    def invalidate_database(self, database: str, dropped: list[Entry] | None = None) -> int:
         """Remove every entry that depends on a table of `database`. O(distinct tables indexed + entries removed).
 
         Entries with no tables at all (e.g. `SELECT 1`) belong to no database and stay."""
-        return self.invalidate([table for table in self._index if table[0] == database])
+        return self.invalidate([table for table in self._index if table[0] == database], dropped)
 
     def clear(self) -> int:
         """Remove everything (counted as invalidations). Returns the number of entries removed."""

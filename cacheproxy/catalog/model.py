@@ -60,7 +60,9 @@ class Relation:
     schema: str
     name: str
     relkind: str
-    has_triggers: bool  # user triggers or rewrite rules: a write may change other tables we cannot name
+    # User triggers or rewrite rules, or defaults/checks calling a user function that may write: a write may
+    # change other tables we cannot name.
+    has_triggers: bool
     row_security: bool = False  # RLS enabled: its policies may read other tables and settings the cache cannot see
 
 
@@ -76,6 +78,9 @@ class Catalog:
     cascades: dict[str, frozenset[str]]  # parent table name -> child tables changed by ON DELETE/UPDATE actions
     immutable: frozenset[str]  # function names (and "schema.name") whose every overload is immutable
     system_functions: frozenset[str] = field(default_factory=frozenset)  # defined in pg_catalog
+    # No server, database or role default makes transactions REPEATABLE READ, SERIALIZABLE or DEFERRABLE: a plain
+    # BEGIN then opens a READ COMMITTED transaction, which may read the cache (rules' in_transaction).
+    fresh_transactions: bool = False
 
     @classmethod
     def build(
@@ -126,14 +131,20 @@ class Catalog:
         return not (function in self.system_functions or self.function_is_immutable(function))
 
     def write_closure(self, names: Iterable[str]) -> set[str]:
-        """Tables whose contents a write to `names` may change: themselves, their inheritance family, cascades."""
+        """Tables whose contents a write to `names` may change: themselves, their inheritance family, cascades.
+
+        Followed to a fixed point: a write through a parent lands in a partition, whose own cascading foreign keys
+        change their referencing tables, which may be partitioned in turn.
+        """
         out: set[str] = set()
-        for name in names:
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name in out:
+                continue
             out.add(name)
-            out |= self.family.get(name, frozenset())
-            out |= self.cascades.get(name, frozenset())
-        for name in list(out):
-            out |= self.family.get(name, frozenset())
+            todo.extend(self.family.get(name, frozenset()))
+            todo.extend(self.cascades.get(name, frozenset()))
         return out
 
     def has_triggers(self, name: str) -> bool:

@@ -33,6 +33,8 @@ QUERY_KINDS = ("read", "write", "ddl", "tx", "session", "other")
 _KIND_ALIASES = {"transaction": "tx"}
 QUERY_OUTCOMES = ("hit", "miss", "bypass")
 INVALIDATION_REASONS = ("ddl", "unknown_effects", "triggers", "function_call", "other")
+BUS_DIRECTIONS = ("published", "received")
+REFRESH_RESULTS = ("stored", "failed", "skipped")
 
 # 20 µs (a hit served from memory) .. 10 s (a slow upstream query); roughly 1-2.5-5 per decade.
 DURATION_BUCKETS = (
@@ -127,6 +129,12 @@ class Metrics:
         self._db_invalidations = dict.fromkeys(INVALIDATION_REASONS, 0)
         self._catalog_ok = 0
         self._catalog_error = 0
+        # Invalidation across proxies (proxy/bus.py, proxy/replication.py) and write-through refreshes.
+        self._bus_messages = dict.fromkeys(BUS_DIRECTIONS, 0)
+        self._bus_disconnects = 0
+        self._blind: set[str] = set()
+        self._refreshes = dict.fromkeys(REFRESH_RESULTS, 0)
+        self._replication_lag: Callable[[], float] | None = None
         # Snapshots (cacheproxy/snapshot): the last write's duration and size, entry counts, last success.
         self._snapshot_seconds = 0.0
         self._snapshot_bytes = 0
@@ -217,6 +225,27 @@ class Metrics:
         else:
             self._catalog_error += 1
 
+    def bus_message(self, direction: str) -> None:
+        """An invalidation published to, or received from, the other proxies (`direction` in BUS_DIRECTIONS)."""
+        self._bus_messages[direction] += 1
+
+    def database_blind(self, database: str, blind: bool) -> None:
+        """`database` stops (or resumes) being served from the cache because its invalidations may be missed."""
+        if blind:
+            if database not in self._blind:
+                self._bus_disconnects += 1
+            self._blind.add(database)
+        else:
+            self._blind.discard(database)
+
+    def refreshed(self, result: str) -> None:
+        """A write-through refresh ended (`result` in REFRESH_RESULTS)."""
+        self._refreshes[result] += 1
+
+    def set_replication_lag_source(self, lag: Callable[[], float] | None) -> None:
+        """Read the replication stream's lag in bytes from `lag` at each scrape (None: replication is off)."""
+        self._replication_lag = lag
+
     # -- snapshots --------------------------------------------------------------------------------------------
 
     def snapshot_written(self, seconds: float, size: int, entries: int) -> None:
@@ -264,6 +293,12 @@ class Metrics:
             "queries": {kind: dict(outcomes) for kind, outcomes in self._queries.items()},
             "database_invalidations": dict(self._db_invalidations),
             "catalog_loads": {"ok": self._catalog_ok, "error": self._catalog_error},
+            "invalidation_bus": {
+                **self._bus_messages,
+                "disconnects": self._bus_disconnects,
+                "blind_databases": sorted(self._blind),
+            },
+            "write_through_refreshes": dict(self._refreshes),
         }
 
 
@@ -287,6 +322,7 @@ class _Collector:
             "cacheproxy_catalog_loads", "Catalog loads, by result.", "result",
             {"ok": m._catalog_ok, "error": m._catalog_error},
         )  # fmt: skip
+        yield from _invalidation_families(m)
         yield from _snapshot_families(m)
         yield GaugeMetricFamily("cacheproxy_uptime_seconds", "Seconds since the proxy started.", value=m.uptime())
         info = GaugeMetricFamily("cacheproxy_info", "The proxy's version; always 1.", labels=["version"])
@@ -352,6 +388,30 @@ def _cache_families(stats: CacheStats) -> Iterator[Metric]:
         yield CounterMetricFamily(name, doc, value=getattr(stats, field))
     for name, field, doc in _CACHE_GAUGES:
         yield GaugeMetricFamily(name, doc, value=getattr(stats, field))
+
+
+def _invalidation_families(m: Metrics) -> Iterator[Metric]:
+    yield _by_label(
+        "cacheproxy_invalidation_messages", "Invalidations shared with other proxies, by direction.", "direction",
+        m._bus_messages,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "cacheproxy_invalidation_disconnects",
+        "Times a database's invalidation feed (LISTEN connection or replication stream) was lost.",
+        value=m._bus_disconnects,
+    )
+    yield GaugeMetricFamily(
+        "cacheproxy_invalidation_blind_databases",
+        "Databases whose cached results are not served now: their invalidation feed is down.",
+        value=len(m._blind),
+    )
+    yield _by_label("cacheproxy_write_through_refreshes", "Write-through refreshes, by result.", "result", m._refreshes)
+    if m._replication_lag is not None:
+        yield GaugeMetricFamily(
+            "cacheproxy_replication_lag_bytes",
+            "WAL bytes between the server's end of WAL and what the proxy has applied.",
+            value=m._replication_lag(),
+        )
 
 
 def _snapshot_families(m: Metrics) -> Iterator[Metric]:

@@ -1,6 +1,7 @@
 """Per-table rules from the configuration: the first rule whose pattern matches a table decides for it.
 
-A query over several tables takes the shortest TTL among them, and `strategy: none` on any of them wins.
+A query over several tables takes the shortest TTL among them, the strictest `in_transaction`, and `strategy: none`
+on any of them wins.
 Patterns follow SQL identifier rules: unquoted parts fold to lower case, "quoted" parts are exact; `*` and `?`
 are globs; a pattern without a schema matches the table name in every schema.
 """
@@ -24,6 +25,7 @@ class Decision:
     strategy: str
     rule: str  # "rules[2] (public.*)" or "cache.default_ttl"
     reason: str | None = None
+    in_transaction: str = "until_write"  # the strictest of the tables' rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,7 @@ class _Pattern:
     name: re.Pattern[str]
 
 
+_STRICTNESS = {"never": 0, "until_write": 1, "always": 2}
 _PART = re.compile(r'"((?:[^"]|"")*)"|([^".]+)')
 
 
@@ -81,10 +84,11 @@ class RuleSet:
 
     def decide(self, tables: Iterable[tuple[str, str]]) -> Decision:
         ttl, source, strategy = self.default_ttl, "cache.default_ttl", "lazy"
+        in_transaction = "always"
         first = True
         for schema, name in sorted(tables):
             found = self.match(schema, name)
-            table_ttl, label = self.default_ttl, "cache.default_ttl"
+            table_ttl, label, table_in_transaction = self.default_ttl, "cache.default_ttl", "until_write"
             if found is not None:
                 index, rule = found
                 label = f"rules[{index}] ({', '.join(rule.tables)})"
@@ -94,6 +98,9 @@ class RuleSet:
                     table_ttl = rule.ttl
                 if rule.strategy == "write_through":
                     strategy = "write_through"
+                table_in_transaction = rule.in_transaction
+            if _STRICTNESS[table_in_transaction] < _STRICTNESS[in_transaction]:
+                in_transaction = table_in_transaction
             if first or table_ttl < ttl:
                 ttl, source, first = table_ttl, label, False
-        return Decision(True, ttl, strategy, source)
+        return Decision(True, ttl, strategy, source, in_transaction=in_transaction)

@@ -25,6 +25,7 @@ class ReadVerdict:
     ttl: float = 0.0
     rule: str = ""
     strategy: str = "lazy"
+    in_transaction: str = "until_write"  # may it be served inside a transaction block (see config.Rule)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +74,9 @@ def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict
     decision = rules.decide(qualified)
     if not decision.cacheable:
         return ReadVerdict(False, decision.reason, rule=decision.rule)
-    return ReadVerdict(True, None, frozenset(depends), decision.ttl, decision.rule, decision.strategy)
+    return ReadVerdict(
+        True, None, frozenset(depends), decision.ttl, decision.rule, decision.strategy, decision.in_transaction
+    )
 
 
 def write_scope(info: QueryInfo, catalog: Catalog | None) -> WriteScope:
@@ -94,7 +97,9 @@ def write_scope(info: QueryInfo, catalog: Catalog | None) -> WriteScope:
         return WriteScope(frozenset(), True, "write to a table the analyzer could not name", code="unknown_effects")
     if catalog is None:
         return WriteScope(frozenset(names), False)
-    for name in sorted(names):
+    closure = catalog.write_closure(names)
+    # Every table the write may reach, not only those it names: a cascade target's or a partition's trigger fires too.
+    for name in sorted(closure):
         if catalog.has_triggers(name):
             return WriteScope(frozenset(), True, f"{name} has triggers or rules", code="triggers")
-    return WriteScope(frozenset(catalog.write_closure(names)), False)
+    return WriteScope(frozenset(closure), False)

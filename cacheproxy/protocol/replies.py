@@ -70,6 +70,7 @@ class Pending:
 
     op: Op
     strip: bool = False  # the proxy's own request: its replies are not shown to the client (errors excepted)
+    quiet: bool = False  # ... nor its errors: a request made for the proxy alone (a write-through refresh)
     capture: Capture | None = None
     copy_from: bool = False  # an Execute of COPY ... FROM STDIN: Syncs sent until CopyDone may be ignored
     during_copy: bool = False  # a Sync sent after a COPY FROM Execute, before the client ended the copy
@@ -134,6 +135,10 @@ class ReplyTracker:
     def skipping(self) -> bool:
         return self._skipping
 
+    def quiet_only(self) -> bool:
+        """Every request pending is the proxy's own, quiet one (write-through refreshes)."""
+        return bool(self._pending) and all(pending.quiet for pending in self._pending)
+
     def expect(self, pending: Pending) -> bool:
         """Queue a request sent upstream. False when the server will not answer it (it discards messages until a
         Sync after an error): the caller completes it at once, as skipped."""
@@ -186,7 +191,7 @@ class ReplyTracker:
             raise ProtocolViolation(f"upstream sent {chr(msg_type)!r} with no request pending")
         head = self._pending[0]
         if msg_type == ord("E"):
-            return Outcome(True, self._on_error(head))
+            return Outcome(not head.quiet, self._on_error(head))
         if msg_type == ord("G") and head.op is Op.EXECUTE and self._copy_open:
             self._copy_in = True
             if self._client_copy_ended:  # the client's CopyDone was already on its way

@@ -2,7 +2,9 @@
 
 Sessions ask it three things: what a statement is and whether its result may be cached here (`classify`), to
 store or look up results, and to invalidate after writes. It owns the single-flight table (one upstream query per
-missing key at a time) and the background sweeper that expires entries actively.
+missing key at a time), the background sweeper that expires entries actively, and the link to the other proxies
+(the invalidation bus): what this proxy's sessions commit is published there, what others publish is applied here,
+and a database whose feed is down is "blind": nothing of it is served or stored until the feed is back.
 """
 
 from __future__ import annotations
@@ -10,20 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from cacheproxy.analysis.analyzer import Analyzer
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo
 from cacheproxy.cache.engine import CacheEngine
-from cacheproxy.cache.entry import TableId
+from cacheproxy.cache.entry import Entry, TableId
 from cacheproxy.config import Config
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
+from cacheproxy.proxy.bus import Invalidation, InvalidationBus
 from cacheproxy.proxy.catalog_loader import CatalogLoader
+from cacheproxy.proxy.replication import ReplicationListener
 
 log = logging.getLogger("cacheproxy.cache")
 
@@ -67,6 +73,33 @@ class CacheService:
         # Bumped by ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened before and after it start with
         # different settings (search_path...), so they must not share entries.
         self.settings_epoch = 0
+        self.write_through = any(rule.strategy == "write_through" for rule in config.rules)
+        self._refresh_tokens = config.write_through.per_second
+        self._refresh_stamp = self.clock()
+        # database -> why its invalidations may be missed now: its entries are neither served nor stored. A
+        # database has one or two feeds ("bus", "replication"); it is blind while any of them is not up.
+        self.blind: dict[str, str] = {}
+        self._down: dict[str, dict[str, str]] = {}  # database -> feed -> why it is not up
+        self._fed: set[tuple[str, str]] = set()  # (database, feed) that has been up once: a loss drops its entries
+        invalidation = config.invalidation
+        self.bus = (
+            InvalidationBus(
+                config.upstream,
+                invalidation.channel,
+                on_message=self.apply_remote,
+                on_state=lambda database, up, why: self._feed_state("bus", database, up, why),
+                on_published=lambda: self.metrics.bus_message("published"),
+            )
+            if invalidation.bus
+            else None
+        )
+        self._replication: dict[str, ReplicationListener] = {}
+        self._replication_tasks: set[asyncio.Task[None]] = set()
+        self._instance = secrets.token_hex(4)  # names this process's replication slots
+        if invalidation.replication:
+            self.metrics.set_replication_lag_source(
+                lambda: float(sum(listener.lag_bytes for listener in self._replication.values()))
+            )
 
     # -- classification --------------------------------------------------------------------------------------
 
@@ -94,6 +127,7 @@ class CacheService:
         """Swap in reloaded rules and limits; drop the entries of tables whose rule is now `none`."""
         self.config = config
         self.rules = RuleSet(config.rules, config.cache.default_ttl)
+        self.write_through = any(rule.strategy == "write_through" for rule in config.rules)
         self.max_entry_size = config.cache.max_entry_size
         self._memo.clear()  # verdicts were judged under the old rules
         doomed: set[TableId] = set()
@@ -127,17 +161,138 @@ class CacheService:
 
     # -- invalidation ----------------------------------------------------------------------------------------
 
-    def invalidate(self, database: str, scope: WriteScope, *, counted: bool = True) -> None:
+    def invalidate(
+        self, database: str, scope: WriteScope, *, counted: bool = True, removed: list[Entry] | None = None
+    ) -> None:
         """Apply `scope`. A write is invalidated several times (before it is sent, after, at commit): only the one
-        after it completes is `counted` in the whole-database metric."""
+        after it completes is `counted` in the whole-database metric. With write-through rules, the entries removed
+        are appended to `removed` (the writing session refreshes them once the write commits)."""
+        if self.ignores(scope):
+            return
+        dropped = removed if self.write_through else None
         if scope.everything:
-            removed = self.engine.invalidate_database(database)
+            removed_count = self.engine.invalidate_database(database, dropped)
             if counted:
                 self.database_flushes += 1
                 self.metrics.database_invalidated(scope.code)
-            log.debug("database %r invalidated (%s): %d entries", database, scope.why, removed)
+            log.debug("database %r invalidated (%s): %d entries", database, scope.why, removed_count)
         elif scope.tables:
-            self.engine.invalidate_tables([(database, name) for name in scope.tables])
+            self.engine.invalidate_tables([(database, name) for name in scope.tables], dropped)
+
+    def ignores(self, scope: WriteScope) -> bool:
+        """`invalidation.unknown_writes: ignore`: statements whose writes cannot be known invalidate nothing."""
+        return (
+            scope.everything
+            and not scope.ddl
+            and scope.code in ("unknown_effects", "function_call")
+            and self.config.invalidation.unknown_writes == "ignore"
+        )
+
+    def take_refresh(self) -> bool:
+        """One write-through refresh from the budget (`write_through.per_second`, a token bucket of one second)."""
+        rate = self.config.write_through.per_second
+        now = self.clock()
+        self._refresh_tokens = min(rate, self._refresh_tokens + (now - self._refresh_stamp) * rate)
+        self._refresh_stamp = now
+        if self._refresh_tokens < 1:
+            return False
+        self._refresh_tokens -= 1
+        return True
+
+    def publish(self, database: str, scopes: Iterable[WriteScope], *, settings: bool = False) -> None:
+        """Tell the other proxies what committed writes invalidated (called at commit, once per transaction)."""
+        if self.bus is None:
+            return
+        merged = Invalidation(settings=settings)
+        for scope in scopes:
+            if not self.ignores(scope):
+                merged = merged.merge(Invalidation(scope.tables, scope.everything, scope.ddl))
+        if merged.tables or merged.everything or merged.settings:
+            self.bus.publish(database, merged)
+
+    def apply_remote(self, database: str, invalidation: Invalidation) -> None:
+        """Another proxy's clients (or, with replication on, anyone) committed a write."""
+        self.metrics.bus_message("received")
+        if invalidation.everything:
+            self.engine.invalidate_database(database)
+        elif invalidation.tables:
+            self.engine.invalidate_tables([(database, name) for name in invalidation.tables])
+        if invalidation.ddl:
+            self.after_ddl(database)
+        if invalidation.settings:
+            self.settings_epoch += 1
+
+    def watch(self, database: str) -> asyncio.Future[Any] | None:
+        """A session of `database` starts: load its catalog and listen to its invalidations, if not yet. Returns
+        what to wait for before the session's first cacheable query, or None when nothing is pending."""
+        catalog = self.catalogs.ensure(database)
+        feed = self.bus.watch(database) if self.bus is not None else None
+        if feed is not None:
+            if (database, "bus") in self._fed:
+                feed = None  # lost after it was up: no waiting, the database is just not served until it is back
+            else:
+                self._set_down(database, "bus", "connecting")
+        if self.config.invalidation.replication and database not in self._replication:
+            self._start_replication(database)
+        if catalog is None:
+            return feed
+        if feed is None:
+            return catalog
+        return asyncio.gather(catalog, feed, return_exceptions=True)
+
+    async def follow(self, databases: list[str], timeout: float = 5.0) -> set[str]:
+        """Start the feeds of `databases` and wait (up to `timeout`) until they are up; the databases that are
+        followed then (a restored snapshot keeps only their entries: see snapshot.store.load_snapshot)."""
+        waits = [w for w in (self.watch(database) for database in databases) if w is not None]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while any(database in self.blind for database in databases):
+                        await asyncio.sleep(0.01)
+        return {database for database in databases if database not in self.blind}
+
+    def _start_replication(self, database: str) -> None:
+        invalidation = self.config.invalidation
+        listener = ReplicationListener(
+            self.config.upstream,
+            database,
+            publication=invalidation.publication,
+            slot_prefix=invalidation.slot_prefix,
+            on_commit=self._replicated,
+            on_state=lambda db, up, why: self._feed_state("replication", db, up, why),
+            instance_id=self._instance,
+        )
+        self._replication[database] = listener
+        self._set_down(database, "replication", "connecting")
+        self._replication_tasks.add(asyncio.get_running_loop().create_task(listener.start()))
+
+    def _replicated(self, database: str, tables: frozenset[tuple[str, str]], _lsn: int) -> None:
+        """A transaction committed anywhere (this proxy's own included: invalidating twice is merely safe)."""
+        self.apply_remote(database, Invalidation(frozenset(name for _, name in tables)))
+
+    def _set_down(self, database: str, feed: str, reason: str) -> None:
+        self._down.setdefault(database, {})[feed] = reason
+        self.blind[database] = "; ".join(f"{name}: {why}" for name, why in self._down[database].items())
+        self.metrics.database_blind(database, True)
+
+    def _feed_state(self, feed: str, database: str, up: bool, reason: str) -> None:
+        """An invalidation feed of `database` (the bus, or the replication stream) went up or down."""
+        if up:
+            if (database, feed) in self._fed:
+                # Back after a loss: whatever was committed meanwhile is unknown.
+                self.engine.invalidate_database(database)
+            self._fed.add((database, feed))
+            down = self._down.get(database, {})
+            down.pop(feed, None)
+            if down:
+                self.blind[database] = "; ".join(f"{name}: {why}" for name, why in down.items())
+            else:
+                self.blind.pop(database, None)
+                self.metrics.database_blind(database, False)
+        else:
+            self._set_down(database, feed, f"down ({reason})")
+            # Drop what is cached and refuse fills in flight (their generations change).
+            self.engine.invalidate_database(database)
 
     def after_ddl(self, database: str) -> None:
         """DDL changes names, kinds and volatility: decide nothing more for this database until a reload."""
@@ -168,6 +323,9 @@ class CacheService:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="cache-sweeper")
 
     async def stop(self) -> None:
+        if self.bus is not None:
+            await self.bus.stop()
+        await asyncio.gather(*(listener.stop() for listener in self._replication.values()), return_exceptions=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

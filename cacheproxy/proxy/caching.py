@@ -3,7 +3,9 @@ every request it forwards, so that results can be captured on their way back and
 
 Client side: simple queries are handled one by one; extended-protocol messages are held until Sync (or Flush) so
 that a batch is either answered locally as a whole, or forwarded as a whole. Local answers are only given when
-nothing is pending upstream and the session is outside a transaction block, so replies never overtake each other.
+nothing is pending upstream, so replies never overtake each other, and outside a transaction block or inside a READ
+COMMITTED one that the rules let read the cache (`in_transaction`). Results read inside a transaction block are
+stored only once it commits.
 
 Upstream side: every reply goes through the ReplyTracker, which says which request it answers. Replies to the
 proxy's own requests (a Parse replayed for a statement it answered locally, a Describe that gives a captured result
@@ -20,14 +22,14 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind
+from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, TxInfo, TxOp
 from cacheproxy.cache import keys
-from cacheproxy.cache.entry import TableId
-from cacheproxy.errors import ProtocolViolation
-from cacheproxy.policy.verdict import WriteScope, write_scope
+from cacheproxy.cache.entry import Entry, TableId
+from cacheproxy.errors import ProtocolViolation, ProxyError
+from cacheproxy.policy.verdict import ReadVerdict, WriteScope, write_scope
 from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
-from cacheproxy.protocol.framing import HEADER_SIZE, Framer
+from cacheproxy.protocol.framing import HEADER_SIZE, Framer, encode
 from cacheproxy.protocol.replies import Capture, Op, Pending, ReplyTracker
 from cacheproxy.proxy.admin_console import is_admin_command
 from cacheproxy.proxy.cache_service import CacheService, Classified
@@ -37,15 +39,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cacheproxy.caching")
 
-# A batch held for a Sync is forwarded anyway past these bounds (a client pipelining thousands of queries).
+# A batch held for a Sync is forwarded anyway past this many messages, or limits.max_pipeline_bytes.
 _MAX_BATCH_MESSAGES = 512
-_MAX_BATCH_BYTES = 1 << 20
+CONFIGURATION_LIMIT_EXCEEDED = "53400"
 # How long a miss waits for another session's fill of the same key before asking upstream itself.
 _SINGLE_FLIGHT_WAIT = 2.0
 # How long a session waits for its database's catalog before deciding without the cache.
 _CATALOG_WAIT = 2.0
+_REFRESH_WAIT = 5.0  # a request behind write-through refreshes waits this long for them, then goes upstream
 _ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits for their replies this long
 _READY_IDLE = m.ready_for_query(b"I")
+_READY = {b"I": _READY_IDLE, b"T": m.ready_for_query(b"T")}
+# Isolation levels under which every statement sees the latest committed data, as a cached result does.
+_FRESH_ISOLATION = (None, "read committed", "read uncommitted")
 # Date/time input words PostgreSQL evaluates when it reads them (docs, "Special Date/Time Inputs").
 _TIME_WORDS = re.compile(rb"(?i)(?<![a-z])(now|today|tomorrow|yesterday|current)(?![a-z])")
 _NAMES_STATEMENT = re.compile(rb"^\s*(deallocate\s+(?:prepare\s+)?|execute\s+)(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
@@ -119,6 +125,12 @@ class Fill:
     query: str
     rule: str
     leader: bool  # this session registered the single-flight entry for the key
+    deferred: bool = False  # read inside a transaction block: stored only if that transaction commits
+
+
+@dataclass(slots=True)
+class _Refresh:
+    """A write-through refresh this session sent for another result: counted when it completes."""
 
 
 class CachingRelay:
@@ -139,7 +151,10 @@ class CachingRelay:
         self.user = session.user
         self.tracker = ReplyTracker()
         self._epoch = str(service.settings_epoch)
-        self._client_framer = Framer(session.server.config.limits.max_message_size)
+        limits = session.server.config.limits
+        self._client_framer = Framer(limits.max_message_size)
+        self._max_batch_bytes = limits.max_pipeline_bytes
+        self._max_statements = limits.max_prepared_statements
         self._up_framer = Framer(1 << 31)
         self._inbox: deque[tuple[int, bytes]] = deque()
         self._batch: list[tuple[int, bytes]] = []
@@ -154,6 +169,14 @@ class CachingRelay:
         self._uncertain: str | None = None  # why the session's state can no longer be known: caching stops
         self._temp_tables: set[str] = set()
         self._tx_writes: list[WriteScope] = []
+        # Transaction blocks (see `_in_transaction_allows`): whether the one open now may read the cache, whether the
+        # BEGIN just sent opens one that may, whether a COMMIT was sent, and results read in it, to store at commit.
+        self._tx_reads_cache = False
+        self._begin_fresh = False
+        self._commit_sent = False
+        self._tx_fills: list[tuple[Fill, bytes]] = []
+        # Entries this session's writes removed, for write-through refreshes once they commit.
+        self._stale: list[Entry] = []
         self._leading: set[Hashable] = set()
         self._unsynced = False  # extended messages forwarded since the last forwarded Sync
         self._unsynced_write = False  # ... and one of them was not a cacheable read: an implicit transaction wrote
@@ -161,7 +184,7 @@ class CachingRelay:
         self._drained: asyncio.Future[None] | None = None
         self._waited = False  # the message at the inbox head already waited once: do not wait again
         self.terminated = False
-        service.catalogs.ensure(self.database)
+        service.watch(self.database)
 
     # -- state -----------------------------------------------------------------------------------------------
 
@@ -171,13 +194,15 @@ class CachingRelay:
 
     def _can_serve(self) -> bool:
         """Local answers only when the server is idle as far as this session goes: nothing pending, no extended
-        messages forwarded since the last Sync (an implicit transaction may be open), no transaction block."""
+        messages forwarded since the last Sync (an implicit transaction may be open), no transaction block but one
+        that may read the cache, and the database's invalidation feed is up."""
         return (
             not self.tracker
             and not self._unsynced
             and not self.tracker.skipping
-            and self.session.tx_status == b"I"
+            and (self.session.tx_status == b"I" or (self._tx_reads_cache and self.session.tx_status == b"T"))
             and self._uncertain is None
+            and self.database not in self.service.blind
         )
 
     def _state_digest(self) -> bytes:
@@ -215,6 +240,11 @@ class CachingRelay:
 
     def _dispatch(self, msg_type: int, message: bytes, out: list[bytes]) -> bool:
         """Handle one client message; False when it must wait (it will be dispatched again)."""
+        if self.tracker and not self._waited and self.tracker.quiet_only():
+            # Only write-through refreshes are pending: wait for them, and this request will likely hit.
+            self._drained = asyncio.get_running_loop().create_future()
+            self._wait_for(self._drained, _REFRESH_WAIT)
+            return False
         if msg_type == m.QUERY:
             if self._batch:
                 self._forward_batch(out)
@@ -222,7 +252,7 @@ class CachingRelay:
         if msg_type in (m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE):
             self._batch.append((msg_type, message))
             self._batch_bytes += len(message)
-            if len(self._batch) > _MAX_BATCH_MESSAGES or self._batch_bytes > _MAX_BATCH_BYTES:
+            if len(self._batch) > _MAX_BATCH_MESSAGES or self._batch_bytes > self._max_batch_bytes:
                 self._forward_batch(out)
             return True
         if msg_type in (m.SYNC, m.FLUSH):
@@ -273,8 +303,7 @@ class CachingRelay:
             key = keys.query_key(self.database, self.user, self._state_digest(), sql)
             entry = self.service.engine.get(key, started)
             if entry is not None:
-                # Served only outside a transaction block, so the status is always idle.
-                self._write_client(entry.value + _READY_IDLE)
+                self._write_client(entry.value + _READY[self.session.tx_status])
                 self.service.observe_hit(classified.verdict.tables)
                 return True
             fill = self._begin_fill(key, classified, sql)
@@ -342,6 +371,8 @@ class CachingRelay:
             reason = "reads a temporary table of this session" if info.statement_count == 1 else "multiple statements"
         if servable and self._uncertain is not None:
             servable, reason = False, f"this session's settings are unknown: {self._uncertain}"
+        if servable and self.database in self.service.blind:
+            servable, reason = False, f"database {self.database} is not served: {self.service.blind[self.database]}"
         rows = [
             ("cacheable", "yes" if servable else "no"),
             ("reason", reason or ("outside a transaction block" if servable else "")),
@@ -364,20 +395,30 @@ class CachingRelay:
         return self.service.classify(self.database, sql)
 
     def _wait_for_catalog(self) -> bool:
-        """True when the session now waits for its database's catalog (a first query, or one after DDL)."""
-        if self._waited or self.service.catalogs.get(self.database) is not None:
+        """True when the session now waits for its database's catalog (a first query, or one after DDL) or for its
+        invalidation feed to start listening."""
+        service = self.service
+        if self._waited or (service.catalogs.get(self.database) is not None and self.database not in service.blind):
             return False
-        task = self.service.catalogs.ensure(self.database)
-        if task is None:
-            return False  # unreadable: decide without it (nothing is cached)
-        self._wait_for(task, _CATALOG_WAIT)
+        pending = service.watch(self.database)
+        if pending is None:
+            return False  # unreadable catalog, or a feed that was lost: decide without them (nothing is cached)
+        self._wait_for(pending, _CATALOG_WAIT)
         return True
 
     def _can_fill(self) -> bool:
-        """Results read now may be stored: the server's state is known (nothing pending), no transaction block,
-        and no write of this session's that is not yet committed (an implicit extended-protocol transaction)."""
+        """Results read now may be stored: the session is settled and the database's invalidation feed is up."""
+        return self._settled() and self.database not in self.service.blind
+
+    def _settled(self) -> bool:
+        """The server's state is known (nothing pending), no transaction block but one that may read the cache, and
+        no write of this session's that is not yet committed (an implicit extended-protocol transaction)."""
+        status = self.session.tx_status
         return (
-            not self.tracker and not self._unsynced_write and self.session.tx_status == b"I" and self._uncertain is None
+            not self.tracker
+            and not self._unsynced_write
+            and (status == b"I" or (self._tx_reads_cache and status == b"T"))
+            and self._uncertain is None
         )
 
     def _servable(self, classified: Classified) -> bool:
@@ -385,10 +426,37 @@ class CachingRelay:
         return self._can_serve() and self._cacheable_here(classified)
 
     def _cacheable_here(self, classified: Classified) -> bool:
-        """Cacheable for this session: the verdict, and no temporary table of the session shadowing a name."""
-        if not classified.verdict.cacheable:
+        """Cacheable for this session: the verdict, no temporary table of the session shadowing a name, and inside a
+        transaction block what the tables' rules say (`in_transaction`)."""
+        verdict = classified.verdict
+        if not verdict.cacheable:
             return False
-        return not (self._temp_tables and self._temp_tables & {name for _, name in classified.info.reads})
+        if self._temp_tables and self._temp_tables & {name for _, name in classified.info.reads}:
+            return False
+        return self.session.tx_status == b"I" or self._in_transaction_allows(verdict)
+
+    def _in_transaction_allows(self, verdict: ReadVerdict) -> bool:
+        """Inside a (READ COMMITTED) transaction block: `never` bypasses; `until_write` reads the cache until the
+        transaction has written anything; `always` reads it for every table the transaction has not written."""
+        mode = verdict.in_transaction
+        if mode == "never":
+            return False
+        if not self._tx_writes:
+            return True
+        if mode == "until_write":
+            return False
+        return not any(scope.everything or scope.tables & verdict.tables for scope in self._tx_writes)
+
+    def _fresh_transaction(self, tx: TxInfo) -> bool:
+        """A BEGIN that opens a transaction whose statements each see the latest committed data (READ COMMITTED,
+        not READ ONLY DEFERRABLE), with no default isolation set for the session that the proxy would not see."""
+        if tx.isolation not in _FRESH_ISOLATION or (tx.read_only and tx.deferrable):
+            return False
+        settings = b" ".join(self._set_history).lower() + self.session.startup_parameters.get("options", "").encode()
+        if b"isolation" in settings or b"deferrable" in settings:
+            return False
+        catalog = self.service.catalogs.last_known(self.database)
+        return catalog is not None and catalog.fresh_transactions
 
     def _begin_fill(self, key: Hashable, classified: Classified, sql: bytes) -> Fill | None:
         """Prepare to capture a miss; None when another session is already filling it (we wait, then retry)."""
@@ -413,6 +481,7 @@ class CachingRelay:
             sql.decode("utf-8", "replace"),
             verdict.rule,
             leader,
+            deferred=self.session.tx_status != b"I",
         )
 
     def _wait_for(
@@ -447,6 +516,8 @@ class CachingRelay:
         info = classified.info
         changes_state = False
         for statement in info.statements or (info,):
+            if statement.tx is not None:
+                self._on_transaction_control(statement.tx)
             if statement.session is not None:
                 changes_state = self._on_session_change(statement.session.op, idle=idle and info.statement_count == 1)
             if statement.kind is Kind.OTHER and UNKNOWN_TABLE in statement.writes:
@@ -454,6 +525,7 @@ class CachingRelay:
         if info.temp_tables_created:
             self._temp_tables |= {name for _, name in info.temp_tables_created}
         if (prepared := _PREPARE.match(sql)) is not None:
+            self._check_statement_limit(_identifier(prepared.group(1)))
             self._statements[_identifier(prepared.group(1))] = Statement(b"", (), upstream=True)
         elif (dealloc := _DEALLOCATE.match(sql)) is not None:
             target = dealloc.group(1)
@@ -469,6 +541,7 @@ class CachingRelay:
         scope = write_scope(info, catalog)
         if _ROLE_SETTINGS.match(sql):
             self.service.settings_epoch += 1
+            self.service.publish(self.database, (), settings=True)
         if scope.ddl:
             # Decide nothing with the old catalog from now on; it is read again once the DDL has completed.
             self.service.catalogs.mark_stale(self.database)
@@ -477,10 +550,18 @@ class CachingRelay:
         self._before_write(scope)
         return scope, changes_state
 
+    def _on_transaction_control(self, tx: TxInfo) -> None:
+        if tx.op is TxOp.BEGIN:
+            self._begin_fresh = self._fresh_transaction(tx)
+        elif tx.op is TxOp.COMMIT:
+            self._commit_sent = True
+
     def _on_session_change(self, op: str, *, idle: bool) -> bool:
         """True when the change is to be recorded once the statement succeeds (SET, RESET, DISCARD ALL...)."""
         if op in ("set_local", "set_transaction"):
-            return False  # lasts until the transaction ends; nothing is served inside a transaction block
+            # Lasts until the transaction ends, and the cache's results were not read with it: bypass until then.
+            self._tx_reads_cache = self._begin_fresh = False
+            return False
         if not idle or self.session.tx_status != b"I":
             # Inside a transaction block a SET may yet be rolled back (and DISCARD ALL fails there): the proxy
             # cannot tell which state holds, so this session stops using the cache.
@@ -500,10 +581,10 @@ class CachingRelay:
 
     def _before_write(self, scope: WriteScope) -> None:
         """Invalidate before the write is sent: fills already in flight for these tables will not be stored."""
-        self.service.invalidate(self.database, scope, counted=False)
+        self.service.invalidate(self.database, scope, counted=False, removed=self._stale)
 
     def _after_write(self, scope: WriteScope) -> None:
-        self.service.invalidate(self.database, scope)
+        self.service.invalidate(self.database, scope, removed=self._stale)
         if scope.ddl:
             self.service.after_ddl(self.database)
         # Again when the transaction ends (explicit, or the implicit one of an extended batch up to its Sync):
@@ -513,7 +594,7 @@ class CachingRelay:
     # -- extended protocol ----------------------------------------------------------------------------------
 
     def _on_batch_end(self, out: list[bytes]) -> bool:
-        if self._can_fill() and self._wait_for_catalog():
+        if self._settled() and self._wait_for_catalog():
             return False  # the first batch of a session: its results are cacheable once the catalog is read
         # A batch ending in Flush is answered here only if it binds no portal: the client may go on using a portal
         # after a Flush, and it must then exist upstream. (Parse + Describe + Flush, a driver preparing, is fine.)
@@ -600,7 +681,7 @@ class CachingRelay:
         value = entry.value
         header = _header_length(value)
         body: bytes | memoryview = value if describe is not None else memoryview(value)[header:]
-        replies: list[bytes | memoryview] = [fe.BIND_COMPLETE, body, _READY_IDLE]
+        replies: list[bytes | memoryview] = [fe.BIND_COMPLETE, body, _READY[self.session.tx_status]]
         if first:
             replies.insert(0, fe.PARSE_COMPLETE)
             self._statements[""] = statement
@@ -621,6 +702,7 @@ class CachingRelay:
                 parse = fe.decode_parse(body)
                 if parse.statement and (parse.statement in self._statements or parse.statement in parsed):
                     return b""  # "already exists" is the server's to say
+                self._check_statement_limit(parse.statement, len(parsed))
                 query = parse.query.encode("utf-8", "surrogateescape")
                 new = Statement(query, parse.param_types, upstream=False)
                 if self._describe_entry(query, parse.param_types) is None:
@@ -753,6 +835,7 @@ class CachingRelay:
             body = message[HEADER_SIZE:]
             if msg_type == m.PARSE:
                 parse = fe.decode_parse(body)
+                self._check_statement_limit(parse.statement)
                 existing = self._statements.get(parse.statement)
                 if parse.statement and existing is not None and not existing.upstream:
                     self._replay(parse.statement, existing, out)  # so that the server says "already exists"
@@ -803,6 +886,16 @@ class CachingRelay:
         self._batch.clear()
         self._batch_bytes = 0
 
+    def _check_statement_limit(self, name: str, adding: int = 0) -> None:
+        """limits.max_prepared_statements: the proxy keeps every named statement's text, so a client that prepares
+        without ever closing would grow its memory without bound. Past the limit the session ends, clearly."""
+        if name and name not in self._statements and len(self._statements) + adding >= self._max_statements:
+            raise ProxyError(
+                CONFIGURATION_LIMIT_EXCEEDED,
+                f"too many prepared statements in this session (limits.max_prepared_statements = "
+                f"{self._max_statements}); close or deallocate the ones no longer used",
+            )
+
     def _expect(self, op: Op, message: bytes, out: list[bytes]) -> None:
         self._queue(Pending(op))
         out.append(message)
@@ -837,6 +930,7 @@ class CachingRelay:
                     statement.query.decode("utf-8", "replace"),
                     verdict.rule,
                     leader=False,
+                    deferred=self.session.tx_status != b"I",
                 )
                 capture = Capture(self.service.max_entry_size, fill)
         self._queue(Pending(Op.DESCRIBE_STATEMENT, capture=capture))
@@ -867,6 +961,7 @@ class CachingRelay:
             portal.statement.query.decode("utf-8", "replace"),
             verdict.rule,
             leader,
+            deferred=self.session.tx_status != b"I",
         )
         return Capture(self.service.max_entry_size, fill)
 
@@ -938,9 +1033,20 @@ class CachingRelay:
                 self._complete(pending)
             if msg_type == m.READY_FOR_QUERY:
                 status = region[start + HEADER_SIZE : start + HEADER_SIZE + 1]
+                previous = self.session.tx_status
                 self.session.tx_status = status
+                if status == b"T":
+                    if previous != b"T":
+                        self._tx_reads_cache = self._begin_fresh
+                else:
+                    self._tx_reads_cache = False
+                self._begin_fresh = False
                 if status == b"I":
-                    self._transaction_ended()
+                    # Committed: autocommit without error, or a COMMIT of a block that had not failed.
+                    # (A COMMIT of a failed block, 'E', is a rollback.)
+                    committed = previous == b"I" or (previous == b"T" and self._commit_sent)
+                    self._transaction_ended(committed and not self._failed_since_ready)
+                    self._commit_sent = False
                 elif self._state_changes:
                     # A SET that ran inside what turned out to be a transaction block: it may yet be rolled back.
                     self._uncertain = self._uncertain or "SET inside a transaction block"
@@ -949,7 +1055,7 @@ class CachingRelay:
             elif msg_type == m.PARAMETER_STATUS:
                 self.session.note_parameter(region[start + HEADER_SIZE : end])
                 self._digest = None
-            elif msg_type == m.ERROR_RESPONSE:
+            elif msg_type == m.ERROR_RESPONSE and outcome.relay:  # (a failed refresh of ours is not the client's)
                 self.session.note_error(region[start + HEADER_SIZE : end])
                 self._failed_since_ready = True
         if not tracker and self._drained is not None:
@@ -962,19 +1068,94 @@ class CachingRelay:
             pieces.append(region[last:])
             self._write_client(b"".join(pieces))
 
-    def _transaction_ended(self) -> None:
+    def _transaction_ended(self, committed: bool) -> None:
         """ReadyForQuery 'I': whatever this session wrote is committed (or rolled back) now. Invalidate it again,
-        so that no entry filled by another session while the write was uncommitted survives; portals are gone."""
+        so that no entry filled by another session while the write was uncommitted survives, and tell the other
+        proxies; store what was read inside the transaction if it committed; portals are gone."""
+        service = self.service
         for scope in self._tx_writes:
-            self.service.invalidate(self.database, scope, counted=False)
+            service.invalidate(self.database, scope, counted=False, removed=self._stale)
             if scope.ddl:
-                self.service.after_ddl(self.database)  # the committed schema, as other sessions now see it
+                service.after_ddl(self.database)  # the committed schema, as other sessions now see it
+        if self._tx_writes:
+            service.publish(self.database, self._tx_writes)
         self._tx_writes.clear()
+        if self._tx_fills:
+            if committed:
+                for fill, value in self._tx_fills:
+                    self._store(fill, value)
+            self._tx_fills.clear()
+        if self._stale:
+            if committed and not self.tracker:
+                self._refresh(self._stale)
+            self._stale.clear()
         self._portals.clear()
         self._executed_portals.clear()
         if not self._failed_since_ready:
             for sql in self._state_changes:
                 self._apply_session_change(sql)
+
+    def _refresh(self, stale: list[Entry]) -> None:
+        """Write-through: run again the results of `strategy: write_through` tables that this session's committed
+        writes removed, hottest first, within `write_through.concurrency` and the budget, so that the next read
+        hits. They go on this session's own connection, idle now (ReadyForQuery 'I', nothing pending), so each runs
+        with exactly the role and settings its key was taken under: only entries keyed by this very state are
+        refreshed (others are left to refill on their next miss). The replies are the proxy's own, errors included;
+        the client's next request simply queues behind them."""
+        service = self.service
+        if self._uncertain is not None or self.tracker.skipping or self.database in service.blind:
+            return
+        digest = self._state_digest()
+        mine: dict[Hashable, Entry] = {}
+        for entry in stale:
+            key = entry.key
+            if isinstance(key, tuple) and key[0] in ("q", "x") and key[1:4] == (self.database, self.user, digest):
+                mine[key] = entry
+        out: list[bytes] = []
+        budget = service.config.write_through.concurrency
+        for entry in sorted(mine.values(), key=lambda e: e.hits, reverse=True):
+            classified = service.classify(self.database, entry.key[4])  # type: ignore[index]
+            if classified.verdict.strategy != "write_through" or not self._cacheable_here(classified):
+                continue
+            if budget == 0 or not service.take_refresh():
+                service.metrics.refreshed("skipped")
+                continue
+            budget -= 1
+            self._send_refresh(entry, classified.verdict.ttl, out)
+        if out:
+            self._write_upstream(b"".join(out))
+            # The refreshes used the unnamed statement and portal: the client's must be created again before use.
+            unnamed = self._statements.get("")
+            if unnamed is not None:
+                unnamed.upstream = False
+            self._portals.pop("", None)
+
+    def _send_refresh(self, entry: Entry, ttl: float, out: list[bytes]) -> None:
+        key = entry.key
+        assert isinstance(key, tuple)
+        service = self.service
+        leader = service.fill_in_flight(key) is None
+        if leader:  # readers that miss it meanwhile wait for this refresh rather than all asking upstream
+            service.begin_fill(key)
+            self._leading.add(key)
+        fill = Fill(key, entry.tables, service.engine.generations(entry.tables), ttl, entry.query,
+                    entry.rule or "", leader)  # fmt: skip
+        capture = Capture(service.max_entry_size, fill)
+        if key[0] == "q":
+            out.append(encode(b"Q", key[4] + b"\x00"))
+            self._queue(Pending(Op.QUERY, strip=True, quiet=True, capture=capture, on_done=_Refresh()))
+            return
+        _, _, _, _, sql, param_types, arguments, max_rows = key
+        out.append(fe.encode_parse("", sql.decode("utf-8", "surrogateescape"), param_types))
+        out.append(encode(b"B", b"\x00\x00" + arguments))  # the unnamed portal, of the unnamed statement
+        out.append(fe.encode_describe("P", ""))
+        out.append(encode(b"E", b"\x00" + max_rows.to_bytes(4, "big", signed=True)))
+        out.append(_SYNC)
+        for op in (Op.PARSE, Op.BIND):
+            self._queue(Pending(op, strip=True, quiet=True))
+        self._queue(Pending(Op.DESCRIBE_PORTAL, strip=True, quiet=True, capture=capture))
+        self._queue(Pending(Op.EXECUTE, strip=True, quiet=True, capture=capture, on_done=_Refresh()))
+        self._queue(Pending(Op.SYNC, strip=True, quiet=True))
 
     def _complete(self, pending: Pending) -> None:
         request = pending.on_done
@@ -999,19 +1180,29 @@ class CachingRelay:
         fill = capture.context
         assert isinstance(fill, Fill)
         try:
-            if not capture.failed and not pending.seen_error and capture.header:
-                self.service.engine.put(
-                    fill.key,
-                    capture.value(),
-                    tables=fill.tables,
-                    ttl=fill.ttl,
-                    now=self.service.clock(),
-                    query=fill.query,
-                    rule=fill.rule,
-                    generations=fill.generations,
-                )
+            usable = not capture.failed and not pending.seen_error and bool(capture.header)
+            if usable and fill.deferred:
+                self._tx_fills.append((fill, capture.value()))
+                return
+            stored = usable and self._store(fill, capture.value())
+            if isinstance(request, _Refresh):
+                self.service.metrics.refreshed("stored" if stored else "failed")
         finally:
             self._release_fill(capture)
+
+    def _store(self, fill: Fill, value: bytes) -> bool:
+        """Store a captured result, unless one of its tables was invalidated since its request was sent (the
+        generations taken then no longer match): by this session's transaction or by anyone else."""
+        return self.service.engine.put(
+            fill.key,
+            value,
+            tables=fill.tables,
+            ttl=fill.ttl,
+            now=self.service.clock(),
+            query=fill.query,
+            rule=fill.rule,
+            generations=fill.generations,
+        )
 
     def _release_fill(self, capture: Capture) -> None:
         """Give up the single-flight slot of a fill this session leads (waiters then look up, or go upstream)."""

@@ -12,6 +12,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import asyncpg
 
@@ -21,9 +22,35 @@ from cacheproxy.proxy.upstream import control_connection
 
 log = logging.getLogger("cacheproxy.catalog")
 
+# The fourth column: a write to the relation may change other tables. Rules and user triggers, and also column
+# defaults and CHECK constraints (the table's own, or its columns' domains') that call a user function that may write:
+# VOLATILE (PostgreSQL refuses writes in STABLE and IMMUTABLE SQL and PL functions) and in a procedural or SQL
+# language (C functions of extensions, such as uuid-ossp's uuid_generate_v4() in a DEFAULT, are taken not to write).
 _RELATIONS = """
+WITH calls AS (
+  SELECT d.classid, d.objid FROM pg_depend d
+  JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND p.oid = d.refobjid
+  JOIN pg_language l ON l.oid = p.prolang
+  WHERE p.provolatile = 'v' AND l.lanname NOT IN ('c', 'internal') AND p.pronamespace <> 'pg_catalog'::regnamespace
+), effects AS (
+  SELECT ad.adrelid AS rel FROM pg_attrdef ad
+  JOIN calls ON calls.classid = 'pg_attrdef'::regclass AND calls.objid = ad.oid
+  UNION
+  SELECT k.conrelid FROM pg_constraint k
+  JOIN calls ON calls.classid = 'pg_constraint'::regclass AND calls.objid = k.oid
+  WHERE k.conrelid <> 0
+  UNION
+  SELECT a.attrelid FROM pg_attribute a
+  JOIN calls ON calls.classid = 'pg_type'::regclass AND calls.objid = a.atttypid
+  WHERE a.attnum > 0 AND NOT a.attisdropped
+  UNION
+  SELECT a.attrelid FROM pg_attribute a JOIN pg_constraint k ON k.contypid = a.atttypid
+  JOIN calls ON calls.classid = 'pg_constraint'::regclass AND calls.objid = k.oid
+  WHERE a.attnum > 0 AND NOT a.attisdropped
+)
 SELECT n.nspname, c.relname, c.relkind::text,
-       c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal),
+       c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)
+         OR c.oid IN (SELECT rel FROM effects),
        c.relrowsecurity
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'm', 'v', 'f', 'S')
@@ -42,6 +69,16 @@ WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN 
 """
 _FUNCTIONS = """
 SELECT n.nspname, p.proname, p.provolatile = 'i' FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+"""
+
+
+# Does a plain BEGIN open a READ COMMITTED, non-deferrable transaction for every role? The server's default (as this
+# role sees it), and no role or database default for those settings anywhere (pg_db_role_setting is readable by all).
+_FRESH_TRANSACTIONS = """
+SELECT current_setting('default_transaction_isolation') IN ('read committed', 'read uncommitted')
+   AND current_setting('default_transaction_deferrable') = 'off'
+   AND NOT EXISTS (SELECT 1 FROM pg_db_role_setting s, unnest(s.setconfig) AS c
+                   WHERE lower(c) LIKE 'default\\_transaction\\_%' OR lower(c) LIKE 'transaction\\_%')
 """
 
 
@@ -137,9 +174,20 @@ class CatalogLoader:
                 inherits = await conn.fetch(_INHERITS)
                 cascades = await conn.fetch(_CASCADES)
                 functions = await conn.fetch(_FUNCTIONS)
+                fresh = bool(await conn.fetchval(_FRESH_TRANSACTIONS))
         finally:
             await conn.close()
         self._versions += 1
+        return replace(self._build(database, relations, inherits, cascades, functions), fresh_transactions=fresh)
+
+    def _build(
+        self,
+        database: str,
+        relations: list[asyncpg.Record],
+        inherits: list[asyncpg.Record],
+        cascades: list[asyncpg.Record],
+        functions: list[asyncpg.Record],
+    ) -> Catalog:
         return Catalog.build(
             database,
             self._versions,

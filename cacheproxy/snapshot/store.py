@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -186,9 +186,18 @@ def _commit(tmp: str, path: str) -> None:
 
 
 async def load_snapshot(
-    path: str, engine: CacheEngine, upstream: UpstreamConfig, rules: str, clock: Callable[[], float]
+    path: str,
+    engine: CacheEngine,
+    upstream: UpstreamConfig,
+    rules: str,
+    clock: Callable[[], float],
+    listen: Callable[[list[str]], Awaitable[set[str]]] | None = None,
 ) -> LoadResult:
     """Load `path` into `engine`, keeping only entries that are live and whose every table shows no change.
+
+    `listen`, when given, starts following the invalidations of the snapshot's databases and returns those that are
+    followed now: it is called before the change evidence is read, so that a write committed after that reading is
+    heard of, and the entries of the other databases are dropped (their writes in between could be missed).
 
     Never raises for a bad file: a corrupt, truncated, unknown-version or foreign file is renamed aside
     (`<path>.bad-<timestamp>`), logged in one line, and the cache is left empty (a cold start).
@@ -199,7 +208,7 @@ async def load_snapshot(
         log.info("snapshot: no file at %s: cold start", path)
         return LoadResult("missing")
     try:
-        result = await _load(path, engine, upstream, rules, clock)
+        result = await _load(path, engine, upstream, rules, clock, listen)
     except SnapshotCorrupt as exc:
         engine.flush()  # whatever was put from the valid blocks before the damage: a bad file serves nothing
         aside = _set_aside(path)
@@ -214,7 +223,12 @@ async def load_snapshot(
 
 
 async def _load(
-    path: str, engine: CacheEngine, upstream: UpstreamConfig, rules: str, clock: Callable[[], float]
+    path: str,
+    engine: CacheEngine,
+    upstream: UpstreamConfig,
+    rules: str,
+    clock: Callable[[], float],
+    listen: Callable[[list[str]], Awaitable[set[str]]] | None,
 ) -> LoadResult:
     decoder = SnapshotDecoder()
     with open(path, "rb") as file:
@@ -232,7 +246,8 @@ async def _load(
         if header.rules != rules:
             log.warning("snapshot: the rules changed since %s was written; its entries are not loaded", path)
             return LoadResult("loaded", dropped=Counter(rules_changed=_count_rest(file, decoder)))
-        valid = await _unchanged_tables(header, upstream)
+        followed = await listen(list(header.databases)) if listen is not None else None
+        valid = await _unchanged_tables(header, upstream, followed)
         result = LoadResult("loaded")
         while True:
             event = _next(file, decoder)
@@ -299,11 +314,15 @@ def _drop_reason(record: Record, valid: dict[TableId, bool], wall: float) -> str
     return None
 
 
-async def _unchanged_tables(header: Header, upstream: UpstreamConfig) -> dict[TableId, bool]:
+async def _unchanged_tables(header: Header, upstream: UpstreamConfig, followed: set[str] | None) -> dict[TableId, bool]:
     """Per (database, table) with evidence both then and now: whether it is unchanged. Tables not in the result
-    have no evidence on one side; only the entries of unchanged tables may be loaded."""
+    have no evidence on one side, or their database's invalidations are not `followed`; only the entries of
+    unchanged tables may be loaded."""
     valid: dict[TableId, bool] = {}
     for database, then in header.databases.items():
+        if followed is not None and database not in followed:
+            log.warning("snapshot: entries of database %r dropped: its invalidation feed is not up", database)
+            continue
         try:
             now = await evidence.read_database(upstream, database)
         except evidence.ERRORS as exc:

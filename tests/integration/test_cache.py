@@ -241,17 +241,6 @@ def test_rule_none_is_never_cached(pg: PgCluster, dbname: str, start_proxy: Call
     assert upstream_calls(pg, marker) == 3
 
 
-def test_reads_inside_a_transaction_are_not_served(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
-    marker = _marker()
-    sql = f"SELECT name AS {marker} FROM items WHERE id = 5"
-    with psycopg.connect(pg.dsn(dbname=dbname, port=cached.port)) as conn:  # not autocommit: a transaction
-        for _ in range(3):
-            conn.execute(sql).fetchall()
-        conn.rollback()
-    assert upstream_calls(pg, marker) == 3
-
-
 def test_temp_table_shadowing_is_not_cached(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
     _setup(pg, dbname)
     read = "SELECT name FROM items WHERE id = 1"

@@ -52,6 +52,8 @@ class ProxyThread:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self._loop.is_closed():
+            return  # stopped already (a test may stop it before its fixture does)
         if self.app is not None:
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 self.call(self.app.stop(), timeout=timeout + 10)

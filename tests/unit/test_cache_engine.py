@@ -241,6 +241,20 @@ def test_invalidate_database_removes_its_entries_only() -> None:
     check_all(cache)
 
 
+def test_invalidation_hands_back_the_removed_entries() -> None:
+    # Write-through refreshes what a write removed: the engine gives the entries back, each once.
+    cache = engine(shards=4)
+    cache.put("a", b"1", tables=frozenset({USERS, ORDERS}), ttl=60, now=0.0)
+    cache.put("b", b"2", tables=frozenset({ORDERS}), ttl=60, now=0.0)
+    cache.put("c", b"3", tables=frozenset({OTHER_USERS}), ttl=60, now=0.0)
+    dropped: list[Entry] = []
+    assert cache.invalidate_tables([USERS, ORDERS], dropped) == 2
+    assert sorted(str(e.key) for e in dropped) == ["a", "b"]
+    assert cache.invalidate_database("other", dropped) == 1
+    assert sorted(str(e.key) for e in dropped) == ["a", "b", "c"]
+    check_all(cache)
+
+
 def test_flush_removes_everything() -> None:
     cache = engine()
     for i in range(20):

@@ -16,12 +16,14 @@ from cacheproxy.config import (
     CacheConfig,
     Config,
     ConfigError,
+    InvalidationConfig,
     LimitsConfig,
     LoggingConfig,
     Rule,
     ShutdownConfig,
     SnapshotConfig,
     UpstreamConfig,
+    WriteThroughConfig,
     build_config,
     format_duration,
     format_size,
@@ -173,7 +175,8 @@ def test_example_file_documents_the_real_defaults() -> None:
 
 def test_example_file_names_every_key() -> None:
     text = EXAMPLE.read_text()
-    sections = (AdminConfig, LimitsConfig, ShutdownConfig, LoggingConfig, CacheConfig, SnapshotConfig, Rule)
+    sections = (AdminConfig, LimitsConfig, ShutdownConfig, LoggingConfig, CacheConfig, SnapshotConfig, Rule,
+                InvalidationConfig, WriteThroughConfig)  # fmt: skip
     for cls in sections:
         for f in dataclasses.fields(cls):
             assert f"{f.name}:" in text, f"{cls.__name__}.{f.name} missing from {EXAMPLE.name}"
@@ -783,3 +786,38 @@ def test_choices_are_case_insensitive_and_normalised() -> None:
     config = build_config({**MINIMAL, "logging": {"level": "WARNING"}, "rules": [{"tables": "t", "strategy": "None"}]})
     assert config.logging.level == "warning"
     assert config.rules == (Rule(("t",), None, "none"),)
+
+
+# --- invalidation, write-through and the new limits ------------------------------------------------
+
+
+def test_invalidation_and_write_through_sections() -> None:
+    config = build_config(
+        {
+            "upstream": "postgres://u@h/db",
+            "invalidation": {"bus": "off", "channel": "app_cache", "unknown_writes": "ignore", "replication": True},
+            "write_through": {"concurrency": 2, "per_second": "50"},
+            "limits": {"max_prepared_statements": 5, "max_pipeline_bytes": "64KiB"},
+        }
+    )
+    assert config.invalidation == InvalidationConfig(
+        bus=False, channel="app_cache", unknown_writes="ignore", replication=True
+    )
+    assert config.write_through == WriteThroughConfig(concurrency=2, per_second=50.0)
+    assert (config.limits.max_prepared_statements, config.limits.max_pipeline_bytes) == (5, 64 * 1024)
+    assert build_config(yaml.safe_load(render_config(config))).invalidation == config.invalidation
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        ("invalidation", {"channel": "Bad-Name"}, "invalidation.channel: must be a lower-case identifier"),
+        ("invalidation", {"unknown_writes": "sometimes"}, "invalidation.unknown_writes: must be one of"),
+        ("write_through", {"per_second": 0}, "write_through.per_second: must be greater than 0"),
+        ("write_through", {"concurrency": 0}, "write_through.concurrency: must be from 1 to 64"),
+        ("limits", {"max_prepared_statements": 0}, "limits.max_prepared_statements: must be at least 1"),
+    ],
+)
+def test_invalidation_settings_are_checked(section: str, value: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config({"upstream": "postgres://u@h/db", section: value})

@@ -1,0 +1,257 @@
+"""InvalidationBus: invalidations shared between proxies through PostgreSQL's own LISTEN/NOTIFY.
+
+The normal deployment is one proxy per app instance, and each proxy sees only its own app's writes. So every proxy
+publishes what its clients' committed writes invalidated, and applies what the others publish. NOTIFY is scoped to
+one database, so the bus keeps one control connection (asyncpg, as the upstream URL's user) per database the proxy
+serves: it LISTENs on the channel and sends the proxy's own notifications. A proxy receives its own notifications
+too; they are recognised by the sending backend's pid, which is this connection's.
+
+Never fail open: a proxy that is not listening cannot know what it misses. Until a database's connection LISTENs,
+and from the moment it is lost, the database is reported down (`on_state`): the cache service then neither serves
+nor stores its entries, and drops them. Invalidations that could not be published stay queued and go out once
+the connection is back.
+
+What is published is deliberately coarse, table names as the cache keys them (a write to any schema's `t`
+invalidates every cached `t`), so that it never depends on the reader's catalog. Payloads over NOTIFY's limit
+become "everything in this database".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+
+from cacheproxy.config import UpstreamConfig
+from cacheproxy.proxy.upstream import control_connection
+
+log = logging.getLogger("cacheproxy.bus")
+
+# NOTIFY payloads must be shorter than 8000 bytes (docs, NOTIFY); a longer invalidation names no tables.
+_MAX_PAYLOAD = 7900
+# How often an idle connection is checked (a dead peer is otherwise only noticed when TCP gives up).
+_HEARTBEAT = 5.0
+_RETRY_MIN, _RETRY_MAX = 0.1, 5.0
+_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """What one or more committed writes made stale in a database."""
+
+    tables: frozenset[str] = frozenset()
+    everything: bool = False
+    ddl: bool = False  # the schema changed: read the catalog again
+    settings: bool = False  # ALTER ROLE/DATABASE ... SET: sessions opened from now on start with other settings
+
+    def merge(self, other: Invalidation) -> Invalidation:
+        everything = self.everything or other.everything
+        return Invalidation(
+            frozenset() if everything else self.tables | other.tables,
+            everything,
+            self.ddl or other.ddl,
+            self.settings or other.settings,
+        )
+
+    def encode(self) -> str:
+        """The NOTIFY payload.
+
+        >>> Invalidation(frozenset({"b", "a"})).encode()
+        '{"v":1,"t":["a","b"]}'
+        >>> Invalidation.decode(Invalidation(everything=True, ddl=True).encode())
+        Invalidation(tables=frozenset(), everything=True, ddl=True, settings=False)
+        """
+        body: dict[str, object] = {"v": _VERSION, "t": sorted(self.tables)}
+        if self.everything:
+            body = {"v": _VERSION, "all": True}
+        if self.ddl:
+            body["ddl"] = True
+        if self.settings:
+            body["set"] = True
+        payload = orjson.dumps(body).decode()
+        if len(payload.encode()) > _MAX_PAYLOAD:
+            return Invalidation(everything=True, ddl=self.ddl, settings=self.settings).encode()
+        return payload
+
+    @staticmethod
+    def decode(payload: str) -> Invalidation:
+        """Read a payload. One that cannot be read (another version, garbage) means "everything": a proxy must not
+        keep entries because it failed to understand which ones to drop."""
+        try:
+            body = orjson.loads(payload)
+            tables = body.get("t", [])
+            if body.get("v") != _VERSION or not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+                raise ValueError("unknown payload")
+            return Invalidation(frozenset(tables), bool(body.get("all")), bool(body.get("ddl")), bool(body.get("set")))
+        except (ValueError, AttributeError, orjson.JSONDecodeError):
+            log.warning("invalidation bus: unreadable message %r: invalidating the whole database", payload[:200])
+            return Invalidation(everything=True)
+
+
+class InvalidationBus:
+    """One LISTEN/NOTIFY connection per watched database; see the module docstring."""
+
+    def __init__(
+        self,
+        upstream: UpstreamConfig,
+        channel: str,
+        *,
+        on_message: Callable[[str, Invalidation], None],
+        on_state: Callable[[str, bool, str], None],
+        on_published: Callable[[], None] | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._channel = channel
+        self._on_message = on_message
+        self._on_state = on_state
+        self._on_published = on_published
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._ready: dict[str, asyncio.Future[None]] = {}
+        self._outbox: dict[str, Invalidation] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._listening: set[str] = set()
+
+    def listening(self, database: str) -> bool:
+        return database in self._listening
+
+    def watch(self, database: str) -> asyncio.Future[None] | None:
+        """Start listening for `database` if not yet; the future to wait on until it listens, or None if it does."""
+        if database in self._listening:
+            return None
+        if database not in self._tasks:
+            loop = asyncio.get_running_loop()
+            self._ready[database] = loop.create_future()
+            self._wake[database] = asyncio.Event()
+            self._tasks[database] = loop.create_task(self._run(database), name=f"bus-{database}")
+        return self._ready.get(database)
+
+    def publish(self, database: str, invalidation: Invalidation) -> None:
+        """Queue `invalidation` for the other proxies; merged with what is still queued (one NOTIFY for both)."""
+        queued = self._outbox.get(database)
+        self._outbox[database] = invalidation if queued is None else queued.merge(invalidation)
+        wake = self._wake.get(database)
+        if wake is not None:
+            wake.set()
+
+    async def stop(self) -> None:
+        """Stop every connection. What is still queued is published first, briefly."""
+        for database, wake in self._wake.items():
+            if database in self._outbox:
+                wake.set()
+        if self._outbox:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    while self._outbox and any(db in self._listening for db in self._outbox):
+                        await asyncio.sleep(0.01)
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # -- one database -----------------------------------------------------------------------------------------
+
+    async def _run(self, database: str) -> None:
+        delay = _RETRY_MIN
+        logged = False
+        while True:
+            try:
+                await self._connect_and_serve(database)
+            except asyncpg.InvalidCatalogNameError:
+                # The database was dropped: stop; a session that connects to a new one of that name starts again.
+                self._forget(database, "the database does not exist")
+                return
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ssl.SSLError) as exc:
+                reason = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+                if database in self._listening:  # it was up: log the loss, and retry soon
+                    delay, logged = _RETRY_MIN, False
+                if not logged:
+                    log.warning(
+                        "invalidation bus for database %r is down (%s): its cached results are not served until it"
+                        " is back", database, reason,
+                    )  # fmt: skip
+                    logged = True
+                self._down(database, reason)
+            except Exception:  # a bug must not leave the database served without its feed, nor end the retries
+                log.exception("invalidation bus for database %r failed", database)
+                self._down(database, "internal error")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX)
+
+    def _down(self, database: str, reason: str) -> None:
+        self._listening.discard(database)
+        self._on_state(database, False, reason)
+        ready = self._ready.get(database)
+        if ready is not None and not ready.done():
+            ready.set_result(None)  # sessions waiting for it go on, without the cache
+            self._ready[database] = asyncio.get_running_loop().create_future()
+
+    async def _connect_and_serve(self, database: str) -> None:
+        connection = await control_connection(self._upstream, database, "bus")
+        try:
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def closed(_connection: object) -> None:
+                if not lost.done():
+                    lost.set_result(None)
+
+            own_pid = connection.get_server_pid()
+
+            def received(_connection: object, pid: int, _channel: str, payload: str) -> None:
+                if pid != own_pid:
+                    self._on_message(database, Invalidation.decode(payload))
+
+            connection.add_termination_listener(closed)
+            await connection.add_listener(self._channel, received)
+            self._listening.add(database)
+            self._on_state(database, True, "listening")
+            ready = self._ready.get(database)
+            if ready is not None and not ready.done():
+                ready.set_result(None)
+            await self._serve(database, connection, lost)
+        finally:
+            if not connection.is_closed():
+                connection.terminate()
+
+    async def _serve(self, database: str, connection: asyncpg.Connection, lost: asyncio.Future[None]) -> None:
+        """Publish what is queued, check the connection when idle; return (by raising) only when it is lost."""
+        wake = self._wake[database]
+        while True:
+            waiter: asyncio.Future[object] = asyncio.ensure_future(wake.wait())
+            watched: set[asyncio.Future[object]] = {waiter, lost}  # type: ignore[arg-type]
+            try:
+                await asyncio.wait(watched, timeout=_HEARTBEAT, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if lost.done():
+                raise ConnectionResetError("the LISTEN connection was closed")
+            if not wake.is_set():
+                await asyncio.wait_for(connection.fetchval("SELECT 1"), _HEARTBEAT)
+                continue
+            wake.clear()
+            invalidation = self._outbox.pop(database, None)
+            if invalidation is None:
+                continue
+            try:
+                await connection.execute("SELECT pg_notify($1, $2)", self._channel, invalidation.encode())
+            except BaseException:
+                self.publish(database, invalidation)  # not sent: send it once the connection is back
+                raise
+            if self._on_published is not None:
+                self._on_published()
+
+    def _forget(self, database: str, reason: str) -> None:
+        self._listening.discard(database)
+        self._tasks.pop(database, None)
+        self._wake.pop(database, None)
+        self._outbox.pop(database, None)
+        ready = self._ready.pop(database, None)
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+        self._on_state(database, False, reason)
