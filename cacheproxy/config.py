@@ -220,6 +220,8 @@ class InvalidationConfig:
 
     ``bus``: every invalidation is published with NOTIFY on ``channel`` and every proxy LISTENs there (one control
     connection per database); while that connection is down, the database's entries are not served.
+    ``catalog_poll``: how often the bus connection checks the catalog for changes made straight on the database
+    (GRANT/REVOKE, row security, DDL, roles), which drop the database's entries; None = never.
     ``unknown_writes``: what a statement with unknown effects (DO, CALL, a function that may write) does:
     ``invalidate_database`` (default) or ``ignore``. ``replication``: also follow a logical replication stream
     (publication ``publication``, a temporary slot named ``slot_prefix`` + a per-instance suffix), which sees
@@ -228,6 +230,7 @@ class InvalidationConfig:
 
     bus: bool = True
     channel: str = "cacheproxy_invalidation"
+    catalog_poll: float | None = 1.0
     unknown_writes: str = "invalidate_database"
     replication: bool = False
     publication: str = "cacheproxy"
@@ -874,6 +877,7 @@ def _invalidation(m: Mapping[str, object], where: _Where) -> InvalidationConfig:
     return InvalidationConfig(
         bus=_get(m, "invalidation.bus", d.bus, _bool, where),
         channel=_get(m, "invalidation.channel", d.channel, _channel, where),
+        catalog_poll=_get(m, "invalidation.catalog_poll", d.catalog_poll, _optional(_duration(positive=True)), where),
         unknown_writes=_get(m, "invalidation.unknown_writes", d.unknown_writes, _choice(UNKNOWN_WRITES), where),
         replication=_get(m, "invalidation.replication", d.replication, _bool, where),
         publication=_get(m, "invalidation.publication", d.publication, _channel, where),
@@ -1101,6 +1105,7 @@ def render_config(config: Config) -> str:
         "invalidation": {
             "bus": config.invalidation.bus,
             "channel": config.invalidation.channel,
+            "catalog_poll": _optional_duration(config.invalidation.catalog_poll),
             "unknown_writes": config.invalidation.unknown_writes,
             "replication": config.invalidation.replication,
             "publication": config.invalidation.publication,

@@ -540,6 +540,11 @@ def copy(c: Cursor, sub: SubAnalyze) -> Draft:
         inner = sub(c.tokens[start : c.i - 1])
         draft = Draft(Kind.READ, "COPY TO", reads=set(inner.reads), functions=set(inner.functions))
         draft.reason = "COPY is streamed, not cached"
+        if inner.kind is Kind.WRITE or inner.writes:
+            # COPY (INSERT/UPDATE/DELETE ... RETURNING, or a data-modifying WITH) TO: the statement runs, and writes.
+            draft.kind, draft.label = Kind.WRITE, "COPY (...) TO"
+            draft.writes = set(inner.writes) or {UNKNOWN_TABLE}
+            draft.data_modifying_cte = inner.data_modifying_cte
         return draft
     c.accept("binary")
     ref = c.table()

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from cacheproxy.analysis.model import TableRef
+from cacheproxy.analysis.model import UNKNOWN_TABLE, TableRef
 
 # Token kinds
 WORD = "word"  # keyword or unquoted identifier
@@ -127,20 +127,41 @@ def tokenize(sql: str) -> list[Token]:
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
+# NAMEDATALEN - 1: PostgreSQL truncates a longer identifier (quoted or not) to this many bytes, at a character
+# boundary, with a NOTICE (scansup.c, truncate_identifier). A write naming a table by its long name must invalidate
+# the name a read of the same table resolves to.
+NAME_MAX_BYTES = 63
+
+
+def truncate_identifier(name: str) -> str:
+    """The identifier as PostgreSQL stores it."""
+    if len(name) <= NAME_MAX_BYTES // 4:  # at most 4 bytes a character in UTF-8: short names need no encoding
+        return name
+    raw = name.encode("utf-8", "surrogatepass")
+    if len(raw) <= NAME_MAX_BYTES:
+        return name
+    return raw[:NAME_MAX_BYTES].decode("utf-8", "ignore")  # drops a character cut in two
+
+
 def fold(word: str) -> str:
     """Fold an unquoted identifier as PostgreSQL does for a UTF-8 database: ASCII letters only."""
     return word.translate(_ASCII_LOWER)
 
 
+def is_unicode_ident(name: str) -> bool:
+    """A U&"..." identifier, kept as written by `ident_value` (its escapes are not decoded)."""
+    return name[:3] in ('U&"', 'u&"')
+
+
 def ident_value(tok: Token) -> str:
-    """The identifier a WORD or QIDENT token names (folded, or unquoted with "" undoubled)."""
+    """The identifier a WORD or QIDENT token names (folded, or unquoted with "" undoubled), truncated as stored."""
     if tok.kind == QIDENT:
         text = tok.text
         if text[:1] in "uU":  # U&"..." with escapes: keep it as written, it is rare and never folded
             return text
         body = text[1:-1] if len(text) >= 2 and text.endswith('"') else text[1:]
-        return body.replace('""', '"')
-    return tok.sub if tok.kind == WORD else fold(tok.text)
+        return truncate_identifier(body.replace('""', '"'))
+    return truncate_identifier(tok.sub if tok.kind == WORD else fold(tok.text))
 
 
 def is_word(tok: Token | None, *words: str) -> bool:
@@ -163,7 +184,10 @@ def read_name(tokens: Sequence[Token], i: int) -> tuple[list[str], int]:
 
 
 def table_ref(parts: Sequence[str]) -> TableRef:
-    """A TableRef from name parts: db.schema.t -> (schema, t)."""
+    """A TableRef from name parts: db.schema.t -> (schema, t); UNKNOWN_TABLE for a U&"..." name, whose decoded
+    value (escapes, UESCAPE) we do not compute: a write to it must not invalidate only the name as written."""
+    if any(is_unicode_ident(part) for part in parts[-2:]):
+        return UNKNOWN_TABLE
     if len(parts) >= 2:
         return (parts[-2], parts[-1])
     return (None, parts[-1])

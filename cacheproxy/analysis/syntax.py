@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import sqlglot
 from sqlglot import exp
 
-from cacheproxy.analysis.lexer import fold
+from cacheproxy.analysis.lexer import fold, truncate_identifier
 from cacheproxy.analysis.model import TableRef
 
 _WITH_KEY = "with_" if "with_" in exp.Select.arg_types else "with"
@@ -153,9 +153,9 @@ def _ident(node: object) -> str | None:
     """The folded name of an Identifier (quoted ones kept exactly)."""
     if isinstance(node, exp.Identifier):
         text = str(node.this)
-        return text if node.quoted else fold(text)
+        return truncate_identifier(text if node.quoted else fold(text))
     if isinstance(node, str):
-        return fold(node)
+        return truncate_identifier(fold(node))
     return None
 
 

@@ -9,6 +9,33 @@ from collections.abc import Hashable
 # it, so a write to any schema's table `t` invalidates every cached `t` of that database.
 TableId = tuple[str, str]
 
+# Row-level dependencies use the same (database, name) ids, with names that no table can have (identifiers never hold
+# NUL): "t\x00<bucket>" for the point reads of keys in that bucket of `t`, "t\x00*" for every other read of `t`
+# (analysis/points.py). A write to one row invalidates its bucket and "t\x00*"; a write to `t` invalidates "t", on
+# which both kinds depend too. Keys are bucketed so that the engine's generation counters stay bounded.
+ROW_BUCKETS = 4096
+
+
+def row_id(table: str, key: int) -> str:
+    r"""The dependency id of the point reads of `key` in `table`.
+
+    >>> row_id("accounts", 4097) == row_id("accounts", 1) == "accounts\x001"
+    True
+    >>> base_table(row_id("accounts", -5)), base_table(any_row("accounts")), base_table("accounts")
+    ('accounts', 'accounts', 'accounts')
+    """
+    return f"{table}\x00{key % ROW_BUCKETS}"
+
+
+def any_row(table: str) -> str:
+    return f"{table}\x00*"
+
+
+def base_table(name: str) -> str:
+    """The table a dependency id belongs to (itself for a table name)."""
+    return name.partition("\x00")[0]
+
+
 # Fixed bytes accounted per entry on top of its value, key and query text: the Entry object, its slot in the shard's
 # dict, its links and its reverse-index memberships. An estimate, not a measurement: it only has to be the right size
 # so that a budget full of tiny results still holds a bounded number of entries.

@@ -8,7 +8,7 @@ triggers and rules), and whether every function a query calls is immutable.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # pg_class.relkind values whose reads the cache can follow: ordinary and partitioned tables (a write names them),
 # and materialized views (only REFRESH, which names them, changes their contents).
@@ -81,6 +81,10 @@ class Catalog:
     # No server, database or role default makes transactions REPEATABLE READ, SERIALIZABLE or DEFERRABLE: a plain
     # BEGIN then opens a READ COMMITTED transaction, which may read the cache (rules' in_transaction).
     fresh_transactions: bool = False
+    # Table name -> its point key: the column of a single-column integer primary key shared by every table of that
+    # name, none of which has triggers, rules, row security, partitions, inheritance or cascading foreign keys. A
+    # write naming one key value then changes that row alone (analysis/points.py).
+    point_columns: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -149,6 +153,22 @@ class Catalog:
 
     def has_triggers(self, name: str) -> bool:
         return any(rel.has_triggers for rel in self.by_name.get(name, ()))
+
+    def point_key(self, _schema: str | None, name: str) -> str | None:
+        """The point key of the tables named `name` (by name, as invalidation is), or None."""
+        return self.point_columns.get(name)
+
+    def with_primary_keys(self, keys: Iterable[tuple[str, str, str]]) -> Catalog:
+        """This catalog with `point_columns` from (schema, table, column) single-column integer primary keys."""
+        by_relation = {(schema, name): column for schema, name, column in keys}
+        columns: dict[str, str] = {}
+        for name, rels in self.by_name.items():
+            found = {by_relation.get((rel.schema, rel.name)) for rel in rels}
+            if len(found) != 1 or None in found or self.family.get(name) or self.cascades.get(name):
+                continue
+            if all(rel.relkind == "r" and not rel.has_triggers and not rel.row_security for rel in rels):
+                columns[name] = found.pop()  # type: ignore[assignment]
+        return replace(self, point_columns=columns)
 
 
 def _families(inherits: Iterable[tuple[str, str]]) -> dict[str, frozenset[str]]:

@@ -1,113 +1,365 @@
-"""Benchmark: pgbench against direct PostgreSQL, cacheproxy with its cache off, and cacheproxy at 100% hits.
+"""Benchmark suite: cacheproxy against direct PostgreSQL, PgBouncer and Pgpool-II, with pgbench on the same machine.
 
-    python -m cacheproxy.devtools.bench [--seconds 5] [--rounds 3] [--clients 16] [--scale 10]
+    python3 -m cacheproxy.devtools.bench            # the full suite (about 12 minutes on 2 cores)
+    python3 -m cacheproxy.devtools.bench --quick    # a smoke run: 1 round of 2 s runs
 
-It starts a private PostgreSQL (`pgbench -i`), two proxies as subprocesses (cache on, cache off), warms the cache,
-then runs `pgbench -S`-style reads over a hot set of 10k keys in each protocol mode, interleaving the targets round
-by round. It prints medians (min-max) of TPS and mean latency, and the CPU seconds PostgreSQL and the proxy spent in
-each run, read from /proc. A benchmark, not a test: nothing here asserts a speed.
+It starts a private PostgreSQL (`pgbench -i -s 10`), four cacheproxy processes (cache on with a 1 h TTL, cache off,
+and a `lazy` and a `write_through` rule for the read/write mix), PgBouncer (session mode) and Pgpool-II (shmem query
+cache on), all on 127.0.0.1, installing the peers from Debian packages if they are missing. Then, interleaving the
+targets round by round:
+
+1. hot: pgbench over 10k hot keys of pgbench_accounts, 16 clients, -M simple|extended|prepared, after a warm-up
+   (cacheproxy at 100% hits, Pgpool-II serving from its cache); TPS and mean latency.
+2. single: the same with one client: p50 and p99 from pgbench's per-transaction log.
+3. expensive: an aggregate with a join over pgbench_accounts (>= 5 ms directly): direct against cacheproxy hits.
+4. mix: 90% hot reads, 10% UPDATEs of the hot keys: TPS and hit ratio with `lazy` and with `write_through`.
+Every run records the CPU seconds of PostgreSQL (the postmaster's tree), of the proxy (its process tree) and of
+pgbench, and the proxy's RSS. Results go to bench/results/latest.md and latest.csv (quick.* for --quick), headed by
+the machine. A benchmark, not a test: nothing here asserts a speed. `--profile DIR` also samples the cacheproxy hit
+path with py-spy in each mode (DIR/profile_<mode>.txt, collapsed stacks, and DIR/profile.md with the top frames).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import functools
 import os
 import platform
 import re
-import signal
-import statistics
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+
+from cacheproxy.devtools import bench_peers
+from cacheproxy.devtools.bench_procstat import rss_bytes, tree_cpu
+from cacheproxy.devtools.bench_report import (
+    Machine,
+    Report,
+    Run,
+    latencies_from_log,
+    percentile,
+    render_csv,
+    render_markdown,
+    summarize,
+    top_frames,
+    top_lines,
+)
 from cacheproxy.devtools.pgcluster import PgCluster, free_port
 from cacheproxy.devtools.proxyprocess import start_proxy_process
 
-_HOT_SCRIPT = "\\set aid random(1, 10000)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
-_MODES = ("simple", "extended", "prepared")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+MODES = ("simple", "extended", "prepared")
+HOT_KEYS = 10_000
+HOT_SCRIPT = f"\\set aid random(1, {HOT_KEYS})\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
+WRITE_SCRIPT = (
+    f"\\set aid random(1, {HOT_KEYS})\n\\set delta random(-5000, 5000)\n"
+    "UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;\n"
+)
+# 20 distinct ranges of 50k accounts: an index range scan, a join and an aggregate (about 10 ms at scale 10).
+EXPENSIVE_KEYS = 20
+EXPENSIVE_SCRIPT = (
+    f"\\set lo random(0, {EXPENSIVE_KEYS - 1}) * 50000 + 1\n"
+    "SELECT b.bid, count(*), sum(a.abalance), avg(a.abalance) FROM pgbench_accounts a "
+    "JOIN pgbench_branches b ON b.bid = a.bid WHERE a.aid BETWEEN :lo AND :lo + 49999 GROUP BY b.bid ORDER BY b.bid;\n"
+)
+MAX_MEMORY = "512MiB"
+EXPENSIVE_MIN_MS = 5.0
+# Runs end when pgbench's clients leave; the backends then exit and are reaped, adding their CPU time to the
+# postmaster's. Waiting this long after a run lets that happen, so it counts for this run and not the next.
+SETTLE_SECONDS = 1.0
 
 
 @dataclass
-class Run:
-    target: str
-    mode: str
-    tps: float
-    latency_ms: float
-    pg_cpu: float
-    proxy_cpu: float
+class Target:
+    """Something pgbench connects to, and how to read its CPU, RSS and cache counters."""
+
+    name: str
+    port: int
+    pid: int | None = None  # the proxy process whose tree's CPU is counted; None for direct
+    rss: bool = False  # whether its RSS means something (not for Pgpool-II's forked children and shared memory)
+    counters: Callable[[], tuple[int, int] | None] = field(default=lambda: None)  # (hits, lookups)
+
+
+@dataclass
+class Bench:
+    """The running suite: settings, the cluster, the scripts and what was measured."""
+
+    args: argparse.Namespace
+    cluster: PgCluster
+    env: dict[str, str]
+    scripts: Path
+    runs: list[Run] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--scale", type=int, default=10)
-    args = parser.parse_args(argv)
-    print(_machine(), flush=True)
+    args = _parse_args(argv)
+    machine = _machine()
+    print(f"machine: {machine.line()}", flush=True)
+    bench_peers.ensure_installed()
     cluster = PgCluster.start()
-    procs: list[subprocess.Popen[bytes]] = []
+    stoppers: list[Callable[[], None]] = []
     try:
-        env = cluster.env()
+        bench = Bench(args, cluster, cluster.env(), Path(tempfile.mkdtemp(prefix="cacheproxy-bench-")))
+        machine = _machine(_server_version(cluster))
         print(f"pgbench -i -s {args.scale} ...", flush=True)
-        _pgbench(env, ["-i", "-q", "-s", str(args.scale), "-p", str(cluster.port)], check=True)
-        script = Path(tempfile.mkdtemp()) / "hot.sql"
-        script.write_text(_HOT_SCRIPT)
-        cached_port, plain_port = free_port(), free_port()
-        cached = _start_proxy(cluster, cached_port, cache=True)
-        plain = _start_proxy(cluster, plain_port, cache=False)
-        procs += [cached, plain]
-        targets = {
-            "direct": (cluster.port, None),
-            "proxy, cache off": (plain_port, plain),
-            "proxy, hits": (cached_port, cached),
-        }
-        for mode in _MODES:  # warm-up: fill the 10k hot keys of each mode
-            _bench(env, cached_port, mode, script, args.clients, max(3, args.seconds))
-        runs: list[Run] = []
-        for round_no in range(1, args.rounds + 1):
-            for mode in _MODES:
-                for name, (port, proc) in targets.items():
-                    pg_before, proxy_before = _pg_cpu(cluster), _proc_cpu(proc)
-                    tps, latency = _bench(env, port, mode, script, args.clients, args.seconds)
-                    # Backends exit when their clients leave and are then reaped, adding their CPU time to the
-                    # postmaster's: let that happen now, so that it counts for this run and not the next.
-                    time.sleep(1.0)
-                    runs.append(
-                        Run(name, mode, tps, latency, _pg_cpu(cluster) - pg_before, _proc_cpu(proc) - proxy_before)
-                    )
-                    print(f"  round {round_no} {mode:<9} {name:<17} {tps:>10.0f} tps", flush=True)
-        single = [(name, _bench(env, port, "prepared", script, 1, args.seconds)) for name, (port, _) in targets.items()]
-        _report(runs, single, args)
+        _pgbench(bench.env, ["-i", "-q", "-s", str(args.scale), "-p", str(cluster.port)], check=True)
+        _write_scripts(bench.scripts)
+        targets = _start_targets(bench, stoppers)
+        _hot_and_single(bench, targets)
+        _expensive(bench, targets["direct"], targets["cacheproxy hits"])
+        _mix(bench, targets)
+        _memory_notes(bench, targets)
+        if args.profile:
+            _profile(bench, targets["cacheproxy hits"], Path(args.profile))
+        report = Report(machine, _settings(args), summarize(bench.runs), bench.notes)
+        _write_results(report, Path(args.out), "quick" if args.quick else "latest")
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+        for stop in reversed(stoppers):
+            stop()
         cluster.cleanup()
     return 0
 
 
-def _machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"machine: {os.cpu_count()} cores, {model or platform.processor()}, {platform.platform()}"
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, 2 s runs, short warm-ups")
+    parser.add_argument("--seconds", type=int, default=5, help="length of a 16-client run")
+    parser.add_argument("--single-seconds", type=int, default=3, help="length of a single-client run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument(
+        "--mix-mode", choices=MODES, default="prepared", help="pgbench -M of the expensive and mix runs"
+    )
+    parser.add_argument("--out", default="bench/results", help="where latest.md and latest.csv go")
+    parser.add_argument("--profile", metavar="DIR", help="also profile the hit path with py-spy into DIR")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.single_seconds = 1, 2, 2
+    return args
 
 
-def _start_proxy(cluster: PgCluster, port: int, *, cache: bool) -> subprocess.Popen[bytes]:
-    config = Path(tempfile.mkdtemp()) / "bench.yaml"
-    config.write_text(f"cache:\n  enabled: {'true' if cache else 'false'}\n  max_memory: 512MiB\n")
-    args = ["--config", str(config), "--upstream", cluster.url(), "--admin-listen", "off", "--log-level", "warning"]
-    return start_proxy_process(args, port)
+# ---- targets -----------------------------------------------------------------------------------------------------
+
+
+def _start_targets(bench: Bench, stoppers: list[Callable[[], None]]) -> dict[str, Target]:
+    cluster = bench.cluster
+    targets = {"direct": Target("direct", cluster.port)}
+    proxies = {
+        "cacheproxy hits": _proxy_config(cache=True, ttl="1h", strategy=None),
+        "cacheproxy off": _proxy_config(cache=False, ttl="1h", strategy=None),
+        "cacheproxy lazy": _proxy_config(cache=True, ttl="60", strategy="lazy"),
+        "cacheproxy write_through": _proxy_config(cache=True, ttl="60", strategy="write_through"),
+    }
+    for name, config_text in proxies.items():
+        config = bench.scripts / f"{name.split()[1]}.yaml"
+        config.write_text(config_text)
+        port, admin = free_port(), free_port()
+        proc = start_proxy_process(
+            ["--config", str(config), "--upstream", cluster.url(), "--admin-listen", f"127.0.0.1:{admin}",
+             "--log-level", "warning"], port)  # fmt: skip
+        stoppers.append(functools.partial(_stop_proxy, proc))
+        targets[name] = Target(name, port, proc.pid, rss=True, counters=_admin_counters(admin))
+    bouncer = bench_peers.start_pgbouncer(free_port(), cluster.port, [PgCluster.SUPERUSER])
+    stoppers.append(bouncer.stop)
+    targets["pgbouncer"] = Target("pgbouncer", bouncer.port, bouncer.proc.pid, rss=True)
+    pool = bench_peers.start_pgpool(free_port(), cluster.port, children=max(32, bench.args.clients * 2))
+    stoppers.append(pool.stop)
+    env = bench.env
+    targets["pgpool cache"] = Target(
+        "pgpool cache", pool.port, pool.proc.pid, counters=lambda: _pgpool_counters(env, pool.port)
+    )
+    return targets
+
+
+def _proxy_config(*, cache: bool, ttl: str, strategy: str | None) -> str:
+    text = f"cache:\n  enabled: {'true' if cache else 'false'}\n  max_memory: {MAX_MEMORY}\n  default_ttl: {ttl}\n"
+    if strategy is not None:
+        text += f"rules:\n  - tables: [pgbench_accounts]\n    ttl: {ttl}\n    strategy: {strategy}\n"
+    return text
+
+
+def _stop_proxy(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _admin_counters(admin_port: int) -> Callable[[], tuple[int, int] | None]:
+    def read() -> tuple[int, int] | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats", timeout=10) as response:
+            stats = orjson.loads(response.read())
+        hits, misses = int(stats["cache"]["hits"]), int(stats["cache"]["misses"])
+        return (hits, hits + misses) if hits + misses else None
+
+    return read
+
+
+def _pgpool_counters(env: dict[str, str], port: int) -> tuple[int, int]:
+    return bench_peers.pgpool_cache_counters(env, port)
+
+
+# ---- sections ----------------------------------------------------------------------------------------------------
+
+
+def _hot_and_single(bench: Bench, targets: dict[str, Target]) -> None:
+    args = bench.args
+    hot = [targets[name] for name in ("direct", "pgbouncer", "pgpool cache", "cacheproxy hits", "cacheproxy off")]
+    hot_script = ["-f", str(bench.scripts / "hot.sql")]
+    for mode in MODES:  # every hot key once in each mode, for cacheproxy and Pgpool-II alike
+        for warm in (targets["cacheproxy hits"], targets["pgpool cache"]):
+            _warm_up(bench, warm, mode, hot_script, HOT_KEYS)
+    for round_no in range(1, args.rounds + 1):
+        for mode in MODES:
+            for target in hot:
+                run = _measure(bench, "hot", target, mode, hot_script, args.clients, args.seconds)
+                _show(round_no, run)
+    for round_no in range(1, args.rounds + 1):
+        for mode in MODES:
+            for target in hot:
+                run = _measure(bench, "single", target, mode, hot_script, 1, args.single_seconds, per_txn=True)
+                _show(round_no, run)
+    pgpool = [r.hit_ratio for r in bench.runs if r.target == "pgpool cache" and r.hit_ratio is not None]
+    if pgpool:
+        bench.notes.append(
+            f"Pgpool-II served {min(pgpool):.1%}-{max(pgpool):.1%} of the measured SELECTs from its cache "
+            "(SHOW POOL_CACHE over each run: num_cache_hits / (num_cache_hits + num_selects))."
+        )
+
+
+def _expensive(bench: Bench, direct: Target, hits: Target) -> None:
+    args, script = bench.args, ["-f", str(bench.scripts / "expensive.sql")]
+    out = _pgbench(bench.env, ["-n", "-p", str(direct.port), "-M", args.mix_mode, "-c", "1", "-t", "30", *script])
+    direct_ms = _parse_latency(out)
+    verdict = "" if direct_ms >= EXPENSIVE_MIN_MS else f" (below the {EXPENSIVE_MIN_MS:g} ms asked for)"
+    bench.notes.append(f"The expensive read takes {direct_ms:.2f} ms directly (one client, mean of 30){verdict}.")
+    print(f"expensive read, direct, one client: {direct_ms:.2f} ms", flush=True)
+    _warm_up(bench, hits, args.mix_mode, script, EXPENSIVE_KEYS)
+    for round_no in range(1, args.rounds + 1):
+        for target in (direct, hits):
+            _show(round_no, _measure(bench, "expensive", target, args.mix_mode, script, args.clients, args.seconds))
+
+
+def _mix(bench: Bench, targets: dict[str, Target]) -> None:
+    args = bench.args
+    script = ["-f", f"{bench.scripts / 'hot.sql'}@9", "-f", f"{bench.scripts / 'write.sql'}@1"]
+    names = ("direct", "cacheproxy off", "cacheproxy lazy", "cacheproxy write_through")
+    mixed = [targets[name] for name in names]
+    for target in mixed[2:]:  # reach the steady state of fills and invalidations before measuring
+        _pgbench(bench.env, _run_args(target.port, args.mix_mode, args.clients, args.seconds, script))
+    for round_no in range(1, args.rounds + 1):
+        for target in mixed:
+            _show(round_no, _measure(bench, "mix", target, args.mix_mode, script, args.clients, args.seconds))
+
+
+def _memory_notes(bench: Bench, targets: dict[str, Target]) -> None:
+    for name in ("cacheproxy hits", "cacheproxy off"):
+        target = targets[name]
+        rss = rss_bytes(target.pid) if target.pid else None
+        if rss is not None:
+            bench.notes.append(f"{name}: RSS {rss / 2**20:.0f} MiB at the end (cache.max_memory {MAX_MEMORY}).")
+
+
+def _warm_up(bench: Bench, target: Target, mode: str, script: list[str], keys: int) -> None:
+    """Send each of `keys` random keys about 12 times over, so that every key is almost surely seen (missing
+    one has probability keys * e^-12); --quick settles for 2 s."""
+    args = bench.args
+    print(f"warm-up: {target.name} {mode}", flush=True)
+    if args.quick:
+        run = _run_args(target.port, mode, args.clients, 2, script)
+    else:
+        per_client = -(-keys * 12 // args.clients)
+        run = ["-n", "-p", str(target.port), "-M", mode, "-c", str(args.clients), "-j", "2",
+               "-t", str(per_client), *script]  # fmt: skip
+    _pgbench(bench.env, run, check=True)
+
+
+# ---- one measured run --------------------------------------------------------------------------------------------
+
+
+def _measure(
+    bench: Bench,
+    section: str,
+    target: Target,
+    mode: str,
+    script: list[str],
+    clients: int,
+    seconds: int,
+    per_txn: bool = False,
+) -> Run:
+    counters_before = target.counters()
+    pg_before, proxy_before, pgbench_before = _pg_cpu(bench.cluster), _proxy_cpu(target), _children_cpu()
+    run_args = _run_args(target.port, mode, clients, seconds, script)
+    log_dir = Path(tempfile.mkdtemp(dir=bench.scripts)) if per_txn else None
+    if log_dir is not None:
+        run_args += ["-l", f"--log-prefix={log_dir / 'txn'}"]
+    out = _pgbench(bench.env, run_args)
+    time.sleep(SETTLE_SECONDS)
+    pg_cpu, proxy_cpu = _pg_cpu(bench.cluster) - pg_before, _proxy_cpu(target) - proxy_before
+    pgbench_cpu = _children_cpu() - pgbench_before
+    counters_after = target.counters()
+    tps, latency = _parse_tps(out), _parse_latency(out)
+    p50 = p99 = None
+    if log_dir is not None:
+        latencies = [ms for log in sorted(log_dir.iterdir()) for ms in latencies_from_log(log.open())]
+        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return _record(bench, Run(
+        section, mode, target.name, clients, tps, latency, pg_cpu, proxy_cpu, pgbench_cpu, p50, p99,
+        _ratio(counters_before, counters_after), rss_bytes(target.pid) if target.rss and target.pid else None,
+    ))  # fmt: skip
+
+
+def _record(bench: Bench, run: Run) -> Run:
+    bench.runs.append(run)
+    return run
+
+
+def _ratio(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if after is None:
+        return None
+    hits, lookups = after[0] - (before[0] if before else 0), after[1] - (before[1] if before else 0)
+    return hits / lookups if lookups > 0 else None
+
+
+def _run_args(port: int, mode: str, clients: int, seconds: int, script: list[str]) -> list[str]:
+    jobs = min(clients, os.cpu_count() or 1)
+    return ["-n", "-p", str(port), "-M", mode, "-c", str(clients), "-j", str(jobs), "-T", str(seconds), *script]
+
+
+def _show(round_no: int, run: Run) -> None:
+    extra = f"  p50 {run.p50_ms:.3f} ms p99 {run.p99_ms:.3f} ms" if run.p50_ms is not None and run.p99_ms else ""
+    hit = f"  hits {run.hit_ratio:.1%}" if run.hit_ratio is not None else ""
+    print(f"  round {round_no} {run.section:<9} {run.mode:<9} {run.target:<25} {run.tps:>9.0f} tps{extra}{hit}",
+          flush=True)  # fmt: skip
+
+
+def _pg_cpu(cluster: PgCluster) -> float:
+    return tree_cpu(int((cluster.datadir / "postmaster.pid").read_text().split()[0]))
+
+
+def _proxy_cpu(target: Target) -> float:
+    return tree_cpu(target.pid) if target.pid is not None else 0.0
+
+
+def _children_cpu() -> float:
+    """CPU seconds of every child we have waited for: between two reads, the pgbench run in between."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _pgbench(env: dict[str, str], args: list[str], check: bool = False) -> str:
@@ -117,66 +369,120 @@ def _pgbench(env: dict[str, str], args: list[str], check: bool = False) -> str:
     return result.stdout + result.stderr
 
 
-def _bench(env: dict[str, str], port: int, mode: str, script: Path, clients: int, seconds: int) -> tuple[float, float]:
-    jobs = min(clients, 2)
-    out = _pgbench(env, ["-n", "-p", str(port), "-M", mode, "-c", str(clients), "-j", str(jobs), "-T", str(seconds),
-                         "-f", str(script)])  # fmt: skip
+def _parse_tps(out: str) -> float:
     tps = re.search(r"tps = ([\d.]+)", out)
-    latency = re.search(r"latency average = ([\d.]+) ms", out)
     failed = re.search(r"number of failed transactions: (\d+)", out)
-    if not tps or not latency or (failed and failed.group(1) != "0"):
+    if not tps or (failed and failed.group(1) != "0"):
         raise SystemExit(f"pgbench run failed:\n{out}")
-    return float(tps.group(1)), float(latency.group(1))
+    return float(tps.group(1))
 
 
-def _proc_cpu(proc: subprocess.Popen[bytes] | None) -> float:
-    return _cpu_of(proc.pid) if proc is not None else 0.0
+def _parse_latency(out: str) -> float:
+    latency = re.search(r"latency average = ([\d.]+) ms", out)
+    if not latency:
+        raise SystemExit(f"pgbench printed no latency:\n{out}")
+    return float(latency.group(1))
 
 
-def _cpu_of(pid: int) -> float:
+def _write_scripts(scripts: Path) -> None:
+    (scripts / "hot.sql").write_text(HOT_SCRIPT)
+    (scripts / "write.sql").write_text(WRITE_SCRIPT)
+    (scripts / "expensive.sql").write_text(EXPENSIVE_SCRIPT)
+
+
+# ---- profile -----------------------------------------------------------------------------------------------------
+
+
+def _profile(bench: Bench, hits: Target, out_dir: Path) -> None:
+    """py-spy samples the hit-serving proxy while pgbench runs the hot script, once per mode."""
+    py_spy = shutil.which("py-spy")
+    if py_spy is None or hits.pid is None:
+        raise SystemExit("py-spy not found: pip install py-spy")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds = max(bench.args.seconds, 5)
+    sections = []
+    for mode in MODES:
+        raw = out_dir / f"profile_{mode}.txt"
+        # Refill first: by now the mix proxies' writes have reached this proxy through the invalidation bus.
+        _warm_up(bench, hits, mode, ["-f", str(bench.scripts / "hot.sql")], HOT_KEYS)
+        print(f"profiling cacheproxy hits, {mode} ...", flush=True)
+        # --native shows the C frames too: how much of the time is the send()/recv() system calls themselves.
+        record = ["record", "-p", str(hits.pid), "-d", str(seconds + 1), "-r", "200", "--native", "-f", "raw"]
+        spy = subprocess.Popen([py_spy, *record, "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        out = _pgbench(
+            bench.env, _run_args(hits.port, mode, bench.args.clients, seconds, ["-f", str(bench.scripts / "hot.sql")])
+        )
+        spy.wait(timeout=60)
+        tps = _parse_tps(out)
+        sections.append(f"## {mode} ({tps:,.0f} TPS while sampled)\n\n{_top_table(raw)}\n")
+    (out_dir / "profile_top.md").write_text("\n".join(sections))
+
+
+def _python_leaf(collapsed_line: str) -> bool:
+    leaf = collapsed_line.rpartition(" ")[0].rsplit(";", 1)[-1]
+    return ".py:" in leaf or leaf.endswith(".py)")
+
+
+def _top_table(raw: Path) -> str:
+    collapsed = raw.read_text().splitlines()
+    lines = ["| self % | total % | function |", "|---|---|---|"]
+    lines += [f"| {own:.1f} | {total:.1f} | `{frame}` |" for frame, own, total in top_frames(collapsed, 15)]
+    # py-spy stops the process at system-call boundaries, so a native profile puts most samples in write();
+    # perf, which samples CPU cycles, shows the interpreter's share is larger. The Python-only table
+    # (samples whose innermost frame is Python code) shows how the interpreter's time divides.
+    python_only = [line for line in collapsed if _python_leaf(line)]
+    lines += ["", "Samples whose innermost frame is Python code only:", ""]
+    lines += ["| self % | total % | function |", "|---|---|---|"]
+    lines += [f"| {own:.1f} | {total:.1f} | `{frame}` |" for frame, own, total in top_frames(python_only, 15)]
+    lines += ["", "| self % | line (innermost frame of the samples) |", "|---|---|"]
+    lines += [f"| {own:.1f} | `{frame}` |" for frame, own in top_lines(collapsed, 10)]
+    return "\n".join(lines)
+
+
+# ---- machine and results -----------------------------------------------------------------------------------------
+
+
+def _machine(postgres: str = "") -> Machine:
+    model = ""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / _CLK_TCK  # incl. reaped children
+        pass
+    return Machine(
+        cores=os.cpu_count() or 0,
+        cpu_model=model or platform.processor() or "unknown CPU",
+        kernel=platform.release(),
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        python=f"Python {platform.python_version()}",
+        postgres=postgres,
+    )
 
 
-def _pg_cpu(cluster: PgCluster) -> float:
-    """CPU seconds of the postmaster and every live backend (children's time is added as they exit)."""
-    postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
-    total = _cpu_of(postmaster)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == postmaster:
-                total += (int(stat[11]) + int(stat[12])) / _CLK_TCK
-    return total
+def _server_version(cluster: PgCluster) -> str:
+    return "PostgreSQL " + cluster.psql("SHOW server_version").strip().split()[0]
 
 
-def _report(runs: list[Run], single: list[tuple[str, tuple[float, float]]], args: argparse.Namespace) -> None:
+def _settings(args: argparse.Namespace) -> str:
+    return (
+        f"pgbench on the same machine, scale {args.scale}; {args.clients} clients (-j {min(args.clients, 2)}) for "
+        f"{args.seconds} s, one client for {args.single_seconds} s; expensive read and mix in -M {args.mix_mode}; "
+        f"{args.rounds} round(s), targets interleaved, median (min-max); CPU seconds per run; cacheproxy "
+        f"cache.max_memory {MAX_MEMORY}, TTL 1h for hits, 60 s rules for the mix."
+    )
+
+
+def _write_results(report: Report, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    markdown, table = render_markdown(report), render_csv(report)
+    (out / f"{stem}.md").write_text(markdown)
+    (out / f"{stem}.csv").write_text(table)
     print()
-    print(f"pgbench, hot set of 10k keys, {args.clients} clients, {args.seconds}s x {args.rounds} rounds "
-          f"(median, min-max); CPU seconds per run")  # fmt: skip
-    print("| mode | target | TPS | latency ms | PostgreSQL CPU s | proxy CPU s |")
-    print("|---|---|---|---|---|---|")
-    for mode in _MODES:
-        for target in ("direct", "proxy, cache off", "proxy, hits"):
-            sel = [r for r in runs if r.mode == mode and r.target == target]
-            tps = [r.tps for r in sel]
-            latency = statistics.median(r.latency_ms for r in sel)
-            pg_cpu = statistics.median(r.pg_cpu for r in sel)
-            proxy_cpu = statistics.median(r.proxy_cpu for r in sel)
-            print(
-                f"| {mode} | {target} | {statistics.median(tps):,.0f} ({min(tps):,.0f}-{max(tps):,.0f}) "
-                f"| {latency:.3f} | {pg_cpu:.2f} | {proxy_cpu:.2f} |"
-            )
-    print()
-    print("single client, -M prepared: mean latency ms")
-    for name, (one_tps, one_latency) in single:
-        print(f"  {name:<17} {one_latency:.3f} ms ({one_tps:,.0f} tps)")
+    print(markdown)
+    print(f"written: {out / (stem + '.md')}, {out / (stem + '.csv')}")
 
 
 if __name__ == "__main__":

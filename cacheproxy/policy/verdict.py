@@ -96,7 +96,11 @@ def write_scope(info: QueryInfo, catalog: Catalog | None) -> WriteScope:
     if UNKNOWN_TARGET in names:
         return WriteScope(frozenset(), True, "write to a table the analyzer could not name", code="unknown_effects")
     if catalog is None:
-        return WriteScope(frozenset(names), False)
+        # Not loaded yet (or unreadable): the tables a cascade or a trigger reaches are unknown. Nothing of this
+        # database is cached here then, but a fill may start as soon as the catalog lands while this write is in
+        # flight, and other proxies apply what is published as it is.
+        why = "the catalog is not loaded: what the write reaches is unknown"
+        return WriteScope(frozenset(), True, why, code="unknown_effects")
     closure = catalog.write_closure(names)
     # Every table the write may reach, not only those it names: a cascade target's or a partition's trigger fires too.
     for name in sorted(closure):

@@ -7,6 +7,7 @@ ParseComplete, BindComplete, CloseComplete, NoData, EmptyQueryResponse (backend)
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from struct import Struct
 
@@ -112,6 +113,34 @@ def decode_bind(body: bytes) -> Bind:
     if pos + 2 * n_results != len(body):
         raise ProtocolViolation("invalid message format: Bind has trailing bytes")
     return Bind(portal, statement, bytes(body[arguments_at:]), results)
+
+
+def bind_parameter(arguments: bytes, number: int) -> tuple[int, bytes | None] | None:
+    """Parameter `number` (1-based) of a Bind's `arguments` (as in `Bind.arguments`, already validated by
+    decode_bind): its format code and its value (None for NULL); None when there is no such parameter.
+
+    >>> arguments = bytes([0, 0, 0, 2, 0, 0, 0, 1]) + b"7" + bytes([255, 255, 255, 255, 0, 0])
+    >>> bind_parameter(arguments, 1), bind_parameter(arguments, 2), bind_parameter(arguments, 3)
+    ((0, b'7'), (0, None), None)
+    """
+    try:
+        n_formats = _INT16.unpack_from(arguments, 0)[0]
+        formats = [_INT16.unpack_from(arguments, 2 + 2 * i)[0] for i in range(n_formats)]
+        pos = 2 + 2 * n_formats
+        n_params = _INT16.unpack_from(arguments, pos)[0]
+        pos += 2
+        if not 1 <= number <= n_params:
+            return None
+        for index in range(number):
+            length = _INT32S.unpack_from(arguments, pos)[0]
+            pos += 4
+            if index == number - 1:
+                fmt = formats[0] if n_formats == 1 else formats[index] if n_formats > 1 else 0
+                return fmt, (None if length < 0 else bytes(arguments[pos : pos + length]))
+            pos += max(length, 0)
+    except (IndexError, struct.error):
+        return None
+    return None
 
 
 def decode_describe(body: bytes) -> Describe:

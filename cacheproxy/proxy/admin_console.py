@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from cacheproxy.cache.entry import base_table
 from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, ProxyError
 from cacheproxy.policy.rules import parse_pattern
 from cacheproxy.protocol import messages as m
@@ -137,7 +138,7 @@ class AdminConsole:
         now = service.clock()
         entries = sorted(service.engine.entries(), key=lambda e: e.hits, reverse=True)[:limit]
         return [
-            [e.query[:200], ", ".join(sorted(f"{t[1]}" for t in e.tables)), str(e.hits), str(e.size),
+            [e.query[:200], ", ".join(sorted({base_table(t[1]) for t in e.tables})), str(e.hits), str(e.size),
              f"{now - e.created_at:.1f}", f"{max(0.0, e.expires_at - now):.1f}", e.rule]
             for e in entries
         ]  # fmt: skip

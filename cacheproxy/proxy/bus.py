@@ -11,6 +11,11 @@ and from the moment it is lost, the database is reported down (`on_state`): the 
 nor stores its entries, and drops them. Invalidations that could not be published stay queued and go out once
 the connection is back.
 
+The same connection also watches for changes made straight on the database that no write notification carries:
+GRANT/REVOKE, row-level security and policies, DDL, role memberships and attributes, role and database settings.
+Every `catalog_poll` seconds it reads a digest of those catalog rows (their xmin changes with every such change);
+when the digest moves, the database's entries are all dropped and its catalog read again.
+
 What is published is deliberately coarse, table names as the cache keys them (a write to any schema's `t`
 invalidates every cached `t`), so that it never depends on the reader's catalog. Payloads over NOTIFY's limit
 become "everything in this database".
@@ -39,6 +44,28 @@ _MAX_PAYLOAD = 7900
 _HEARTBEAT = 5.0
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _VERSION = 1
+# A digest of the catalog rows whose change can change what a cached result may be served to, or its shape: each
+# row's xmin moves when it is updated (GRANT/REVOKE rewrite relacl/attacl; ALTER TABLE, CREATE POLICY, ALTER ROLE
+# ... likewise; so does TRUNCATE, which gives the table a new file). System schemas and temporary tables (sessions
+# create them all the time) are left out; pg_roles' columns stand in for pg_authid, which only superusers read.
+_CATALOG_DIGEST = """
+SELECT md5(concat_ws('|',
+  (SELECT string_agg(c.oid::text || ':' || c.xmin::text, ',' ORDER BY c.oid) FROM pg_class c
+    WHERE c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace,
+                                 'pg_toast'::regnamespace) AND c.relpersistence <> 't'),
+  (SELECT string_agg(a.attrelid::text || '.' || a.attnum::text || ':' || a.xmin::text, ','
+          ORDER BY a.attrelid, a.attnum) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+    WHERE c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+      AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relpersistence <> 't'),
+  (SELECT string_agg(p.oid::text || ':' || p.xmin::text, ',' ORDER BY p.oid) FROM pg_policy p),
+  (SELECT string_agg(n.oid::text || ':' || n.xmin::text, ',' ORDER BY n.oid) FROM pg_namespace n
+    WHERE n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
+  (SELECT string_agg(m.roleid::text || '>' || m.member::text, ',' ORDER BY m.roleid, m.member) FROM pg_auth_members m),
+  (SELECT string_agg(r.oid::text || ':' || r.rolsuper::text || r.rolinherit::text || r.rolbypassrls::text, ','
+          ORDER BY r.oid) FROM pg_roles r),
+  (SELECT string_agg(s.xmin::text, ',' ORDER BY s.setdatabase, s.setrole) FROM pg_db_role_setting s)
+))
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +132,7 @@ class InvalidationBus:
         on_message: Callable[[str, Invalidation], None],
         on_state: Callable[[str, bool, str], None],
         on_published: Callable[[], None] | None = None,
+        catalog_poll: float | None = 1.0,
     ) -> None:
         self._upstream = upstream
         self._channel = channel
@@ -116,6 +144,8 @@ class InvalidationBus:
         self._outbox: dict[str, Invalidation] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._listening: set[str] = set()
+        self._catalog_poll = catalog_poll
+        self._digests: dict[str, str] = {}  # database -> the catalog digest last read (kept across reconnects)
 
     def listening(self, database: str) -> bool:
         return database in self._listening
@@ -210,6 +240,7 @@ class InvalidationBus:
             connection.add_termination_listener(closed)
             await connection.add_listener(self._channel, received)
             self._listening.add(database)
+            await self._check_catalog(database, connection)
             self._on_state(database, True, "listening")
             ready = self._ready.get(database)
             if ready is not None and not ready.done():
@@ -222,17 +253,18 @@ class InvalidationBus:
     async def _serve(self, database: str, connection: asyncpg.Connection, lost: asyncio.Future[None]) -> None:
         """Publish what is queued, check the connection when idle; return (by raising) only when it is lost."""
         wake = self._wake[database]
+        idle = min(_HEARTBEAT, self._catalog_poll or _HEARTBEAT)
         while True:
             waiter: asyncio.Future[object] = asyncio.ensure_future(wake.wait())
             watched: set[asyncio.Future[object]] = {waiter, lost}  # type: ignore[arg-type]
             try:
-                await asyncio.wait(watched, timeout=_HEARTBEAT, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(watched, timeout=idle, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
             if lost.done():
                 raise ConnectionResetError("the LISTEN connection was closed")
             if not wake.is_set():
-                await asyncio.wait_for(connection.fetchval("SELECT 1"), _HEARTBEAT)
+                await self._check_catalog(database, connection)  # (also tells that the connection is alive)
                 continue
             wake.clear()
             invalidation = self._outbox.pop(database, None)
@@ -245,6 +277,18 @@ class InvalidationBus:
                 raise
             if self._on_published is not None:
                 self._on_published()
+
+    async def _check_catalog(self, database: str, connection: asyncpg.Connection) -> None:
+        """Read the catalog digest; when it moved since last read, everything of the database may be stale."""
+        if not self._catalog_poll:
+            await asyncio.wait_for(connection.fetchval("SELECT 1"), _HEARTBEAT)
+            return
+        digest = await asyncio.wait_for(connection.fetchval(_CATALOG_DIGEST), _HEARTBEAT)
+        previous = self._digests.get(database)
+        self._digests[database] = digest
+        if previous is not None and previous != digest:
+            log.info("catalog of database %r changed outside the proxy: its cached results are dropped", database)
+            self._on_message(database, Invalidation(everything=True, ddl=True, settings=True))
 
     def _forget(self, database: str, reason: str) -> None:
         self._listening.discard(database)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -21,12 +22,15 @@ from typing import Any
 
 from cacheproxy.analysis.analyzer import Analyzer
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo
+from cacheproxy.analysis.points import Operand, Point, read_point, write_point
 from cacheproxy.cache.engine import CacheEngine
-from cacheproxy.cache.entry import Entry, TableId
+from cacheproxy.cache.entry import Entry, TableId, any_row, base_table, row_id
+from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import Config
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
+from cacheproxy.protocol.frontend import bind_parameter
 from cacheproxy.proxy.bus import Invalidation, InvalidationBus
 from cacheproxy.proxy.catalog_loader import CatalogLoader
 from cacheproxy.proxy.replication import ReplicationListener
@@ -46,11 +50,16 @@ NO_CATALOG = ReadVerdict(False, "the catalog of this database is not loaded (yet
 
 @dataclass(frozen=True, slots=True)
 class Classified:
-    """A statement's analysis and, for reads, the verdict under the catalog version it was judged with."""
+    """A statement's analysis and, for reads, the verdict under the catalog version it was judged with.
+
+    `point`: a cacheable read, or a write, of one row by its key (analysis/points.py); `point_tables`: the tables
+    the verdict depends on that have a point key (their entries carry row-level dependencies: `dependencies`)."""
 
     info: QueryInfo
     verdict: ReadVerdict
     catalog_version: int
+    point: Point | None = None
+    point_tables: frozenset[str] = frozenset()
 
 
 class CacheService:
@@ -89,6 +98,7 @@ class CacheService:
                 on_message=self.apply_remote,
                 on_state=lambda database, up, why: self._feed_state("bus", database, up, why),
                 on_published=lambda: self.metrics.bus_message("published"),
+                catalog_poll=invalidation.catalog_poll,
             )
             if invalidation.bus
             else None
@@ -116,7 +126,7 @@ class CacheService:
         else:
             info = self.analyzer.analyze(sql.decode("utf-8", "replace"))
         verdict = judge_read(info, catalog, self.rules) if catalog is not None else NO_CATALOG
-        found = Classified(info, verdict, version)
+        found = Classified(info, verdict, version, *_points(sql, info, verdict, catalog))
         if len(sql) <= _MEMO_MAX_STATEMENT:  # long statements are rare repeats, and would pin their text here
             self._memo[memo_key] = found
             if len(self._memo) > _CLASSIFY_MEMO:
@@ -206,7 +216,9 @@ class CacheService:
         merged = Invalidation(settings=settings)
         for scope in scopes:
             if not self.ignores(scope):
-                merged = merged.merge(Invalidation(scope.tables, scope.everything, scope.ddl))
+                # Table names only: another proxy's catalog may not (yet) know the rows this one does.
+                tables = frozenset(base_table(name) for name in scope.tables)
+                merged = merged.merge(Invalidation(tables, scope.everything, scope.ddl))
         if merged.tables or merged.everything or merged.settings:
             self.bus.publish(database, merged)
 
@@ -314,8 +326,34 @@ class CacheService:
 
     # -- storage ---------------------------------------------------------------------------------------------
 
-    def tables_of(self, database: str, names: frozenset[str]) -> frozenset[TableId]:
-        return frozenset((database, name) for name in names)
+    def dependencies(
+        self, database: str, classified: Classified, arguments: bytes | None = None, param_types: tuple[int, ...] = ()
+    ) -> frozenset[TableId]:
+        """What a result of `classified` (bound with `arguments`, for extended protocol) depends on: each table,
+        and for tables with a point key, the row it reads (a point read whose key is known) or "any row"."""
+        tables = classified.verdict.tables
+        if not classified.point_tables:
+            return frozenset((database, name) for name in tables)
+        point = classified.point
+        key = point_value(point.values[0], arguments, param_types) if point is not None else None
+        out = {(database, name) for name in tables}
+        for name in classified.point_tables:
+            row = row_id(name, key) if key is not None and point is not None and name == point.table else any_row(name)
+            out.add((database, row))
+        return frozenset(out)
+
+    def row_scope(
+        self, classified: Classified, scope: WriteScope, arguments: bytes | None, param_types: tuple[int, ...]
+    ) -> WriteScope:
+        """Narrow a write's scope to the rows it names, when it is a point write (one table, keys known)."""
+        point = classified.point
+        if point is None or scope.everything or scope.tables != {point.table}:
+            return scope
+        keys = [point_value(operand, arguments, param_types) for operand in point.values]
+        if any(key is None for key in keys):
+            return scope
+        rows = {row_id(point.table, key) for key in keys if key is not None}
+        return WriteScope(frozenset({*rows, any_row(point.table)}), False, scope.why, code=scope.code)
 
     # -- background ------------------------------------------------------------------------------------------
 
@@ -339,6 +377,51 @@ class CacheService:
                 self.engine.sweep(self.clock(), _SWEEP_CHECKS)
             except Exception:  # a sweeper bug must not stop expiry forever, nor the proxy
                 log.exception("cache sweep failed")
+
+
+def _points(
+    sql: bytes, info: QueryInfo, verdict: ReadVerdict, catalog: Catalog | None
+) -> tuple[Point | None, frozenset[str]]:
+    """What `classify` records for row-level invalidation (see Classified)."""
+    if catalog is None or not catalog.point_columns or info.statement_count != 1 or len(sql) > MAX_ANALYZED_BYTES:
+        return None, frozenset()
+    if verdict.cacheable:
+        point_tables = frozenset(name for name in verdict.tables if name in catalog.point_columns)
+        if not point_tables or len(info.reads) != 1:
+            return None, point_tables
+        point = read_point(sql.decode("utf-8", "replace"), catalog.point_key)
+        return (point if point is not None and (point.schema, point.table) in info.reads else None), point_tables
+    if info.kind is Kind.WRITE and len(info.writes) == 1:
+        point = write_point(sql.decode("utf-8", "replace"), catalog.point_key)
+        return (point if point is not None and (point.schema, point.table) in info.writes else None), frozenset()
+    return None, frozenset()
+
+
+# Declared parameter types a point key may be given as: unspecified (the server infers the key's type), int2/4/8.
+_INT_PARAM_TYPES = frozenset({0, 20, 21, 23})
+_TEXT_INT = re.compile(rb"\s*[+-]?[0-9]+\s*")
+
+
+def point_value(operand: Operand, arguments: bytes | None, param_types: tuple[int, ...]) -> int | None:
+    """The integer a point statement's key operand stands for: its literal, or its Bind parameter read as the
+    server reads an integer (text: optional spaces and sign, ASCII digits; binary: 2, 4 or 8 bytes); None when it
+    cannot be known (no Bind, NULL, another type): the caller then assumes any row."""
+    if operand.literal is not None:
+        return operand.literal
+    if operand.param is None or arguments is None:
+        return None
+    declared = param_types[operand.param - 1] if operand.param <= len(param_types) else 0
+    found = bind_parameter(arguments, operand.param)
+    if declared not in _INT_PARAM_TYPES or found is None:
+        return None
+    fmt, raw = found
+    if raw is None:
+        return None
+    if fmt == 0 and _TEXT_INT.fullmatch(raw):
+        return int(raw)
+    if fmt == 1 and len(raw) in (2, 4, 8):
+        return int.from_bytes(raw, "big", signed=True)
+    return None
 
 
 def _unanalyzed(sql: bytes) -> QueryInfo:

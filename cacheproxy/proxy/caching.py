@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, TxInfo, TxOp
 from cacheproxy.cache import keys
-from cacheproxy.cache.entry import Entry, TableId
+from cacheproxy.cache.entry import Entry, TableId, base_table
 from cacheproxy.errors import ProtocolViolation, ProxyError
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, write_scope
 from cacheproxy.protocol import frontend as fe
@@ -70,6 +70,10 @@ class Statement:
     query: bytes
     param_types: tuple[int, ...]
     upstream: bool  # False while it exists only here (its Parse was answered locally)
+    # The RowDescription the client was last given for it by a Describe: a later Bind/Execute without a Describe is
+    # decoded with it, so a cached result is served for it only if its columns are those (see _same_shape).
+    description: bytes | None = None
+    shaped: bytes | None = None  # the last cached RowDescription found to match it (a fast path for _same_shape)
 
 
 @dataclass(slots=True)
@@ -129,6 +133,13 @@ class Fill:
 
 
 @dataclass(slots=True)
+class _Described:
+    """A Describe of a statement sent upstream: its reply tells the client the statement's RowDescription."""
+
+    statement: Statement
+
+
+@dataclass(slots=True)
 class _Refresh:
     """A write-through refresh this session sent for another result: counted when it completes."""
 
@@ -175,6 +186,7 @@ class CachingRelay:
         self._begin_fresh = False
         self._commit_sent = False
         self._tx_fills: list[tuple[Fill, bytes]] = []
+        self._created_here: list[tuple[str, Statement]] = []  # named statements a local answer just created
         # Entries this session's writes removed, for write-through refreshes once they commit.
         self._stale: list[Entry] = []
         self._leading: set[Hashable] = set()
@@ -230,6 +242,8 @@ class CachingRelay:
         out: list[bytes] = []
         inbox = self._inbox
         while inbox and not self._waiting:
+            if self.session.client_backlogged():
+                break  # the client is not reading our answers: hold the rest until it does (the Session resumes us)
             msg_type, message = inbox[0]
             if not self._dispatch(msg_type, message, out):
                 break  # waiting: the message stays at the head and is dispatched again after the wait
@@ -379,13 +393,17 @@ class CachingRelay:
             ("kind", info.kind.value),
             ("reads", ", ".join(sorted(f"{s}.{n}" if s else n for s, n in info.reads))),
             ("depends_on", ", ".join(sorted(verdict.tables))),
+            ("row_level", _row_level(classified)),
             ("rule", verdict.rule),
             ("ttl", f"{verdict.ttl:g}s" if verdict.cacheable else ""),
             ("strategy", verdict.strategy if verdict.cacheable else ""),
         ]
         scope = write_scope(info, self.service.catalogs.last_known(self.database))
         if not scope.empty:
-            rows.append(("invalidates", "the whole database" if scope.everything else ", ".join(sorted(scope.tables))))
+            what = "the whole database" if scope.everything else ", ".join(sorted(scope.tables))
+            if classified.point is not None and not scope.everything:
+                what += f" (only the rows of the {classified.point.column} values it names)"
+            rows.append(("invalidates", what))
         return rows
 
     def _classify(self, sql: bytes) -> Classified | None:
@@ -445,7 +463,10 @@ class CachingRelay:
             return True
         if mode == "until_write":
             return False
-        return not any(scope.everything or scope.tables & verdict.tables for scope in self._tx_writes)
+        return not any(
+            scope.everything or {base_table(name) for name in scope.tables} & verdict.tables
+            for scope in self._tx_writes
+        )
 
     def _fresh_transaction(self, tx: TxInfo) -> bool:
         """A BEGIN that opens a transaction whose statements each see the latest committed data (READ COMMITTED,
@@ -472,7 +493,7 @@ class CachingRelay:
             self._leading.add(key)
             leader = True
         verdict = classified.verdict
-        tables = service.tables_of(self.database, verdict.tables)
+        tables = service.dependencies(self.database, classified)
         return Fill(
             key,
             tables,
@@ -509,9 +530,13 @@ class CachingRelay:
 
     # -- what a statement does to the session and the cache ---------------------------------------------------
 
-    def _note_effects(self, classified: Classified, sql: bytes, *, idle: bool) -> tuple[WriteScope | None, bool]:
+    def _note_effects(
+        self, classified: Classified, sql: bytes, *, idle: bool, bind: fe.Bind | None = None,
+        param_types: tuple[int, ...] = (),
+    ) -> tuple[WriteScope | None, bool]:  # fmt: skip
         """Before a non-cached statement goes upstream: invalidate what it may write, and see what it does to the
-        session's state. `idle`: nothing else was pending and no transaction block was open when it was sent.
+        session's state. `idle`: nothing else was pending and no transaction block was open when it was sent;
+        `bind`: its Bind, for extended protocol (a point write's key may be a parameter).
         Returns the write scope, and whether the statement, once it succeeds, changes the session's state."""
         info = classified.info
         changes_state = False
@@ -538,7 +563,9 @@ class CachingRelay:
             # A function that may write may also change settings (set_config(), SET inside it): unknowable.
             if function in ("set_config", "pg_catalog.set_config") or catalog is None or catalog.may_write(function):
                 self._uncertain = self._uncertain or f"{function}() may have changed settings the proxy cannot see"
-        scope = write_scope(info, catalog)
+        scope = self.service.row_scope(
+            classified, write_scope(info, catalog), bind.arguments if bind is not None else None, param_types
+        )
         if _ROLE_SETTINGS.match(sql):
             self.service.settings_epoch += 1
             self.service.publish(self.database, (), settings=True)
@@ -612,6 +639,14 @@ class CachingRelay:
                 return False  # waiting for a catalog or another session's fill
             if local:
                 self._write_client(local)
+                for name, statement in self._created_here:
+                    # Create named statements upstream now, planned as they were described: after DDL the server
+                    # then refuses them (0A000) as it would without the proxy, instead of planning them afresh at
+                    # their first Bind and returning rows of a shape the client was never told.
+                    self._replay(name, statement, out, quiet=True)
+                    out.append(_SYNC)
+                    self._queue(Pending(Op.SYNC, strip=True, quiet=True))
+                self._created_here = []
                 executes = sum(1 for msg_type, _ in self._batch if msg_type == m.EXECUTE)
                 for _ in range(executes):
                     self.service.observe_hit(())
@@ -679,6 +714,8 @@ class CachingRelay:
                 return None
             return b""
         value = entry.value
+        if describe is None and not _same_shape(statement, value):
+            return b""  # the client knows another row shape for this statement (DDL since): the server's to say
         header = _header_length(value)
         body: bytes | memoryview = value if describe is not None else memoryview(value)[header:]
         replies: list[bytes | memoryview] = [fe.BIND_COMPLETE, body, _READY[self.session.tx_status]]
@@ -693,6 +730,7 @@ class CachingRelay:
         portals: dict[str, _LocalPortal] = {}
         closed: list[str] = []
         executed: set[str] = set()
+        described_portals: set[str] = set()
         unproven: dict[str, Statement] = {}
         replies: list[bytes] = []
         statement: Statement | None
@@ -731,11 +769,13 @@ class CachingRelay:
                     if described is None:
                         return b""
                     replies.append(described)
+                    statement.description = _row_description(described)
                 else:
                     value = self._portal_result(portals, describe.name)
                     if value is None:
                         return self._miss_or_wait(portals, describe.name)
                     replies.append(value[: _header_length(value)])
+                    described_portals.add(describe.name)
             elif msg_type == m.EXECUTE:
                 execute = fe.decode_execute(body)
                 if execute.portal in executed:
@@ -743,6 +783,8 @@ class CachingRelay:
                 value = self._portal_result(portals, execute.portal)
                 if value is None:
                     return self._miss_or_wait(portals, execute.portal)
+                if execute.portal not in described_portals and not _same_shape(portals[execute.portal][0], value):
+                    return b""  # the client decodes these rows with a description the entry does not have
                 replies.append(value[_header_length(value) :])
                 executed.add(execute.portal)
                 hit_statement = portals[execute.portal][0]
@@ -762,6 +804,7 @@ class CachingRelay:
         if unproven:
             return b""
         self._statements.update(parsed)
+        self._created_here = [(name, st) for name, st in parsed.items() if name and not st.upstream]
         for name in closed:
             self._statements.pop(name, None)
         return b"".join(replies)
@@ -906,11 +949,12 @@ class CachingRelay:
         if not self.tracker.expect(pending):
             self._complete(pending)
 
-    def _replay(self, name: str, statement: Statement, out: list[bytes]) -> None:
-        """Create upstream a statement whose Parse was answered locally; its ParseComplete is not the client's."""
+    def _replay(self, name: str, statement: Statement, out: list[bytes], *, quiet: bool = False) -> None:
+        """Create upstream a statement whose Parse was answered locally; its ParseComplete is not the client's
+        (nor, when `quiet`, an error: the statement then stays local, and its use will replay it again)."""
         out.append(fe.encode_parse(name, statement.query.decode("utf-8", "surrogateescape"), statement.param_types))
         statement.upstream = True
-        self._queue(Pending(Op.PARSE, strip=True, on_done=_ParseDone(name, statement, replay=True)))
+        self._queue(Pending(Op.PARSE, strip=True, quiet=quiet, on_done=_ParseDone(name, statement, replay=True)))
 
     def _forward_describe_statement(self, name: str, message: bytes, out: list[bytes], serve: bool) -> None:
         statement = self._statements.get(name)
@@ -921,7 +965,8 @@ class CachingRelay:
             classified = self.service.classify(self.database, statement.query)
             if serve and self._cacheable_here(classified) and statement.query:
                 verdict = classified.verdict
-                tables = self.service.tables_of(self.database, verdict.tables)
+                # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
+                tables = frozenset((self.database, name) for name in verdict.tables)
                 fill = Fill(
                     self._describe_key(statement.query, statement.param_types),
                     tables,
@@ -933,7 +978,10 @@ class CachingRelay:
                     deferred=self.session.tx_status != b"I",
                 )
                 capture = Capture(self.service.max_entry_size, fill)
-        self._queue(Pending(Op.DESCRIBE_STATEMENT, capture=capture))
+        if statement is not None and capture is None:
+            capture = Capture(self.service.max_entry_size)  # only to learn the statement's row description
+        on_done = _Described(statement) if statement is not None else None
+        self._queue(Pending(Op.DESCRIBE_STATEMENT, capture=capture, on_done=on_done))
         out.append(message)
 
     def _execute_capture(self, portal_name: str, max_rows: int) -> Capture | None:
@@ -952,7 +1000,9 @@ class CachingRelay:
             self.service.begin_fill(key)
             self._leading.add(key)
         verdict = classified.verdict
-        tables = self.service.tables_of(self.database, verdict.tables)
+        tables = self.service.dependencies(
+            self.database, classified, portal.bind.arguments, portal.statement.param_types
+        )
         fill = Fill(
             key,
             tables,
@@ -995,7 +1045,10 @@ class CachingRelay:
                         out.append(fe.encode_describe("P", execute.portal))
                         self._queue(Pending(Op.DESCRIBE_PORTAL, strip=True, capture=capture))
             elif classified.info.kind is not Kind.READ or not classified.verdict.cacheable:
-                on_done, changes_state = self._note_effects(classified, portal.statement.query, idle=idle)
+                on_done, changes_state = self._note_effects(
+                    classified, portal.statement.query, idle=idle, bind=portal.bind,
+                    param_types=portal.statement.param_types,
+                )  # fmt: skip
                 self._unsynced_write = True
         else:
             # A portal the proxy does not know, or a statement prepared with SQL PREPARE (its text unknown here):
@@ -1175,10 +1228,12 @@ class CachingRelay:
                 self._state_changes.append(request.sql)
             self.service.observe(request.kind, request.outcome, self.service.clock() - request.started, request.sql)
         capture = pending.capture
-        if capture is None or pending.op is Op.DESCRIBE_PORTAL:
+        if isinstance(request, _Described) and capture is not None:
+            usable = not capture.failed and not pending.seen_error
+            request.statement.description = _row_description(capture.header) if usable else None
+        if capture is None or pending.op is Op.DESCRIBE_PORTAL or not isinstance(capture.context, Fill):
             return
         fill = capture.context
-        assert isinstance(fill, Fill)
         try:
             usable = not capture.failed and not pending.seen_error and bool(capture.header)
             if usable and fill.deferred:
@@ -1210,6 +1265,51 @@ class CachingRelay:
         if isinstance(fill, Fill) and fill.leader and fill.key in self._leading:
             self._leading.discard(fill.key)
             self.service.end_fill(fill.key)
+
+
+def _row_level(classified: Classified) -> str:
+    """For EXPLAIN: which reads of this statement's tables a write of one row leaves in place."""
+    point = classified.point
+    if classified.verdict.cacheable and point is not None:
+        return f"a point read of {point.table} by {point.column}: only writes of that row drop it"
+    if classified.point_tables:
+        return f"every write to {', '.join(sorted(classified.point_tables))} drops it (not a point read)"
+    return ""
+
+
+def _same_shape(statement: Statement, value: bytes) -> bool:
+    """Whether a cached result (its RowDescription first) has the columns the client was described for
+    `statement`. A statement's description has no result formats yet (they come with Bind), so those are not
+    compared: names, table and column numbers, types, sizes and modifiers are."""
+    if statement.shaped is not None and value.startswith(statement.shaped):
+        return True
+    if statement.description is None:
+        return False
+    header = value[: _header_length(value)]
+    if _columns(header) != _columns(statement.description):
+        return False
+    statement.shaped = header
+    return True
+
+
+def _columns(row_description: bytes) -> bytes | None:
+    """A RowDescription without its format codes (the last Int16 of each field); None if it is malformed."""
+    try:
+        count = int.from_bytes(row_description[5:7], "big")
+        pos, parts = 7, []
+        for _ in range(count):
+            end = row_description.index(0, pos) + 1 + 18  # name, then table oid, attnum, type, size, modifier, format
+            parts.append(row_description[pos : end - 2])
+            pos = end
+        return b"".join(parts) if pos == len(row_description) else None
+    except ValueError:
+        return None
+
+
+def _row_description(described: bytes) -> bytes | None:
+    """The RowDescription in a statement's Describe reply (ParameterDescription, then RowDescription or NoData)."""
+    start = _header_length(described) if described[:1] == b"t" else 0
+    return described[start:] if described[start : start + 1] == b"T" else None
 
 
 def _header_length(value: bytes) -> int:

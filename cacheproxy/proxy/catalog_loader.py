@@ -82,6 +82,16 @@ SELECT current_setting('default_transaction_isolation') IN ('read committed', 'r
 """
 
 
+# Single-column integer primary keys of ordinary tables: the candidates for row-level invalidation.
+_PRIMARY_KEYS = """
+SELECT n.nspname, c.relname, a.attname
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
+WHERE i.indisprimary AND i.indnkeyatts = 1 AND c.relkind = 'r'
+  AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
+"""
+
+
 class CatalogLoader:
     """Owns the per-database catalogs: `get` returns the current one (or None), `refresh` reloads in the background."""
 
@@ -175,10 +185,13 @@ class CatalogLoader:
                 cascades = await conn.fetch(_CASCADES)
                 functions = await conn.fetch(_FUNCTIONS)
                 fresh = bool(await conn.fetchval(_FRESH_TRANSACTIONS))
+                primary_keys = await conn.fetch(_PRIMARY_KEYS)
         finally:
             await conn.close()
         self._versions += 1
-        return replace(self._build(database, relations, inherits, cascades, functions), fresh_transactions=fresh)
+        catalog = self._build(database, relations, inherits, cascades, functions)
+        catalog = catalog.with_primary_keys((r[0], r[1], r[2]) for r in primary_keys)
+        return replace(catalog, fresh_transactions=fresh)
 
     def _build(
         self,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 class Link(asyncio.Protocol):
     """Forwards one transport's events to its session; pauses the peer's reading while our writes back up."""
 
-    __slots__ = ("_on_closed", "_on_data", "pause_self", "peer", "transport")
+    __slots__ = ("_on_closed", "_on_data", "on_drained", "pause_self", "peer", "transport")
 
     def __init__(self, on_data: Callable[[bytes], None], on_closed: Callable[[Exception | None], None]) -> None:
         self._on_data = on_data
@@ -25,6 +25,9 @@ class Link(asyncio.Protocol):
         # Also stop reading our own side while our writes back up: a client that sends requests without reading
         # the answers (which the cache writes directly) must not make the proxy buffer them without bound.
         self.pause_self = False
+        # Called when our write buffer has drained below the low-water mark: work held back because the peer was
+        # not reading (cache hits the session answers itself) can go on.
+        self.on_drained: Callable[[], None] | None = None
 
     @classmethod
     def take_over(
@@ -59,3 +62,5 @@ class Link(asyncio.Protocol):
             self.peer.resume_reading()
         if self.pause_self and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+        if self.on_drained is not None:
+            self.on_drained()

@@ -56,6 +56,9 @@ _MAX_NEGOTIATIONS = 2
 _FATAL_SEVERITIES = frozenset(("FATAL", "PANIC"))
 # Frontend messages that end a request cycle; each one gets exactly one ReadyForQuery.
 _CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
+# Bytes queued for a client beyond which the caching relay stops answering its requests (hits are written by the
+# proxy itself, so the server's own backpressure does not hold them): resumed when the buffer drains.
+_CLIENT_BACKLOG = 1 << 20
 
 
 class Phase(Enum):
@@ -356,6 +359,7 @@ class Session:
         self._up_link = Link.take_over(up_transport, self._on_upstream_data, self._on_upstream_closed)
         self._client_link.peer, self._up_link.peer = up_transport, client_transport
         self._client_link.pause_self = True
+        self._client_link.on_drained = self._on_client_drained
         service = self.server.cache
         if service is not None and "replication" not in self.startup_parameters:
             self._caching = CachingRelay(self, service, up_transport.write, client_transport.write)
@@ -467,6 +471,17 @@ class Session:
     def note_error(self, body: bytes) -> None:
         severity = m.decode_error_fields(body).get("V", "")
         self._upstream_fatal = self._upstream_fatal or severity in _FATAL_SEVERITIES
+
+    def client_backlogged(self) -> bool:
+        """The client has more than `_CLIENT_BACKLOG` bytes of answers it has not read yet."""
+        return self._client_writer.transport.get_write_buffer_size() > _CLIENT_BACKLOG
+
+    def _on_client_drained(self) -> None:
+        """The client read its backlog: let the caching relay answer what it held back. Deferred, because a
+        transport may report the drain from inside a write the relay itself is making."""
+        caching = self._caching
+        if caching is not None and caching.busy:
+            asyncio.get_running_loop().call_soon(self.run_guarded, lambda: caching.on_client_data(b""))
 
     def pause_client(self) -> None:
         self._client_writer.transport.pause_reading()  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from cacheproxy.cache.engine import CacheEngine
-from cacheproxy.cache.entry import TableId
+from cacheproxy.cache.entry import TableId, base_table
 from cacheproxy.config import Config, UpstreamConfig
 from cacheproxy.snapshot import evidence
 from cacheproxy.snapshot.format import (
@@ -295,18 +295,23 @@ def _put_block(
 def _drop_invalidated(end: End, engine: CacheEngine, valid: dict[TableId, bool], result: LoadResult) -> None:
     """Drop the entries of tables the proxy invalidated while the file was being written (listed in the trailer).
     They are already in the engine; nothing is served yet, so removing them now is as good as never loading them."""
-    tables = {table for table in end.invalidated if valid.get(table)}
+    tables = {table for table in end.invalidated if valid.get(_evidence_id(table))}
     if tables:
         removed = engine.invalidate_tables(tables)
         result.loaded -= removed
         result.dropped["changed"] += removed
 
 
+def _evidence_id(table: TableId) -> TableId:
+    """Row-level dependency ids ("t\\x00<bucket>") are covered by their table's evidence."""
+    return (table[0], base_table(table[1]))
+
+
 def _drop_reason(record: Record, valid: dict[TableId, bool], wall: float) -> str | None:
     if record.expires_at <= wall:
         return "expired"
     for table in record.tables:
-        unchanged = valid.get(table)
+        unchanged = valid.get(_evidence_id(table))
         if unchanged is None:
             return "no_evidence"
         if not unchanged:

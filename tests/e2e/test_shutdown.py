@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -14,6 +17,7 @@ from tests.e2e.helpers import CliProxy, Target, wait_active
 from tests.support.pgcluster import PgCluster
 
 EXIT_GRACE = 3.0  # seconds allowed beyond shutdown.timeout for the process to exit
+_CANCEL_GRACE = 2.0  # after the timeout the proxy cancels busy queries and gives them this long (server.py)
 
 
 @pytest.fixture
@@ -153,3 +157,102 @@ def test_sigterm_cancels_query_upstream(
                 break
             time.sleep(0.05)
     assert still == 0, "the upstream backend is still running the query after the proxy exited"
+
+
+# -- SIGTERM with 200 open sessions ------------------------------------------------------------------------------
+
+SESSIONS = 200
+IN_TRANSACTION, SHORT, LONG = 30, 30, 10  # the rest (130) are idle
+SHORT_SQL = "select pg_sleep(1.5), 'short' as outcome"
+LONG_SQL = "select pg_sleep(30) as long_one"
+# What a session cut by the shutdown may get instead of its result: the proxy's FATAL (57P01), the cancellation at
+# the timeout (57014), or the connection's end (08006, which asyncpg reports as a closed connection).
+CUT_SQLSTATES = {"57P01", "57014", "08006"}
+
+
+def _cut_properly(outcome: object) -> bool:
+    if isinstance(outcome, asyncpg.PostgresError):
+        return outcome.sqlstate in CUT_SQLSTATES
+    if isinstance(outcome, asyncpg.InterfaceError):  # asyncpg read the FATAL or the close: "connection is closed"
+        return "closed" in str(outcome)
+    return isinstance(outcome, ConnectionError)
+
+
+async def _wait_active(pg: PgCluster, dbname: str, expected: int) -> None:
+    admin = await asyncpg.connect(pg.url())
+    try:
+        sql = (
+            "select count(*) from pg_stat_activity"
+            " where datname = $1 and state = 'active' and query like 'select pg_sleep%'"
+        )
+        deadline = time.monotonic() + 10
+        while await admin.fetchval(sql, dbname) < expected:
+            assert time.monotonic() < deadline, "the busy queries never all became active"
+            await asyncio.sleep(0.02)
+    finally:
+        await admin.close()
+
+
+def test_sigterm_with_200_sessions(pg: PgCluster, dbname: str, start_cli_proxy: Callable[..., CliProxy]) -> None:
+    timeout = 3.0
+    proxy = start_cli_proxy(shutdown={"timeout": f"{timeout:g}s"})
+    url = Target.through(pg, proxy).url(dbname=dbname)
+
+    async def scenario() -> tuple[int, float, list[object], list[object], list[object]]:
+        gate = asyncio.Semaphore(20)
+
+        async def connect() -> asyncpg.Connection:
+            async with gate:
+                return await asyncpg.connect(url, timeout=30, statement_cache_size=0)
+
+        conns = await asyncio.gather(*(connect() for _ in range(SESSIONS)))
+        tx, short, long = conns[:IN_TRANSACTION], conns[IN_TRANSACTION : IN_TRANSACTION + SHORT], conns[-LONG:]
+        idle = conns[IN_TRANSACTION + SHORT : -LONG]
+        try:
+            assert await asyncio.gather(*(c.fetchval("select 1") for c in idle)) == [1] * len(idle)
+            for conn in tx:
+                await conn.execute("begin; select 1")
+            busy = [asyncio.create_task(c.fetchrow(SHORT_SQL)) for c in short]
+            busy += [asyncio.create_task(c.fetchrow(LONG_SQL)) for c in long]
+            await _wait_active(pg, dbname, SHORT + LONG)
+            signalled = time.monotonic()
+            proxy.terminate()
+            exit_code = await asyncio.to_thread(proxy.wait, timeout + _CANCEL_GRACE + EXIT_GRACE)
+            elapsed = time.monotonic() - signalled
+            outcomes = await asyncio.gather(*busy, return_exceptions=True)
+            after = [await _next_query(c) for c in idle + tx]
+            return exit_code, elapsed, outcomes[:SHORT], outcomes[SHORT:], after
+        finally:
+            for conn in conns:
+                conn.terminate()
+
+    exit_code, elapsed, short_outcomes, long_outcomes, after = asyncio.run(scenario())
+    log = proxy.log()
+    print(f"200 sessions: exit {exit_code} after {elapsed:.1f}s (shutdown.timeout {timeout:g}s)")
+    print("  long queries got:", Counter(_outcome_name(o) for o in long_outcomes))
+    print("  idle and in-transaction sessions then got:", Counter(_outcome_name(o) for o in after))
+    assert exit_code == 0, log[-5000:]
+    assert elapsed < timeout + _CANCEL_GRACE + EXIT_GRACE
+    # The short queries finished within the timeout and got their rows.
+    assert all(isinstance(o, asyncpg.Record) and o["outcome"] == "short" for o in short_outcomes), short_outcomes
+    # The long ones were cut with a proper error, not left hanging and not an odd one.
+    assert all(_cut_properly(o) for o in long_outcomes), long_outcomes
+    # Idle sessions and those left in a transaction were closed: their next query fails cleanly.
+    assert all(_cut_properly(o) for o in after), [o for o in after if not _cut_properly(o)][:5]
+    closed = closed_sessions(proxy)
+    assert len(closed) == SESSIONS, log[-5000:]
+    assert all(len(reasons) == 1 for reasons in closed.values())
+    assert "Traceback" not in log
+    assert "internal error" not in log
+
+
+def _outcome_name(outcome: object) -> str:
+    sqlstate = getattr(outcome, "sqlstate", None)
+    return type(outcome).__name__ + (f" {sqlstate}" if sqlstate else "")
+
+
+async def _next_query(conn: asyncpg.Connection) -> object:
+    try:
+        return await conn.fetchval("select 1", timeout=5)
+    except Exception as exc:  # the outcome is what is checked
+        return exc

@@ -341,3 +341,54 @@ def test_relation_cross_check_catches_a_dropped_table() -> None:
     assert _unaccounted_relation(tokens, {(None, "t"), ("s", "u")}, set()) is None
     assert _unaccounted_relation(tokens, {(None, "t")}, set()) == "s.u"
     assert _unaccounted_relation(tokenize("select * from x"), set(), {"x"}) is None
+
+
+# Identifiers as PostgreSQL stores them: a write must name the table a read of the same relation names, or the cache
+# (indexed by table name) keeps the read's stale entry.
+
+
+def test_identifiers_are_truncated_to_namedatalen() -> None:
+    long_name = "a" * 70
+    stored = "a" * 63  # NAMEDATALEN - 1 bytes: PostgreSQL truncates longer identifiers (with a NOTICE)
+    assert analyze(f"UPDATE {long_name} SET v = 1").writes == {(None, stored)}
+    assert analyze(f'DELETE FROM "{long_name}"').writes == {(None, stored)}
+    assert analyze(f"TRUNCATE {long_name}").writes == {(None, stored)}
+    assert analyze(f"COPY s.{long_name} FROM STDIN").writes == {("s", stored)}
+    assert analyze(f"SELECT v FROM {long_name}.{long_name}").reads == {(stored, stored)}
+    # Truncated at a character boundary: 31 two-byte characters fit in 63 bytes, the 32nd does not.
+    assert analyze(f'UPDATE "{"é" * 40}" SET v = 1').writes == {(None, "é" * 31)}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        'UPDATE U&"d\\0061ta" SET v = 1',
+        "UPDATE U&\"d!0061ta\" UESCAPE '!' SET v = 1",
+        'TRUNCATE U&"d\\0061ta"',
+        'COPY U&"d\\0061ta" FROM STDIN',
+        'INSERT INTO public.U&"d\\0061ta" VALUES (1)',
+    ],
+)
+def test_a_write_to_a_unicode_escaped_name_is_a_write_to_an_unknown_table(sql: str) -> None:
+    # U&"d\0061ta" is the table "data": kept as written, it would invalidate a name no read depends on.
+    assert UNKNOWN_TABLE in analyze(sql).writes
+
+
+@pytest.mark.parametrize(
+    ("sql", "writes"),
+    [
+        ("COPY (DELETE FROM items WHERE id = 1 RETURNING *) TO STDOUT", {(None, "items")}),
+        ("COPY (UPDATE s.items SET name = 'x' RETURNING id) TO STDOUT WITH (FORMAT csv)", {("s", "items")}),
+        ("COPY (INSERT INTO items VALUES (1) RETURNING id) TO STDOUT", {(None, "items")}),
+        ("COPY (WITH d AS (DELETE FROM items RETURNING *) SELECT * FROM d) TO STDOUT", {(None, "items")}),
+    ],
+)
+def test_copy_of_a_query_that_writes_is_a_write(sql: str, writes: set[TableRef]) -> None:
+    # COPY (INSERT/UPDATE/DELETE ... RETURNING) TO copies what the statement returns: it runs, and writes.
+    info = analyze(sql)
+    assert info.kind is Kind.WRITE and info.writes == writes and not info.cacheable
+
+
+def test_copy_of_a_read_stays_a_read() -> None:
+    info = analyze("COPY (SELECT * FROM items) TO STDOUT")
+    assert info.kind is Kind.READ and info.reads == {(None, "items")} and not info.writes
