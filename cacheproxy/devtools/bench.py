@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine.line()}", flush=True)
     bench_peers.ensure_installed()
     cluster = PgCluster.start()
-    stoppers: list[Callable[[], None]] = []
+    scripts = Path(tempfile.mkdtemp(prefix="cacheproxy-bench-"))
+    stoppers: list[Callable[[], None]] = [functools.partial(shutil.rmtree, scripts, ignore_errors=True)]
     try:
-        bench = Bench(args, cluster, cluster.env(), Path(tempfile.mkdtemp(prefix="cacheproxy-bench-")))
+        bench = Bench(args, cluster, cluster.env(), scripts)
         machine = _machine(_server_version(cluster))
         print(f"pgbench -i -s {args.scale} ...", flush=True)
         _pgbench(bench.env, ["-i", "-q", "-s", str(args.scale), "-p", str(cluster.port)], check=True)
