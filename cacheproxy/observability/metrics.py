@@ -123,6 +123,8 @@ class Metrics:
         for alias, kind in _KIND_ALIASES.items():
             self._queries_by_kind[alias] = canonical[kind]
         self._durations = {outcome: _Histogram() for outcome in QUERY_OUTCOMES}
+        self._read_row = canonical["read"]  # for hit(): the hot path's counters, looked up once
+        self._hit_buckets = self._durations["hit"].counts
         # table -> [hits, misses]; at most max_tables keys, the rest is counted in _other_table.
         self._tables: dict[str, list[int]] = {}
         self._other_table = [0, 0]
@@ -189,6 +191,11 @@ class Metrics:
         row[outcome] += 1
         histogram.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         histogram.sum += seconds
+
+    def hit(self) -> None:
+        """query("read", "hit", 0.0), for the hot path: a hit is not timed, so it lands in the first bucket."""
+        self._read_row["hit"] += 1
+        self._hit_buckets[0] += 1
 
     def table_hit(self, table: str) -> None:
         cell = self._tables.get(table)
