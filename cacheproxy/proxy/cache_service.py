@@ -83,7 +83,6 @@ class CacheService:
         # different settings (search_path...), so they must not share entries.
         self.settings_epoch = 0
         self.write_through = any(rule.strategy == "write_through" for rule in config.rules)
-        self._rules_changes = 0
         self._refresh_tokens = config.write_through.per_second
         self._refresh_stamp = self.clock()
         # database -> why its invalidations may be missed now: its entries are neither served nor stored. A
@@ -134,18 +133,12 @@ class CacheService:
                 self._memo.popitem(last=False)
         return found
 
-    @property
-    def verdict_epoch(self) -> int:
-        """Changes whenever a statement's classification may change (catalogs, rules): see CachingRelay._fast."""
-        return self.catalogs.changes + self._rules_changes
-
     def apply_config(self, config: Config) -> int:
         """Swap in reloaded rules and limits; drop the entries of tables whose rule is now `none`."""
         self.config = config
         self.rules = RuleSet(config.rules, config.cache.default_ttl)
         self.write_through = any(rule.strategy == "write_through" for rule in config.rules)
         self.max_entry_size = config.cache.max_entry_size
-        self._rules_changes += 1
         self._memo.clear()  # verdicts were judged under the old rules
         doomed: set[TableId] = set()
         for entry in self.engine.entries():

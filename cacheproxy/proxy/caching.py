@@ -50,12 +50,15 @@ _REFRESH_WAIT = 5.0  # a request behind write-through refreshes waits this long 
 _ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits for their replies this long
 _READY_IDLE = m.ready_for_query(b"I")
 _READY = {b"I": _READY_IDLE, b"T": m.ready_for_query(b"T")}
+_PARSE_BIND_COMPLETE = fe.PARSE_COMPLETE + fe.BIND_COMPLETE
 # Isolation levels under which every statement sees the latest committed data, as a cached result does.
 _FRESH_ISOLATION = (None, "read committed", "read uncommitted")
 # Date/time input words PostgreSQL evaluates when it reads them (docs, "Special Date/Time Inputs").
 _TIME_WORDS = re.compile(rb"(?i)(?<![a-z])(now|today|tomorrow|yesterday|current)(?![a-z])")
 _NAMES_STATEMENT = re.compile(rb"^\s*(deallocate\s+(?:prepare\s+)?|execute\s+)(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 _SYNC = b"S\x00\x00\x00\x04"
+# Messages after which the cache may answer (a hit): checked against a client that does not read its answers.
+_CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FLUSH))
 _COPY_FROM_STDIN = re.compile(rb"^\s*copy\b(?:(?!\bto\b).)*\bfrom\s+stdin\b", re.I | re.S)
 _ROLE_SETTINGS = re.compile(rb"^\s*alter\s+(?:role|user|database)\s.*\b(?:set|reset)\b", re.I | re.S)
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.I)
@@ -133,27 +136,6 @@ class Fill:
 
 
 @dataclass(slots=True)
-class _Fast:
-    """How a request cycle answered from the cache once (its exact bytes are the key) is answered again: its cache
-    key, the replies that precede the result, whether the result's RowDescription is sent (Describe, or a simple
-    Query), and what the slow path would have checked or changed about the statement it used."""
-
-    key: Hashable
-    epoch: int  # CacheService.verdict_epoch when recorded: a catalog or rules change retires it
-    prefix: bytes
-    whole: bool
-    tables: frozenset[str]
-    statement: Statement | None = None  # a Bind of this statement (by `name`) without a Parse in the cycle
-    name: str | None = None
-    parse: Statement | None = None  # an unnamed Parse in the cycle: it becomes the unnamed statement
-    query: bool = False  # a simple Query: it drops the unnamed statement
-
-
-# Request cycles remembered per session for the fast path; past this many the memo starts again.
-_FAST_ENTRIES = 256
-
-
-@dataclass(slots=True)
 class _Described:
     """A Describe of a statement sent upstream: its reply tells the client the statement's RowDescription."""
 
@@ -208,10 +190,6 @@ class CachingRelay:
         self._commit_sent = False
         self._tx_fills: list[tuple[Fill, bytes]] = []
         self._created_here: list[tuple[str, Statement]] = []  # named statements a local answer just created
-        # The fast path: exact bytes of a request cycle (a simple Query, or Bind/Execute/Sync...) already answered
-        # from the cache in this session -> how to answer it again without framing and decoding it. Cleared when
-        # the session's state changes; each use still checks the session, the entry and the statement.
-        self._fast: dict[bytes, _Fast] = {}
         # Entries this session's writes removed, for write-through refreshes once they commit.
         self._stale: list[Entry] = []
         self._leading: set[Hashable] = set()
@@ -258,16 +236,6 @@ class CachingRelay:
     # -- client -> upstream ----------------------------------------------------------------------------------
 
     def on_client_data(self, data: bytes) -> None:
-        if (
-            self._fast
-            and not self._inbox
-            and not self._batch
-            and not self._waiting
-            and not self._client_framer.buffered
-        ):
-            fast = self._fast.get(data)
-            if fast is not None and self._answer_fast(fast):
-                return
         region, frames = self._client_framer.feed(data)
         for msg_type, start, end in frames:
             self._inbox.append((msg_type, region[start:end]))
@@ -277,9 +245,9 @@ class CachingRelay:
         out: list[bytes] = []
         inbox = self._inbox
         while inbox and not self._waiting:
-            if self.session.client_backlogged():
-                break  # the client is not reading our answers: hold the rest until it does (the Session resumes us)
             msg_type, message = inbox[0]
+            if msg_type in _CYCLE_ENDS and self.session.client_backlogged():
+                break  # the client is not reading our answers: hold the rest until it does (the Session resumes us)
             if not self._dispatch(msg_type, message, out):
                 break  # waiting: the message stays at the head and is dispatched again after the wait
             inbox.popleft()
@@ -354,8 +322,6 @@ class CachingRelay:
             if entry is not None:
                 self._write_client(entry.value + _READY[self.session.tx_status])
                 self.service.observe_hit(classified.verdict.tables)
-                self._remember(message, _Fast(key, self.service.verdict_epoch, b"", True, classified.verdict.tables,
-                                              query=True))  # fmt: skip
                 return True
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
@@ -586,7 +552,6 @@ class CachingRelay:
                 self._uncertain = self._uncertain or "a statement with unknown effects (DO, CALL, EXECUTE) ran"
         if info.temp_tables_created:
             self._temp_tables |= {name for _, name in info.temp_tables_created}
-            self._fast.clear()
         if (prepared := _PREPARE.match(sql)) is not None:
             self._check_statement_limit(_identifier(prepared.group(1)))
             self._statements[_identifier(prepared.group(1))] = Statement(b"", (), upstream=True)
@@ -642,7 +607,7 @@ class CachingRelay:
             self._statements.clear()
         else:
             self._set_history.append(sql)
-        self._state_changed()
+        self._digest = None
 
     def _before_write(self, scope: WriteScope) -> None:
         """Invalidate before the write is sent: fills already in flight for these tables will not be stored."""
@@ -757,58 +722,10 @@ class CachingRelay:
             return b""  # the client knows another row shape for this statement (DDL since): the server's to say
         header = _header_length(value)
         body: bytes | memoryview = value if describe is not None else memoryview(value)[header:]
-        prefix = fe.PARSE_COMPLETE + fe.BIND_COMPLETE if first else fe.BIND_COMPLETE
         if first:
             self._statements[""] = statement
-        fast = _Fast(key, self.service.verdict_epoch, prefix, describe is not None, frozenset())
-        if first:
-            fast.parse = statement
-        else:
-            fast.statement, fast.name = statement, name
-        self._remember(b"".join(message for _, message in batch), fast)
-        return b"".join((prefix, body, _READY[self.session.tx_status]))
-
-    def _remember(self, request: bytes, fast: _Fast) -> None:
-        """Keep how `request` (a whole cycle) was answered from the cache, for the fast path."""
-        if self.session.tx_status != b"I":
-            return  # inside a transaction block, serving also depends on what the transaction wrote
-        if len(self._fast) >= _FAST_ENTRIES:
-            self._fast.clear()
-        self._fast[request] = fast
-
-    def _answer_fast(self, fast: _Fast) -> bool:
-        """Answer a request cycle seen before from the cache, as `_on_query` / `_answer_hot_batch` did; False when
-        anything they would check no longer holds (the slow path then takes the request as usual)."""
-        if (
-            fast.epoch != self.service.verdict_epoch
-            or self.session.tx_status != b"I"
-            or not self._can_serve()
-            or self.session.client_backlogged()
-            or (fast.name is not None and self._statements.get(fast.name) is not fast.statement)
-        ):
-            return False
-        entry = self.service.engine.get(fast.key, self.service.clock(), count_miss=False)
-        if entry is None:
-            return False
-        value = entry.value
-        body: bytes | memoryview = value
-        if not fast.whole:
-            assert fast.statement is not None
-            if not _same_shape(fast.statement, value):
-                return False
-            body = memoryview(value)[_header_length(value) :]
-        if fast.parse is not None:
-            self._statements[""] = Statement(fast.parse.query, fast.parse.param_types, upstream=False)
-        elif fast.query:
-            self._statements.pop("", None)
-        self._write_client(b"".join((fast.prefix, body, _READY_IDLE)))
-        self.service.observe_hit(fast.tables)
-        return True
-
-    def _state_changed(self) -> None:
-        """Something that keys results changed (a SET, a reported parameter, DISCARD, a temporary table)."""
-        self._digest = None
-        self._fast.clear()
+            return b"".join((_PARSE_BIND_COMPLETE, body, _READY[self.session.tx_status]))
+        return b"".join((fe.BIND_COMPLETE, body, _READY[self.session.tx_status]))
 
     def _answer_locally(self) -> bytes | None:
         """The whole batch's replies from the cache; b"" when it cannot be, None to wait and retry."""
@@ -890,7 +807,7 @@ class CachingRelay:
         if unproven:
             return b""
         self._statements.update(parsed)
-        self._created_here = [(name, st) for name, st in parsed.items() if name and not st.upstream]
+        self._created_here = [(n, st) for n, st in parsed.items() if n and not st.upstream and n not in closed]
         for name in closed:
             self._statements.pop(name, None)
         return b"".join(replies)
@@ -1193,7 +1110,7 @@ class CachingRelay:
                 self._failed_since_ready = False
             elif msg_type == m.PARAMETER_STATUS:
                 self.session.note_parameter(region[start + HEADER_SIZE : end])
-                self._state_changed()
+                self._digest = None
             elif msg_type == m.ERROR_RESPONSE and outcome.relay:  # (a failed refresh of ours is not the client's)
                 self.session.note_error(region[start + HEADER_SIZE : end])
                 self._failed_since_ready = True

@@ -104,9 +104,6 @@ class CatalogLoader:
         self._stale: set[str] = set()
         self._ddl_epochs: dict[str, int] = {}  # bumped by mark_stale: a load that started before is not fresh
         self._versions = 0
-        # Bumped whenever what `get` returns may change (a load ends, DDL marks a catalog stale): decisions memoized
-        # outside the classify memo (a session's fast path) compare it.
-        self.changes = 0
 
     def get(self, database: str) -> Catalog | None:
         """The catalog to decide with, or None (not loaded yet, stale after DDL, or unreadable)."""
@@ -139,7 +136,6 @@ class CatalogLoader:
         """DDL went through: decisions must wait for a reload (one started before now does not count)."""
         self._stale.add(database)
         self._ddl_epochs[database] = self._ddl_epochs.get(database, 0) + 1
-        self.changes += 1
 
     async def _load(self, database: str) -> Catalog | None:
         started = time.monotonic()
@@ -156,7 +152,6 @@ class CatalogLoader:
                     exc.__class__.__name__ + (f": {exc}" if str(exc) else ""),
                 )
             self._failed.add(database)
-            self.changes += 1
             if self._on_load is not None:
                 self._on_load(False)
             return None
@@ -165,7 +160,6 @@ class CatalogLoader:
             raise
         del self._loading[database]
         self._catalogs[database] = catalog
-        self.changes += 1
         if self._on_load is not None:
             self._on_load(True)
         if self._ddl_epochs.get(database, 0) != epoch:

@@ -1,5 +1,6 @@
-"""The fast path (a request cycle answered from the cache before is answered again from its exact bytes): it must
-give the answers of the slow path, and step aside whenever something it skips would decide differently."""
+"""Request cycles repeated byte for byte (what drivers and pgbench send for every execution): answered from the cache
+exactly as the first time, and not once something that decides the answer has changed in between (the statement
+behind a name, a setting, a temporary table, a transaction that wrote)."""
 
 from __future__ import annotations
 
