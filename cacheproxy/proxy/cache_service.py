@@ -216,9 +216,8 @@ class CacheService:
         merged = Invalidation(settings=settings)
         for scope in scopes:
             if not self.ignores(scope):
-                # Table names only: another proxy's catalog may not (yet) know the rows this one does.
-                tables = frozenset(base_table(name) for name in scope.tables)
-                merged = merged.merge(Invalidation(tables, scope.everything, scope.ddl))
+                # Row ids go as they are: the receiver maps them to its own entries' dependencies (apply_remote).
+                merged = merged.merge(Invalidation(scope.tables, scope.everything, scope.ddl))
         if merged.tables or merged.everything or merged.settings:
             self.bus.publish(database, merged)
 
@@ -228,7 +227,13 @@ class CacheService:
         if invalidation.everything:
             self.engine.invalidate_database(database)
         elif invalidation.tables:
-            self.engine.invalidate_tables([(database, name) for name in invalidation.tables])
+            # A row id ("t\x00<bucket>") is applied as such only where this proxy's entries of `t` carry row ids
+            # too: its current catalog gives `t` a point key (a change of that needs DDL, which drops everything).
+            # Otherwise, or without a catalog, the whole table.
+            catalog = self.catalogs.get(database)
+            points = catalog.point_columns if catalog is not None else {}
+            names = {name if base_table(name) in points else base_table(name) for name in invalidation.tables}
+            self.engine.invalidate_tables([(database, name) for name in names])
         if invalidation.ddl:
             self.after_ddl(database)
         if invalidation.settings:

@@ -133,3 +133,19 @@ def test_bus_off_keeps_a_single_proxy_working(
     count = pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cacheproxy-bus' "
                     f"AND datname = '{dbname}'")  # fmt: skip
     assert int(count) == 0
+
+
+def test_a_point_write_through_one_proxy_drops_only_that_row_on_the_other(
+    pg: PgCluster, dbname: str, pair: tuple[ProxyThread, ProxyThread]
+) -> None:
+    _setup(pg, dbname)  # kv has an integer primary key: row-level invalidation
+    a, b = pair
+    marker = _marker()
+    with _conn(pg, dbname, a) as on_a, _conn(pg, dbname, b) as on_b:
+        for k in (1, 2):
+            on_b.execute(f"SELECT v AS {marker} FROM kv WHERE k = {k}").fetchall()
+        assert upstream_calls(pg, marker) == 2
+        on_a.execute("UPDATE kv SET v = 5 WHERE k = 1")
+        _until(lambda: on_b.execute(f"SELECT v AS {marker} FROM kv WHERE k = 1").fetchone() == (5,), "B sees k = 1")
+        assert on_b.execute(f"SELECT v AS {marker} FROM kv WHERE k = 2").fetchone() == (0,)
+    assert upstream_calls(pg, marker) == 3  # k = 2 stayed cached on B
