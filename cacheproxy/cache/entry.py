@@ -13,13 +13,13 @@ TableId = tuple[str, str]
 # NUL): "t\x00<bucket>" for the point reads of keys in that bucket of `t`, "t\x00*" for every other read of `t`
 # (analysis/points.py). A write to one row invalidates its bucket and "t\x00*"; a write to `t` invalidates "t", on
 # which both kinds depend too. Keys are bucketed so that the engine's generation counters stay bounded.
-ROW_BUCKETS = 4096
+ROW_BUCKETS = 16384  # at most this many generation counters per table (about 1.6 MB)
 
 
 def row_id(table: str, key: int) -> str:
     r"""The dependency id of the point reads of `key` in `table`.
 
-    >>> row_id("accounts", 4097) == row_id("accounts", 1) == "accounts\x001"
+    >>> row_id("accounts", 16385) == row_id("accounts", 1) == "accounts\x001"
     True
     >>> base_table(row_id("accounts", -5)), base_table(any_row("accounts")), base_table("accounts")
     ('accounts', 'accounts', 'accounts')

@@ -29,6 +29,10 @@ class Op(Enum):
     QUERY = "Q"
     FUNCTION_CALL = "F"
 
+    # The reply types that end this request (set below from _ENDS): read as an attribute on the hot path, since
+    # hashing an Enum member (a dict lookup keyed by it) runs Python code.
+    ends: bytes
+
 
 class Capture:
     """Collects the wire bytes of one result (RowDescription + DataRows + CommandComplete) up to a size limit."""
@@ -90,6 +94,8 @@ _ENDS: dict[Op, bytes] = {
     Op.QUERY: b"Z",
     Op.FUNCTION_CALL: b"Z",
 }
+for _op, _ends in _ENDS.items():
+    _op.ends = _ends
 _ASYNC = frozenset(b"NAS")
 _NONE: list[Pending] = []  # shared empty result: the common case allocates nothing
 _CAPTURED_HEADERS = frozenset(b"tT")
@@ -119,10 +125,13 @@ class ReplyTracker:
     they get no reply and are dropped; if the COPY failed before that, they are answered as usual.
     """
 
-    __slots__ = ("_client_copy_ended", "_copy_in", "_copy_open", "_pending", "_skipping")
+    __slots__ = ("_client_copy_ended", "_copy_in", "_copy_open", "_pending", "_skipping", "pending")
 
     def __init__(self) -> None:
         self._pending: deque[Pending] = deque()
+        # The same queue, for callers to test for emptiness without a call (`if tracker.pending:`); replaced only
+        # by _drop_copy_syncs, which rebinds both.
+        self.pending = self._pending
         self._skipping = False  # the server discards messages until a Sync: new requests get no reply
         self._copy_open = False  # a COPY FROM Execute is queued and the client has not ended the copy
         self._copy_in = False  # the server sent CopyInResponse for it
@@ -166,7 +175,7 @@ class ReplyTracker:
         return []
 
     def _drop_copy_syncs(self) -> None:
-        self._pending = deque(p for p in self._pending if not p.during_copy)
+        self._pending = self.pending = deque(p for p in self._pending if not p.during_copy)
         self._copy_open = self._copy_in = False
 
     def _copy_failed_early(self) -> None:
@@ -205,7 +214,7 @@ class ReplyTracker:
                 capture.add(region[start:end])
             elif msg_type != ord("Z"):
                 capture.fail()  # NoData, EmptyQuery, COPY: not a cacheable result
-        if msg_type in _ENDS[head.op] and (head.op is not Op.QUERY or msg_type == ord("Z")):
+        if msg_type in head.op.ends and (head.op is not Op.QUERY or msg_type == ord("Z")):
             self._pending.popleft()
             return Outcome(relay, [head])
         return _RELAY if relay else _STRIP

@@ -76,7 +76,7 @@ class CacheService:
         self.clock = time.monotonic
         # Exact statement text -> classification, per database: the hot path's one dict lookup.
         self._memo: OrderedDict[tuple[str, bytes], Classified] = OrderedDict()
-        self._fills: dict[Hashable, asyncio.Future[None]] = {}
+        self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
         # Bumped by ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened before and after it start with
@@ -319,10 +319,16 @@ class CacheService:
     # -- single flight ---------------------------------------------------------------------------------------
 
     def fill_in_flight(self, key: Hashable) -> asyncio.Future[None] | None:
-        return self._fills.get(key)
+        """The future to wait on for `key`'s fill in flight, or None when there is none."""
+        if key not in self._fills:
+            return None
+        future = self._fills[key]
+        if future is None:  # the first session to ask: made now, not for every fill (most have no waiter)
+            future = self._fills[key] = asyncio.get_running_loop().create_future()
+        return future
 
     def begin_fill(self, key: Hashable) -> None:
-        self._fills[key] = asyncio.get_running_loop().create_future()
+        self._fills[key] = None
 
     def end_fill(self, key: Hashable) -> None:
         future = self._fills.pop(key, None)

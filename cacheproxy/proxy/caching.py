@@ -205,14 +205,14 @@ class CachingRelay:
 
     @property
     def busy(self) -> bool:
-        return bool(self.tracker) or bool(self._batch) or bool(self._inbox)
+        return bool(self.tracker.pending) or bool(self._batch) or bool(self._inbox)
 
     def _can_serve(self) -> bool:
         """Local answers only when the server is idle as far as this session goes: nothing pending, no extended
         messages forwarded since the last Sync (an implicit transaction may be open), no transaction block but one
         that may read the cache, and the database's invalidation feed is up."""
         return (
-            not self.tracker
+            not self.tracker.pending
             and not self._unsynced
             and not self.tracker.skipping
             and (self.session.tx_status == b"I" or (self._tx_reads_cache and self.session.tx_status == b"T"))
@@ -257,7 +257,7 @@ class CachingRelay:
 
     def _dispatch(self, msg_type: int, message: bytes, out: list[bytes]) -> bool:
         """Handle one client message; False when it must wait (it will be dispatched again)."""
-        if self.tracker and not self._waited and self.tracker.quiet_only():
+        if self.tracker.pending and not self._waited and self.tracker.quiet_only():
             # Only write-through refreshes are pending: wait for them, and this request will likely hit.
             self._drained = asyncio.get_running_loop().create_future()
             self._wait_for(self._drained, _REFRESH_WAIT)
@@ -331,7 +331,7 @@ class CachingRelay:
         else:
             if self._statement_only_here(sql, out):
                 return True
-            scope, changes_state = self._note_effects(classified, sql, idle=not self.tracker)
+            scope, changes_state = self._note_effects(classified, sql, idle=not self.tracker.pending)
         request = _Request(scope, _KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
         request.changes_state = changes_state
         self._queue(Pending(Op.QUERY, capture=capture, on_done=request))
@@ -351,7 +351,7 @@ class CachingRelay:
             return False
         if named.group(1).lower().startswith(b"deallocate"):
             # Deallocating it is ours to answer (in order, outside a failed transaction block).
-            if self.tracker or self.session.tx_status == b"E":
+            if self.tracker.pending or self.session.tx_status == b"E":
                 return False
             del self._statements[name]
             self._write_client(m.command_complete("DEALLOCATE") + m.ready_for_query(self.session.tx_status))
@@ -365,7 +365,7 @@ class CachingRelay:
 
     def _on_admin_command(self, sql: bytes, message: bytes, out: list[bytes]) -> bool:
         """Answer a CACHEPROXY command in order: after every reply still due from upstream."""
-        if self.tracker:
+        if self.tracker.pending:
             if not self._waited:
                 self._drained = asyncio.get_running_loop().create_future()
                 self._wait_for(self._drained, _ADMIN_WAIT)
@@ -436,7 +436,7 @@ class CachingRelay:
         no write of this session's that is not yet committed (an implicit extended-protocol transaction)."""
         status = self.session.tx_status
         return (
-            not self.tracker
+            not self.tracker.pending
             and not self._unsynced_write
             and (status == b"I" or (self._tx_reads_cache and status == b"T"))
             and self._uncertain is None
@@ -876,7 +876,7 @@ class CachingRelay:
         """Forward the held batch, replaying statements that exist only here and arranging captures."""
         described: dict[str, Capture | None] = {}
         serve = self._can_fill()
-        idle = not self.tracker and self.session.tx_status == b"I"  # before this batch queues anything
+        idle = not self.tracker.pending and self.session.tx_status == b"I"  # before this batch queues anything
         for index, (msg_type, message) in enumerate(self._batch):
             body = message[HEADER_SIZE:]
             if msg_type == m.PARSE:
@@ -1114,7 +1114,7 @@ class CachingRelay:
             elif msg_type == m.ERROR_RESPONSE and outcome.relay:  # (a failed refresh of ours is not the client's)
                 self.session.note_error(region[start + HEADER_SIZE : end])
                 self._failed_since_ready = True
-        if not tracker and self._drained is not None:
+        if not tracker.pending and self._drained is not None:
             if not self._drained.done():
                 self._drained.set_result(None)
             self._drained = None
@@ -1142,7 +1142,7 @@ class CachingRelay:
                     self._store(fill, value)
             self._tx_fills.clear()
         if self._stale:
-            if committed and not self.tracker:
+            if committed and not self.tracker.pending:
                 self._refresh(self._stale)
             self._stale.clear()
         self._portals.clear()
