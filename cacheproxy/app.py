@@ -133,6 +133,8 @@ class App:
             log.exception("snapshot: loading %s failed; cold start", path)
             cache.engine.flush()
             return
+        finally:
+            cache.loaded()
         self.metrics.snapshot_loaded(result.loaded, dict(result.dropped))
 
     async def snapshot_now(self) -> str:

@@ -27,11 +27,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from cacheproxy.analysis.lexer import NUMBER, OP, PARAM, QIDENT, WORD, Token, ident_value, is_word, tokenize
+from cacheproxy.analysis.lexer import (
+    NUMBER,
+    OP,
+    PARAM,
+    QIDENT,
+    WORD,
+    Token,
+    ident_value,
+    is_unicode_ident,
+    is_word,
+    tokenize,
+)
 
 _INT_TYPES = frozenset({"int", "int2", "int4", "int8", "integer", "bigint", "smallint"})
 # Words that end a WHERE clause at the top level.
 _WHERE_END = frozenset({"order", "group", "having", "limit", "offset", "window", "fetch", "for", "returning"})
+# Words that bring other rows in (set operations, `TABLE t` subqueries): a statement with any of them is not a point.
+_OTHER_ROWS = frozenset({"union", "intersect", "except", "table"})
 # Words that make splitting a WHERE clause on AND unsound, or add rows: a point equality must be a true conjunct.
 _WHERE_REJECT = frozenset({"or", "case", "between"})
 
@@ -96,6 +109,10 @@ def _statement(sql: str) -> list[Token] | None:
         tokens.pop()
     if not tokens or any(t.kind == OP and t.text == ";" for t in tokens):
         return None  # empty, or several statements
+    if any(t.kind == WORD and t.sub in _OTHER_ROWS for t in tokens):
+        return None
+    if any(t.kind == QIDENT and is_unicode_ident(t.text) for t in tokens):
+        return None  # U&"..." names are kept as written, so they could name the key unseen
     return tokens
 
 

@@ -15,7 +15,7 @@ number.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, fields
 
 from cacheproxy.cache.entry import Entry, TableId
@@ -50,6 +50,7 @@ class CacheEngine:
     __slots__ = (
         "_db_generations",
         "_global_generation",
+        "_holders",
         "_mask",
         "_max_entry_size",
         "_max_memory",
@@ -68,7 +69,10 @@ class CacheEngine:
             raise ValueError(f"max_entry_size must be positive, got {max_entry_size}")
         self._max_memory = max_memory
         self._max_entry_size = max_entry_size
-        self._shards = [Shard(max_memory // shards) for _ in range(shards)]
+        # Table -> bit mask of the shards whose index has it (bits are set when a shard first indexes a table and
+        # cleared when the table is invalidated; a bit may outlive the entries, which only costs a visit).
+        self._holders: dict[TableId, int] = {}
+        self._shards = [Shard(max_memory // shards, self._holder(index)) for index in range(shards)]
         self._mask = shards - 1
         self._rejected = [0] * shards  # per shard, so that the shards' stats add up to the total
         self._sweep_next = 0
@@ -77,6 +81,15 @@ class CacheEngine:
         # One int per distinct table ever invalidated; never shrinks (a dropped counter could make an old
         # generations() tuple match again).
         self._table_generations: dict[TableId, int] = {}
+
+    def _holder(self, index: int) -> Callable[[TableId], None]:
+        bit = 1 << index
+        holders = self._holders
+
+        def note(table: TableId) -> None:
+            holders[table] = holders.get(table, 0) | bit
+
+        return note
 
     @property
     def max_memory(self) -> int:
@@ -166,18 +179,31 @@ class CacheEngine:
         `dropped` when given."""
         targets = set(tables)
         table_gens = self._table_generations
+        holders = self._holders
+        mask = 0
         for table in targets:  # first, so that a fill racing with this call is refused by put()
             table_gens[table] = table_gens.get(table, 0) + 1
-        return sum(shard.invalidate(targets, dropped) for shard in self._shards)
+            mask |= holders.pop(table, 0)
+        removed = 0
+        index = 0
+        while mask:
+            if mask & 1:
+                removed += self._shards[index].invalidate(targets, dropped)
+            mask >>= 1
+            index += 1
+        return removed
 
     def invalidate_database(self, database: str, dropped: list[Entry] | None = None) -> int:
         """Bump `database`'s generation (changing every one of its tables' generations), then remove its entries."""
         self._db_generations[database] = self._db_generations.get(database, 0) + 1
+        for table in [table for table in self._holders if table[0] == database]:
+            del self._holders[table]
         return sum(shard.invalidate_database(database, dropped) for shard in self._shards)
 
     def flush(self) -> int:
         """Remove everything and bump the global generation (refusing every fill in flight)."""
         self._global_generation += 1
+        self._holders.clear()
         return sum(shard.clear() for shard in self._shards)
 
     # -- maintenance --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ copying its keys; a hit still costs a dict lookup plus a few pointer writes, wit
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from cacheproxy.cache.entry import DETACHED, Entry, TableId, make_sentinel
 
@@ -32,6 +32,7 @@ class Shard:
         "_cursor",
         "_entries",
         "_index",
+        "_on_new_table",
         "_root",
         "bytes",
         "evictions",
@@ -43,7 +44,7 @@ class Shard:
         "sets",
     )
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, on_new_table: Callable[[TableId], None] | None = None) -> None:
         if max_bytes <= 0:
             raise ValueError(f"a shard's max_bytes must be positive, got {max_bytes}")
         self.max_bytes = max_bytes
@@ -56,6 +57,9 @@ class Shard:
         self.invalidations = 0
         self._entries: dict[Hashable, Entry] = {}
         self._index: dict[TableId, set[Hashable]] = {}
+        # Told when the index gains a table: the engine keeps which shards hold which tables, so that invalidating a
+        # table (or a row) visits only those shards.
+        self._on_new_table = on_new_table
         self._root = make_sentinel()
         # The next entry the sweep looks at; the root means "start a new pass at the LRU end".
         self._cursor = self._root
@@ -130,6 +134,8 @@ class Shard:
             keys = index.get(table)
             if keys is None:
                 index[table] = {key}
+                if self._on_new_table is not None:
+                    self._on_new_table(table)
             else:
                 keys.add(key)
         self.bytes += entry.size

@@ -208,7 +208,8 @@ class ReplyTracker:
         relay = not head.strip
         capture = head.capture
         if capture is not None and not capture.failed:
-            if msg_type in _CAPTURED_HEADERS:
+            if msg_type in _CAPTURED_HEADERS or (msg_type == ord("n") and head.op is Op.DESCRIBE_STATEMENT):
+                # (a statement's NoData is part of its description: ParameterDescription, then NoData)
                 capture.add(region[start:end], header=True)
             elif msg_type in _CAPTURED_BODY:
                 capture.add(region[start:end])

@@ -253,18 +253,23 @@ class InvalidationBus:
     async def _serve(self, database: str, connection: asyncpg.Connection, lost: asyncio.Future[None]) -> None:
         """Publish what is queued, check the connection when idle; return (by raising) only when it is lost."""
         wake = self._wake[database]
-        idle = min(_HEARTBEAT, self._catalog_poll or _HEARTBEAT)
+        period = min(_HEARTBEAT, self._catalog_poll or _HEARTBEAT)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + period
         while True:
+            if loop.time() >= due:
+                # On a deadline, not only when idle: a steady stream of publishes must not starve the poll.
+                await self._check_catalog(database, connection)  # (also tells that the connection is alive)
+                due = loop.time() + period
             waiter: asyncio.Future[object] = asyncio.ensure_future(wake.wait())
             watched: set[asyncio.Future[object]] = {waiter, lost}  # type: ignore[arg-type]
             try:
-                await asyncio.wait(watched, timeout=idle, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(watched, timeout=max(0.0, due - loop.time()), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
             if lost.done():
                 raise ConnectionResetError("the LISTEN connection was closed")
             if not wake.is_set():
-                await self._check_catalog(database, connection)  # (also tells that the connection is alive)
                 continue
             wake.clear()
             invalidation = self._outbox.pop(database, None)

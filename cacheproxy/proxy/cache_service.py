@@ -104,6 +104,7 @@ class CacheService:
             else None
         )
         self._replication: dict[str, ReplicationListener] = {}
+        self._loading: list[tuple[str, Invalidation]] | None = None  # see follow() and loaded()
         self._replication_tasks: set[asyncio.Task[None]] = set()
         self._instance = secrets.token_hex(4)  # names this process's replication slots
         if invalidation.replication:
@@ -224,6 +225,8 @@ class CacheService:
     def apply_remote(self, database: str, invalidation: Invalidation) -> None:
         """Another proxy's clients (or, with replication on, anyone) committed a write."""
         self.metrics.bus_message("received")
+        if self._loading is not None:  # a snapshot is being loaded: apply it again once its entries are in
+            self._loading.append((database, invalidation))
         if invalidation.everything:
             self.engine.invalidate_database(database)
         elif invalidation.tables:
@@ -260,6 +263,7 @@ class CacheService:
     async def follow(self, databases: list[str], timeout: float = 5.0) -> set[str]:
         """Start the feeds of `databases` and wait (up to `timeout`) until they are up; the databases that are
         followed then (a restored snapshot keeps only their entries: see snapshot.store.load_snapshot)."""
+        self._loading = []  # from now on, what the feeds say is also kept for `loaded`
         waits = [w for w in (self.watch(database) for database in databases) if w is not None]
         if waits:
             with contextlib.suppress(TimeoutError):
@@ -267,6 +271,16 @@ class CacheService:
                     while any(database in self.blind for database in databases):
                         await asyncio.sleep(0.01)
         return {database for database in databases if database not in self.blind}
+
+    def loaded(self) -> None:
+        """The snapshot's entries are in: apply again what the feeds said while they were being put (a put does not
+        check generations, and the evidence was read before those writes)."""
+        replay, self._loading = self._loading or [], None
+        for database, invalidation in replay:
+            if invalidation.everything:
+                self.engine.invalidate_database(database)
+            else:
+                self.engine.invalidate_tables([(database, base_table(name)) for name in invalidation.tables])
 
     def _start_replication(self, database: str) -> None:
         invalidation = self.config.invalidation
@@ -307,6 +321,8 @@ class CacheService:
                 self.blind.pop(database, None)
                 self.metrics.database_blind(database, False)
         else:
+            if self._loading is not None:
+                self._loading.append((database, Invalidation(everything=True)))
             self._set_down(database, feed, f"down ({reason})")
             # Drop what is cached and refuse fills in flight (their generations change).
             self.engine.invalidate_database(database)
@@ -410,6 +426,7 @@ def _points(
 
 # Declared parameter types a point key may be given as: unspecified (the server infers the key's type), int2/4/8.
 _INT_PARAM_TYPES = frozenset({0, 20, 21, 23})
+_INT_SIZES = {21: 2, 23: 4, 20: 8}  # int2, int4, int8
 _TEXT_INT = re.compile(rb"\s*[+-]?[0-9]+\s*")
 
 
@@ -430,7 +447,9 @@ def point_value(operand: Operand, arguments: bytes | None, param_types: tuple[in
         return None
     if fmt == 0 and _TEXT_INT.fullmatch(raw):
         return int(raw)
-    if fmt == 1 and len(raw) in (2, 4, 8):
+    if fmt == 1 and _INT_SIZES.get(declared) == len(raw):
+        # Only a declared integer type: with none, the server may have inferred float8 or numeric from another use
+        # of the parameter, whose binary form is not an integer's.
         return int.from_bytes(raw, "big", signed=True)
     return None
 

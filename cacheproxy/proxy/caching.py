@@ -76,6 +76,9 @@ class Statement:
     # The RowDescription the client was last given for it by a Describe: a later Bind/Execute without a Describe is
     # decoded with it, so a cached result is served for it only if its columns are those (see _same_shape).
     description: bytes | None = None
+    # Its parameter types as the server inferred them (ParameterDescription), for reading a key parameter sent in
+    # binary when the Parse declared no type.
+    inferred: tuple[int, ...] = ()
     shaped: bytes | None = None  # the last cached RowDescription found to match it (a fast path for _same_shape)
 
 
@@ -187,6 +190,7 @@ class CachingRelay:
         # BEGIN just sent opens one that may, whether a COMMIT was sent, and results read in it, to store at commit.
         self._tx_reads_cache = False
         self._begin_fresh = False
+        self._begin_sent = False
         self._commit_sent = False
         self._tx_fills: list[tuple[Fill, bytes]] = []
         self._created_here: list[tuple[str, Statement]] = []  # named statements a local answer just created
@@ -228,10 +232,19 @@ class CachingRelay:
         return self._digest
 
     def close(self) -> None:
-        """The session ended: release every single-flight slot it held, so that waiters go upstream themselves."""
+        """The session ended: release every single-flight slot it held, so that waiters go upstream themselves.
+        Writes whose outcome it will never read (sent, or done in a transaction still open) may have committed:
+        invalidate and publish them as if they had (merely safe if they did not)."""
         for key in self._leading:
             self.service.end_fill(key)
         self._leading.clear()
+        unknown = [p.on_done.scope for p in self.tracker.pending if isinstance(p.on_done, _Request) and p.on_done.scope]
+        unknown += self._tx_writes
+        if unknown:
+            for scope in unknown:
+                self.service.invalidate(self.database, scope, counted=False)
+            self.service.publish(self.database, unknown)
+            self._tx_writes.clear()
 
     # -- client -> upstream ----------------------------------------------------------------------------------
 
@@ -476,8 +489,9 @@ class CachingRelay:
         not READ ONLY DEFERRABLE), with no default isolation set for the session that the proxy would not see."""
         if tx.isolation not in _FRESH_ISOLATION or (tx.read_only and tx.deferrable):
             return False
-        settings = b" ".join(self._set_history).lower() + self.session.startup_parameters.get("options", "").encode()
-        if b"isolation" in settings or b"deferrable" in settings:
+        startup = " ".join(f"{k}={v}" for k, v in self.session.startup_parameters.items()).lower().encode()
+        settings = b" ".join(self._set_history).lower() + b" " + startup  # any GUC may come as a startup parameter
+        if b"isolation" in settings or b"deferrable" in settings or b"transaction_" in settings:
             return False
         catalog = self.service.catalogs.last_known(self.database)
         return catalog is not None and catalog.fresh_transactions
@@ -583,6 +597,7 @@ class CachingRelay:
     def _on_transaction_control(self, tx: TxInfo) -> None:
         if tx.op is TxOp.BEGIN:
             self._begin_fresh = self._fresh_transaction(tx)
+            self._begin_sent = True
         elif tx.op is TxOp.COMMIT:
             self._commit_sent = True
 
@@ -704,7 +719,7 @@ class CachingRelay:
             return False  # binds a named statement after an unnamed Parse: general path
         classified = self.service.classify(self.database, statement.query)
         if not self._servable(classified):
-            return False
+            return b""  # a write, or a read not served here: the general path would not answer it either
         max_rows = int.from_bytes(execute[-4:], "big", signed=True)
         key = keys.execute_key(
             self.database, self.user, self._state_digest(), statement.query, statement.param_types,
@@ -772,7 +787,7 @@ class CachingRelay:
                     if described is None:
                         return b""
                     replies.append(described)
-                    statement.description = _row_description(described)
+                    _note_described(statement, described)
                 else:
                     value = self._portal_result(portals, describe.name)
                     if value is None:
@@ -1004,7 +1019,7 @@ class CachingRelay:
             self._leading.add(key)
         verdict = classified.verdict
         tables = self.service.dependencies(
-            self.database, classified, portal.bind.arguments, portal.statement.param_types
+            self.database, classified, portal.bind.arguments, _key_types(portal.statement)
         )
         fill = Fill(
             key,
@@ -1050,7 +1065,7 @@ class CachingRelay:
             elif classified.info.kind is not Kind.READ or not classified.verdict.cacheable:
                 on_done, changes_state = self._note_effects(
                     classified, portal.statement.query, idle=idle, bind=portal.bind,
-                    param_types=portal.statement.param_types,
+                    param_types=_key_types(portal.statement),
                 )  # fmt: skip
                 self._unsynced_write = True
         else:
@@ -1092,18 +1107,22 @@ class CachingRelay:
                 previous = self.session.tx_status
                 self.session.tx_status = status
                 if status == b"T":
-                    if previous != b"T":
+                    if previous != b"T" or self._begin_sent:  # (a BEGIN after a COMMIT in one Query, too)
                         self._tx_reads_cache = self._begin_fresh
                 else:
                     self._tx_reads_cache = False
-                self._begin_fresh = False
+                self._begin_fresh = self._begin_sent = False
                 if status == b"I":
                     # Committed: autocommit without error, or a COMMIT of a block that had not failed.
                     # (A COMMIT of a failed block, 'E', is a rollback.)
                     committed = previous == b"I" or (previous == b"T" and self._commit_sent)
                     self._transaction_ended(committed and not self._failed_since_ready)
                     self._commit_sent = False
-                elif self._state_changes:
+                elif previous == b"T" and self._commit_sent and not self._failed_since_ready:
+                    # COMMIT AND CHAIN: committed, and a new transaction (with the same characteristics) began.
+                    self._transaction_ended(True, chained=True)
+                    self._commit_sent = False
+                if status != b"I" and self._state_changes:
                     # A SET that ran inside what turned out to be a transaction block: it may yet be rolled back.
                     self._uncertain = self._uncertain or "SET inside a transaction block"
                 self._state_changes.clear()
@@ -1124,11 +1143,17 @@ class CachingRelay:
             pieces.append(region[last:])
             self._write_client(b"".join(pieces))
 
-    def _transaction_ended(self, committed: bool) -> None:
-        """ReadyForQuery 'I': whatever this session wrote is committed (or rolled back) now. Invalidate it again,
-        so that no entry filled by another session while the write was uncommitted survives, and tell the other
-        proxies; store what was read inside the transaction if it committed; portals are gone."""
+    def _transaction_ended(self, committed: bool, *, chained: bool = False) -> None:
+        """ReadyForQuery 'I' (or 'T' after COMMIT AND CHAIN, `chained`): whatever this session wrote is committed
+        (or rolled back) now. Invalidate it again, so that no entry filled by another session while the write was
+        uncommitted survives, and tell the other proxies; store what was read inside the transaction if it
+        committed; portals are gone."""
         service = self.service
+        if not self._failed_since_ready and not chained:
+            # First, so that write-through refreshes below are keyed by the state they run in (a SET in the same
+            # batch as the write is in effect on the connection already).
+            for sql in self._state_changes:
+                self._apply_session_change(sql)
         for scope in self._tx_writes:
             service.invalidate(self.database, scope, counted=False, removed=self._stale)
             if scope.ddl:
@@ -1142,14 +1167,11 @@ class CachingRelay:
                     self._store(fill, value)
             self._tx_fills.clear()
         if self._stale:
-            if committed and not self.tracker.pending:
+            if committed and not chained and not self.tracker.pending:
                 self._refresh(self._stale)
             self._stale.clear()
         self._portals.clear()
         self._executed_portals.clear()
-        if not self._failed_since_ready:
-            for sql in self._state_changes:
-                self._apply_session_change(sql)
 
     def _refresh(self, stale: list[Entry]) -> None:
         """Write-through: run again the results of `strategy: write_through` tables that this session's committed
@@ -1233,7 +1255,10 @@ class CachingRelay:
         capture = pending.capture
         if isinstance(request, _Described) and capture is not None:
             usable = not capture.failed and not pending.seen_error
-            request.statement.description = _row_description(capture.header) if usable else None
+            if usable:
+                _note_described(request.statement, capture.header)
+            else:
+                request.statement.description = None
         if capture is None or pending.op is Op.DESCRIBE_PORTAL or not isinstance(capture.context, Fill):
             return
         fill = capture.context
@@ -1307,6 +1332,25 @@ def _columns(row_description: bytes) -> bytes | None:
         return b"".join(parts) if pos == len(row_description) else None
     except ValueError:
         return None
+
+
+def _note_described(statement: Statement, described: bytes) -> None:
+    """What a statement's Describe reply (ParameterDescription, then RowDescription or NoData) tells about it."""
+    statement.description = _row_description(described)
+    if described[:1] == b"t":
+        count = int.from_bytes(described[5:7], "big")
+        statement.inferred = tuple(int.from_bytes(described[7 + 4 * i : 11 + 4 * i], "big") for i in range(count))
+
+
+def _key_types(statement: Statement) -> tuple[int, ...]:
+    """The statement's parameter types: declared ones, else the server's inference when it is known."""
+    declared, inferred = statement.param_types, statement.inferred
+    if not inferred:
+        return declared
+    return (
+        tuple(d or (inferred[i] if i < len(inferred) else 0) for i, d in enumerate(declared))
+        + inferred[len(declared) :]
+    )
 
 
 def _row_description(described: bytes) -> bytes | None:

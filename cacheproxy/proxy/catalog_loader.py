@@ -82,12 +82,13 @@ SELECT current_setting('default_transaction_isolation') IN ('read committed', 'r
 """
 
 
-# Single-column integer primary keys of ordinary tables: the candidates for row-level invalidation.
+# Single-column integer primary keys of ordinary tables: the candidates for row-level invalidation. Not generated
+# columns: an UPDATE of another column would move the row to another key.
 _PRIMARY_KEYS = """
 SELECT n.nspname, c.relname, a.attname
 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
-WHERE i.indisprimary AND i.indnkeyatts = 1 AND c.relkind = 'r'
+WHERE i.indisprimary AND i.indnkeyatts = 1 AND c.relkind = 'r' AND a.attgenerated = ''
   AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
 """
 
