@@ -190,9 +190,12 @@ class ReplyTracker:
         The message is sliced out of the region only when a capture keeps it: relayed bytes are never copied here.
         """
         if msg_type in _ASYNC:
-            if self._pending and self._pending[0].capture is not None and msg_type != ord("A"):
+            head = self._pending[0] if self._pending else None
+            if head is not None and head.capture is not None and msg_type != ord("A"):
                 # A notice or a parameter change inside a result: a replay could not reproduce it.
-                self._pending[0].capture.fail()
+                head.capture.fail()
+            if head is not None and head.quiet and msg_type == ord("N"):
+                return _STRIP  # a notice raised by the proxy's own request (a refresh) is not the client's
             return _RELAY
         if not self._pending:
             if msg_type == ord("E"):

@@ -950,7 +950,8 @@ class CachingRelay:
     def _check_statement_limit(self, name: str, adding: int = 0) -> None:
         """limits.max_prepared_statements: the proxy keeps every named statement's text, so a client that prepares
         without ever closing would grow its memory without bound. Past the limit the session ends, clearly."""
-        if name and name not in self._statements and len(self._statements) + adding >= self._max_statements:
+        named = len(self._statements) - ("" in self._statements)  # the unnamed statement is not counted
+        if name and name not in self._statements and named + adding >= self._max_statements:
             raise ProxyError(
                 CONFIGURATION_LIMIT_EXCEEDED,
                 f"too many prepared statements in this session (limits.max_prepared_statements = "

@@ -19,11 +19,11 @@ def test_too_many_prepared_statements_end_the_session_with_53400(
     proxy = start_proxy(limits={"max_prepared_statements": 3})
     with RawConn(proxy.host, proxy.port) as conn:
         conn.startup("postgres", dbname)
+        conn.send(parse("", "SELECT 'the unnamed statement does not count'") + SYNC)
+        assert shape(conn.recv_until()) == ["1", "ZI"]
         for i in range(3):
             conn.send(parse(f"s{i}", f"SELECT {i}") + SYNC)
             assert shape(conn.recv_until()) == ["1", "ZI"]
-        conn.send(parse("", "SELECT 'the unnamed statement does not count'") + SYNC)
-        assert shape(conn.recv_until()) == ["1", "ZI"]
         conn.send(parse("s3", "SELECT 3") + SYNC)
         reply = conn.recv_until()
         fields = error_fields(reply)

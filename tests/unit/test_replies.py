@@ -211,3 +211,14 @@ def test_copy_failing_before_copy_in_keeps_its_sync() -> None:
     _copy_batch(tracker)
     _, done = feed(tracker, encode(b"1") + encode(b"2") + ERR + Z)  # e.g. the table does not exist
     assert [p.op for p in done] == [Op.PARSE, Op.BIND, Op.EXECUTE, Op.SYNC] and not len(tracker)
+
+
+def test_a_notice_of_a_quiet_request_is_not_relayed() -> None:
+    tracker = ReplyTracker()
+    tracker.expect(Pending(Op.QUERY, strip=True, quiet=True))
+    notice = b"N\x00\x00\x00\x05\x00"
+    assert tracker.on_message(ord("N"), notice, 0, len(notice)).relay is False
+    tracker.expect(Pending(Op.QUERY))
+    ready = b"Z\x00\x00\x00\x05I"
+    assert tracker.on_message(ord("Z"), ready, 0, len(ready)).relay is False  # the quiet query's end
+    assert tracker.on_message(ord("N"), notice, 0, len(notice)).relay is True  # the client's own request now
