@@ -79,6 +79,7 @@ class CacheService:
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
+        self._noted: set[tuple[str, str | None]] = set()  # (database, why) already logged
         # Bumped by ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened before and after it start with
         # different settings (search_path...), so they must not share entries.
         self.settings_epoch = 0
@@ -181,6 +182,11 @@ class CacheService:
         if self.ignores(scope):
             return
         dropped = removed if self.write_through else None
+        if counted and scope.code == "triggers" and (database, scope.why) not in self._noted:
+            # Conservative, and costly for the hit rate: say so once per database and table.
+            self._noted.add((database, scope.why))
+            log.info("database %r: %s, whose effects the proxy cannot know: its writes invalidate the whole database",
+                     database, scope.why)  # fmt: skip
         if scope.everything:
             removed_count = self.engine.invalidate_database(database, dropped)
             if counted:
