@@ -307,10 +307,18 @@ class CacheService:
         """A transaction committed anywhere (this proxy's own included: invalidating twice is merely safe)."""
         self.apply_remote(database, Invalidation(frozenset(name for _, name in tables)))
 
-    def _set_down(self, database: str, feed: str, reason: str) -> None:
-        self._down.setdefault(database, {})[feed] = reason
-        self.blind[database] = "; ".join(f"{name}: {why}" for name, why in self._down[database].items())
-        self.metrics.database_blind(database, True)
+    def _set_down(self, database: str, feed: str, reason: str | None) -> None:
+        """Record why `feed` of `database` is not up (None: it is up); `blind` is derived here, and only here."""
+        down = self._down.setdefault(database, {})
+        if reason is None:
+            down.pop(feed, None)
+        else:
+            down[feed] = reason
+        if down:
+            self.blind[database] = "; ".join(f"{name}: {why}" for name, why in down.items())
+        else:
+            self.blind.pop(database, None)
+        self.metrics.database_blind(database, bool(down))
 
     def _feed_state(self, feed: str, database: str, up: bool, reason: str) -> None:
         """An invalidation feed of `database` (the bus, or the replication stream) went up or down."""
@@ -319,13 +327,7 @@ class CacheService:
                 # Back after a loss: whatever was committed meanwhile is unknown.
                 self.engine.invalidate_database(database)
             self._fed.add((database, feed))
-            down = self._down.get(database, {})
-            down.pop(feed, None)
-            if down:
-                self.blind[database] = "; ".join(f"{name}: {why}" for name, why in down.items())
-            else:
-                self.blind.pop(database, None)
-                self.metrics.database_blind(database, False)
+            self._set_down(database, feed, None)
         else:
             if self._loading is not None:
                 self._loading.append((database, Invalidation(everything=True)))

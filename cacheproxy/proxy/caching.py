@@ -718,7 +718,7 @@ class CachingRelay:
         elif name:
             return False  # binds a named statement after an unnamed Parse: general path
         classified = self.service.classify(self.database, statement.query)
-        if not self._servable(classified):
+        if not self._cacheable_here(classified):  # (the caller checked _can_serve already)
             return b""  # a write, or a read not served here: the general path would not answer it either
         max_rows = int.from_bytes(execute[-4:], "big", signed=True)
         key = keys.execute_key(

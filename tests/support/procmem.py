@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from cacheproxy.devtools import bench_procstat
 
 MIB = 1 << 20
 
 
 def rss_bytes(pid: int) -> int:
-    """The process's resident set size (VmRSS), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """The process's resident set size (VmRSS), in bytes; the process must be alive."""
+    rss = bench_procstat.rss_bytes(pid)
+    if rss is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return rss
