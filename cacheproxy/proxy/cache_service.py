@@ -31,9 +31,9 @@ from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
 from cacheproxy.protocol.frontend import bind_parameter
-from cacheproxy.proxy.bus import Invalidation, InvalidationBus
-from cacheproxy.proxy.catalog_loader import CatalogLoader
-from cacheproxy.proxy.replication import ReplicationListener
+from cacheproxy.feeds.bus import Invalidation, InvalidationBus
+from cacheproxy.feeds.catalog_loader import CatalogLoader
+from cacheproxy.feeds.replication import ReplicationListener
 
 log = logging.getLogger("cacheproxy.cache")
 

@@ -17,7 +17,7 @@ from cacheproxy.observability.metrics import Metrics
 from cacheproxy.proxy.admin_console import AdminConsole
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.session import Session
-from cacheproxy.proxy.upstream import READ_LIMIT, send_cancel
+from cacheproxy.upstream import READ_LIMIT, send_cancel
 
 log = logging.getLogger("cacheproxy.server")
 

@@ -37,7 +37,7 @@ from cacheproxy.protocol.startup import (
 from cacheproxy.proxy.admin_console import is_admin_command
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.link import Link
-from cacheproxy.proxy.upstream import connection_lost_error, open_upstream
+from cacheproxy.upstream import connection_lost_error, open_upstream
 
 if TYPE_CHECKING:
     from cacheproxy.proxy.server import ProxyServer

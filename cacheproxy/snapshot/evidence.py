@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.proxy.upstream import control_connection
+from cacheproxy.upstream import control_connection
 
 # Every plain / partitioned table and materialized view outside the system schemas (pg_% covers pg_catalog, pg_toast
 # and the pg_temp_N of sessions), with its inheritance tree below it; stats are NULL for relations without a row.

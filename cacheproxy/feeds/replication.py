@@ -58,8 +58,8 @@ from cacheproxy.protocol.pgoutput import (
     format_lsn,
     standby_status_update,
 )
-from cacheproxy.proxy.raw_client import COPY_DATA, COPY_DONE, RawConnection, connect_raw
-from cacheproxy.proxy.upstream import control_connection
+from cacheproxy.feeds.raw_client import COPY_DATA, COPY_DONE, RawConnection, connect_raw
+from cacheproxy.upstream import control_connection
 
 log = logging.getLogger("cacheproxy.replication")
 
