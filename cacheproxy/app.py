@@ -18,8 +18,8 @@ from cacheproxy.observability.admin_http import AdminServer
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
-from cacheproxy.upstream import open_upstream
 from cacheproxy.snapshot import SnapshotFailed, load_snapshot, rules_fingerprint, write_snapshot
+from cacheproxy.upstream import open_upstream
 
 log = logging.getLogger("cacheproxy.app")
 

@@ -49,6 +49,7 @@ import asyncpg
 
 from cacheproxy.config import UpstreamConfig
 from cacheproxy.errors import UpstreamError
+from cacheproxy.feeds.raw_client import COPY_DATA, COPY_DONE, RawConnection, connect_raw
 from cacheproxy.protocol.framing import encode, split_messages
 from cacheproxy.protocol.messages import ERROR_RESPONSE, decode_error_fields
 from cacheproxy.protocol.pgoutput import (
@@ -58,7 +59,6 @@ from cacheproxy.protocol.pgoutput import (
     format_lsn,
     standby_status_update,
 )
-from cacheproxy.feeds.raw_client import COPY_DATA, COPY_DONE, RawConnection, connect_raw
 from cacheproxy.upstream import control_connection
 
 log = logging.getLogger("cacheproxy.replication")

@@ -27,13 +27,13 @@ from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import Entry, TableId, any_row, base_table, row_id
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import Config
+from cacheproxy.feeds.bus import Invalidation, InvalidationBus
+from cacheproxy.feeds.catalog_loader import CatalogLoader
+from cacheproxy.feeds.replication import ReplicationListener
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
 from cacheproxy.protocol.frontend import bind_parameter
-from cacheproxy.feeds.bus import Invalidation, InvalidationBus
-from cacheproxy.feeds.catalog_loader import CatalogLoader
-from cacheproxy.feeds.replication import ReplicationListener
 
 log = logging.getLogger("cacheproxy.cache")
 

@@ -13,8 +13,8 @@ import pytest
 from cacheproxy.config import UpstreamConfig
 from cacheproxy.devtools.pgcluster import free_port
 from cacheproxy.errors import UpstreamError
-from cacheproxy.protocol.framing import split_messages
 from cacheproxy.feeds.raw_client import RawConnection, connect_raw
+from cacheproxy.protocol.framing import split_messages
 from tests.support.pgcluster import PgCluster
 from tests.support.rawpg import SYNC, RawConn, bind, data_rows, describe_portal, execute, parse, query
 
