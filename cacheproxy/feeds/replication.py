@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.errors import UpstreamError
+from cacheproxy.errors import DUPLICATE_OBJECT, UpstreamError
 from cacheproxy.feeds.raw_client import COPY_DATA, COPY_DONE, RawConnection, connect_raw
 from cacheproxy.protocol.framing import encode, split_messages
 from cacheproxy.protocol.messages import ERROR_RESPONSE, decode_error_fields
@@ -68,7 +68,6 @@ OnState = Callable[[str, bool, str], None]
 
 _MAX_SLOT_NAME = 63  # NAMEDATALEN - 1
 _STOP_TIMEOUT = 10.0
-_DUPLICATE_OBJECT = "42710"
 
 # Ordinary permanent tables whose UPDATE/DELETE a FOR ALL TABLES publication would make fail (no replica identity).
 _NO_REPLICA_IDENTITY = """
@@ -274,7 +273,7 @@ class ReplicationListener:
             slot = self._slot_base
             command = f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL pgoutput NOEXPORT_SNAPSHOT'
         error = _error_of(await conn.request(_query(command)))
-        if error is not None and not (error.get("C") == _DUPLICATE_OBJECT and not self.temporary):
+        if error is not None and not (error.get("C") == DUPLICATE_OBJECT and not self.temporary):
             raise UpstreamError(
                 f"could not create replication slot {slot!r}: {error.get('M', '')}", sqlstate=error.get("C", "")
             )

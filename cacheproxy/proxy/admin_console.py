@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from cacheproxy.cache.entry import base_table
-from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, ProxyError
+from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, ProxyError
 from cacheproxy.policy.rules import parse_pattern
 from cacheproxy.protocol import messages as m
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("cacheproxy.admin")
 
 _PREFIX = re.compile(rb"^\s*cacheproxy\b", re.IGNORECASE)
-_SYNTAX_ERROR = "42601"
 USAGE = (
     "CACHEPROXY SHOW STATS | SHOW CACHES [n] | SHOW RULES | EXPLAIN <query> | INVALIDATE TABLE <name> | FLUSH | RELOAD"
     " | SNAPSHOT"
@@ -77,7 +76,7 @@ class AdminConsole:
             try:
                 _, name = parse_pattern(words[3])
             except ValueError as exc:
-                raise ProxyError(_SYNTAX_ERROR, str(exc), severity="ERROR") from exc
+                raise ProxyError(SYNTAX_ERROR, str(exc), severity="ERROR") from exc
             removed = service.engine.invalidate_tables([(session.database, name)])
             return m.command_complete(f"INVALIDATE {removed}")
         if command == "FLUSH":
@@ -86,7 +85,7 @@ class AdminConsole:
             return m.command_complete(f"RELOAD {self._server.reload()}")
         if command == "SNAPSHOT":
             return self._snapshot()
-        raise ProxyError(_SYNTAX_ERROR, f"unknown CACHEPROXY command; use {USAGE}", severity="ERROR")
+        raise ProxyError(SYNTAX_ERROR, f"unknown CACHEPROXY command; use {USAGE}", severity="ERROR")
 
     def _snapshot(self) -> bytes:
         """Start a snapshot and answer at once: commands run inside a transport callback and cannot wait for it.

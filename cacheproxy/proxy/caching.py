@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, TxInfo, TxOp
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry, TableId, base_table
-from cacheproxy.errors import ProtocolViolation, ProxyError
+from cacheproxy.errors import CONFIGURATION_LIMIT_EXCEEDED, ProtocolViolation, ProxyError
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, write_scope
 from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
@@ -41,7 +41,6 @@ log = logging.getLogger("cacheproxy.caching")
 
 # A batch held for a Sync is forwarded anyway past this many messages, or limits.max_pipeline_bytes.
 _MAX_BATCH_MESSAGES = 512
-CONFIGURATION_LIMIT_EXCEEDED = "53400"
 # How long a miss waits for another session's fill of the same key before asking upstream itself.
 _SINGLE_FLIGHT_WAIT = 2.0
 # How long a session waits for its database's catalog before deciding without the cache.

@@ -20,6 +20,7 @@ from cacheproxy.errors import (
     IDLE_SESSION_TIMEOUT,
     INTERNAL_ERROR,
     INVALID_AUTHORIZATION_SPECIFICATION,
+    QUERY_CANCELED,
     ProtocolViolation,
     ProxyError,
     UpstreamError,
@@ -195,7 +196,7 @@ class Session:
             async with asyncio.timeout(timeout):
                 await self._authenticate(startup)
         except TimeoutError as exc:
-            raise ProxyError("57014", f"canceling authentication due to timeout ({timeout:g}s)") from exc
+            raise ProxyError(QUERY_CANCELED, f"canceling authentication due to timeout ({timeout:g}s)") from exc
         self._set_phase(Phase.READY, "authenticated")
         return await self._relay()
 
