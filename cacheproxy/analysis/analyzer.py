@@ -83,6 +83,36 @@ def analyze(sql: str) -> QueryInfo:
         )
 
 
+# How much of a statement too long to analyze is read for its leading keywords (see `analyze_head`).
+_HEAD_CHARS = 512
+
+
+def analyze_head(sql: str, why: str) -> QueryInfo:
+    """What is assumed of a statement too long to analyze (`why` says so): not cacheable; it may write anything.
+
+    Even a long SELECT may call a function that writes, so only the session-level effects are ruled out by its
+    leading keywords: a long DO or CALL is what it is (unknown effects, OTHER), and an EXECUTE names its statement.
+
+    >>> info = analyze_head("EXECUTE big(" + "1," * 10000 + "1)", "too long")
+    >>> info.kind, info.executes, info.cacheable
+    (<Kind.OTHER: 'other'>, 'big', False)
+    """
+    tokens = tokenize(sql[:_HEAD_CHARS])
+    while tokens and tokens[0].kind == OP and tokens[0].text == "(":
+        tokens = tokens[1:]
+    word = tokens[0].sub if tokens and tokens[0].kind == WORD else None
+    return QueryInfo(
+        kind=Kind.OTHER if word in _RUNS_CODE else Kind.WRITE,
+        statement_count=1,
+        reads=frozenset(),
+        writes=frozenset({UNKNOWN_TABLE}),
+        functions=frozenset(),
+        cacheable=False,
+        reason=why,
+        executes=_statement_name(tokens, 1) if word == "execute" else None,
+    )
+
+
 class Analyzer:
     """`analyze` memoized by fingerprint in a bounded LRU.
 
@@ -134,6 +164,8 @@ def _analyze(sql: str) -> QueryInfo:
         reason="multiple statements",
         temp_tables_created=frozenset().union(*(i.temp_tables_created for i in infos)),
         data_modifying_cte=any(i.data_modifying_cte for i in infos),
+        copy_from_stdin=any(i.copy_from_stdin for i in infos),
+        alters_role_settings=any(i.alters_role_settings for i in infos),
         statements=tuple(infos),
     )
 
@@ -154,6 +186,12 @@ def _finish(d: Draft) -> QueryInfo:
         session=d.session,
         temp_tables_created=frozenset(d.temp_tables),
         data_modifying_cte=d.data_modifying_cte,
+        prepares=d.prepares,
+        deallocates=d.deallocates,
+        deallocates_all=d.deallocates_all,
+        executes=d.executes,
+        copy_from_stdin=d.copy_from_stdin,
+        alters_role_settings=d.alters_role_settings,
     )
 
 
@@ -192,7 +230,10 @@ def _statement(tokens: Sequence[Token], sql: str) -> Draft:
     if word == "explain":
         return _explain(c, sub)
     if word in _RUNS_CODE:
-        return Draft(Kind.OTHER, word.upper(), writes={UNKNOWN_TABLE})
+        draft = Draft(Kind.OTHER, word.upper(), writes={UNKNOWN_TABLE})
+        if word == "execute":
+            draft.executes = _statement_name(tokens, 1)
+        return draft
     if word in _OTHER_WORDS:
         return _other(c, word, sub)
     shown = first.text[:40]
@@ -215,6 +256,14 @@ def _explain(c: Cursor, sub: commands.SubAnalyze) -> Draft:
 
 def _other(c: Cursor, word: str, sub: commands.SubAnalyze) -> Draft:
     draft = Draft(Kind.OTHER, word.upper())
+    if word == "prepare":
+        draft.prepares = _statement_name(c.tokens, 1)
+    elif word == "deallocate":
+        at = 2 if is_word(c.tokens[1] if len(c.tokens) > 1 else None, "prepare") else 1
+        if is_word(c.tokens[at] if at < len(c.tokens) else None, "all"):
+            draft.deallocates_all = True
+        else:
+            draft.deallocates = _statement_name(c.tokens, at)
     # DECLARE c CURSOR FOR query / PREPARE p AS statement: report what the query reads (it does not run yet).
     keyword = "for" if word == "declare" else "as" if word == "prepare" else None
     if keyword is not None:
@@ -224,6 +273,13 @@ def _other(c: Cursor, word: str, sub: commands.SubAnalyze) -> Draft:
             draft.reads |= inner.reads
             draft.functions |= inner.functions
     return draft
+
+
+def _statement_name(tokens: Sequence[Token], i: int) -> str | None:
+    """The prepared statement named at tokens[i] (PREPARE name, EXECUTE name, DEALLOCATE name)."""
+    if i < len(tokens) and tokens[i].kind in (WORD, QIDENT):
+        return ident_value(tokens[i])
+    return None
 
 
 # --- queries and DML (parsed by sqlglot) -------------------------------------------------------------------------

@@ -29,6 +29,12 @@ class Draft:
     session: SessionChange | None = None
     temp_tables: set[TableRef] = field(default_factory=set)
     data_modifying_cte: bool = False
+    prepares: str | None = None
+    deallocates: str | None = None
+    deallocates_all: bool = False
+    executes: str | None = None
+    copy_from_stdin: bool = False
+    alters_role_settings: bool = False
 
 
 # Analyzes an embedded statement (the query of CREATE VIEW ... AS, COPY (...) TO, EXPLAIN, DECLARE, PREPARE).
@@ -373,6 +379,8 @@ def _alter(c: Cursor, sub: SubAnalyze) -> Draft:
         c.i += 1
     c.i += 1
     draft = Draft(Kind.DDL, f"ALTER {obj.upper()}")
+    if obj in ("role", "user", "database"):
+        draft.alters_role_settings = any(is_word(tok, "set", "reset") for tok in c.tokens[c.i :])
     if obj in ("table", "view", "materialized view", "foreign table"):
         if c.word() == "all":
             return draft
@@ -552,6 +560,7 @@ def copy(c: Cursor, sub: SubAnalyze) -> Draft:
     if c.word() == "from":
         draft = Draft(Kind.WRITE, "COPY FROM")
         draft.writes.add(ref if ref is not None else UNKNOWN_TABLE)
+        draft.copy_from_stdin = c.word(1) == "stdin"
         return draft
     draft = Draft(Kind.READ, "COPY TO", reason="COPY is streamed, not cached")
     if ref is not None:

@@ -107,6 +107,15 @@ class QueryInfo:
     session: SessionChange | None = None  # a single session-state statement
     temp_tables_created: frozenset[TableRef] = frozenset()
     data_modifying_cte: bool = False
+    # Prepared statements named in SQL (the protocol's own Parse/Close are not SQL): PREPARE name, DEALLOCATE name
+    # (or DEALLOCATE ALL: `deallocates_all`), EXECUTE name. Names as the server stores them (folded, truncated).
+    prepares: str | None = None
+    deallocates: str | None = None
+    deallocates_all: bool = False
+    executes: str | None = None
+    copy_from_stdin: bool = False  # COPY ... FROM STDIN: the client sends CopyData after it
+    # ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened from now on start with other settings.
+    alters_role_settings: bool = False
     # Per-statement analyses when statement_count > 1 (else empty): lets the proxy see a SET or BEGIN hidden in a
     # multi-statement simple query, which the single `tx` / `session` fields cannot express.
     statements: tuple[QueryInfo, ...] = ()
