@@ -20,7 +20,6 @@ NEUTRAL_STARTUP = frozenset(("application_name", "fallback_application_name", "u
 NEUTRAL_REPORTED = frozenset(("application_name",))
 
 
-
 class QueryKey(NamedTuple):
     """The result of a simple-protocol Query."""
 

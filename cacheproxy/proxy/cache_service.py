@@ -23,6 +23,7 @@ from cacheproxy.analysis.analyzer import Analyzer, analyze_head
 from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import Entry, TableId, base_table
 from cacheproxy.cache.tier import CacheTier
+from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import Config
 from cacheproxy.feeds.bus import Invalidation, InvalidationBus
 from cacheproxy.feeds.catalog_loader import CatalogLoader
@@ -317,6 +318,33 @@ class CacheService:
             self._set_down(database, feed, f"down ({reason})")
             # Drop what is cached and refuse fills in flight (their generations change).
             self.engine.invalidate_database(database)
+
+    def role_settings_changed(self, database: str) -> None:
+        """ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened from now on start with other settings
+        (search_path...), so they must not share entries with older ones; the other proxies are told too."""
+        self.settings_epoch += 1
+        self.publish(database, (), settings=True)
+
+    def schema_changing(self, database: str) -> None:
+        """DDL was sent: decide nothing with the old catalog from now on (it is read again once the DDL completed)."""
+        self.catalogs.mark_stale(database)
+
+    def catalog_ready(self, database: str) -> bool:
+        """The database's current catalog is loaded."""
+        return self.catalogs.get(database) is not None
+
+    def last_catalog(self, database: str) -> Catalog | None:
+        """The database's last loaded catalog, even if a reload is due (for write scopes: a table's dependents)."""
+        return self.catalogs.last_known(database)
+
+    @property
+    def refresh_concurrency(self) -> int:
+        """write_through.concurrency: refreshes one commit may send at once."""
+        return self.config.write_through.concurrency
+
+    def observe_refresh(self, outcome: str) -> None:
+        """A write-through refresh: "stored", "failed" or "skipped" (over budget)."""
+        self.metrics.refreshed(outcome)
 
     def after_ddl(self, database: str) -> None:
         """DDL changes names, kinds and volatility: decide nothing more for this database until a reload."""

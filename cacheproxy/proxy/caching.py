@@ -1,41 +1,52 @@
-"""CachingRelay: the relay of one session when the cache is on. It answers what it can from the cache and tracks
-every request it forwards, so that results can be captured on their way back and writes invalidate what they touch.
+"""CachingRelay: the relay of one session when the cache is on: frames both directions, answers what it can from the
+cache, forwards the rest with captures, and applies what completes (stores, invalidations, transaction ends).
+
+Who owns what (each in its module): the transaction and settings state, and whether the session may use the cache
+at all, is the TransactionTracker's (transaction.py, sans-IO); the client's statements and portals the
+StatementRegistry's (protocol/statements.py); which reply answers which request the ReplyTracker's
+(protocol/replies.py); local answers to an extended batch are computed by local_answers.py from this relay's
+lookups; write-through refreshes are planned by write_through.py; classification is the service's (policy/).
 
 Client side: simple queries are handled one by one; extended-protocol messages are held until Sync (or Flush) so
 that a batch is either answered locally as a whole, or forwarded as a whole. Local answers are only given when
-nothing is pending upstream, so replies never overtake each other, and outside a transaction block or inside a READ
-COMMITTED one that the rules let read the cache (`in_transaction`). Results read inside a transaction block are
-stored only once it commits.
+nothing is pending upstream, so replies never overtake each other (`_cache_use`, the one decision). Results read
+inside a transaction block are stored only once it commits.
 
-Upstream side: every reply goes through the ReplyTracker, which says which request it answers. Replies to the
-proxy's own requests (a Parse replayed for a statement it answered locally, a Describe that gives a captured result
-its RowDescription) are stripped; captured results are stored when their request completes without error.
+Upstream side: every reply goes through the ReplyTracker. Replies to the proxy's own requests (a Parse replayed for
+a statement it answered locally, a Describe that gives a captured result its RowDescription) are stripped; captured
+results are stored when their request completes without error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections import deque
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
 
-from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, TxInfo, TxOp
+from cacheproxy.analysis.lexer import names_time_word
+from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
-from cacheproxy.cache.entry import Entry, TableId, base_table
-from cacheproxy.errors import CONFIGURATION_LIMIT_EXCEEDED, ProtocolViolation, ProxyError
-from cacheproxy.policy.verdict import ReadVerdict, WriteScope, write_scope
+from cacheproxy.cache.entry import Entry, TableId
+from cacheproxy.cache.keys import CacheKey
+from cacheproxy.config import LimitsConfig
+from cacheproxy.errors import ProtocolViolation
+from cacheproxy.policy.classify import Classified, dependencies, row_scope
+from cacheproxy.policy.verdict import WriteScope, write_scope
 from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
-from cacheproxy.protocol.framing import HEADER_SIZE, Framer, encode
+from cacheproxy.protocol.framing import HEADER_SIZE, Framer
+from cacheproxy.protocol.messages import IDLE, IN_BLOCK
 from cacheproxy.protocol.replies import Capture, Op, Pending, ReplyTracker
+from cacheproxy.protocol.statements import Portal, Statement, StatementRegistry, key_types, note_described
+from cacheproxy.proxy import local_answers, write_through
 from cacheproxy.proxy.admin_console import is_admin_command
-from cacheproxy.proxy.cache_service import CacheService, Classified
-
-if TYPE_CHECKING:
-    from cacheproxy.proxy.session import Session
+from cacheproxy.proxy.cache_service import CacheService
+from cacheproxy.proxy.explain import explain_rows
+from cacheproxy.proxy.interfaces import RelayHost
+from cacheproxy.proxy.local_answers import WAIT, Wait
+from cacheproxy.proxy.requests import KIND_LABELS, Described, Fill, ParseDone, Refresh, Request
+from cacheproxy.proxy.transaction import TxEnd
 
 log = logging.getLogger("cacheproxy.caching")
 
@@ -47,106 +58,15 @@ _SINGLE_FLIGHT_WAIT = 2.0
 _CATALOG_WAIT = 2.0
 _REFRESH_WAIT = 5.0  # a request behind write-through refreshes waits this long for them, then goes upstream
 _ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits for their replies this long
-_READY_IDLE = m.ready_for_query(b"I")
-_READY = {b"I": _READY_IDLE, b"T": m.ready_for_query(b"T")}
-_PARSE_BIND_COMPLETE = fe.PARSE_COMPLETE + fe.BIND_COMPLETE
-# Isolation levels under which every statement sees the latest committed data, as a cached result does.
-_FRESH_ISOLATION = (None, "read committed", "read uncommitted")
-# Date/time input words PostgreSQL evaluates when it reads them (docs, "Special Date/Time Inputs").
-_TIME_WORDS = re.compile(rb"(?i)(?<![a-z])(now|today|tomorrow|yesterday|current)(?![a-z])")
-_NAMES_STATEMENT = re.compile(rb"^\s*(deallocate\s+(?:prepare\s+)?|execute\s+)(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 _SYNC = b"S\x00\x00\x00\x04"
 # Messages after which the cache may answer (a hit): checked against a client that does not read its answers.
 _CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FLUSH))
-_COPY_FROM_STDIN = re.compile(rb"^\s*copy\b(?:(?!\bto\b).)*\bfrom\s+stdin\b", re.I | re.S)
-_ROLE_SETTINGS = re.compile(rb"^\s*alter\s+(?:role|user|database)\s.*\b(?:set|reset)\b", re.I | re.S)
-_DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.I)
-_DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
-_PREPARE = re.compile(rb"^\s*prepare\s+(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 
-
-@dataclass(slots=True)
-class Statement:
-    """A named (or the unnamed) prepared statement of the client's, as the proxy knows it."""
-
-    query: bytes
-    param_types: tuple[int, ...]
-    upstream: bool  # False while it exists only here (its Parse was answered locally)
-    # The RowDescription the client was last given for it by a Describe: a later Bind/Execute without a Describe is
-    # decoded with it, so a cached result is served for it only if its columns are those (see _same_shape).
-    description: bytes | None = None
-    # Its parameter types as the server inferred them (ParameterDescription), for reading a key parameter sent in
-    # binary when the Parse declared no type.
-    inferred: tuple[int, ...] = ()
-    shaped: bytes | None = None  # the last cached RowDescription found to match it (a fast path for _same_shape)
-
-
-@dataclass(slots=True)
-class Portal:
-    statement: Statement
-    bind: fe.Bind
-
-
-_KIND_LABELS = {
-    Kind.READ: "read",
-    Kind.WRITE: "write",
-    Kind.DDL: "ddl",
-    Kind.TRANSACTION: "tx",
-    Kind.SESSION: "session",
-    Kind.OTHER: "other",
-}
-
-
-@dataclass(slots=True)
-class _ParseDone:
-    """A Parse sent upstream: if the server refuses or skips it, the statement does not exist there."""
-
-    name: str
-    statement: Statement
-    replay: bool = False
-
-
-@dataclass(slots=True)
-class _Request:
-    """A forwarded query or Execute, for what happens when it completes: invalidation, session state, metrics and
-    the slow-query log."""
-
-    scope: WriteScope | None
-    kind: str
-    outcome: str  # "miss" (its result will be stored) or "bypass"
-    started: float
-    sql: bytes
-    changes_state: bool = False  # a SET/RESET/DISCARD to record if it succeeds
-
-
-# In a batch answered locally: the statement, its Bind, the row limit of its Execute, and the result once found.
-_LocalPortal = tuple[Statement, fe.Bind, int, bytes | None]
-
-
-@dataclass(slots=True)
-class Fill:
-    """What storing a captured result needs: its key, its dependencies, and the generations taken at send time."""
-
-    key: Hashable
-    tables: frozenset[TableId]
-    generations: tuple[int, ...]
-    ttl: float
-    query: str
-    rule: str
-    leader: bool  # this session registered the single-flight entry for the key
-    deferred: bool = False  # read inside a transaction block: stored only if that transaction commits
-
-
-@dataclass(slots=True)
-class _Described:
-    """A Describe of a statement sent upstream: its reply tells the client the statement's RowDescription."""
-
-    statement: Statement
-
-
-@dataclass(slots=True)
-class _Refresh:
-    """A write-through refresh this session sent for another result: counted when it completes."""
+# What `_cache_use` decides, weakest first.
+_NONE = 0  # the session may not use the cache now: forward, store nothing
+_BLIND = 1  # it may, but its database's invalidation feed is down (or not up yet): forward, store nothing
+_STORE = 2  # results read now may be stored, but nothing answered here: extended messages are in flight upstream
+_ANSWER = 3  # answer from the cache, and store what is read
 
 
 class CachingRelay:
@@ -154,50 +74,35 @@ class CachingRelay:
 
     def __init__(
         self,
-        session: Session,
+        session: RelayHost,
         service: CacheService,
+        limits: LimitsConfig,
         write_upstream: Callable[[bytes], None],
         write_client: Callable[[bytes], None],
     ) -> None:
         self.session = session
         self.service = service
+        self._tier = service.tier  # the cache tier this relay looks up and stores through (cache/tier.py)
         self._write_upstream = write_upstream
         self._write_client = write_client
         self.database = session.database
         self.user = session.user
+        self.tx = session.transaction
         self.tracker = ReplyTracker()
+        self.registry = StatementRegistry(limits.max_prepared_statements)
+        self._statements = self.registry.statements  # (the same dict: read on the hot path)
         self._epoch = str(service.settings_epoch)
-        limits = session.server.config.limits
         self._client_framer = Framer(limits.max_message_size)
         self._max_batch_bytes = limits.max_pipeline_bytes
-        self._max_statements = limits.max_prepared_statements
         self._up_framer = Framer(1 << 31)
         self._inbox: deque[tuple[int, bytes]] = deque()
         self._batch: list[tuple[int, bytes]] = []
         self._batch_bytes = 0
-        self._statements: dict[str, Statement] = {}
-        self._portals: dict[str, Portal] = {}
-        self._executed_portals: set[str] = set()  # executed since their Bind: a further Execute continues them
-        self._state_changes: list[bytes] = []  # SET/RESET/DISCARD ALL done, to apply at ReadyForQuery
-        self._failed_since_ready = False  # an ErrorResponse since the last ReadyForQuery
-        self._set_history: list[bytes] = []
         self._digest: bytes | None = None
-        self._uncertain: str | None = None  # why the session's state can no longer be known: caching stops
-        self._temp_tables: set[str] = set()
-        self._tx_writes: list[WriteScope] = []
-        # Transaction blocks (see `_in_transaction_allows`): whether the one open now may read the cache, whether the
-        # BEGIN just sent opens one that may, whether a COMMIT was sent, and results read in it, to store at commit.
-        self._tx_reads_cache = False
-        self._begin_fresh = False
-        self._begin_sent = False
-        self._commit_sent = False
-        self._tx_fills: list[tuple[Fill, bytes]] = []
-        self._created_here: list[tuple[str, Statement]] = []  # named statements a local answer just created
-        # Entries this session's writes removed, for write-through refreshes once they commit.
-        self._stale: list[Entry] = []
-        self._leading: set[Hashable] = set()
-        self._unsynced = False  # extended messages forwarded since the last forwarded Sync
-        self._unsynced_write = False  # ... and one of them was not a cacheable read: an implicit transaction wrote
+        self._stale: list[
+            Entry
+        ] = []  # entries this session's writes removed: refreshed once they commit (write-through)
+        self._leading: set[CacheKey] = set()
         self._waiting = False
         self._drained: asyncio.Future[None] | None = None
         self._waited = False  # the message at the inbox head already waited once: do not wait again
@@ -210,24 +115,33 @@ class CachingRelay:
     def busy(self) -> bool:
         return bool(self.tracker.pending) or bool(self._batch) or bool(self._inbox)
 
-    def _can_serve(self) -> bool:
-        """Local answers only when the server is idle as far as this session goes: nothing pending, no extended
-        messages forwarded since the last Sync (an implicit transaction may be open), no transaction block but one
-        that may read the cache, and the database's invalidation feed is up."""
-        return (
-            not self.tracker.pending
-            and not self._unsynced
-            and not self.tracker.skipping
-            and (self.session.tx_status == b"I" or (self._tx_reads_cache and self.session.tx_status == b"T"))
-            and self._uncertain is None
-            and self.database not in self.service.blind
-        )
+    def _cache_use(self) -> int:
+        """The one decision of whether this session may use the cache now (per statement, `tx.may_read` adds what
+        the verdict and the transaction's rules say). Not while anything is pending upstream (its replies would be
+        overtaken, and the server's state is not known), nor inside a transaction block but one that may read the
+        cache, nor once the session's settings are unknown, nor after a write of an implicit transaction not yet
+        synced (its reads see it uncommitted), nor while the database's invalidation feed is down; and answers only
+        when no extended message went upstream since the last Sync."""
+        tx = self.tx
+        status = tx.status
+        if (
+            self.tracker.pending
+            or tx.uncertain is not None
+            or not (status is IDLE or (status is IN_BLOCK and tx.reads_cache))
+            or tx.unsynced_write
+        ):
+            return _NONE
+        if self.database in self.service.blind:
+            return _BLIND
+        if tx.unsynced or self.tracker.skipping:
+            return _STORE
+        return _ANSWER
 
     def _state_digest(self) -> bytes:
         if self._digest is None:
             session = self.session
             startup = {**session.startup_parameters, "cacheproxy.settings_epoch": self._epoch}
-            self._digest = keys.state_digest(startup, session.parameters, self._set_history)
+            self._digest = keys.state_digest(startup, session.parameters, self.tx.set_history)
         return self._digest
 
     def close(self) -> None:
@@ -237,13 +151,13 @@ class CachingRelay:
         for key in self._leading:
             self.service.end_fill(key)
         self._leading.clear()
-        unknown = [p.on_done.scope for p in self.tracker.pending if isinstance(p.on_done, _Request) and p.on_done.scope]
-        unknown += self._tx_writes
+        unknown = [p.on_done.scope for p in self.tracker.pending if isinstance(p.on_done, Request) and p.on_done.scope]
+        unknown += self.tx.writes
         if unknown:
             for scope in unknown:
                 self.service.invalidate(self.database, scope, counted=False)
             self.service.publish(self.database, unknown)
-            self._tx_writes.clear()
+            self.tx.writes.clear()
 
     # -- client -> upstream ----------------------------------------------------------------------------------
 
@@ -302,8 +216,8 @@ class CachingRelay:
             scope = WriteScope(frozenset(), True, "FunctionCall", code="function_call")
             self._before_write(scope)
             # It may as well have changed settings (set_config() through the fast path): unknowable from here.
-            self._uncertain = self._uncertain or "a FunctionCall ran"
-            request = _Request(scope, "other", "bypass", self.service.clock(), b"<FunctionCall>")
+            self.tx.stop_caching("a FunctionCall ran")
+            request = Request(scope, "other", "bypass", self.service.clock(), b"<FunctionCall>")
             self._queue(Pending(Op.FUNCTION_CALL, on_done=request))
             out.append(message)
         elif msg_type == m.TERMINATE:
@@ -328,11 +242,16 @@ class CachingRelay:
         scope: WriteScope | None = None
         changes_state = False
         started = self.service.clock()
-        if info.kind is Kind.READ and info.statement_count == 1 and self._servable(classified):
-            key = keys.query_key(self.database, self.user, self._state_digest(), sql)
-            entry = self.service.engine.get(key, started)
+        if (
+            info.kind is Kind.READ
+            and info.statement_count == 1
+            and self._cache_use() == _ANSWER
+            and self.tx.may_read(classified)
+        ):
+            key = keys.query_key(self.database, self.user, self._digest or self._state_digest(), sql)
+            entry = self._tier.get(key, started)
             if entry is not None:
-                self._write_client(entry.value + _READY[self.session.tx_status])
+                self._write_client(entry.value + self.tx.status.ready)
                 self.service.observe_hit(classified.verdict.tables)
                 return True
             fill = self._begin_fill(key, classified, sql)
@@ -341,38 +260,42 @@ class CachingRelay:
             capture = Capture(self.service.max_entry_size, fill)
             self.service.observe_miss(classified.verdict.tables)
         else:
-            if self._statement_only_here(sql, out):
+            if self._statement_only_here(classified, out):
                 return True
             scope, changes_state = self._note_effects(classified, sql, idle=not self.tracker.pending)
-        request = _Request(scope, _KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
-        request.changes_state = changes_state
+        request = Request(scope, KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
+        if changes_state:
+            request.changes_state = True
+            request.discards_all = info.session is not None and info.session.op == "discard_all"
         self._queue(Pending(Op.QUERY, capture=capture, on_done=request))
-        self._unsynced = self._unsynced_write = False  # a Query ends any implicit transaction
+        self.tx.sent_query()  # a Query ends any implicit transaction
         out.append(message)
         return True
 
-    def _statement_only_here(self, sql: bytes, out: list[bytes]) -> bool:
+    def _statement_only_here(self, classified: Classified, out: list[bytes]) -> bool:
         """SQL DEALLOCATE or EXECUTE naming a statement whose Parse was answered here (it does not exist upstream).
         True when the Query was answered here; else what the server needs first is added to `out`."""
-        named = _NAMES_STATEMENT.match(sql)
-        if named is None:
-            return False
-        name = _identifier(named.group(2))
-        existing = self._statements.get(name)
-        if existing is None or existing.upstream or not existing.query:
-            return False
-        if named.group(1).lower().startswith(b"deallocate"):
-            # Deallocating it is ours to answer (in order, outside a failed transaction block).
-            if self.tracker.pending or self.session.tx_status == b"E":
+        info = classified.info
+        if info.statement_count == 1 and info.deallocates is not None:
+            existing = self._statements.get(info.deallocates)
+            if existing is None or existing.upstream or not existing.query:
                 return False
-            del self._statements[name]
-            self._write_client(m.command_complete("DEALLOCATE") + m.ready_for_query(self.session.tx_status))
+            # Deallocating it is ours to answer (in order, outside a failed transaction block).
+            if self.tracker.pending or self.tx.status is m.FAILED:
+                return False
+            del self._statements[info.deallocates]
+            self._write_client(m.command_complete("DEALLOCATE") + self.tx.status.ready)
             return True
-        # EXECUTE of it: create it upstream first, closed by its own Sync so that a failing Parse does not make the
-        # server discard the Query behind it.
-        self._replay(name, existing, out)
-        out.append(_SYNC)
-        self._queue(Pending(Op.SYNC, strip=True))
+        for statement in info.statements or (info,):
+            name = statement.executes
+            existing = self._statements.get(name) if name is not None else None
+            if name is None or existing is None or existing.upstream or not existing.query:
+                continue
+            # EXECUTE of it: create it upstream first, closed by its own Sync so that a failing Parse does not make
+            # the server discard the Query behind it.
+            self._replay(name, existing, out)
+            out.append(_SYNC)
+            self._queue(Pending(Op.SYNC, strip=True))
         return False
 
     def _on_admin_command(self, sql: bytes, message: bytes, out: list[bytes]) -> bool:
@@ -386,40 +309,20 @@ class CachingRelay:
             self._queue(Pending(Op.QUERY))
             out.append(message)
             return True
-        reply = self.session.server.admin_console.execute(self.session, sql.decode("utf-8", "replace"))
-        self._write_client(reply + m.ready_for_query(self.session.tx_status))
+        self._write_client(self.session.admin_command(sql) + self.tx.status.ready)
         return True
 
     def explain(self, sql: bytes) -> list[tuple[str, str]]:
         """Why `sql` would or would not be served from the cache in this session (CACHEPROXY EXPLAIN)."""
         classified = self.service.classify(self.database, sql)
-        info, verdict = classified.info, classified.verdict
-        servable = self._cacheable_here(classified) and info.statement_count == 1
-        reason = verdict.reason
-        if verdict.cacheable and not servable:
-            reason = "reads a temporary table of this session" if info.statement_count == 1 else "multiple statements"
-        if servable and self._uncertain is not None:
-            servable, reason = False, f"this session's settings are unknown: {self._uncertain}"
-        if servable and self.database in self.service.blind:
-            servable, reason = False, f"database {self.database} is not served: {self.service.blind[self.database]}"
-        rows = [
-            ("cacheable", "yes" if servable else "no"),
-            ("reason", reason or ("outside a transaction block" if servable else "")),
-            ("kind", info.kind.value),
-            ("reads", ", ".join(sorted(f"{s}.{n}" if s else n for s, n in info.reads))),
-            ("depends_on", ", ".join(sorted(verdict.tables))),
-            ("row_level", _row_level(classified)),
-            ("rule", verdict.rule),
-            ("ttl", f"{verdict.ttl:g}s" if verdict.cacheable else ""),
-            ("strategy", verdict.strategy if verdict.cacheable else ""),
-        ]
-        scope = write_scope(info, self.service.catalogs.last_known(self.database))
-        if not scope.empty:
-            what = "the whole database" if scope.everything else ", ".join(sorted(scope.tables))
-            if classified.point is not None and not scope.everything:
-                what += f" (only the rows of the {classified.point.column} values it names)"
-            rows.append(("invalidates", what))
-        return rows
+        return explain_rows(
+            classified,
+            may_read=self.tx.may_read(classified),
+            uncertain=self.tx.uncertain,
+            blind=self.service.blind.get(self.database),
+            database=self.database,
+            catalog=self.service.last_catalog(self.database),
+        )
 
     def _classify(self, sql: bytes) -> Classified | None:
         """Classify, first waiting (once, bounded) for the database's catalog when it is still loading."""
@@ -431,7 +334,7 @@ class CachingRelay:
         """True when the session now waits for its database's catalog (a first query, or one after DDL) or for its
         invalidation feed to start listening."""
         service = self.service
-        if self._waited or (service.catalogs.get(self.database) is not None and self.database not in service.blind):
+        if self._waited or (service.catalog_ready(self.database) and self.database not in service.blind):
             return False
         pending = service.watch(self.database)
         if pending is None:
@@ -439,63 +342,7 @@ class CachingRelay:
         self._wait_for(pending, _CATALOG_WAIT)
         return True
 
-    def _can_fill(self) -> bool:
-        """Results read now may be stored: the session is settled and the database's invalidation feed is up."""
-        return self._settled() and self.database not in self.service.blind
-
-    def _settled(self) -> bool:
-        """The server's state is known (nothing pending), no transaction block but one that may read the cache, and
-        no write of this session's that is not yet committed (an implicit extended-protocol transaction)."""
-        status = self.session.tx_status
-        return (
-            not self.tracker.pending
-            and not self._unsynced_write
-            and (status == b"I" or (self._tx_reads_cache and status == b"T"))
-            and self._uncertain is None
-        )
-
-    def _servable(self, classified: Classified) -> bool:
-        """Cacheable, and the session is where a local answer may be given now."""
-        return self._can_serve() and self._cacheable_here(classified)
-
-    def _cacheable_here(self, classified: Classified) -> bool:
-        """Cacheable for this session: the verdict, no temporary table of the session shadowing a name, and inside a
-        transaction block what the tables' rules say (`in_transaction`)."""
-        verdict = classified.verdict
-        if not verdict.cacheable:
-            return False
-        if self._temp_tables and self._temp_tables & {name for _, name in classified.info.reads}:
-            return False
-        return self.session.tx_status == b"I" or self._in_transaction_allows(verdict)
-
-    def _in_transaction_allows(self, verdict: ReadVerdict) -> bool:
-        """Inside a (READ COMMITTED) transaction block: `never` bypasses; `until_write` reads the cache until the
-        transaction has written anything; `always` reads it for every table the transaction has not written."""
-        mode = verdict.in_transaction
-        if mode == "never":
-            return False
-        if not self._tx_writes:
-            return True
-        if mode == "until_write":
-            return False
-        return not any(
-            scope.everything or {base_table(name) for name in scope.tables} & verdict.tables
-            for scope in self._tx_writes
-        )
-
-    def _fresh_transaction(self, tx: TxInfo) -> bool:
-        """A BEGIN that opens a transaction whose statements each see the latest committed data (READ COMMITTED,
-        not READ ONLY DEFERRABLE), with no default isolation set for the session that the proxy would not see."""
-        if tx.isolation not in _FRESH_ISOLATION or (tx.read_only and tx.deferrable):
-            return False
-        startup = " ".join(f"{k}={v}" for k, v in self.session.startup_parameters.items()).lower().encode()
-        settings = b" ".join(self._set_history).lower() + b" " + startup  # any GUC may come as a startup parameter
-        if b"isolation" in settings or b"deferrable" in settings or b"transaction_" in settings:
-            return False
-        catalog = self.service.catalogs.last_known(self.database)
-        return catalog is not None and catalog.fresh_transactions
-
-    def _begin_fill(self, key: Hashable, classified: Classified, sql: bytes) -> Fill | None:
+    def _begin_fill(self, key: CacheKey, classified: Classified, sql: bytes) -> Fill | None:
         """Prepare to capture a miss; None when another session is already filling it (we wait, then retry)."""
         service = self.service
         in_flight = service.fill_in_flight(key)
@@ -508,18 +355,14 @@ class CachingRelay:
             service.begin_fill(key)
             self._leading.add(key)
             leader = True
+        return self._fill(key, classified, dependencies(self.database, classified), sql, leader)
+
+    def _fill(
+        self, key: CacheKey, classified: Classified, tables: frozenset[TableId], sql: bytes, leader: bool
+    ) -> Fill:
         verdict = classified.verdict
-        tables = service.dependencies(self.database, classified)
-        return Fill(
-            key,
-            tables,
-            service.engine.generations(tables),
-            verdict.ttl,
-            sql.decode("utf-8", "replace"),
-            verdict.rule,
-            leader,
-            deferred=self.session.tx_status != b"I",
-        )
+        return Fill(key, tables, self._tier.generations(tables), verdict.ttl, sql.decode("utf-8", "replace"),
+                    verdict.rule, leader, deferred=self.tx.status is not IDLE)  # fmt: skip
 
     def _wait_for(
         self, awaitable: asyncio.Future[object] | asyncio.Task[object] | asyncio.Future[None], timeout: float
@@ -550,78 +393,30 @@ class CachingRelay:
         self, classified: Classified, sql: bytes, *, idle: bool, bind: fe.Bind | None = None,
         param_types: tuple[int, ...] = (),
     ) -> tuple[WriteScope | None, bool]:  # fmt: skip
-        """Before a non-cached statement goes upstream: invalidate what it may write, and see what it does to the
-        session's state. `idle`: nothing else was pending and no transaction block was open when it was sent;
-        `bind`: its Bind, for extended protocol (a point write's key may be a parameter).
+        """Before a non-cached statement goes upstream: tell the transaction tracker, note SQL PREPARE/DEALLOCATE,
+        and invalidate what it may write. `idle`: nothing else was pending and no transaction block was open when
+        it was sent; `bind`: its Bind, for extended protocol (a point write's key may be a parameter).
         Returns the write scope, and whether the statement, once it succeeds, changes the session's state."""
         info = classified.info
-        changes_state = False
+        service = self.service
+        catalog = service.last_catalog(self.database)
+        changes_state = self.tx.on_statement(info, idle=idle, catalog=catalog)
         for statement in info.statements or (info,):
-            if statement.tx is not None:
-                self._on_transaction_control(statement.tx)
-            if statement.session is not None:
-                changes_state = self._on_session_change(statement.session.op, idle=idle and info.statement_count == 1)
-            if statement.kind is Kind.OTHER and UNKNOWN_TABLE in statement.writes:
-                self._uncertain = self._uncertain or "a statement with unknown effects (DO, CALL, EXECUTE) ran"
-        if info.temp_tables_created:
-            self._temp_tables |= {name for _, name in info.temp_tables_created}
-        if (prepared := _PREPARE.match(sql)) is not None:
-            self._check_statement_limit(_identifier(prepared.group(1)))
-            self._statements[_identifier(prepared.group(1))] = Statement(b"", (), upstream=True)
-        elif (dealloc := _DEALLOCATE.match(sql)) is not None:
-            target = dealloc.group(1)
-            if target.lower() == b"all":
-                self._statements.clear()
-            else:
-                self._statements.pop(_identifier(target), None)
-        catalog = self.service.catalogs.last_known(self.database)
-        for function in info.functions:
-            # A function that may write may also change settings (set_config(), SET inside it): unknowable.
-            if function in ("set_config", "pg_catalog.set_config") or catalog is None or catalog.may_write(function):
-                self._uncertain = self._uncertain or f"{function}() may have changed settings the proxy cannot see"
-        scope = self.service.row_scope(
-            classified, write_scope(info, catalog), bind.arguments if bind is not None else None, param_types
-        )
-        if _ROLE_SETTINGS.match(sql):
-            self.service.settings_epoch += 1
-            self.service.publish(self.database, (), settings=True)
+            if statement.prepares is not None:
+                self.registry.prepared_in_sql(statement.prepares)
+            elif statement.deallocates_all or statement.deallocates is not None:
+                self.registry.deallocated(statement.deallocates)
+        scope = row_scope(classified, write_scope(info, catalog), bind.arguments if bind is not None else None,
+                          param_types, fe.bind_parameter)  # fmt: skip
+        if info.alters_role_settings:
+            service.role_settings_changed(self.database)
         if scope.ddl:
             # Decide nothing with the old catalog from now on; it is read again once the DDL has completed.
-            self.service.catalogs.mark_stale(self.database)
+            service.schema_changing(self.database)
         if scope.empty:
             return None, changes_state
         self._before_write(scope)
         return scope, changes_state
-
-    def _on_transaction_control(self, tx: TxInfo) -> None:
-        if tx.op is TxOp.BEGIN:
-            self._begin_fresh = self._fresh_transaction(tx)
-            self._begin_sent = True
-        elif tx.op is TxOp.COMMIT:
-            self._commit_sent = True
-
-    def _on_session_change(self, op: str, *, idle: bool) -> bool:
-        """True when the change is to be recorded once the statement succeeds (SET, RESET, DISCARD ALL...)."""
-        if op in ("set_local", "set_transaction"):
-            # Lasts until the transaction ends, and the cache's results were not read with it: bypass until then.
-            self._tx_reads_cache = self._begin_fresh = False
-            return False
-        if not idle or self.session.tx_status != b"I":
-            # Inside a transaction block a SET may yet be rolled back (and DISCARD ALL fails there): the proxy
-            # cannot tell which state holds, so this session stops using the cache.
-            self._uncertain = self._uncertain or "SET, RESET or DISCARD inside a transaction block or a pipeline"
-            return False
-        return True
-
-    def _apply_session_change(self, sql: bytes) -> None:
-        """A SET/RESET/DISCARD completed without error: it becomes part of the state that keys results."""
-        if _DISCARD_ALL.match(sql):
-            self._set_history.clear()
-            self._temp_tables.clear()
-            self._statements.clear()
-        else:
-            self._set_history.append(sql)
-        self._digest = None
 
     def _before_write(self, scope: WriteScope) -> None:
         """Invalidate before the write is sent: fills already in flight for these tables will not be stored."""
@@ -631,278 +426,100 @@ class CachingRelay:
         self.service.invalidate(self.database, scope, removed=self._stale)
         if scope.ddl:
             self.service.after_ddl(self.database)
-        # Again when the transaction ends (explicit, or the implicit one of an extended batch up to its Sync):
-        # invalidating after a rollback is merely safe.
-        self._tx_writes.append(scope)
+        # Again when the transaction ends (explicit, or the implicit one of an extended batch up to its Sync).
+        self.tx.wrote(scope)
 
     # -- extended protocol ----------------------------------------------------------------------------------
 
     def _on_batch_end(self, out: list[bytes]) -> bool:
-        if self._settled() and self._wait_for_catalog():
+        use = self._cache_use()
+        if use != _NONE and self._wait_for_catalog():
             return False  # the first batch of a session: its results are cacheable once the catalog is read
         # A batch ending in Flush is answered here only if it binds no portal: the client may go on using a portal
         # after a Flush, and it must then exist upstream. (Parse + Describe + Flush, a driver preparing, is fine.)
-        if self._can_serve() and (self._batch[-1][0] == m.SYNC or all(t != m.BIND for t, _ in self._batch)):
-            local: bytes | None
+        batch = self._batch
+        if use == _ANSWER and (batch[-1][0] == m.SYNC or all(t != m.BIND for t, _ in batch)):
             try:
-                hot = self._answer_hot_batch()
-                local = self._answer_locally() if hot is False else hot
+                hot = local_answers.answer_hot(batch, self._statements, self.tx.status.ready, self)
+                if hot is False:
+                    answer = local_answers.answer_batch(batch, self.registry, self.tx.status.ready, self)
+                    hot = self._apply_answer(answer, out) if isinstance(answer, local_answers.Answer) else answer
             except ProtocolViolation:
-                local = b""  # a malformed message: the server will say what is wrong with it
+                hot = None  # a malformed message: the server will say what is wrong with it
             except Exception:
                 log.exception("session %d: cache lookup failed; relaying the batch upstream", self.session.id)
-                local = b""
-            if local is None:
+                hot = None
+            if hot is WAIT:
                 return False  # waiting for a catalog or another session's fill
-            if local:
-                self._write_client(local)
-                for name, statement in self._created_here:
-                    # Create named statements upstream now, planned as they were described: after DDL the server
-                    # then refuses them (0A000) as it would without the proxy, instead of planning them afresh at
-                    # their first Bind and returning rows of a shape the client was never told.
-                    self._replay(name, statement, out, quiet=True)
-                    out.append(_SYNC)
-                    self._queue(Pending(Op.SYNC, strip=True, quiet=True))
-                self._created_here = []
-                executes = sum(1 for msg_type, _ in self._batch if msg_type == m.EXECUTE)
+            if hot:
+                self._write_client(hot)
+                executes = sum(1 for msg_type, _ in batch if msg_type == m.EXECUTE)
                 for _ in range(executes):
                     self.service.observe_hit(())
-                self._batch.clear()
+                batch.clear()
                 self._batch_bytes = 0
                 return True
         self._forward_batch(out)
         return True
 
-    def _answer_hot_batch(self) -> bytes | Literal[False] | None:
-        """The common batch, answered without decoding it fully: [Parse ""], Bind, [Describe portal], Execute, Sync.
-
-        This is what drivers send for every execution of a prepared or parameterized query; the general path
-        (`_answer_locally`) gives the same answer for it, with more work. False: not this shape (ask the general
-        path); b"": a miss; None: waiting for another session's fill of this key; else the replies.
-        """
-        batch = self._batch
-        count = len(batch)
-        if count < 3 or count > 5 or batch[-1][0] != m.SYNC or batch[-2][0] != m.EXECUTE:
-            return False
-        first = 0
-        statement: Statement | None = None
-        if batch[0][0] == m.PARSE:
-            parse = batch[0][1]
-            if parse[HEADER_SIZE] != 0:
-                return False  # a named Parse: "already exists" and friends are the general path's
-            end = parse.index(0, HEADER_SIZE + 1)
-            params = parse[end + 1 :]
-            n_types = int.from_bytes(params[:2], "big")
-            types = tuple(int.from_bytes(params[2 + 4 * i : 6 + 4 * i], "big") for i in range(n_types))
-            statement = Statement(parse[HEADER_SIZE + 1 : end], types, upstream=False)
-            first = 1
-        if batch[first][0] != m.BIND or count - first - 3 not in (0, 1):
-            return False
-        bind = batch[first][1]
-        portal_end = bind.index(0, HEADER_SIZE)
-        name_end = bind.index(0, portal_end + 1)
-        portal = bind[HEADER_SIZE:portal_end]
-        execute = batch[-2][1]
-        if execute[HEADER_SIZE:-5] != portal:
-            return False
-        describe = batch[first + 1][1] if count - first == 4 else None
-        if describe is not None and (batch[first + 1][0] != m.DESCRIBE or describe[HEADER_SIZE + 1 : -1] != portal
-                                     or describe[HEADER_SIZE] != ord("P")):  # fmt: skip
-            return False
-        name = bind[portal_end + 1 : name_end].decode("utf-8", "surrogateescape")
-        if statement is None:
-            statement = self._statements.get(name)
-            if statement is None or not statement.query:
-                return False
-        elif name:
-            return False  # binds a named statement after an unnamed Parse: general path
-        classified = self.service.classify(self.database, statement.query)
-        if not self._cacheable_here(classified):  # (the caller checked _can_serve already)
-            return b""  # a write, or a read not served here: the general path would not answer it either
-        max_rows = int.from_bytes(execute[-4:], "big", signed=True)
-        key = keys.execute_key(
-            self.database, self.user, self._state_digest(), statement.query, statement.param_types,
-            bind[name_end + 1 :], max_rows,
-        )  # fmt: skip
-        entry = self.service.engine.get(key, self.service.clock())
-        if entry is None:
-            in_flight = self.service.fill_in_flight(key)
-            if in_flight is not None and not self._waited:
-                self._wait_for(in_flight, _SINGLE_FLIGHT_WAIT)
-                return None
-            return b""
-        value = entry.value
-        if describe is None and not _same_shape(statement, value):
-            return b""  # the client knows another row shape for this statement (DDL since): the server's to say
-        header = _header_length(value)
-        body: bytes | memoryview = value if describe is not None else memoryview(value)[header:]
-        if first:
-            self._statements[""] = statement
-            return b"".join((_PARSE_BIND_COMPLETE, body, _READY[self.session.tx_status]))
-        return b"".join((fe.BIND_COMPLETE, body, _READY[self.session.tx_status]))
-
-    def _answer_locally(self) -> bytes | None:
-        """The whole batch's replies from the cache; b"" when it cannot be, None to wait and retry."""
-        parsed: dict[str, Statement] = {}
-        portals: dict[str, _LocalPortal] = {}
-        closed: list[str] = []
-        executed: set[str] = set()
-        described_portals: set[str] = set()
-        unproven: dict[str, Statement] = {}
-        replies: list[bytes] = []
-        statement: Statement | None
-        for index, (msg_type, message) in enumerate(self._batch):
-            body = message[HEADER_SIZE:]
-            if msg_type == m.PARSE:
-                parse = fe.decode_parse(body)
-                if parse.statement and (parse.statement in self._statements or parse.statement in parsed):
-                    return b""  # "already exists" is the server's to say
-                self._check_statement_limit(parse.statement, len(parsed))
-                query = parse.query.encode("utf-8", "surrogateescape")
-                new = Statement(query, parse.param_types, upstream=False)
-                if self._describe_entry(query, parse.param_types) is None:
-                    # Only a stored result of this very statement (below) proves it parses for this session.
-                    unproven[parse.statement] = new
-                parsed[parse.statement] = new
-                replies.append(fe.PARSE_COMPLETE)
-            elif msg_type == m.BIND:
-                bind = fe.decode_bind(body)
-                statement = parsed.get(bind.statement) or self._statements.get(bind.statement)
-                if statement is None or not statement.query:
-                    return b""
-                rows = self._next_execute_rows(index, bind.portal)
-                if rows is None:
-                    return b""  # a Bind never executed: let the server validate it
-                portals[bind.portal] = (statement, bind, rows, None)
-                executed.discard(bind.portal)  # a Bind (re)creates the portal
-                replies.append(fe.BIND_COMPLETE)
-            elif msg_type == m.DESCRIBE:
-                describe = fe.decode_describe(body)
-                if describe.kind == "S":
-                    statement = parsed.get(describe.name) or self._statements.get(describe.name)
-                    if statement is None or not statement.query:
-                        return b""
-                    described = self._describe_entry(statement.query, statement.param_types)
-                    if described is None:
-                        return b""
-                    replies.append(described)
-                    _note_described(statement, described)
-                else:
-                    value = self._portal_result(portals, describe.name)
-                    if value is None:
-                        return self._miss_or_wait(portals, describe.name)
-                    replies.append(value[: _header_length(value)])
-                    described_portals.add(describe.name)
-            elif msg_type == m.EXECUTE:
-                execute = fe.decode_execute(body)
-                if execute.portal in executed:
-                    return b""  # executing a portal again continues it: the server's to answer
-                value = self._portal_result(portals, execute.portal)
-                if value is None:
-                    return self._miss_or_wait(portals, execute.portal)
-                if execute.portal not in described_portals and not _same_shape(portals[execute.portal][0], value):
-                    return b""  # the client decodes these rows with a description the entry does not have
-                replies.append(value[_header_length(value) :])
-                executed.add(execute.portal)
-                hit_statement = portals[execute.portal][0]
-                unproven = {name: st for name, st in unproven.items() if st is not hit_statement}
-            elif msg_type == m.CLOSE:
-                if any(t not in (m.CLOSE, m.SYNC, m.FLUSH) for t, _ in self._batch[index + 1 :]):
-                    return b""  # something after it uses what it closes: the server's to answer
-                close = fe.decode_close(body)
-                if close.kind == "S":
-                    existing = self._statements.get(close.name)
-                    if existing is not None and existing.upstream:
-                        return b""  # the server must close it too
-                    closed.append(close.name)
-                replies.append(fe.CLOSE_COMPLETE)
-            elif msg_type == m.SYNC:
-                replies.append(m.ready_for_query(self.session.tx_status))
-        if unproven:
-            return b""
-        self._statements.update(parsed)
-        self._created_here = [(n, st) for n, st in parsed.items() if n and not st.upstream and n not in closed]
-        for name in closed:
+    def _apply_answer(self, answer: local_answers.Answer, out: list[bytes]) -> bytes:
+        """A batch answered whole by answer_batch: its effects on the session's statements."""
+        self._statements.update(answer.parsed)
+        for name in answer.closed:
             self._statements.pop(name, None)
-        return b"".join(replies)
+        for name, statement in answer.created:
+            # Create named statements upstream now, planned as they were described: after DDL the server then
+            # refuses them (0A000) as it would without the proxy, instead of planning them afresh at their first
+            # Bind and returning rows of a shape the client was never told.
+            self._replay(name, statement, out, quiet=True)
+            out.append(_SYNC)
+            self._queue(Pending(Op.SYNC, strip=True, quiet=True))
+        return answer.replies
 
-    def _next_execute_rows(self, index: int, portal: str) -> int | None:
-        """max_rows of the first Execute of `portal` after batch position `index` (None if there is none)."""
-        for msg_type, message in self._batch[index + 1 :]:
-            if msg_type == m.EXECUTE:
-                execute = fe.decode_execute(message[HEADER_SIZE:])
-                if execute.portal == portal:
-                    return execute.max_rows
-            elif msg_type == m.BIND and fe.decode_bind(message[HEADER_SIZE:]).portal == portal:
-                return None
+    # Lookups for local_answers (called only when `_cache_use()` is _ANSWER).
+
+    def result(self, statement: Statement, arguments: bytes, max_rows: int) -> bytes | Wait | None:
+        """The cached result of an Execute, or None; WAIT when another session fills that very key (once)."""
+        classified = self.service.classify(self.database, statement.query)
+        if not self.tx.may_read(classified):
+            return None  # a write, or a read not served here
+        key = keys.execute_key(self.database, self.user, self._digest or self._state_digest(), statement.query,
+                               statement.param_types, arguments, max_rows)  # fmt: skip
+        entry = self._tier.get(key, self.service.clock())
+        if entry is not None:
+            return entry.value
+        in_flight = self.service.fill_in_flight(key)
+        if in_flight is not None and not self._waited:
+            self._wait_for(in_flight, _SINGLE_FLIGHT_WAIT)
+            return WAIT
         return None
 
-    def _execute_key(self, statement: Statement, bind: fe.Bind, max_rows: int) -> keys.ExecuteKey:
-        return keys.execute_key(
-            self.database,
-            self.user,
-            self._state_digest(),
-            statement.query,
-            statement.param_types,
-            bind.arguments,
-            max_rows,
-        )
-
-    def _describe_key(self, query: bytes, param_types: tuple[int, ...]) -> keys.DescribeKey:
-        return keys.describe_key(self.database, self.user, self._state_digest(), query, param_types)
-
-    def _describe_entry(self, query: bytes, param_types: tuple[int, ...]) -> bytes | None:
-        classified = self.service.classify(self.database, query)
-        if not self._servable(classified):
-            return None
-        key = self._describe_key(query, param_types)
-        entry = self.service.engine.get(key, self.service.clock(), count_miss=False)
-        return entry.value if entry is not None else None
-
-    def _portal_result(self, portals: dict[str, _LocalPortal], name: str) -> bytes | None:
-        found = portals.get(name)
-        if found is None:
-            return None
-        statement, bind, rows, value = found
-        if value is not None:
-            return value
+    def description(self, statement: Statement) -> bytes | None:
         classified = self.service.classify(self.database, statement.query)
-        if not self._servable(classified):
+        if not self.tx.may_read(classified):
             return None
-        entry = self.service.engine.get(self._execute_key(statement, bind, rows), self.service.clock())
-        if entry is None:
-            return None
-        portals[name] = (statement, bind, rows, entry.value)
-        return entry.value
-
-    def _miss_or_wait(self, portals: dict[str, _LocalPortal], name: str) -> bytes | None:
-        """A miss in a batch: wait once if another session is filling that very key, else forward the batch."""
-        found = portals.get(name)
-        if found is not None and not self._waited:
-            statement, bind, rows, _ = found
-            in_flight = self.service.fill_in_flight(self._execute_key(statement, bind, rows))
-            if in_flight is not None:
-                self._wait_for(in_flight, _SINGLE_FLIGHT_WAIT)
-                return None
-        return b""
+        key = keys.describe_key(self.database, self.user, self._state_digest(), statement.query, statement.param_types)
+        entry = self._tier.get(key, self.service.clock(), count_miss=False)
+        return entry.value if entry is not None else None
 
     def _forward_batch(self, out: list[bytes]) -> None:
         """Forward the held batch, replaying statements that exist only here and arranging captures."""
         described: dict[str, Capture | None] = {}
-        serve = self._can_fill()
-        idle = not self.tracker.pending and self.session.tx_status == b"I"  # before this batch queues anything
+        serve = self._cache_use() >= _STORE
+        registry, tx = self.registry, self.tx
+        idle = not self.tracker.pending and tx.status is IDLE  # before this batch queues anything
         for index, (msg_type, message) in enumerate(self._batch):
             body = message[HEADER_SIZE:]
             if msg_type == m.PARSE:
                 parse = fe.decode_parse(body)
-                self._check_statement_limit(parse.statement)
+                registry.check_limit(parse.statement)
                 existing = self._statements.get(parse.statement)
                 if parse.statement and existing is not None and not existing.upstream:
                     self._replay(parse.statement, existing, out)  # so that the server says "already exists"
                 statement = Statement(parse.query.encode("utf-8", "surrogateescape"), parse.param_types, upstream=True)
                 self._statements[parse.statement] = statement
                 # Taken back if the server refuses (or skips) the Parse: no statement by that name then exists.
-                self._queue(Pending(Op.PARSE, on_done=_ParseDone(parse.statement, statement)))
+                self._queue(Pending(Op.PARSE, on_done=ParseDone(parse.statement, statement)))
                 out.append(message)
             elif msg_type == m.BIND:
                 bind = fe.decode_bind(body)
@@ -910,16 +527,16 @@ class CachingRelay:
                 if bound is not None:
                     if not bound.upstream:
                         self._replay(bind.statement, bound, out)
-                    self._portals[bind.portal] = Portal(bound, bind)
-                self._executed_portals.discard(bind.portal)
+                    registry.portals[bind.portal] = Portal(bound, bind)
+                registry.executed.discard(bind.portal)
                 self._expect(Op.BIND, message, out)
             elif msg_type == m.DESCRIBE:
                 describe = fe.decode_describe(body)
                 if describe.kind == "S":
                     self._forward_describe_statement(describe.name, message, out, serve)
                 else:
-                    rows = self._next_execute_rows(index, describe.name)
-                    fresh = describe.name not in self._executed_portals and not self._unsynced_write
+                    rows = local_answers.next_execute_rows(self._batch, index, describe.name)
+                    fresh = describe.name not in registry.executed and not tx.unsynced_write
                     capture = (
                         self._execute_capture(describe.name, rows) if serve and fresh and rows is not None else None
                     )
@@ -930,32 +547,19 @@ class CachingRelay:
                 self._forward_execute(fe.decode_execute(body), message, out, described, serve, idle)
             elif msg_type == m.CLOSE:
                 close = fe.decode_close(body)
-                (self._statements if close.kind == "S" else self._portals).pop(close.name, None)
+                (self._statements if close.kind == "S" else registry.portals).pop(close.name, None)
                 self._expect(Op.CLOSE, message, out)
             elif msg_type == m.SYNC:
                 self._expect(Op.SYNC, message, out)
             else:  # Flush
                 out.append(message)
-            self._unsynced = msg_type != m.SYNC
-            if msg_type == m.SYNC:
-                self._unsynced_write = False
+            tx.sent_extended(sync=msg_type == m.SYNC)
         for unused in described.values():  # a Describe whose Execute did not capture: free its single-flight slot
             if unused is not None:
                 unused.fail()
                 self._release_fill(unused)
         self._batch.clear()
         self._batch_bytes = 0
-
-    def _check_statement_limit(self, name: str, adding: int = 0) -> None:
-        """limits.max_prepared_statements: the proxy keeps every named statement's text, so a client that prepares
-        without ever closing would grow its memory without bound. Past the limit the session ends, clearly."""
-        named = len(self._statements) - ("" in self._statements)  # the unnamed statement is not counted
-        if name and name not in self._statements and named + adding >= self._max_statements:
-            raise ProxyError(
-                CONFIGURATION_LIMIT_EXCEEDED,
-                f"too many prepared statements in this session (limits.max_prepared_statements = "
-                f"{self._max_statements}); close or deallocate the ones no longer used",
-            )
 
     def _expect(self, op: Op, message: bytes, out: list[bytes]) -> None:
         self._queue(Pending(op))
@@ -972,7 +576,7 @@ class CachingRelay:
         (nor, when `quiet`, an error: the statement then stays local, and its use will replay it again)."""
         out.append(fe.encode_parse(name, statement.query.decode("utf-8", "surrogateescape"), statement.param_types))
         statement.upstream = True
-        self._queue(Pending(Op.PARSE, strip=True, quiet=quiet, on_done=_ParseDone(name, statement, replay=True)))
+        self._queue(Pending(Op.PARSE, strip=True, quiet=quiet, on_done=ParseDone(name, statement, replay=True)))
 
     def _forward_describe_statement(self, name: str, message: bytes, out: list[bytes], serve: bool) -> None:
         statement = self._statements.get(name)
@@ -981,57 +585,38 @@ class CachingRelay:
             if not statement.upstream:
                 self._replay(name, statement, out)
             classified = self.service.classify(self.database, statement.query)
-            if serve and self._cacheable_here(classified) and statement.query:
-                verdict = classified.verdict
+            if serve and self.tx.may_read(classified) and statement.query:
                 # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
-                tables = frozenset((self.database, name) for name in verdict.tables)
-                fill = Fill(
-                    self._describe_key(statement.query, statement.param_types),
-                    tables,
-                    self.service.engine.generations(tables),
-                    verdict.ttl,
-                    statement.query.decode("utf-8", "replace"),
-                    verdict.rule,
-                    leader=False,
-                    deferred=self.session.tx_status != b"I",
-                )
-                capture = Capture(self.service.max_entry_size, fill)
+                tables = frozenset((self.database, name) for name in classified.verdict.tables)
+                key = keys.describe_key(self.database, self.user, self._state_digest(), statement.query,
+                                        statement.param_types)  # fmt: skip
+                capture = Capture(self.service.max_entry_size, self._fill(key, classified, tables, statement.query,
+                                                                          leader=False))  # fmt: skip
         if statement is not None and capture is None:
             capture = Capture(self.service.max_entry_size)  # only to learn the statement's row description
-        on_done = _Described(statement) if statement is not None else None
+        on_done = Described(statement) if statement is not None else None
         self._queue(Pending(Op.DESCRIBE_STATEMENT, capture=capture, on_done=on_done))
         out.append(message)
 
     def _execute_capture(self, portal_name: str, max_rows: int) -> Capture | None:
-        portal = self._portals.get(portal_name)
+        portal = self.registry.portals.get(portal_name)
         if portal is None or not portal.statement.query:
             return None
-        classified = self.service.classify(self.database, portal.statement.query)
-        if classified.info.kind is not Kind.READ or not self._cacheable_here(classified):
+        statement = portal.statement
+        classified = self.service.classify(self.database, statement.query)
+        if classified.info.kind is not Kind.READ or not self.tx.may_read(classified):
             return None
-        if _TIME_WORDS.search(portal.bind.arguments):
+        if names_time_word(portal.bind.arguments):
             return None  # a parameter such as 'now' is evaluated when the statement runs: never cache it
-        key = self._execute_key(portal.statement, portal.bind, max_rows)
-        in_flight = self.service.fill_in_flight(key)
-        leader = in_flight is None
+        key = keys.execute_key(self.database, self.user, self._state_digest(), statement.query,
+                               statement.param_types, portal.bind.arguments, max_rows)  # fmt: skip
+        leader = self.service.fill_in_flight(key) is None
         if leader:
             self.service.begin_fill(key)
             self._leading.add(key)
-        verdict = classified.verdict
-        tables = self.service.dependencies(
-            self.database, classified, portal.bind.arguments, _key_types(portal.statement)
-        )
-        fill = Fill(
-            key,
-            tables,
-            self.service.engine.generations(tables),
-            verdict.ttl,
-            portal.statement.query.decode("utf-8", "replace"),
-            verdict.rule,
-            leader,
-            deferred=self.session.tx_status != b"I",
-        )
-        return Capture(self.service.max_entry_size, fill)
+        tables = dependencies(self.database, classified, portal.bind.arguments, key_types(statement),
+                              fe.bind_parameter)  # fmt: skip
+        return Capture(self.service.max_entry_size, self._fill(key, classified, tables, statement.query, leader))
 
     def _forward_execute(
         self,
@@ -1042,18 +627,21 @@ class CachingRelay:
         serve: bool,
         idle: bool,
     ) -> None:
-        portal = self._portals.get(execute.portal)
+        portal = self.registry.portals.get(execute.portal)
+        executed = self.registry.executed
         capture: Capture | None = None
         on_done: WriteScope | None = None
-        changes_state = False
+        changes_state = discards_all = copy_from = False
         kind = "other"
         if portal is not None and portal.statement.query:
             classified = self.service.classify(self.database, portal.statement.query)
+            info = classified.info
+            copy_from = info.copy_from_stdin
             # Not after a write earlier in this batch (its reads see it uncommitted), nor a further Execute of a portal
             # (it continues the result where the last one stopped).
-            fill = serve and not self._unsynced_write and execute.portal not in self._executed_portals
-            kind = _KIND_LABELS[classified.info.kind]
-            if classified.info.kind is Kind.READ and fill and self._cacheable_here(classified):
+            fill = serve and not self.tx.unsynced_write and execute.portal not in executed
+            kind = KIND_LABELS[info.kind]
+            if info.kind is Kind.READ and fill and self.tx.may_read(classified):
                 if execute.portal in described:
                     capture = described.pop(execute.portal)
                 else:
@@ -1062,12 +650,13 @@ class CachingRelay:
                         # The result must carry its RowDescription: ask for it, and keep the answer from the client.
                         out.append(fe.encode_describe("P", execute.portal))
                         self._queue(Pending(Op.DESCRIBE_PORTAL, strip=True, capture=capture))
-            elif classified.info.kind is not Kind.READ or not classified.verdict.cacheable:
+            elif info.kind is not Kind.READ or not classified.verdict.cacheable:
                 on_done, changes_state = self._note_effects(
                     classified, portal.statement.query, idle=idle, bind=portal.bind,
-                    param_types=_key_types(portal.statement),
+                    param_types=key_types(portal.statement),
                 )  # fmt: skip
-                self._unsynced_write = True
+                discards_all = info.session is not None and info.session.op == "discard_all"
+                self.tx.sent_write()
         else:
             # A portal the proxy does not know, or a statement prepared with SQL PREPARE (its text unknown here):
             # it may write anything.
@@ -1075,12 +664,11 @@ class CachingRelay:
                 frozenset(), True, "Execute of a statement the proxy cannot see", code="unknown_effects"
             )
             self._before_write(on_done)
-            self._unsynced_write = True
-        self._executed_portals.add(execute.portal)
+            self.tx.sent_write()
+        executed.add(execute.portal)
         query = portal.statement.query if portal is not None else b"<unknown portal>"
-        request = _Request(on_done, kind, "miss" if capture else "bypass", self.service.clock(), query)
-        request.changes_state = changes_state
-        copy_from = _COPY_FROM_STDIN.match(query) is not None
+        request = Request(on_done, kind, "miss" if capture else "bypass", self.service.clock(), query)
+        request.changes_state, request.discards_all = changes_state, discards_all
         self._queue(Pending(Op.EXECUTE, capture=capture, on_done=request, copy_from=copy_from))
         out.append(message)
 
@@ -1103,36 +691,15 @@ class CachingRelay:
             for pending in outcome.done:
                 self._complete(pending)
             if msg_type == m.READY_FOR_QUERY:
-                status = region[start + HEADER_SIZE : start + HEADER_SIZE + 1]
-                previous = self.session.tx_status
-                self.session.tx_status = status
-                if status == b"T":
-                    if previous != b"T" or self._begin_sent:  # (a BEGIN after a COMMIT in one Query, too)
-                        self._tx_reads_cache = self._begin_fresh
-                else:
-                    self._tx_reads_cache = False
-                self._begin_fresh = self._begin_sent = False
-                if status == b"I":
-                    # Committed: autocommit without error, or a COMMIT of a block that had not failed.
-                    # (A COMMIT of a failed block, 'E', is a rollback.)
-                    committed = previous == b"I" or (previous == b"T" and self._commit_sent)
-                    self._transaction_ended(committed and not self._failed_since_ready)
-                    self._commit_sent = False
-                elif previous == b"T" and self._commit_sent and not self._failed_since_ready:
-                    # COMMIT AND CHAIN: committed, and a new transaction (with the same characteristics) began.
-                    self._transaction_ended(True, chained=True)
-                    self._commit_sent = False
-                if status != b"I" and self._state_changes:
-                    # A SET that ran inside what turned out to be a transaction block: it may yet be rolled back.
-                    self._uncertain = self._uncertain or "SET inside a transaction block"
-                self._state_changes.clear()
-                self._failed_since_ready = False
+                ended = self.tx.on_ready(region[start + HEADER_SIZE : start + HEADER_SIZE + 1])
+                if ended is not None:
+                    self._transaction_ended(ended)
             elif msg_type == m.PARAMETER_STATUS:
                 self.session.note_parameter(region[start + HEADER_SIZE : end])
                 self._digest = None
             elif msg_type == m.ERROR_RESPONSE and outcome.relay:  # (a failed refresh of ours is not the client's)
                 self.session.note_error(region[start + HEADER_SIZE : end])
-                self._failed_since_ready = True
+                self.tx.on_error()
         if not tracker.pending and self._drained is not None:
             if not self._drained.done():
                 self._drained.set_result(None)
@@ -1143,120 +710,87 @@ class CachingRelay:
             pieces.append(region[last:])
             self._write_client(b"".join(pieces))
 
-    def _transaction_ended(self, committed: bool, *, chained: bool = False) -> None:
-        """ReadyForQuery 'I' (or 'T' after COMMIT AND CHAIN, `chained`): whatever this session wrote is committed
-        (or rolled back) now. Invalidate it again, so that no entry filled by another session while the write was
-        uncommitted survives, and tell the other proxies; store what was read inside the transaction if it
-        committed; portals are gone."""
+    def _transaction_ended(self, end: TxEnd) -> None:
+        """A transaction ended (the tracker says how): invalidate again what it wrote, so that no entry filled by
+        another session while the write was uncommitted survives, and tell the other proxies; store what was read
+        inside it if it committed; refresh write-through results; its portals are gone."""
         service = self.service
-        if not self._failed_since_ready and not chained:
+        if end.settings_changed:
             # First, so that write-through refreshes below are keyed by the state they run in (a SET in the same
             # batch as the write is in effect on the connection already).
-            for sql in self._state_changes:
-                self._apply_session_change(sql)
-        for scope in self._tx_writes:
+            self._digest = None
+            if end.discarded:
+                self._statements.clear()
+        for scope in end.writes:
             service.invalidate(self.database, scope, counted=False, removed=self._stale)
             if scope.ddl:
                 service.after_ddl(self.database)  # the committed schema, as other sessions now see it
-        if self._tx_writes:
-            service.publish(self.database, self._tx_writes)
-        self._tx_writes.clear()
-        if self._tx_fills:
-            if committed:
-                for fill, value in self._tx_fills:
-                    self._store(fill, value)
-            self._tx_fills.clear()
+        if end.writes:
+            service.publish(self.database, end.writes)
+        for fill, value in end.fills:
+            self._store(fill, value)
         if self._stale:
-            if committed and not chained and not self.tracker.pending:
-                self._refresh(self._stale)
+            if end.committed and not end.chained and not self.tracker.pending:
+                self._refresh()
             self._stale.clear()
-        self._portals.clear()
-        self._executed_portals.clear()
+        self.registry.transaction_ended()
 
-    def _refresh(self, stale: list[Entry]) -> None:
-        """Write-through: run again the results of `strategy: write_through` tables that this session's committed
-        writes removed, hottest first, within `write_through.concurrency` and the budget, so that the next read
-        hits. They go on this session's own connection, idle now (ReadyForQuery 'I', nothing pending), so each runs
-        with exactly the role and settings its key was taken under: only entries keyed by this very state are
-        refreshed (others are left to refill on their next miss). The replies are the proxy's own, errors included;
-        the client's next request simply queues behind them."""
+    def _refresh(self) -> None:
+        """Write-through (write_through.py): run again, hottest first, within `write_through.concurrency` and the
+        budget, the results of `write_through` tables that this session's committed writes removed."""
         service = self.service
-        if self._uncertain is not None or self.tracker.skipping or self.database in service.blind:
+        if self._cache_use() != _ANSWER:
             return
-        digest = self._state_digest()
-        mine: dict[Hashable, Entry] = {}
-        for entry in stale:
-            key = entry.key
-            if isinstance(key, tuple) and key[0] in ("q", "x") and key[1:4] == (self.database, self.user, digest):
-                mine[key] = entry
         out: list[bytes] = []
-        budget = service.config.write_through.concurrency
-        for entry in sorted(mine.values(), key=lambda e: e.hits, reverse=True):
-            classified = service.classify(self.database, entry.key[4])  # type: ignore[index]
-            if classified.verdict.strategy != "write_through" or not self._cacheable_here(classified):
+        budget = service.refresh_concurrency
+        for entry in write_through.candidates(self._stale, self.database, self.user, self._state_digest()):
+            key = entry.key
+            assert isinstance(key, keys.QueryKey | keys.ExecuteKey)
+            classified = service.classify(self.database, key.sql)
+            if classified.verdict.strategy != "write_through" or not self.tx.may_read(classified):
                 continue
             if budget == 0 or not service.take_refresh():
-                service.metrics.refreshed("skipped")
+                service.observe_refresh("skipped")
                 continue
             budget -= 1
-            self._send_refresh(entry, classified.verdict.ttl, out)
+            leader = service.fill_in_flight(key) is None
+            if leader:  # readers that miss it meanwhile wait for this refresh rather than all asking upstream
+                service.begin_fill(key)
+                self._leading.add(key)
+            fill = Fill(key, entry.tables, self._tier.generations(entry.tables), classified.verdict.ttl, entry.query,
+                        entry.rule or "", leader)  # fmt: skip
+            messages, requests = write_through.refresh_requests(key, Capture(service.max_entry_size, fill))
+            out += messages
+            for pending in requests:
+                self._queue(pending)
         if out:
             self._write_upstream(b"".join(out))
             # The refreshes used the unnamed statement and portal: the client's must be created again before use.
             unnamed = self._statements.get("")
             if unnamed is not None:
                 unnamed.upstream = False
-            self._portals.pop("", None)
-
-    def _send_refresh(self, entry: Entry, ttl: float, out: list[bytes]) -> None:
-        key = entry.key
-        assert isinstance(key, tuple)
-        service = self.service
-        leader = service.fill_in_flight(key) is None
-        if leader:  # readers that miss it meanwhile wait for this refresh rather than all asking upstream
-            service.begin_fill(key)
-            self._leading.add(key)
-        fill = Fill(key, entry.tables, service.engine.generations(entry.tables), ttl, entry.query,
-                    entry.rule or "", leader)  # fmt: skip
-        capture = Capture(service.max_entry_size, fill)
-        if key[0] == "q":
-            out.append(encode(b"Q", key[4] + b"\x00"))
-            self._queue(Pending(Op.QUERY, strip=True, quiet=True, capture=capture, on_done=_Refresh()))
-            return
-        _, _, _, _, sql, param_types, arguments, max_rows = key
-        out.append(fe.encode_parse("", sql.decode("utf-8", "surrogateescape"), param_types))
-        out.append(encode(b"B", b"\x00\x00" + arguments))  # the unnamed portal, of the unnamed statement
-        out.append(fe.encode_describe("P", ""))
-        out.append(encode(b"E", b"\x00" + max_rows.to_bytes(4, "big", signed=True)))
-        out.append(_SYNC)
-        for op in (Op.PARSE, Op.BIND):
-            self._queue(Pending(op, strip=True, quiet=True))
-        self._queue(Pending(Op.DESCRIBE_PORTAL, strip=True, quiet=True, capture=capture))
-        self._queue(Pending(Op.EXECUTE, strip=True, quiet=True, capture=capture, on_done=_Refresh()))
-        self._queue(Pending(Op.SYNC, strip=True, quiet=True))
+            self.registry.portals.pop("", None)
 
     def _complete(self, pending: Pending) -> None:
         request = pending.on_done
-        if isinstance(request, _ParseDone):
+        if isinstance(request, ParseDone):
             if pending.seen_error:
                 if request.replay:
                     request.statement.upstream = False
                 elif self._statements.get(request.name) is request.statement:
                     del self._statements[request.name]
             return
-        if isinstance(request, _Request):
+        if isinstance(request, Request):
             if request.scope is not None:
                 self._after_write(request.scope)
             if request.changes_state and not pending.seen_error:
-                # Applied at ReadyForQuery, if nothing failed before it: an error later in the same implicit
-                # transaction (an extended batch up to its Sync) rolls the SET back.
-                self._state_changes.append(request.sql)
+                self.tx.state_changed(request.sql, discards_all=request.discards_all)
             self.service.observe(request.kind, request.outcome, self.service.clock() - request.started, request.sql)
         capture = pending.capture
-        if isinstance(request, _Described) and capture is not None:
+        if isinstance(request, Described) and capture is not None:
             usable = not capture.failed and not pending.seen_error
             if usable:
-                _note_described(request.statement, capture.header)
+                note_described(request.statement, capture.header)
             else:
                 request.statement.description = None
         if capture is None or pending.op is Op.DESCRIBE_PORTAL or not isinstance(capture.context, Fill):
@@ -1265,27 +799,19 @@ class CachingRelay:
         try:
             usable = not capture.failed and not pending.seen_error and bool(capture.header)
             if usable and fill.deferred:
-                self._tx_fills.append((fill, capture.value()))
+                self.tx.read_in_block(fill, capture.value())
                 return
             stored = usable and self._store(fill, capture.value())
-            if isinstance(request, _Refresh):
-                self.service.metrics.refreshed("stored" if stored else "failed")
+            if isinstance(request, Refresh):
+                self.service.observe_refresh("stored" if stored else "failed")
         finally:
             self._release_fill(capture)
 
     def _store(self, fill: Fill, value: bytes) -> bool:
         """Store a captured result, unless one of its tables was invalidated since its request was sent (the
         generations taken then no longer match): by this session's transaction or by anyone else."""
-        return self.service.engine.put(
-            fill.key,
-            value,
-            tables=fill.tables,
-            ttl=fill.ttl,
-            now=self.service.clock(),
-            query=fill.query,
-            rule=fill.rule,
-            generations=fill.generations,
-        )
+        return self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
+                              query=fill.query, rule=fill.rule, generations=fill.generations)  # fmt: skip
 
     def _release_fill(self, capture: Capture) -> None:
         """Give up the single-flight slot of a fill this session leads (waiters then look up, or go upstream)."""
@@ -1293,79 +819,3 @@ class CachingRelay:
         if isinstance(fill, Fill) and fill.leader and fill.key in self._leading:
             self._leading.discard(fill.key)
             self.service.end_fill(fill.key)
-
-
-def _row_level(classified: Classified) -> str:
-    """For EXPLAIN: which reads of this statement's tables a write of one row leaves in place."""
-    point = classified.point
-    if classified.verdict.cacheable and point is not None:
-        return f"a point read of {point.table} by {point.column}: only writes of that row drop it"
-    if classified.point_tables:
-        return f"every write to {', '.join(sorted(classified.point_tables))} drops it (not a point read)"
-    return ""
-
-
-def _same_shape(statement: Statement, value: bytes) -> bool:
-    """Whether a cached result (its RowDescription first) has the columns the client was described for
-    `statement`. A statement's description has no result formats yet (they come with Bind), so those are not
-    compared: names, table and column numbers, types, sizes and modifiers are."""
-    if statement.shaped is not None and value.startswith(statement.shaped):
-        return True
-    if statement.description is None:
-        return False
-    header = value[: _header_length(value)]
-    if _columns(header) != _columns(statement.description):
-        return False
-    statement.shaped = header
-    return True
-
-
-def _columns(row_description: bytes) -> bytes | None:
-    """A RowDescription without its format codes (the last Int16 of each field); None if it is malformed."""
-    try:
-        count = int.from_bytes(row_description[5:7], "big")
-        pos, parts = 7, []
-        for _ in range(count):
-            end = row_description.index(0, pos) + 1 + 18  # name, then table oid, attnum, type, size, modifier, format
-            parts.append(row_description[pos : end - 2])
-            pos = end
-        return b"".join(parts) if pos == len(row_description) else None
-    except ValueError:
-        return None
-
-
-def _note_described(statement: Statement, described: bytes) -> None:
-    """What a statement's Describe reply (ParameterDescription, then RowDescription or NoData) tells about it."""
-    statement.description = _row_description(described)
-    if described[:1] == b"t":
-        count = int.from_bytes(described[5:7], "big")
-        statement.inferred = tuple(int.from_bytes(described[7 + 4 * i : 11 + 4 * i], "big") for i in range(count))
-
-
-def _key_types(statement: Statement) -> tuple[int, ...]:
-    """The statement's parameter types: declared ones, else the server's inference when it is known."""
-    declared, inferred = statement.param_types, statement.inferred
-    if not inferred:
-        return declared
-    return (
-        tuple(d or (inferred[i] if i < len(inferred) else 0) for i, d in enumerate(declared))
-        + inferred[len(declared) :]
-    )
-
-
-def _row_description(described: bytes) -> bytes | None:
-    """The RowDescription in a statement's Describe reply (ParameterDescription, then RowDescription or NoData)."""
-    start = _header_length(described) if described[:1] == b"t" else 0
-    return described[start:] if described[start : start + 1] == b"T" else None
-
-
-def _header_length(value: bytes) -> int:
-    """Length of the RowDescription that starts a stored result (its Int32 length + the type byte)."""
-    return 1 + int.from_bytes(value[1:5], "big")
-
-
-def _identifier(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace")
-    if text.startswith('"'):
-        return text[1:-1].replace('""', '"')
-    return text.lower()

@@ -44,7 +44,7 @@ class ProxyServer:
         self.metrics = metrics if metrics is not None else (cache.metrics if cache is not None else Metrics())
         self._reload = reload
         self.snapshot = snapshot  # App.snapshot_now, for CACHEPROXY SNAPSHOT
-        self.admin_console = AdminConsole(self, lambda session, sql: session.explain(sql))
+        self.admin_console = AdminConsole(self)
         self.tls_context = server_tls_context(config)
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)

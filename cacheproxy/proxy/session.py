@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from enum import Enum
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
+from cacheproxy.config import Config
 from cacheproxy.errors import (
     ADMIN_SHUTDOWN,
     IDLE_SESSION_TIMEOUT,
@@ -25,8 +27,10 @@ from cacheproxy.errors import (
     ProxyError,
     UpstreamError,
 )
+from cacheproxy.observability.metrics import Metrics
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer, encode
+from cacheproxy.protocol.messages import IDLE
 from cacheproxy.protocol.startup import (
     CancelRequest,
     GSSEncRequest,
@@ -36,12 +40,12 @@ from cacheproxy.protocol.startup import (
     read_length,
 )
 from cacheproxy.proxy.admin_console import is_admin_command
+from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
+from cacheproxy.proxy.interfaces import ConsoleSession
 from cacheproxy.proxy.link import Link
+from cacheproxy.proxy.transaction import TransactionTracker
 from cacheproxy.upstream import connection_lost_error, open_upstream
-
-if TYPE_CHECKING:
-    from cacheproxy.proxy.server import ProxyServer
 
 log = logging.getLogger("cacheproxy.session")
 
@@ -60,6 +64,38 @@ _CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
 # Bytes queued for a client beyond which the caching relay stops answering its requests (hits are written by the
 # proxy itself, so the server's own backpressure does not hold them): resumed when the buffer drains.
 _CLIENT_BACKLOG = 1 << 20
+
+
+class AdminConsole(Protocol):
+    def execute(self, session: ConsoleSession, sql: str) -> bytes: ...
+
+
+class SessionServer(Protocol):
+    """What a session needs of the proxy server that owns it (ProxyServer): configuration, the cache, admission,
+    cancel keys, the admin console."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def cache(self) -> CacheService | None: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None: ...
+
+    @property
+    def admin_console(self) -> AdminConsole: ...
+
+    def admit(self, session: Session) -> None: ...
+
+    def issue_key(self, session: Session, upstream_pid: int) -> tuple[int, int]: ...
+
+    def forget(self, session: Session) -> None: ...
+
+    async def forward_cancel(self, process_id: int, secret_key: int) -> None: ...
 
 
 class Phase(Enum):
@@ -84,7 +120,7 @@ class Session:
     """One client connection and the upstream connection opened for it."""
 
     def __init__(
-        self, server: ProxyServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session_id: int
+        self, server: SessionServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session_id: int
     ) -> None:
         self.server = server
         self.id = session_id
@@ -96,7 +132,8 @@ class Session:
         self.secret_key = 0
         self.upstream_key: tuple[int, bytes] | None = None
         self.parameters: dict[str, str] = {}
-        self.tx_status = b"I"
+        # The transaction and settings state (its `status` changes only at ReadyForQuery, in `on_ready`).
+        self.transaction = TransactionTracker(session_id)
         self.opened_at = time.monotonic()
         self._client_reader = reader
         self._client_writer = writer
@@ -124,7 +161,7 @@ class Session:
     @property
     def idle(self) -> bool:
         """Between request cycles and outside a transaction block: safe to close without losing work."""
-        if self.phase is not Phase.READY or self.tx_status != b"I":
+        if self.phase is not Phase.READY or self.transaction.status is not IDLE:
             return False
         if self._caching is not None:
             return not self._caching.busy
@@ -182,6 +219,7 @@ class Session:
         if startup is None:
             return "cancel request handled"
         self.startup = startup
+        self.transaction.startup = startup.parameters
         self.server.admit(self)  # raises TOO_MANY_CONNECTIONS
         log.info(
             "session %d: client %s user=%s database=%s application_name=%s",
@@ -337,7 +375,7 @@ class Session:
                 name, value = m.decode_parameter_status(body)
                 self.parameters[name] = value
             elif msg_type == m.READY_FOR_QUERY:
-                self.tx_status = bytes(body[:1])
+                self.transaction.on_ready(bytes(body[:1]))
                 break
             elif msg_type == m.ERROR_RESPONSE:
                 raise SessionEnd("upstream refused: " + m.decode_error_fields(body).get("M", "error"))
@@ -363,7 +401,9 @@ class Session:
         self._client_link.on_drained = self._on_client_drained
         service = self.server.cache
         if service is not None and "replication" not in self.startup_parameters:
-            self._caching = CachingRelay(self, service, up_transport.write, client_transport.write)
+            self._caching = CachingRelay(
+                self, service, self.server.config.limits, up_transport.write, client_transport.write
+            )
         client_transport.resume_reading()  # a StreamReader may have paused it on a full buffer
         up_transport.resume_reading()
         if upstream_early:
@@ -429,7 +469,7 @@ class Session:
             if msg_type == m.READY_FOR_QUERY:
                 if self._in_flight:
                     self._in_flight -= 1
-                self.tx_status = region[start + HEADER_SIZE : start + HEADER_SIZE + 1]
+                self.transaction.on_ready(region[start + HEADER_SIZE : start + HEADER_SIZE + 1])
             elif msg_type == m.PARAMETER_STATUS:
                 name, value = m.decode_parameter_status(region[start + HEADER_SIZE : end])
                 self.parameters[name] = value
@@ -459,11 +499,14 @@ class Session:
         sql = region[HEADER_SIZE:-1]
         if not is_admin_command(sql):
             return False
-        reply = self.server.admin_console.execute(self, sql.decode("utf-8", "replace"))
-        self._client_writer.transport.write(reply + m.ready_for_query(self.tx_status))
+        self._client_writer.transport.write(self.admin_command(sql) + self.transaction.status.ready)
         return True
 
-    # -- services for the caching relay -----------------------------------------------------------------------
+    def admin_command(self, sql: bytes) -> bytes:
+        """Run a CACHEPROXY command for this session: its replies, without ReadyForQuery."""
+        return self.server.admin_console.execute(self, sql.decode("utf-8", "replace"))
+
+    # -- services for the caching relay (interfaces.RelayHost) -----------------------------------------------
 
     def note_parameter(self, body: bytes) -> None:
         name, value = m.decode_parameter_status(body)
