@@ -27,7 +27,7 @@ from collections.abc import Callable
 from cacheproxy.analysis.lexer import names_time_word
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
-from cacheproxy.cache.entry import Entry, TableId
+from cacheproxy.cache.entry import TableId
 from cacheproxy.cache.keys import CacheKey
 from cacheproxy.config import LimitsConfig
 from cacheproxy.errors import ProtocolViolation
@@ -36,17 +36,17 @@ from cacheproxy.policy.verdict import WriteScope, write_scope
 from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer
-from cacheproxy.protocol.messages import IDLE, IN_BLOCK
-from cacheproxy.protocol.replies import Capture, Op, Pending, ReplyTracker
-from cacheproxy.protocol.statements import Portal, Statement, StatementRegistry, key_types, note_described
-from cacheproxy.proxy import local_answers, write_through
+from cacheproxy.protocol.messages import IDLE
+from cacheproxy.protocol.replies import Capture, Op, Pending
+from cacheproxy.protocol.statements import Portal, Statement, StatementRegistry, key_types
+from cacheproxy.proxy import local_answers
 from cacheproxy.proxy.admin_console import is_admin_command
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.explain import explain_rows
+from cacheproxy.proxy.inflight import ANSWER, NONE, STORE, InFlight
 from cacheproxy.proxy.interfaces import RelayHost
 from cacheproxy.proxy.local_answers import WAIT, Wait
-from cacheproxy.proxy.requests import KIND_LABELS, Described, Fill, ParseDone, Refresh, Request
-from cacheproxy.proxy.transaction import TxEnd
+from cacheproxy.proxy.requests import KIND_LABELS, Described, Fill, ParseDone, Request
 
 log = logging.getLogger("cacheproxy.caching")
 
@@ -61,12 +61,6 @@ _ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits f
 _SYNC = b"S\x00\x00\x00\x04"
 # Messages after which the cache may answer (a hit): checked against a client that does not read its answers.
 _CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FLUSH))
-
-# What `_cache_use` decides, weakest first.
-_NONE = 0  # the session may not use the cache now: forward, store nothing
-_BLIND = 1  # it may, but its database's invalidation feed is down (or not up yet): forward, store nothing
-_STORE = 2  # results read now may be stored, but nothing answered here: extended messages are in flight upstream
-_ANSWER = 3  # answer from the cache, and store what is read
 
 
 class CachingRelay:
@@ -88,23 +82,23 @@ class CachingRelay:
         self.database = session.database
         self.user = session.user
         self.tx = session.transaction
-        self.tracker = ReplyTracker()
+        self.tx.epoch, self.tx.digest = str(service.settings_epoch), None
         self.registry = StatementRegistry(limits.max_prepared_statements)
         self._statements = self.registry.statements  # (the same dict: read on the hot path)
-        self._epoch = str(service.settings_epoch)
+        # The upstream side; its parts used on every request are bound here (the same objects: no extra call).
+        self.inflight = InFlight(session, service, self.registry, write_upstream, write_client)
+        self.tracker = self.inflight.tracker
+        self._leading = self.inflight.leading
+        self._stale = self.inflight.stale
+        self._cache_use = self.inflight.cache_use
+        self._queue = self.inflight.queue
+        self.on_upstream_data = self.inflight.on_upstream_data
         self._client_framer = Framer(limits.max_message_size)
         self._max_batch_bytes = limits.max_pipeline_bytes
-        self._up_framer = Framer(1 << 31)
         self._inbox: deque[tuple[int, bytes]] = deque()
         self._batch: list[tuple[int, bytes]] = []
         self._batch_bytes = 0
-        self._digest: bytes | None = None
-        self._stale: list[
-            Entry
-        ] = []  # entries this session's writes removed: refreshed once they commit (write-through)
-        self._leading: set[CacheKey] = set()
         self._waiting = False
-        self._drained: asyncio.Future[None] | None = None
         self._waited = False  # the message at the inbox head already waited once: do not wait again
         self.terminated = False
         service.watch(self.database)
@@ -115,49 +109,9 @@ class CachingRelay:
     def busy(self) -> bool:
         return bool(self.tracker.pending) or bool(self._batch) or bool(self._inbox)
 
-    def _cache_use(self) -> int:
-        """The one decision of whether this session may use the cache now (per statement, `tx.may_read` adds what
-        the verdict and the transaction's rules say). Not while anything is pending upstream (its replies would be
-        overtaken, and the server's state is not known), nor inside a transaction block but one that may read the
-        cache, nor once the session's settings are unknown, nor after a write of an implicit transaction not yet
-        synced (its reads see it uncommitted), nor while the database's invalidation feed is down; and answers only
-        when no extended message went upstream since the last Sync."""
-        tx = self.tx
-        status = tx.status
-        if (
-            self.tracker.pending
-            or tx.uncertain is not None
-            or not (status is IDLE or (status is IN_BLOCK and tx.reads_cache))
-            or tx.unsynced_write
-        ):
-            return _NONE
-        if self.database in self.service.blind:
-            return _BLIND
-        if tx.unsynced or self.tracker.skipping:
-            return _STORE
-        return _ANSWER
-
-    def _state_digest(self) -> bytes:
-        if self._digest is None:
-            session = self.session
-            startup = {**session.startup_parameters, "cacheproxy.settings_epoch": self._epoch}
-            self._digest = keys.state_digest(startup, session.parameters, self.tx.set_history)
-        return self._digest
-
     def close(self) -> None:
-        """The session ended: release every single-flight slot it held, so that waiters go upstream themselves.
-        Writes whose outcome it will never read (sent, or done in a transaction still open) may have committed:
-        invalidate and publish them as if they had (merely safe if they did not)."""
-        for key in self._leading:
-            self.service.end_fill(key)
-        self._leading.clear()
-        unknown = [p.on_done.scope for p in self.tracker.pending if isinstance(p.on_done, Request) and p.on_done.scope]
-        unknown += self.tx.writes
-        if unknown:
-            for scope in unknown:
-                self.service.invalidate(self.database, scope, counted=False)
-            self.service.publish(self.database, unknown)
-            self.tx.writes.clear()
+        """The session ended (see InFlight.close)."""
+        self.inflight.close()
 
     # -- client -> upstream ----------------------------------------------------------------------------------
 
@@ -185,8 +139,8 @@ class CachingRelay:
         """Handle one client message; False when it must wait (it will be dispatched again)."""
         if self.tracker.pending and not self._waited and self.tracker.quiet_only():
             # Only write-through refreshes are pending: wait for them, and this request will likely hit.
-            self._drained = asyncio.get_running_loop().create_future()
-            self._wait_for(self._drained, _REFRESH_WAIT)
+            drained = self.inflight.drained = asyncio.get_running_loop().create_future()
+            self._wait_for(drained, _REFRESH_WAIT)
             return False
         if msg_type == m.QUERY:
             if self._batch:
@@ -210,7 +164,7 @@ class CachingRelay:
             out.append(message)
             if msg_type != m.COPY_DATA:
                 for ignored in self.tracker.client_copy_end():
-                    self._complete(ignored)
+                    self.inflight.complete(ignored)
         elif msg_type == m.FUNCTION_CALL:
             # A fast-path call can run any function: assume it wrote anything.
             scope = WriteScope(frozenset(), True, "FunctionCall", code="function_call")
@@ -245,10 +199,10 @@ class CachingRelay:
         if (
             info.kind is Kind.READ
             and info.statement_count == 1
-            and self._cache_use() == _ANSWER
+            and self._cache_use() == ANSWER
             and self.tx.may_read(classified)
         ):
-            key = keys.query_key(self.database, self.user, self._digest or self._state_digest(), sql)
+            key = keys.query_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), sql)
             entry = self._tier.get(key, started)
             if entry is not None:
                 self._write_client(entry.value + self.tx.status.ready)
@@ -302,8 +256,8 @@ class CachingRelay:
         """Answer a CACHEPROXY command in order: after every reply still due from upstream."""
         if self.tracker.pending:
             if not self._waited:
-                self._drained = asyncio.get_running_loop().create_future()
-                self._wait_for(self._drained, _ADMIN_WAIT)
+                drained = self.inflight.drained = asyncio.get_running_loop().create_future()
+                self._wait_for(drained, _ADMIN_WAIT)
                 return False
             # Still busy after the wait: an answer now would overtake replies. The server answers instead.
             self._queue(Pending(Op.QUERY))
@@ -422,23 +376,16 @@ class CachingRelay:
         """Invalidate before the write is sent: fills already in flight for these tables will not be stored."""
         self.service.invalidate(self.database, scope, counted=False, removed=self._stale)
 
-    def _after_write(self, scope: WriteScope) -> None:
-        self.service.invalidate(self.database, scope, removed=self._stale)
-        if scope.ddl:
-            self.service.after_ddl(self.database)
-        # Again when the transaction ends (explicit, or the implicit one of an extended batch up to its Sync).
-        self.tx.wrote(scope)
-
     # -- extended protocol ----------------------------------------------------------------------------------
 
     def _on_batch_end(self, out: list[bytes]) -> bool:
         use = self._cache_use()
-        if use != _NONE and self._wait_for_catalog():
+        if use != NONE and self._wait_for_catalog():
             return False  # the first batch of a session: its results are cacheable once the catalog is read
         # A batch ending in Flush is answered here only if it binds no portal: the client may go on using a portal
         # after a Flush, and it must then exist upstream. (Parse + Describe + Flush, a driver preparing, is fine.)
         batch = self._batch
-        if use == _ANSWER and (batch[-1][0] == m.SYNC or all(t != m.BIND for t, _ in batch)):
+        if use == ANSWER and (batch[-1][0] == m.SYNC or all(t != m.BIND for t, _ in batch)):
             try:
                 hot = local_answers.answer_hot(batch, self._statements, self.tx.status.ready, self)
                 if hot is False:
@@ -476,14 +423,14 @@ class CachingRelay:
             self._queue(Pending(Op.SYNC, strip=True, quiet=True))
         return answer.replies
 
-    # Lookups for local_answers (called only when `_cache_use()` is _ANSWER).
+    # Lookups for local_answers (called only when `_cache_use()` is ANSWER).
 
     def result(self, statement: Statement, arguments: bytes, max_rows: int) -> bytes | Wait | None:
         """The cached result of an Execute, or None; WAIT when another session fills that very key (once)."""
         classified = self.service.classify(self.database, statement.query)
         if not self.tx.may_read(classified):
             return None  # a write, or a read not served here
-        key = keys.execute_key(self.database, self.user, self._digest or self._state_digest(), statement.query,
+        key = keys.execute_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), statement.query,
                                statement.param_types, arguments, max_rows)  # fmt: skip
         entry = self._tier.get(key, self.service.clock())
         if entry is not None:
@@ -498,14 +445,16 @@ class CachingRelay:
         classified = self.service.classify(self.database, statement.query)
         if not self.tx.may_read(classified):
             return None
-        key = keys.describe_key(self.database, self.user, self._state_digest(), statement.query, statement.param_types)
+        key = keys.describe_key(
+            self.database, self.user, self.tx.state_digest(), statement.query, statement.param_types
+        )
         entry = self._tier.get(key, self.service.clock(), count_miss=False)
         return entry.value if entry is not None else None
 
     def _forward_batch(self, out: list[bytes]) -> None:
         """Forward the held batch, replaying statements that exist only here and arranging captures."""
         described: dict[str, Capture | None] = {}
-        serve = self._cache_use() >= _STORE
+        serve = self._cache_use() >= STORE
         registry, tx = self.registry, self.tx
         idle = not self.tracker.pending and tx.status is IDLE  # before this batch queues anything
         for index, (msg_type, message) in enumerate(self._batch):
@@ -557,19 +506,13 @@ class CachingRelay:
         for unused in described.values():  # a Describe whose Execute did not capture: free its single-flight slot
             if unused is not None:
                 unused.fail()
-                self._release_fill(unused)
+                self.inflight.release_fill(unused)
         self._batch.clear()
         self._batch_bytes = 0
 
     def _expect(self, op: Op, message: bytes, out: list[bytes]) -> None:
         self._queue(Pending(op))
         out.append(message)
-
-    def _queue(self, pending: Pending) -> None:
-        """Track a request sent upstream; one the server will discard (after an error, before a Sync) completes
-        at once, so that its invalidation and its single-flight slot are not left waiting for a reply."""
-        if not self.tracker.expect(pending):
-            self._complete(pending)
 
     def _replay(self, name: str, statement: Statement, out: list[bytes], *, quiet: bool = False) -> None:
         """Create upstream a statement whose Parse was answered locally; its ParseComplete is not the client's
@@ -588,7 +531,7 @@ class CachingRelay:
             if serve and self.tx.may_read(classified) and statement.query:
                 # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
                 tables = frozenset((self.database, name) for name in classified.verdict.tables)
-                key = keys.describe_key(self.database, self.user, self._state_digest(), statement.query,
+                key = keys.describe_key(self.database, self.user, self.tx.state_digest(), statement.query,
                                         statement.param_types)  # fmt: skip
                 capture = Capture(self.service.max_entry_size, self._fill(key, classified, tables, statement.query,
                                                                           leader=False))  # fmt: skip
@@ -608,7 +551,7 @@ class CachingRelay:
             return None
         if names_time_word(portal.bind.arguments):
             return None  # a parameter such as 'now' is evaluated when the statement runs: never cache it
-        key = keys.execute_key(self.database, self.user, self._state_digest(), statement.query,
+        key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
                                statement.param_types, portal.bind.arguments, max_rows)  # fmt: skip
         leader = self.service.fill_in_flight(key) is None
         if leader:
@@ -671,151 +614,3 @@ class CachingRelay:
         request.changes_state, request.discards_all = changes_state, discards_all
         self._queue(Pending(Op.EXECUTE, capture=capture, on_done=request, copy_from=copy_from))
         out.append(message)
-
-    # -- upstream -> client ----------------------------------------------------------------------------------
-
-    def on_upstream_data(self, data: bytes) -> None:
-        region, frames = self._up_framer.feed(data)
-        tracker = self.tracker
-        pieces: list[bytes] | None = None
-        last = 0
-        for msg_type, start, end in frames:
-            outcome = tracker.on_message(msg_type, region, start, end)
-            if not outcome.relay:
-                if pieces is None:
-                    pieces = []
-                pieces.append(region[last:start])
-                last = end
-            # Invalidate and store as each request completes, all before the client sees any of these bytes:
-            # its next query must find the cache current.
-            for pending in outcome.done:
-                self._complete(pending)
-            if msg_type == m.READY_FOR_QUERY:
-                ended = self.tx.on_ready(region[start + HEADER_SIZE : start + HEADER_SIZE + 1])
-                if ended is not None:
-                    self._transaction_ended(ended)
-            elif msg_type == m.PARAMETER_STATUS:
-                self.session.note_parameter(region[start + HEADER_SIZE : end])
-                self._digest = None
-            elif msg_type == m.ERROR_RESPONSE and outcome.relay:  # (a failed refresh of ours is not the client's)
-                self.session.note_error(region[start + HEADER_SIZE : end])
-                self.tx.on_error()
-        if not tracker.pending and self._drained is not None:
-            if not self._drained.done():
-                self._drained.set_result(None)
-            self._drained = None
-        if pieces is None:
-            self._write_client(region)
-        else:
-            pieces.append(region[last:])
-            self._write_client(b"".join(pieces))
-
-    def _transaction_ended(self, end: TxEnd) -> None:
-        """A transaction ended (the tracker says how): invalidate again what it wrote, so that no entry filled by
-        another session while the write was uncommitted survives, and tell the other proxies; store what was read
-        inside it if it committed; refresh write-through results; its portals are gone."""
-        service = self.service
-        if end.settings_changed:
-            # First, so that write-through refreshes below are keyed by the state they run in (a SET in the same
-            # batch as the write is in effect on the connection already).
-            self._digest = None
-            if end.discarded:
-                self._statements.clear()
-        for scope in end.writes:
-            service.invalidate(self.database, scope, counted=False, removed=self._stale)
-            if scope.ddl:
-                service.after_ddl(self.database)  # the committed schema, as other sessions now see it
-        if end.writes:
-            service.publish(self.database, end.writes)
-        for fill, value in end.fills:
-            self._store(fill, value)
-        if self._stale:
-            if end.committed and not end.chained and not self.tracker.pending:
-                self._refresh()
-            self._stale.clear()
-        self.registry.transaction_ended()
-
-    def _refresh(self) -> None:
-        """Write-through (write_through.py): run again, hottest first, within `write_through.concurrency` and the
-        budget, the results of `write_through` tables that this session's committed writes removed."""
-        service = self.service
-        if self._cache_use() != _ANSWER:
-            return
-        out: list[bytes] = []
-        budget = service.refresh_concurrency
-        for entry in write_through.candidates(self._stale, self.database, self.user, self._state_digest()):
-            key = entry.key
-            assert isinstance(key, keys.QueryKey | keys.ExecuteKey)
-            classified = service.classify(self.database, key.sql)
-            if classified.verdict.strategy != "write_through" or not self.tx.may_read(classified):
-                continue
-            if budget == 0 or not service.take_refresh():
-                service.observe_refresh("skipped")
-                continue
-            budget -= 1
-            leader = service.fill_in_flight(key) is None
-            if leader:  # readers that miss it meanwhile wait for this refresh rather than all asking upstream
-                service.begin_fill(key)
-                self._leading.add(key)
-            fill = Fill(key, entry.tables, self._tier.generations(entry.tables), classified.verdict.ttl, entry.query,
-                        entry.rule or "", leader)  # fmt: skip
-            messages, requests = write_through.refresh_requests(key, Capture(service.max_entry_size, fill))
-            out += messages
-            for pending in requests:
-                self._queue(pending)
-        if out:
-            self._write_upstream(b"".join(out))
-            # The refreshes used the unnamed statement and portal: the client's must be created again before use.
-            unnamed = self._statements.get("")
-            if unnamed is not None:
-                unnamed.upstream = False
-            self.registry.portals.pop("", None)
-
-    def _complete(self, pending: Pending) -> None:
-        request = pending.on_done
-        if isinstance(request, ParseDone):
-            if pending.seen_error:
-                if request.replay:
-                    request.statement.upstream = False
-                elif self._statements.get(request.name) is request.statement:
-                    del self._statements[request.name]
-            return
-        if isinstance(request, Request):
-            if request.scope is not None:
-                self._after_write(request.scope)
-            if request.changes_state and not pending.seen_error:
-                self.tx.state_changed(request.sql, discards_all=request.discards_all)
-            self.service.observe(request.kind, request.outcome, self.service.clock() - request.started, request.sql)
-        capture = pending.capture
-        if isinstance(request, Described) and capture is not None:
-            usable = not capture.failed and not pending.seen_error
-            if usable:
-                note_described(request.statement, capture.header)
-            else:
-                request.statement.description = None
-        if capture is None or pending.op is Op.DESCRIBE_PORTAL or not isinstance(capture.context, Fill):
-            return
-        fill = capture.context
-        try:
-            usable = not capture.failed and not pending.seen_error and bool(capture.header)
-            if usable and fill.deferred:
-                self.tx.read_in_block(fill, capture.value())
-                return
-            stored = usable and self._store(fill, capture.value())
-            if isinstance(request, Refresh):
-                self.service.observe_refresh("stored" if stored else "failed")
-        finally:
-            self._release_fill(capture)
-
-    def _store(self, fill: Fill, value: bytes) -> bool:
-        """Store a captured result, unless one of its tables was invalidated since its request was sent (the
-        generations taken then no longer match): by this session's transaction or by anyone else."""
-        return self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
-                              query=fill.query, rule=fill.rule, generations=fill.generations)  # fmt: skip
-
-    def _release_fill(self, capture: Capture) -> None:
-        """Give up the single-flight slot of a fill this session leads (waiters then look up, or go upstream)."""
-        fill = capture.context
-        if isinstance(fill, Fill) and fill.leader and fill.key in self._leading:
-            self._leading.discard(fill.key)
-            self.service.end_fill(fill.key)

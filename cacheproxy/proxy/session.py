@@ -133,7 +133,7 @@ class Session:
         self.upstream_key: tuple[int, bytes] | None = None
         self.parameters: dict[str, str] = {}
         # The transaction and settings state (its `status` changes only at ReadyForQuery, in `on_ready`).
-        self.transaction = TransactionTracker(session_id)
+        self.transaction = TransactionTracker(session_id, parameters=self.parameters)
         self.opened_at = time.monotonic()
         self._client_reader = reader
         self._client_writer = writer

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo, TxInfo, TxOp
+from cacheproxy.cache import keys
 from cacheproxy.cache.entry import base_table
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.errors import ProtocolViolation
@@ -50,7 +51,7 @@ class TxEnd:
     chained: bool  # COMMIT AND CHAIN: committed, and a new block is open
     writes: tuple[WriteScope, ...]  # what it wrote: invalidate again (another session may have refilled) and publish
     fills: tuple[tuple[Fill, bytes], ...]  # results read inside it, to store now (empty unless committed)
-    settings_changed: bool  # SET/RESET/DISCARD ALL applied: the key state digest must be taken again
+    settings_changed: bool  # SET/RESET/DISCARD ALL applied (state_digest changed)
     discarded: bool  # DISCARD ALL among them: prepared statements are gone too
 
 
@@ -68,6 +69,9 @@ class TransactionTracker:
         "_failed",
         "_fills",
         "_state_changes",
+        "digest",
+        "epoch",
+        "parameters",
         "reads_cache",
         "session_id",
         "set_history",
@@ -80,9 +84,17 @@ class TransactionTracker:
         "writes",
     )
 
-    def __init__(self, session_id: int = 0, startup: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        session_id: int = 0,
+        startup: Mapping[str, str] | None = None,
+        parameters: Mapping[str, str] | None = None,
+    ) -> None:
         self.session_id = session_id  # for the log
         self.startup: Mapping[str, str] = startup or {}  # the StartupMessage parameters (any GUC may come there)
+        self.parameters: Mapping[str, str] = parameters if parameters is not None else {}  # reported by the server
+        self.epoch = ""  # the cache service's settings epoch when the session started (see state_digest)
+        self.digest: bytes | None = None  # state_digest(), until the state changes
         self.status: TxStatus = IDLE
         # Why the session's settings can no longer be known (None: they are): then it never uses the cache again.
         self.uncertain: str | None = None
@@ -98,6 +110,20 @@ class TransactionTracker:
         self._fills: list[tuple[Fill, bytes]] = []  # results read in the open block, stored if it commits
         self.unsynced = False  # extended messages forwarded since the last forwarded Sync (an implicit transaction)
         self.unsynced_write = False  # ... and one of them was not a cacheable read: the implicit transaction wrote
+
+    # -- the state that keys results ----------------------------------------------------------------------------
+
+    def state_digest(self) -> bytes:
+        """The digest of everything in this session's state that can change a result (cache/keys.py), cached until
+        a setting changes. The hot path reads `digest` first and calls this only when it is None."""
+        if self.digest is None:
+            startup = {**self.startup, "cacheproxy.settings_epoch": self.epoch}
+            self.digest = keys.state_digest(startup, self.parameters, self.set_history)
+        return self.digest
+
+    def parameter_reported(self) -> None:
+        """The server reported a parameter's new value (ParameterStatus): part of the state."""
+        self.digest = None
 
     # -- the one switch off ------------------------------------------------------------------------------------
 
@@ -259,6 +285,8 @@ class TransactionTracker:
                 else:
                     self.set_history.append(sql)
                 settings_changed = True
+            if settings_changed:
+                self.digest = None
         writes, fills = self.writes, self._fills
         if not writes and not fills and not settings_changed:
             return _PLAIN[committed * 2 + chained]

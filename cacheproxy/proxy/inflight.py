@@ -1,0 +1,255 @@
+"""InFlight: the requests one session has in flight upstream, and what their completion does: the ReplyTracker
+(which reply answers which request), the single-flight slots the session leads, stores of captured results,
+invalidations after writes, transaction ends (told by the TransactionTracker) and write-through refreshes.
+
+It also holds the one session-level decision of whether the cache may be used now (`cache_use`), since most of its
+conditions are about what is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from cacheproxy.cache import keys
+from cacheproxy.cache.entry import Entry
+from cacheproxy.cache.keys import CacheKey
+from cacheproxy.policy.verdict import WriteScope
+from cacheproxy.protocol import messages as m
+from cacheproxy.protocol.framing import HEADER_SIZE, Framer
+from cacheproxy.protocol.messages import IDLE, IN_BLOCK
+from cacheproxy.protocol.replies import Capture, Op, Pending, ReplyTracker
+from cacheproxy.protocol.statements import StatementRegistry, note_described
+from cacheproxy.proxy import write_through
+from cacheproxy.proxy.cache_service import CacheService
+from cacheproxy.proxy.interfaces import RelayHost
+from cacheproxy.proxy.requests import Described, Fill, ParseDone, Refresh, Request
+from cacheproxy.proxy.transaction import TxEnd
+
+# What `cache_use` decides, weakest first.
+NONE = 0  # the session may not use the cache now: forward, store nothing
+BLIND = 1  # it may, but its database's invalidation feed is down (or not up yet): forward, store nothing
+STORE = 2  # results read now may be stored, but nothing answered here: extended messages are in flight upstream
+ANSWER = 3  # answer from the cache, and store what is read
+
+
+class InFlight:
+    """The upstream side of one session's caching relay (see the module docstring)."""
+
+    def __init__(
+        self,
+        session: RelayHost,
+        service: CacheService,
+        registry: StatementRegistry,
+        write_upstream: Callable[[bytes], None],
+        write_client: Callable[[bytes], None],
+    ) -> None:
+        self.session = session
+        self.service = service
+        self._tier = service.tier
+        self.tx = session.transaction
+        self.registry = registry
+        self._statements = registry.statements
+        self.database = session.database
+        self.user = session.user
+        self._write_upstream = write_upstream
+        self._write_client = write_client
+        self.tracker = ReplyTracker()
+        self._up_framer = Framer(1 << 31)
+        self.leading: set[CacheKey] = set()  # keys whose single-flight slot this session holds
+        self.stale: list[Entry] = []  # entries this session's writes removed: refreshed once committed
+        self.drained: asyncio.Future[None] | None = None  # set when nothing is pending any more (someone waits)
+
+    def cache_use(self) -> int:
+        """The one decision of whether this session may use the cache now (per statement, `tx.may_read` adds what
+        the verdict and the transaction's rules say). Not while anything is pending upstream (its replies would be
+        overtaken, and the server's state is not known), nor inside a transaction block but one that may read the
+        cache, nor once the session's settings are unknown, nor after a write of an implicit transaction not yet
+        synced (its reads see it uncommitted), nor while the database's invalidation feed is down; and answers only
+        when no extended message went upstream since the last Sync."""
+        tx = self.tx
+        status = tx.status
+        if (
+            self.tracker.pending
+            or tx.uncertain is not None
+            or not (status is IDLE or (status is IN_BLOCK and tx.reads_cache))
+            or tx.unsynced_write
+        ):
+            return NONE
+        if self.database in self.service.blind:
+            return BLIND
+        if tx.unsynced or self.tracker.skipping:
+            return STORE
+        return ANSWER
+
+    def close(self) -> None:
+        """The session ended: release every single-flight slot it held, so that waiters go upstream themselves.
+        Writes whose outcome it will never read (sent, or done in a transaction still open) may have committed:
+        invalidate and publish them as if they had (merely safe if they did not)."""
+        for key in self.leading:
+            self.service.end_fill(key)
+        self.leading.clear()
+        unknown = [p.on_done.scope for p in self.tracker.pending if isinstance(p.on_done, Request) and p.on_done.scope]
+        unknown += self.tx.writes
+        if unknown:
+            for scope in unknown:
+                self.service.invalidate(self.database, scope, counted=False)
+            self.service.publish(self.database, unknown)
+            self.tx.writes.clear()
+
+    def queue(self, pending: Pending) -> None:
+        """Track a request sent upstream; one the server will discard (after an error, before a Sync) completes
+        at once, so that its invalidation and its single-flight slot are not left waiting for a reply."""
+        if not self.tracker.expect(pending):
+            self.complete(pending)
+
+    def after_write(self, scope: WriteScope) -> None:
+        self.service.invalidate(self.database, scope, removed=self.stale)
+        if scope.ddl:
+            self.service.after_ddl(self.database)
+        # Again when the transaction ends (explicit, or the implicit one of an extended batch up to its Sync).
+        self.tx.wrote(scope)
+
+    # -- upstream -> client ----------------------------------------------------------------------------------
+
+    def on_upstream_data(self, data: bytes) -> None:
+        region, frames = self._up_framer.feed(data)
+        tracker = self.tracker
+        pieces: list[bytes] | None = None
+        last = 0
+        for msg_type, start, end in frames:
+            outcome = tracker.on_message(msg_type, region, start, end)
+            if not outcome.relay:
+                if pieces is None:
+                    pieces = []
+                pieces.append(region[last:start])
+                last = end
+            # Invalidate and store as each request completes, all before the client sees any of these bytes:
+            # its next query must find the cache current.
+            for pending in outcome.done:
+                self.complete(pending)
+            if msg_type == m.READY_FOR_QUERY:
+                ended = self.tx.on_ready(region[start + HEADER_SIZE : start + HEADER_SIZE + 1])
+                if ended is not None:
+                    self._transaction_ended(ended)
+            elif msg_type == m.PARAMETER_STATUS:
+                self.session.note_parameter(region[start + HEADER_SIZE : end])
+                self.tx.parameter_reported()
+            elif msg_type == m.ERROR_RESPONSE and outcome.relay:  # (a failed refresh of ours is not the client's)
+                self.session.note_error(region[start + HEADER_SIZE : end])
+                self.tx.on_error()
+        if not tracker.pending and self.drained is not None:
+            if not self.drained.done():
+                self.drained.set_result(None)
+            self.drained = None
+        if pieces is None:
+            self._write_client(region)
+        else:
+            pieces.append(region[last:])
+            self._write_client(b"".join(pieces))
+
+    def _transaction_ended(self, end: TxEnd) -> None:
+        """A transaction ended (the tracker says how): invalidate again what it wrote, so that no entry filled by
+        another session while the write was uncommitted survives, and tell the other proxies; store what was read
+        inside it if it committed; refresh write-through results; its portals are gone."""
+        service = self.service
+        if end.discarded:
+            self._statements.clear()  # DISCARD ALL (the tracker already took the new state for refreshes below)
+        for scope in end.writes:
+            service.invalidate(self.database, scope, counted=False, removed=self.stale)
+            if scope.ddl:
+                service.after_ddl(self.database)  # the committed schema, as other sessions now see it
+        if end.writes:
+            service.publish(self.database, end.writes)
+        for fill, value in end.fills:
+            self.store(fill, value)
+        if self.stale:
+            if end.committed and not end.chained and not self.tracker.pending:
+                self._refresh()
+            self.stale.clear()
+        self.registry.transaction_ended()
+
+    def _refresh(self) -> None:
+        """Write-through (write_through.py): run again, hottest first, within `write_through.concurrency` and the
+        budget, the results of `write_through` tables that this session's committed writes removed."""
+        service = self.service
+        if self.cache_use() != ANSWER:
+            return
+        out: list[bytes] = []
+        budget = service.refresh_concurrency
+        for entry in write_through.candidates(self.stale, self.database, self.user, self.tx.state_digest()):
+            key = entry.key
+            assert isinstance(key, keys.QueryKey | keys.ExecuteKey)
+            classified = service.classify(self.database, key.sql)
+            if classified.verdict.strategy != "write_through" or not self.tx.may_read(classified):
+                continue
+            if budget == 0 or not service.take_refresh():
+                service.observe_refresh("skipped")
+                continue
+            budget -= 1
+            leader = service.fill_in_flight(key) is None
+            if leader:  # readers that miss it meanwhile wait for this refresh rather than all asking upstream
+                service.begin_fill(key)
+                self.leading.add(key)
+            fill = Fill(key, entry.tables, self._tier.generations(entry.tables), classified.verdict.ttl, entry.query,
+                        entry.rule or "", leader)  # fmt: skip
+            messages, requests = write_through.refresh_requests(key, Capture(service.max_entry_size, fill))
+            out += messages
+            for pending in requests:
+                self.queue(pending)
+        if out:
+            self._write_upstream(b"".join(out))
+            # The refreshes used the unnamed statement and portal: the client's must be created again before use.
+            unnamed = self._statements.get("")
+            if unnamed is not None:
+                unnamed.upstream = False
+            self.registry.portals.pop("", None)
+
+    def complete(self, pending: Pending) -> None:
+        request = pending.on_done
+        if isinstance(request, ParseDone):
+            if pending.seen_error:
+                if request.replay:
+                    request.statement.upstream = False
+                elif self._statements.get(request.name) is request.statement:
+                    del self._statements[request.name]
+            return
+        if isinstance(request, Request):
+            if request.scope is not None:
+                self.after_write(request.scope)
+            if request.changes_state and not pending.seen_error:
+                self.tx.state_changed(request.sql, discards_all=request.discards_all)
+            self.service.observe(request.kind, request.outcome, self.service.clock() - request.started, request.sql)
+        capture = pending.capture
+        if isinstance(request, Described) and capture is not None:
+            usable = not capture.failed and not pending.seen_error
+            if usable:
+                note_described(request.statement, capture.header)
+            else:
+                request.statement.description = None
+        if capture is None or pending.op is Op.DESCRIBE_PORTAL or not isinstance(capture.context, Fill):
+            return
+        fill = capture.context
+        try:
+            usable = not capture.failed and not pending.seen_error and bool(capture.header)
+            if usable and fill.deferred:
+                self.tx.read_in_block(fill, capture.value())
+                return
+            stored = usable and self.store(fill, capture.value())
+            if isinstance(request, Refresh):
+                self.service.observe_refresh("stored" if stored else "failed")
+        finally:
+            self.release_fill(capture)
+
+    def store(self, fill: Fill, value: bytes) -> bool:
+        """Store a captured result, unless one of its tables was invalidated since its request was sent (the
+        generations taken then no longer match): by this session's transaction or by anyone else."""
+        return self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
+                              query=fill.query, rule=fill.rule, generations=fill.generations)  # fmt: skip
+
+    def release_fill(self, capture: Capture) -> None:
+        """Give up the single-flight slot of a fill this session leads (waiters then look up, or go upstream)."""
+        fill = capture.context
+        if isinstance(fill, Fill) and fill.leader and fill.key in self.leading:
+            self.leading.discard(fill.key)
+            self.service.end_fill(fill.key)
