@@ -31,8 +31,8 @@ from cacheproxy.cache.entry import TableId
 from cacheproxy.cache.keys import CacheKey
 from cacheproxy.config import LimitsConfig
 from cacheproxy.errors import ProtocolViolation
-from cacheproxy.policy.classify import Classified, dependencies, row_scope
-from cacheproxy.policy.verdict import WriteScope, write_scope
+from cacheproxy.policy.classify import Classified, dependencies
+from cacheproxy.policy.verdict import WriteScope
 from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer
@@ -168,7 +168,7 @@ class CachingRelay:
         elif msg_type == m.FUNCTION_CALL:
             # A fast-path call can run any function: assume it wrote anything.
             scope = WriteScope(frozenset(), True, "FunctionCall", code="function_call")
-            self._before_write(scope)
+            self.inflight.before_write(scope)
             # It may as well have changed settings (set_config() through the fast path): unknowable from here.
             self.tx.stop_caching("a FunctionCall ran")
             request = Request(scope, "other", "bypass", self.service.clock(), b"<FunctionCall>")
@@ -216,7 +216,7 @@ class CachingRelay:
         else:
             if self._statement_only_here(classified, out):
                 return True
-            scope, changes_state = self._note_effects(classified, sql, idle=not self.tracker.pending)
+            scope, changes_state = self.inflight.before_send(classified, sql, idle=not self.tracker.pending)
         request = Request(scope, KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
         if changes_state:
             request.changes_state = True
@@ -340,41 +340,6 @@ class CachingRelay:
             self.session.run_guarded(self._drain_inbox)
 
         self.session.spawn(wait())
-
-    # -- what a statement does to the session and the cache ---------------------------------------------------
-
-    def _note_effects(
-        self, classified: Classified, sql: bytes, *, idle: bool, bind: fe.Bind | None = None,
-        param_types: tuple[int, ...] = (),
-    ) -> tuple[WriteScope | None, bool]:  # fmt: skip
-        """Before a non-cached statement goes upstream: tell the transaction tracker, note SQL PREPARE/DEALLOCATE,
-        and invalidate what it may write. `idle`: nothing else was pending and no transaction block was open when
-        it was sent; `bind`: its Bind, for extended protocol (a point write's key may be a parameter).
-        Returns the write scope, and whether the statement, once it succeeds, changes the session's state."""
-        info = classified.info
-        service = self.service
-        catalog = service.last_catalog(self.database)
-        changes_state = self.tx.on_statement(info, idle=idle, catalog=catalog)
-        for statement in info.statements or (info,):
-            if statement.prepares is not None:
-                self.registry.prepared_in_sql(statement.prepares)
-            elif statement.deallocates_all or statement.deallocates is not None:
-                self.registry.deallocated(statement.deallocates)
-        scope = row_scope(classified, write_scope(info, catalog), bind.arguments if bind is not None else None,
-                          param_types, fe.bind_parameter)  # fmt: skip
-        if info.alters_role_settings:
-            service.role_settings_changed(self.database)
-        if scope.ddl:
-            # Decide nothing with the old catalog from now on; it is read again once the DDL has completed.
-            service.schema_changing(self.database)
-        if scope.empty:
-            return None, changes_state
-        self._before_write(scope)
-        return scope, changes_state
-
-    def _before_write(self, scope: WriteScope) -> None:
-        """Invalidate before the write is sent: fills already in flight for these tables will not be stored."""
-        self.service.invalidate(self.database, scope, counted=False, removed=self._stale)
 
     # -- extended protocol ----------------------------------------------------------------------------------
 
@@ -594,7 +559,7 @@ class CachingRelay:
                         out.append(fe.encode_describe("P", execute.portal))
                         self._queue(Pending(Op.DESCRIBE_PORTAL, strip=True, capture=capture))
             elif info.kind is not Kind.READ or not classified.verdict.cacheable:
-                on_done, changes_state = self._note_effects(
+                on_done, changes_state = self.inflight.before_send(
                     classified, portal.statement.query, idle=idle, bind=portal.bind,
                     param_types=key_types(portal.statement),
                 )  # fmt: skip
@@ -606,7 +571,7 @@ class CachingRelay:
             on_done = WriteScope(
                 frozenset(), True, "Execute of a statement the proxy cannot see", code="unknown_effects"
             )
-            self._before_write(on_done)
+            self.inflight.before_write(on_done)
             self.tx.sent_write()
         executed.add(execute.portal)
         query = portal.statement.query if portal is not None else b"<unknown portal>"

@@ -1,6 +1,8 @@
-"""InFlight: the requests one session has in flight upstream, and what their completion does: the ReplyTracker
-(which reply answers which request), the single-flight slots the session leads, stores of captured results,
-invalidations after writes, transaction ends (told by the TransactionTracker) and write-through refreshes.
+"""InFlight: the requests one session has in flight upstream, what each does to the session and the cache before it
+is sent (`before_send`: the transaction tracker told, SQL PREPARE/DEALLOCATE noted, its writes invalidated) and when
+it completes: the ReplyTracker (which reply answers which request), the single-flight slots the session leads, stores
+of captured results, invalidations after writes, transaction ends (told by the TransactionTracker) and write-through
+refreshes.
 
 It also holds the one session-level decision of whether the cache may be used now (`cache_use`), since most of its
 conditions are about what is in flight.
@@ -14,7 +16,9 @@ from collections.abc import Callable
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry
 from cacheproxy.cache.keys import CacheKey
-from cacheproxy.policy.verdict import WriteScope
+from cacheproxy.policy.classify import Classified, row_scope
+from cacheproxy.policy.verdict import WriteScope, write_scope
+from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer
 from cacheproxy.protocol.messages import IDLE, IN_BLOCK
@@ -96,6 +100,41 @@ class InFlight:
                 self.service.invalidate(self.database, scope, counted=False)
             self.service.publish(self.database, unknown)
             self.tx.writes.clear()
+
+    # -- before a request goes upstream -----------------------------------------------------------------------
+
+    def before_send(
+        self, classified: Classified, sql: bytes, *, idle: bool, bind: fe.Bind | None = None,
+        param_types: tuple[int, ...] = (),
+    ) -> tuple[WriteScope | None, bool]:  # fmt: skip
+        """Before a non-cached statement goes upstream: tell the transaction tracker, note SQL PREPARE/DEALLOCATE,
+        and invalidate what it may write. `idle`: nothing else was pending and no transaction block was open when
+        it was sent; `bind`: its Bind, for extended protocol (a point write's key may be a parameter).
+        Returns the write scope, and whether the statement, once it succeeds, changes the session's state."""
+        info = classified.info
+        service = self.service
+        catalog = service.last_catalog(self.database)
+        changes_state = self.tx.on_statement(info, idle=idle, catalog=catalog)
+        for statement in info.statements or (info,):
+            if statement.prepares is not None:
+                self.registry.prepared_in_sql(statement.prepares)
+            elif statement.deallocates_all or statement.deallocates is not None:
+                self.registry.deallocated(statement.deallocates)
+        scope = row_scope(classified, write_scope(info, catalog), bind.arguments if bind is not None else None,
+                          param_types, fe.bind_parameter)  # fmt: skip
+        if info.alters_role_settings:
+            service.role_settings_changed(self.database)
+        if scope.ddl:
+            # Decide nothing with the old catalog from now on; it is read again once the DDL has completed.
+            service.schema_changing(self.database)
+        if scope.empty:
+            return None, changes_state
+        self.before_write(scope)
+        return scope, changes_state
+
+    def before_write(self, scope: WriteScope) -> None:
+        """Invalidate before the write is sent: fills already in flight for these tables will not be stored."""
+        self.service.invalidate(self.database, scope, counted=False, removed=self.stale)
 
     def queue(self, pending: Pending) -> None:
         """Track a request sent upstream; one the server will discard (after an error, before a Sync) completes

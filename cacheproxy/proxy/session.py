@@ -44,6 +44,13 @@ from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.interfaces import ConsoleSession
 from cacheproxy.proxy.link import Link
+from cacheproxy.proxy.streams import (
+    MAX_STARTUP_MESSAGE,
+    drain_stream_buffer,
+    peer_name,
+    read_message,
+    read_upstream_message,
+)
 from cacheproxy.proxy.transaction import TransactionTracker
 from cacheproxy.upstream import connection_lost_error, open_upstream
 
@@ -52,8 +59,6 @@ log = logging.getLogger("cacheproxy.session")
 # Authentication requests after which the server waits for nothing from the client (AuthenticationOk and
 # AuthenticationSASLFinal); every other request code expects one PasswordMessage-family reply.
 _NO_REPLY_AUTH = frozenset((m.AUTH_OK, m.AUTH_SASL_FINAL))
-# Upstream messages during authentication are small; anything bigger is not a PostgreSQL server.
-_MAX_STARTUP_MESSAGE = 1 << 20
 # PostgreSQL's own message-size ceiling (1 GB for a field, plus headers): server messages are trusted up to it.
 _MAX_BACKEND_MESSAGE = (1 << 30) + (1 << 20)
 _CLOSE_GRACE = 5.0
@@ -124,7 +129,7 @@ class Session:
     ) -> None:
         self.server = server
         self.id = session_id
-        self.peer = _peer_name(writer)
+        self.peer = peer_name(writer)
         self.tls = False  # the client's connection is encrypted (it asked, and tls.mode allows it)
         self.startup: StartupMessage | None = None
         self.phase = Phase.STARTUP
@@ -333,7 +338,7 @@ class Session:
         client = self._client_writer
         up_writer.write(startup.raw)
         while True:
-            msg_type, body = await _read_upstream_message(up_reader)
+            msg_type, body = await read_upstream_message(up_reader)
             if msg_type == m.AUTHENTICATION:
                 code = m.auth_code(body)
                 client.write(_client_auth_request(code, body))
@@ -354,7 +359,7 @@ class Session:
         """Forward the client's one reply (password, SASL or GSS response) to an authentication request."""
         assert self._up_writer is not None
         await self._client_writer.drain()
-        msg_type, body = await _read_message(self._client_reader, _MAX_STARTUP_MESSAGE)
+        msg_type, body = await read_message(self._client_reader, MAX_STARTUP_MESSAGE)
         if msg_type != m.PASSWORD:
             raise ProtocolViolation(f"expected an authentication response, got message type {chr(msg_type)!r}")
         self._up_writer.write(encode(b"p", body))
@@ -363,7 +368,7 @@ class Session:
         """After AuthenticationOk: relay ParameterStatus and notices, swap in our BackendKeyData, up to 'Z'."""
         client = self._client_writer
         while True:
-            msg_type, body = await _read_upstream_message(up_reader)
+            msg_type, body = await read_upstream_message(up_reader)
             if msg_type == m.BACKEND_KEY_DATA:
                 # The client cancels through us, so it gets our key; the upstream's stays here (see forward_cancel).
                 self.upstream_key = m.decode_backend_key_data(body)
@@ -389,8 +394,8 @@ class Session:
         loop = asyncio.get_running_loop()
         self._relay_end = loop.create_future()
         # Bytes the streams read ahead of the protocol swap would be lost with them: relay them first.
-        client_early = _drain_stream_buffer(self._client_reader)
-        upstream_early = _drain_stream_buffer(self._up_reader)
+        client_early = drain_stream_buffer(self._client_reader)
+        upstream_early = drain_stream_buffer(self._up_reader)
         # uvloop's transports implement asyncio.Transport without subclassing it.
         client_transport = cast(asyncio.Transport, self._client_writer.transport)
         up_transport = cast(asyncio.Transport, self._up_writer.transport)
@@ -602,34 +607,3 @@ def _client_auth_request(code: int, body: bytes) -> bytes:
     if code == m.AUTH_SASL:
         return m.authentication_sasl([mech for mech in m.sasl_mechanisms(body) if not mech.endswith("-PLUS")])
     return encode(b"R", body)
-
-
-async def _read_message(reader: asyncio.StreamReader, max_size: int) -> tuple[int, bytes]:
-    """Read one whole message (startup and authentication phases only, where messages are few and small)."""
-    header = await reader.readexactly(HEADER_SIZE)
-    length = int.from_bytes(header[1:5], "big")
-    if length < 4 or length > max_size:
-        raise ProtocolViolation(f"invalid message length {length} for message type {chr(header[0])!r}")
-    return header[0], await reader.readexactly(length - 4)
-
-
-async def _read_upstream_message(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    try:
-        return await _read_message(reader, _MAX_STARTUP_MESSAGE)
-    except (ConnectionError, asyncio.IncompleteReadError) as exc:
-        raise connection_lost_error() from exc
-
-
-def _drain_stream_buffer(reader: asyncio.StreamReader) -> bytes:
-    """Whatever a StreamReader already holds, without waiting (the relay takes over its transport next)."""
-    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
-    data = bytes(buffer)
-    buffer.clear()
-    return data
-
-
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer or "unknown")

@@ -96,3 +96,18 @@ def test_the_core_does_not_import_the_asyncio_layers() -> None:
         if target.startswith(outer)
     }
     assert wrong == set()
+
+
+def test_the_protocol_neutral_core_knows_no_wire_protocol() -> None:
+    """cache/, policy/ and analysis/ are shared by every wire protocol (PostgreSQL's today, MySQL's next): they never
+    import protocol/ (PostgreSQL v3)."""
+    graph = import_graph()
+    neutral = ("cacheproxy.cache", "cacheproxy.policy", "cacheproxy.analysis")
+    wrong = {
+        (module, target)
+        for module, targets in graph.items()
+        if module.startswith(neutral)
+        for target in targets
+        if target.startswith("cacheproxy.protocol")
+    }
+    assert wrong == set()
