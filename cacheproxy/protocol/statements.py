@@ -31,17 +31,24 @@ class Portal:
     bind: fe.Bind
 
 
+# A portal bound by a batch answered here that ended in a Flush (it lives until the Sync): its statement, its Bind,
+# and the row limit of the Execute answered here if any. Bound (and run to that point) upstream before any forwarded
+# message could use it.
+LocalPortal = tuple[Statement, fe.Bind, int | None]
+
+
 class StatementRegistry:
     """The statements and portals of one session. `statements` and `portals` are plain dicts, read directly by the
     hot path; the changes that follow a rule (the statement limit, DISCARD ALL, SQL PREPARE / DEALLOCATE, the end of
     a transaction) are methods here."""
 
-    __slots__ = ("executed", "max_statements", "portals", "statements")
+    __slots__ = ("executed", "local_portals", "max_statements", "portals", "statements")
 
     def __init__(self, max_statements: int) -> None:
         self.statements: dict[str, Statement] = {}
-        self.portals: dict[str, Portal] = {}
+        self.portals: dict[str, Portal] = {}  # portals that exist upstream
         self.executed: set[str] = set()  # portals executed since their Bind: a further Execute continues them
+        self.local_portals: dict[str, LocalPortal] = {}  # portals that exist only here, until the Sync
         self.max_statements = max_statements
 
     def check_limit(self, name: str, adding: int = 0) -> None:

@@ -22,36 +22,36 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
-from cacheproxy.analysis.lexer import names_time_word
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
-from cacheproxy.cache.entry import TableId
+from cacheproxy.cache.entry import Entry
 from cacheproxy.cache.keys import CacheKey
 from cacheproxy.config import LimitsConfig
 from cacheproxy.errors import ProtocolViolation
 from cacheproxy.policy.classify import Classified, dependencies
 from cacheproxy.policy.verdict import WriteScope
-from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer
 from cacheproxy.protocol.messages import IDLE
 from cacheproxy.protocol.replies import Capture, Op, Pending
-from cacheproxy.protocol.statements import Portal, Statement, StatementRegistry, key_types
+from cacheproxy.protocol.statements import Statement, StatementRegistry
 from cacheproxy.proxy import local_answers
 from cacheproxy.proxy.admin_console import is_admin_command
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.explain import explain_rows
-from cacheproxy.proxy.inflight import ANSWER, NONE, STORE, InFlight
+from cacheproxy.proxy.inflight import ANSWER, NONE, InFlight
 from cacheproxy.proxy.interfaces import RelayHost
-from cacheproxy.proxy.local_answers import WAIT, Wait
-from cacheproxy.proxy.requests import KIND_LABELS, Described, Fill, ParseDone, Request
+from cacheproxy.proxy.local_answers import WAIT
+from cacheproxy.proxy.requests import KIND_LABELS, Fill, Request
 
 log = logging.getLogger("cacheproxy.caching")
 
 # A batch held for a Sync is forwarded anyway past this many messages, or limits.max_pipeline_bytes.
 _MAX_BATCH_MESSAGES = 512
+# PostgreSQL's output buffer (PQ_SEND_BUFFER_SIZE): it sends replies before a Sync or Flush only once this fills.
+_SERVER_OUTPUT_BUFFER = 8192
 # How long a miss waits for another session's fill of the same key before asking upstream itself.
 _SINGLE_FLIGHT_WAIT = 2.0
 # How long a session waits for its database's catalog before deciding without the cache.
@@ -93,6 +93,8 @@ class CachingRelay:
         self._cache_use = self.inflight.cache_use
         self._queue = self.inflight.queue
         self.on_upstream_data = self.inflight.on_upstream_data
+        # Lookups.count: a hit or miss is counted once its outcome is known.
+        self.count: Callable[[Hashable, Entry | None], None] = self._tier.count
         self._client_framer = Framer(limits.max_message_size)
         self._max_batch_bytes = limits.max_pipeline_bytes
         self._inbox: deque[tuple[int, bytes]] = deque()
@@ -132,6 +134,17 @@ class CachingRelay:
                 break  # waiting: the message stays at the head and is dispatched again after the wait
             inbox.popleft()
             self._waited = False
+        # The client sent all it has and no Sync or Flush ends the batch: the server would run each message as it
+        # arrives (and send an error at once), so a client that waits now must not wait for us. Held still only if
+        # the cache can answer it all: the server would then have sent nothing yet either.
+        if (
+            self._batch
+            and not inbox
+            and not self._waiting
+            and not self._client_framer.buffered
+            and not self._held_batch_answerable()
+        ):
+            self._forward_batch(out)
         if out:
             self._write_upstream(b"".join(out))
 
@@ -188,6 +201,7 @@ class CachingRelay:
         if is_admin_command(sql):
             return self._on_admin_command(sql, message, out)
         self._statements.pop("", None)  # a simple Query replaces the unnamed statement (and portal)
+        self.registry.local_portals = {}  # ... and ends the implicit transaction its portals lived in
         classified = self._classify(sql)
         if classified is None:
             return False
@@ -203,14 +217,15 @@ class CachingRelay:
             and self.tx.may_read(classified)
         ):
             key = keys.query_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), sql)
-            entry = self._tier.get(key, started)
+            entry = self._tier.get(key, started, count_miss=False)
             if entry is not None:
                 self._write_client(entry.value + self.tx.status.ready)
                 self.service.observe_hit(classified.verdict.tables)
                 return True
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
-                return False
+                return False  # (a miss is counted once, when the query goes upstream)
+            self._tier.count(key, None)
             capture = Capture(self.service.max_entry_size, fill)
             self.service.observe_miss(classified.verdict.tables)
         else:
@@ -224,6 +239,8 @@ class CachingRelay:
         self._queue(Pending(Op.QUERY, capture=capture, on_done=request))
         self.tx.sent_query()  # a Query ends any implicit transaction
         out.append(message)
+        if self.tx.probe_wanted:
+            self.inflight.probe_isolation(out)
         return True
 
     def _statement_only_here(self, classified: Classified, out: list[bytes]) -> bool:
@@ -247,7 +264,7 @@ class CachingRelay:
                 continue
             # EXECUTE of it: create it upstream first, closed by its own Sync so that a failing Parse does not make
             # the server discard the Query behind it.
-            self._replay(name, existing, out)
+            self.inflight.replay(name, existing, out)
             out.append(_SYNC)
             self._queue(Pending(Op.SYNC, strip=True))
         return False
@@ -309,14 +326,7 @@ class CachingRelay:
             service.begin_fill(key)
             self._leading.add(key)
             leader = True
-        return self._fill(key, classified, dependencies(self.database, classified), sql, leader)
-
-    def _fill(
-        self, key: CacheKey, classified: Classified, tables: frozenset[TableId], sql: bytes, leader: bool
-    ) -> Fill:
-        verdict = classified.verdict
-        return Fill(key, tables, self._tier.generations(tables), verdict.ttl, sql.decode("utf-8", "replace"),
-                    verdict.rule, leader, deferred=self.tx.status is not IDLE)  # fmt: skip
+        return self.inflight.fill(key, classified, dependencies(self.database, classified), sql, leader)
 
     def _wait_for(
         self, awaitable: asyncio.Future[object] | asyncio.Task[object] | asyncio.Future[None], timeout: float
@@ -347,15 +357,18 @@ class CachingRelay:
         use = self._cache_use()
         if use != NONE and self._wait_for_catalog():
             return False  # the first batch of a session: its results are cacheable once the catalog is read
-        # A batch ending in Flush is answered here only if it binds no portal: the client may go on using a portal
-        # after a Flush, and it must then exist upstream. (Parse + Describe + Flush, a driver preparing, is fine.)
+        # A batch ending in Flush that binds a portal is answered here only outside a transaction block: the portal
+        # lives until the Sync, and is kept here until then (bound upstream if a forwarded message needs it).
         batch = self._batch
-        if use == ANSWER and (batch[-1][0] == m.SYNC or all(t != m.BIND for t, _ in batch)):
+        idle = self.tx.status is IDLE
+        if use == ANSWER and (batch[-1][0] == m.SYNC or idle or all(t != m.BIND for t, _ in batch)):
             try:
-                hot = local_answers.answer_hot(batch, self._statements, self.tx.status.ready, self)
+                hot = local_answers.answer_hot(batch, self._statements, self.tx.status.ready, idle, self)
                 if hot is False:
-                    answer = local_answers.answer_batch(batch, self.registry, self.tx.status.ready, self)
+                    answer = local_answers.answer_batch(batch, self.registry, self.tx.status.ready, idle, self)
                     hot = self._apply_answer(answer, out) if isinstance(answer, local_answers.Answer) else answer
+                elif hot:
+                    self.registry.local_portals = {}  # (a Sync ends the implicit transaction, and its portals)
             except ProtocolViolation:
                 hot = None  # a malformed message: the server will say what is wrong with it
             except Exception:
@@ -374,37 +387,61 @@ class CachingRelay:
         self._forward_batch(out)
         return True
 
+    def _held_batch_answerable(self) -> bool:
+        """The batch held so far (no Sync or Flush yet) could be answered here as it stands, and its replies would
+        fit in the server's output buffer (8 kB), which it would not send before a Sync or Flush."""
+        if self._cache_use() != ANSWER:
+            return False
+        try:
+            answer = local_answers.answer_batch(
+                self._batch, self.registry, self.tx.status.ready, self.tx.status is IDLE, self, dry_run=True
+            )
+        except Exception:  # a malformed message, or a lookup that failed: the server's to answer, now
+            return False
+        return isinstance(answer, local_answers.Answer) and 0 < len(answer.replies) < _SERVER_OUTPUT_BUFFER
+
+    def _forward_batch(self, out: list[bytes]) -> None:
+        self.inflight.forward_batch(self._batch, out)
+        self._batch.clear()
+        self._batch_bytes = 0
+
     def _apply_answer(self, answer: local_answers.Answer, out: list[bytes]) -> bytes:
-        """A batch answered whole by answer_batch: its effects on the session's statements."""
+        """A batch answered whole by answer_batch: its effects on the session's statements and portals."""
         self._statements.update(answer.parsed)
         for name in answer.closed:
             self._statements.pop(name, None)
+        self.registry.local_portals = answer.local_portals
         for name, statement in answer.created:
             # Create named statements upstream now, planned as they were described: after DDL the server then
             # refuses them (0A000) as it would without the proxy, instead of planning them afresh at their first
             # Bind and returning rows of a shape the client was never told.
-            self._replay(name, statement, out, quiet=True)
+            self.inflight.replay(name, statement, out, quiet=True)
             out.append(_SYNC)
             self._queue(Pending(Op.SYNC, strip=True, quiet=True))
         return answer.replies
 
     # Lookups for local_answers (called only when `_cache_use()` is ANSWER).
 
-    def result(self, statement: Statement, arguments: bytes, max_rows: int) -> bytes | Wait | None:
-        """The cached result of an Execute, or None; WAIT when another session fills that very key (once)."""
+    def result(self, statement: Statement, arguments: bytes, max_rows: int) -> Entry | None:
+        """The cached result of an Execute, or None (not counted: see Lookups.count)."""
         classified = self.service.classify(self.database, statement.query)
         if not self.tx.may_read(classified):
             return None  # a write, or a read not served here
         key = keys.execute_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), statement.query,
                                statement.param_types, arguments, max_rows)  # fmt: skip
-        entry = self._tier.get(key, self.service.clock())
-        if entry is not None:
-            return entry.value
+        return self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
+
+    def fill_in_flight(self, statement: Statement, arguments: bytes, max_rows: int) -> bool:
+        """After a miss: wait (once) when another session is filling that very key."""
+        if self._waited:
+            return False
+        key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
+                               statement.param_types, arguments, max_rows)  # fmt: skip
         in_flight = self.service.fill_in_flight(key)
-        if in_flight is not None and not self._waited:
-            self._wait_for(in_flight, _SINGLE_FLIGHT_WAIT)
-            return WAIT
-        return None
+        if in_flight is None:
+            return False
+        self._wait_for(in_flight, _SINGLE_FLIGHT_WAIT)
+        return True
 
     def description(self, statement: Statement) -> bytes | None:
         classified = self.service.classify(self.database, statement.query)
@@ -413,169 +450,5 @@ class CachingRelay:
         key = keys.describe_key(
             self.database, self.user, self.tx.state_digest(), statement.query, statement.param_types
         )
-        entry = self._tier.get(key, self.service.clock(), count_miss=False)
+        entry = self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
         return entry.value if entry is not None else None
-
-    def _forward_batch(self, out: list[bytes]) -> None:
-        """Forward the held batch, replaying statements that exist only here and arranging captures."""
-        described: dict[str, Capture | None] = {}
-        serve = self._cache_use() >= STORE
-        registry, tx = self.registry, self.tx
-        idle = not self.tracker.pending and tx.status is IDLE  # before this batch queues anything
-        for index, (msg_type, message) in enumerate(self._batch):
-            body = message[HEADER_SIZE:]
-            if msg_type == m.PARSE:
-                parse = fe.decode_parse(body)
-                registry.check_limit(parse.statement)
-                existing = self._statements.get(parse.statement)
-                if parse.statement and existing is not None and not existing.upstream:
-                    self._replay(parse.statement, existing, out)  # so that the server says "already exists"
-                statement = Statement(parse.query.encode("utf-8", "surrogateescape"), parse.param_types, upstream=True)
-                self._statements[parse.statement] = statement
-                # Taken back if the server refuses (or skips) the Parse: no statement by that name then exists.
-                self._queue(Pending(Op.PARSE, on_done=ParseDone(parse.statement, statement)))
-                out.append(message)
-            elif msg_type == m.BIND:
-                bind = fe.decode_bind(body)
-                bound = self._statements.get(bind.statement)
-                if bound is not None:
-                    if not bound.upstream:
-                        self._replay(bind.statement, bound, out)
-                    registry.portals[bind.portal] = Portal(bound, bind)
-                registry.executed.discard(bind.portal)
-                self._expect(Op.BIND, message, out)
-            elif msg_type == m.DESCRIBE:
-                describe = fe.decode_describe(body)
-                if describe.kind == "S":
-                    self._forward_describe_statement(describe.name, message, out, serve)
-                else:
-                    rows = local_answers.next_execute_rows(self._batch, index, describe.name)
-                    fresh = describe.name not in registry.executed and not tx.unsynced_write
-                    capture = (
-                        self._execute_capture(describe.name, rows) if serve and fresh and rows is not None else None
-                    )
-                    described[describe.name] = capture
-                    self._queue(Pending(Op.DESCRIBE_PORTAL, capture=capture))
-                    out.append(message)
-            elif msg_type == m.EXECUTE:
-                self._forward_execute(fe.decode_execute(body), message, out, described, serve, idle)
-            elif msg_type == m.CLOSE:
-                close = fe.decode_close(body)
-                (self._statements if close.kind == "S" else registry.portals).pop(close.name, None)
-                self._expect(Op.CLOSE, message, out)
-            elif msg_type == m.SYNC:
-                self._expect(Op.SYNC, message, out)
-            else:  # Flush
-                out.append(message)
-            tx.sent_extended(sync=msg_type == m.SYNC)
-        for unused in described.values():  # a Describe whose Execute did not capture: free its single-flight slot
-            if unused is not None:
-                unused.fail()
-                self.inflight.release_fill(unused)
-        self._batch.clear()
-        self._batch_bytes = 0
-
-    def _expect(self, op: Op, message: bytes, out: list[bytes]) -> None:
-        self._queue(Pending(op))
-        out.append(message)
-
-    def _replay(self, name: str, statement: Statement, out: list[bytes], *, quiet: bool = False) -> None:
-        """Create upstream a statement whose Parse was answered locally; its ParseComplete is not the client's
-        (nor, when `quiet`, an error: the statement then stays local, and its use will replay it again)."""
-        out.append(fe.encode_parse(name, statement.query.decode("utf-8", "surrogateescape"), statement.param_types))
-        statement.upstream = True
-        self._queue(Pending(Op.PARSE, strip=True, quiet=quiet, on_done=ParseDone(name, statement, replay=True)))
-
-    def _forward_describe_statement(self, name: str, message: bytes, out: list[bytes], serve: bool) -> None:
-        statement = self._statements.get(name)
-        capture: Capture | None = None
-        if statement is not None:
-            if not statement.upstream:
-                self._replay(name, statement, out)
-            classified = self.service.classify(self.database, statement.query)
-            if serve and self.tx.may_read(classified) and statement.query:
-                # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
-                tables = frozenset((self.database, name) for name in classified.verdict.tables)
-                key = keys.describe_key(self.database, self.user, self.tx.state_digest(), statement.query,
-                                        statement.param_types)  # fmt: skip
-                capture = Capture(self.service.max_entry_size, self._fill(key, classified, tables, statement.query,
-                                                                          leader=False))  # fmt: skip
-        if statement is not None and capture is None:
-            capture = Capture(self.service.max_entry_size)  # only to learn the statement's row description
-        on_done = Described(statement) if statement is not None else None
-        self._queue(Pending(Op.DESCRIBE_STATEMENT, capture=capture, on_done=on_done))
-        out.append(message)
-
-    def _execute_capture(self, portal_name: str, max_rows: int) -> Capture | None:
-        portal = self.registry.portals.get(portal_name)
-        if portal is None or not portal.statement.query:
-            return None
-        statement = portal.statement
-        classified = self.service.classify(self.database, statement.query)
-        if classified.info.kind is not Kind.READ or not self.tx.may_read(classified):
-            return None
-        if names_time_word(portal.bind.arguments):
-            return None  # a parameter such as 'now' is evaluated when the statement runs: never cache it
-        key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
-                               statement.param_types, portal.bind.arguments, max_rows)  # fmt: skip
-        leader = self.service.fill_in_flight(key) is None
-        if leader:
-            self.service.begin_fill(key)
-            self._leading.add(key)
-        tables = dependencies(self.database, classified, portal.bind.arguments, key_types(statement),
-                              fe.bind_parameter)  # fmt: skip
-        return Capture(self.service.max_entry_size, self._fill(key, classified, tables, statement.query, leader))
-
-    def _forward_execute(
-        self,
-        execute: fe.Execute,
-        message: bytes,
-        out: list[bytes],
-        described: dict[str, Capture | None],
-        serve: bool,
-        idle: bool,
-    ) -> None:
-        portal = self.registry.portals.get(execute.portal)
-        executed = self.registry.executed
-        capture: Capture | None = None
-        on_done: WriteScope | None = None
-        changes_state = discards_all = copy_from = False
-        kind = "other"
-        if portal is not None and portal.statement.query:
-            classified = self.service.classify(self.database, portal.statement.query)
-            info = classified.info
-            copy_from = info.copy_from_stdin
-            # Not after a write earlier in this batch (its reads see it uncommitted), nor a further Execute of a portal
-            # (it continues the result where the last one stopped).
-            fill = serve and not self.tx.unsynced_write and execute.portal not in executed
-            kind = KIND_LABELS[info.kind]
-            if info.kind is Kind.READ and fill and self.tx.may_read(classified):
-                if execute.portal in described:
-                    capture = described.pop(execute.portal)
-                else:
-                    capture = self._execute_capture(execute.portal, execute.max_rows)
-                    if capture is not None:
-                        # The result must carry its RowDescription: ask for it, and keep the answer from the client.
-                        out.append(fe.encode_describe("P", execute.portal))
-                        self._queue(Pending(Op.DESCRIBE_PORTAL, strip=True, capture=capture))
-            elif info.kind is not Kind.READ or not classified.verdict.cacheable:
-                on_done, changes_state = self.inflight.before_send(
-                    classified, portal.statement.query, idle=idle, bind=portal.bind,
-                    param_types=key_types(portal.statement),
-                )  # fmt: skip
-                discards_all = info.session is not None and info.session.op == "discard_all"
-                self.tx.sent_write()
-        else:
-            # A portal the proxy does not know, or a statement prepared with SQL PREPARE (its text unknown here):
-            # it may write anything.
-            on_done = WriteScope(
-                frozenset(), True, "Execute of a statement the proxy cannot see", code="unknown_effects"
-            )
-            self.inflight.before_write(on_done)
-            self.tx.sent_write()
-        executed.add(execute.portal)
-        query = portal.statement.query if portal is not None else b"<unknown portal>"
-        request = Request(on_done, kind, "miss" if capture else "bypass", self.service.clock(), query)
-        request.changes_state, request.discards_all = changes_state, discards_all
-        self._queue(Pending(Op.EXECUTE, capture=capture, on_done=request, copy_from=copy_from))
-        out.append(message)

@@ -1,6 +1,6 @@
 """What the relay remembers of each request it sends upstream, handed back by the ReplyTracker when the request
 completes: a result to store (Fill), a forwarded statement's effects (Request), a Parse or Describe to account for,
-a write-through refresh."""
+the proxy's own isolation probe, a write-through refresh."""
 
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ class Described:
     """A Describe of a statement sent upstream: its reply tells the client the statement's RowDescription."""
 
     statement: Statement
+
+
+class IsolationProbe:
+    """The proxy's own question, after a BEGIN that named no isolation level: which level the transaction has."""
+
+    __slots__ = ()
 
 
 @dataclass(slots=True)

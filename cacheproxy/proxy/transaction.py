@@ -13,9 +13,12 @@ Rules (PostgreSQL docs, "Transactions" and "Message Flow"):
   since the last ReadyForQuery (a COMMIT of a failed block, 'E', is a rollback); 'I' after 'I' ends an implicit
   transaction (a Query, or an extended batch up to its Sync), committed unless it failed.
 - 'T' after 'T' with a COMMIT sent and no error: COMMIT AND CHAIN, committed, and a new block opened.
-- A block may read the cache only when its BEGIN opened one whose statements each see the latest committed data
-  (READ COMMITTED, not READ ONLY DEFERRABLE, no default isolation set where the proxy cannot see it) and the catalog
-  allows it; SET LOCAL / SET TRANSACTION stop that until the block ends.
+- A block may read the cache only when its statements each see the latest committed data (READ COMMITTED): said by
+  its BEGIN, or, when the BEGIN names no isolation level, by the server, asked right behind it (`probe_wanted`,
+  `probe_sent`, `probe_answered`: the default may come from anywhere, ALTER SYSTEM to PGOPTIONS). SET LOCAL / SET
+  TRANSACTION stop that until the block ends.
+- Results read inside a block are stored if it commits; if it rolls back, those read before its first write (or
+  before its effects became unknown) are stored too: they are what autocommit reads would have read.
 - SET/RESET/DISCARD ALL become part of the key state at the next ReadyForQuery if nothing failed before it and no
   block is open then; inside a block (it may yet roll back) or a pipeline, the state is unknowable: stop caching.
 """
@@ -34,12 +37,12 @@ from cacheproxy.errors import ProtocolViolation
 from cacheproxy.policy.classify import Classified
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope
 from cacheproxy.protocol.messages import IDLE, IN_BLOCK, TX_STATUS_OF, TxStatus
-from cacheproxy.proxy.requests import Fill
+from cacheproxy.proxy.requests import Fill, IsolationProbe
 
 log = logging.getLogger("cacheproxy.caching")
 
 # Isolation levels under which every statement sees the latest committed data, as a cached result does.
-_FRESH_ISOLATION = (None, "read committed", "read uncommitted")
+FRESH_ISOLATION = ("read committed", "read uncommitted")
 _SET_CONFIG = ("set_config", "pg_catalog.set_config")
 
 
@@ -50,7 +53,7 @@ class TxEnd:
     committed: bool
     chained: bool  # COMMIT AND CHAIN: committed, and a new block is open
     writes: tuple[WriteScope, ...]  # what it wrote: invalidate again (another session may have refilled) and publish
-    fills: tuple[tuple[Fill, bytes], ...]  # results read inside it, to store now (empty unless committed)
+    fills: tuple[tuple[Fill, bytes], ...]  # results read inside it, to store now (see the rules above)
     settings_changed: bool  # SET/RESET/DISCARD ALL applied (state_digest changed)
     discarded: bool  # DISCARD ALL among them: prepared statements are gone too
 
@@ -65,6 +68,7 @@ class TransactionTracker:
     __slots__ = (
         "_begin_fresh",
         "_begin_sent",
+        "_clean_fills",
         "_commit_sent",
         "_failed",
         "_fills",
@@ -72,6 +76,8 @@ class TransactionTracker:
         "digest",
         "epoch",
         "parameters",
+        "probe",
+        "probe_wanted",
         "reads_cache",
         "session_id",
         "set_history",
@@ -108,6 +114,11 @@ class TransactionTracker:
         self.temp_tables: set[str] = set()  # created by this session: a read naming one is never cached
         self.writes: list[WriteScope] = []  # written in the transaction open now (explicit or implicit)
         self._fills: list[tuple[Fill, bytes]] = []  # results read in the open block, stored if it commits
+        # How many of `_fills` were read before the block's first write (None: it wrote nothing): those read what an
+        # autocommit read would have, and are stored even if the block rolls back.
+        self._clean_fills: int | None = None
+        self.probe_wanted = False  # a BEGIN that names no isolation level was sent: ask the server which it is
+        self.probe: IsolationProbe | None = None  # the question in flight, for the block opened last
         self.unsynced = False  # extended messages forwarded since the last forwarded Sync (an implicit transaction)
         self.unsynced_write = False  # ... and one of them was not a cacheable read: the implicit transaction wrote
 
@@ -168,7 +179,7 @@ class TransactionTracker:
         changes_state = False
         for statement in info.statements or (info,):
             if statement.tx is not None:
-                self._on_transaction_control(statement.tx, catalog)
+                self._on_transaction_control(statement.tx)
             if statement.session is not None:
                 changes_state = self._on_session_change(statement.session.op, idle=idle and info.statement_count == 1)
             if statement.kind is Kind.OTHER and UNKNOWN_TABLE in statement.writes:
@@ -181,28 +192,36 @@ class TransactionTracker:
                 self.stop_caching(f"{function}() may have changed settings the proxy cannot see")
         return changes_state
 
-    def _on_transaction_control(self, tx: TxInfo, catalog: Catalog | None) -> None:
+    def _on_transaction_control(self, tx: TxInfo) -> None:
         if tx.op is TxOp.BEGIN:
-            self._begin_fresh = self._fresh_transaction(tx, catalog)
+            # READ ONLY DEFERRABLE matters only under SERIALIZABLE. With no level named, the default decides, and the
+            # proxy cannot know it (ALTER SYSTEM, postgresql.conf, ALTER DATABASE/ROLE SET, PGOPTIONS, a SET in a
+            # function...): the server is asked.
+            self._begin_fresh = tx.isolation in FRESH_ISOLATION
+            self.probe_wanted = tx.isolation is None
             self._begin_sent = True
         elif tx.op is TxOp.COMMIT:
             self._commit_sent = True
 
-    def _fresh_transaction(self, tx: TxInfo, catalog: Catalog | None) -> bool:
-        """A BEGIN that opens a transaction whose statements each see the latest committed data (READ COMMITTED,
-        not READ ONLY DEFERRABLE), with no default isolation set for the session that the proxy would not see."""
-        if tx.isolation not in _FRESH_ISOLATION or (tx.read_only and tx.deferrable):
-            return False
-        startup = " ".join(f"{k}={v}" for k, v in self.startup.items()).lower().encode()
-        settings = b" ".join(self.set_history).lower() + b" " + startup  # any GUC may come as a startup parameter
-        if b"isolation" in settings or b"deferrable" in settings or b"transaction_" in settings:
-            return False
-        return catalog is not None and catalog.fresh_transactions
+    def probe_sent(self) -> IsolationProbe:
+        """The question for the block a BEGIN just opened goes upstream, pipelined behind it."""
+        self.probe_wanted = False
+        probe = self.probe = IsolationProbe()
+        return probe
+
+    def probe_answered(self, probe: IsolationProbe, level: str | None) -> None:
+        """The server's answer (None: none readable). It completes before its own ReadyForQuery is read: the status
+        is the BEGIN's. Until it says READ COMMITTED, the block does not read the cache."""
+        if probe is self.probe:
+            self.probe = None
+            if self.status is IN_BLOCK and level in FRESH_ISOLATION:
+                self.reads_cache = True
 
     def _on_session_change(self, op: str, *, idle: bool) -> bool:
         if op in ("set_local", "set_transaction"):
             # Lasts until the transaction ends, and the cache's results were not read with it: bypass until then.
-            self.reads_cache = self._begin_fresh = False
+            self.reads_cache = self._begin_fresh = self.probe_wanted = False
+            self.probe = None
             return False
         if not idle or self.status is not IDLE:
             # Inside a transaction block a SET may yet be rolled back (and DISCARD ALL fails there): the proxy
@@ -231,6 +250,12 @@ class TransactionTracker:
         """A SET/RESET/DISCARD completed without error: applied at ReadyForQuery if nothing failed before it (an
         error later in the same implicit transaction rolls it back)."""
         self._state_changes.append((sql, discards_all))
+
+    def about_to_write(self) -> None:
+        """A write goes upstream (or a statement whose effects are unknown): results read in the block from now on
+        may show it uncommitted, and are not stored if the block rolls back."""
+        if self._clean_fills is None:
+            self._clean_fills = len(self._fills)
 
     def wrote(self, scope: WriteScope) -> None:
         """A write completed: invalidated again when its transaction ends (after a rollback, merely safe)."""
@@ -287,8 +312,13 @@ class TransactionTracker:
                 settings_changed = True
             if settings_changed:
                 self.digest = None
-        writes, fills = self.writes, self._fills
+        writes, fills, clean = self.writes, self._fills, self._clean_fills
+        self._clean_fills = None
         if not writes and not fills and not settings_changed:
             return _PLAIN[committed * 2 + chained]
         self.writes, self._fills = [], []
-        return TxEnd(committed, chained, tuple(writes), tuple(fills) if committed else (), settings_changed, discarded)
+        # Rolled back (ORMs and pools end read-only transactions so): what it read before writing anything is what
+        # autocommit reads would have read, in a block that may read the cache (READ COMMITTED). What it read after
+        # a write may show that uncommitted write: never stored then.
+        stored = fills if committed or clean is None else fills[:clean]
+        return TxEnd(committed, chained, tuple(writes), tuple(stored), settings_changed, discarded)

@@ -39,7 +39,8 @@ ITEMS = WriteScope(frozenset({"items"}), False, "UPDATE items")
 
 # Steps: ("send", sql) a statement went upstream with nothing else pending; ("send_busy", sql) the same while
 # other requests were pending; ("done", sql) a SET/RESET/DISCARD completed; ("wrote", scope); ("error",);
-# ("ready", status byte). `run` returns the TxEnd of every ReadyForQuery that ended a transaction.
+# ("ready", status byte); ("probe", level) the server answered the isolation probe. `run` returns the TxEnd of
+# every ReadyForQuery that ended a transaction.
 Step = tuple[object, ...]
 
 
@@ -59,6 +60,9 @@ def run(tracker: TransactionTracker, steps: Sequence[Step]) -> list[TxEnd]:
                 tracker.wrote(scope)
             case ("error",):
                 tracker.on_error()
+            case ("probe", level):
+                assert tracker.probe_wanted
+                tracker.probe_answered(tracker.probe_sent(), level if isinstance(level, str) else None)
             case ("ready", bytes(status)):
                 end = tracker.on_ready(status)
                 if end is not None:
@@ -91,24 +95,42 @@ TRANSACTIONS = [
         TxStatus.IDLE, [(False, False)], (ITEMS,), False, id="commit-of-a-failed-block-is-a-rollback",
     ),
     pytest.param(
-        [("send", "BEGIN"), ("ready", b"T"), ("wrote", ITEMS), ("send", "COMMIT AND CHAIN"), ("ready", b"T")],
+        [("send", "BEGIN ISOLATION LEVEL READ COMMITTED"), ("ready", b"T"), ("wrote", ITEMS),
+         ("send", "COMMIT AND CHAIN"), ("ready", b"T")],
         TxStatus.IN_BLOCK, [(True, True)], (ITEMS,), True, id="commit-and-chain",
     ),
     pytest.param(
         [("send", "UPDATE items SET a = 1"), ("wrote", ITEMS), ("error",), ("ready", b"I")],
         TxStatus.IDLE, [(False, False)], (ITEMS,), False, id="failed-autocommit",
     ),
-    pytest.param([("send", "BEGIN"), ("ready", b"T")], TxStatus.IN_BLOCK, [], (), True, id="fresh-block-reads"),
+    pytest.param(
+        [("send", "BEGIN ISOLATION LEVEL READ COMMITTED"), ("ready", b"T")],
+        TxStatus.IN_BLOCK, [], (), True, id="read-committed-block-reads",
+    ),
+    pytest.param([("send", "BEGIN"), ("ready", b"T")], TxStatus.IN_BLOCK, [], (), False, id="no-level-named-asks"),
+    pytest.param(
+        [("send", "BEGIN"), ("ready", b"T"), ("probe", "read committed")],
+        TxStatus.IN_BLOCK, [], (), True, id="probe-says-read-committed",
+    ),
+    pytest.param(
+        [("send", "BEGIN"), ("ready", b"T"), ("probe", "repeatable read")],
+        TxStatus.IN_BLOCK, [], (), False, id="probe-says-repeatable-read",
+    ),
+    pytest.param(
+        [("send", "BEGIN"), ("ready", b"T"), ("probe", None)],
+        TxStatus.IN_BLOCK, [], (), False, id="probe-unanswered",
+    ),
     pytest.param(
         [("send", "BEGIN ISOLATION LEVEL REPEATABLE READ"), ("ready", b"T")],
         TxStatus.IN_BLOCK, [], (), False, id="repeatable-read-does-not",
     ),
     pytest.param(
-        [("send", "BEGIN READ ONLY, DEFERRABLE"), ("ready", b"T")],
-        TxStatus.IN_BLOCK, [], (), False, id="deferrable-read-only-does-not",
+        [("send", "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY, DEFERRABLE"), ("ready", b"T")],
+        TxStatus.IN_BLOCK, [], (), False, id="serializable-does-not",
     ),
     pytest.param(
-        [("send", "BEGIN"), ("ready", b"T"), ("send", "SET LOCAL work_mem = '1MB'"), ("ready", b"T")],
+        [("send", "BEGIN ISOLATION LEVEL READ COMMITTED"), ("ready", b"T"), ("send", "SET LOCAL work_mem = '1MB'"),
+         ("ready", b"T")],
         TxStatus.IN_BLOCK, [], (), False, id="set-local-stops-reading",
     ),
 ]
@@ -188,11 +210,19 @@ def _fill() -> Fill:
     return Fill(query_key("db", "u", b"", b"SELECT 1"), frozenset(), (0,), 60.0, "SELECT 1", "", leader=False)
 
 
-@pytest.mark.parametrize(("finish", "stored"), [("COMMIT", 1), ("ROLLBACK", 0)])
-def test_results_read_in_a_block_are_stored_only_if_it_commits(finish: str, stored: int) -> None:
+@pytest.mark.parametrize(
+    ("finish", "wrote_after_reading", "stored"),
+    [("COMMIT", False, 2), ("COMMIT", True, 2), ("ROLLBACK", False, 2), ("ROLLBACK", True, 1)],
+)
+def test_results_read_in_a_block_are_stored_at_commit_and_at_rollback_if_read_before_a_write(
+    finish: str, wrote_after_reading: bool, stored: int
+) -> None:
     tracker = TransactionTracker()
     run(tracker, [("send", "BEGIN"), ("ready", b"T")])
     tracker.read_in_block(_fill(), b"rows")
+    if wrote_after_reading:
+        tracker.about_to_write()
+    tracker.read_in_block(_fill(), b"rows")  # (after the write, if any: it may show the uncommitted write)
     ends = run(tracker, [("send", finish), ("ready", b"I")])
     assert len(ends[-1].fills) == stored
 
