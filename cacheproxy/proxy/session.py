@@ -46,6 +46,7 @@ from cacheproxy.proxy.interfaces import ConsoleSession
 from cacheproxy.proxy.link import Link
 from cacheproxy.proxy.streams import (
     MAX_STARTUP_MESSAGE,
+    client_auth_request,
     drain_stream_buffer,
     peer_name,
     read_message,
@@ -341,7 +342,7 @@ class Session:
             msg_type, body = await read_upstream_message(up_reader)
             if msg_type == m.AUTHENTICATION:
                 code = m.auth_code(body)
-                client.write(_client_auth_request(code, body))
+                client.write(client_auth_request(code, body))
                 if code == m.AUTH_OK:
                     break
                 if code not in _NO_REPLY_AUTH:
@@ -596,14 +597,3 @@ class Session:
 
 def _error_message(exc: ProxyError) -> bytes:
     return m.error_response(exc.severity, exc.sqlstate, exc.message, detail=exc.detail)
-
-
-def _client_auth_request(code: int, body: bytes) -> bytes:
-    """The authentication request as the client should see it.
-
-    SCRAM-SHA-256-PLUS binds the exchange to the TLS channel it runs on; the client's channel ends at this proxy, so
-    a client that picked -PLUS would fail. Only the mechanisms without channel binding are offered.
-    """
-    if code == m.AUTH_SASL:
-        return m.authentication_sasl([mech for mech in m.sasl_mechanisms(body) if not mech.endswith("-PLUS")])
-    return encode(b"R", body)

@@ -1,12 +1,13 @@
-"""Whole messages read from asyncio streams during startup and authentication (few and small), what a stream
-already holds when the relay takes its transport over, and a peer's name for the log."""
+"""Startup and authentication over asyncio streams: whole messages read (few and small), the authentication request
+as the client sees it, what a stream already holds when the relay takes its transport over, a peer's name."""
 
 from __future__ import annotations
 
 import asyncio
 
 from cacheproxy.errors import ProtocolViolation
-from cacheproxy.protocol.framing import HEADER_SIZE
+from cacheproxy.protocol import messages as m
+from cacheproxy.protocol.framing import HEADER_SIZE, encode
 from cacheproxy.upstream import connection_lost_error
 
 # Upstream messages during authentication are small; anything bigger is not a PostgreSQL server.
@@ -44,3 +45,14 @@ def peer_name(writer: asyncio.StreamWriter) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer or "unknown")
+
+
+def client_auth_request(code: int, body: bytes) -> bytes:
+    """The authentication request as the client should see it.
+
+    SCRAM-SHA-256-PLUS binds the exchange to the TLS channel it runs on; the client's channel ends at this proxy, so
+    a client that picked -PLUS would fail. Only the mechanisms without channel binding are offered.
+    """
+    if code == m.AUTH_SASL:
+        return m.authentication_sasl([mech for mech in m.sasl_mechanisms(body) if not mech.endswith("-PLUS")])
+    return encode(b"R", body)
