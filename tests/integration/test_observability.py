@@ -11,7 +11,7 @@ from collections.abc import Callable
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from cacheproxy.devtools.pgcluster import PgCluster
+from cacheproxy.demo.pgcluster import PgCluster
 from tests.integration.test_cache import _setup
 from tests.support.proxy import ProxyThread
 

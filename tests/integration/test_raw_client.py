@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.devtools.pgcluster import free_port
+from cacheproxy.demo.pgcluster import free_port
 from cacheproxy.errors import UpstreamError
 from cacheproxy.protocol.framing import split_messages
 from cacheproxy.proxy.raw_client import RawConnection, connect_raw
