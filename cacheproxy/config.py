@@ -592,20 +592,24 @@ def _upstream(value: object) -> UpstreamConfig:
 UPSTREAM: Final = Kind(_upstream, UpstreamConfig.masked_url)
 
 
-def _each(parse: Callable[[object], _T], items: Sequence[object]) -> tuple[_T, ...]:
-    """``parse`` applied to every item; an error names the item as ``[i]``."""
-    return tuple(_at(f"[{i}]", parse, item) for i, item in enumerate(items))
+def items(item: Kind[_T], what: str, *, required: bool = False) -> Kind[tuple[_T, ...]]:
+    """A list of ``what``, each item read by ``item`` (an error names it as ``[i]``). Null is an empty list unless
+    ``required``; then the list must not be empty, and a lone string stands for a list of one."""
+
+    def parse(value: object) -> tuple[_T, ...]:
+        if required and isinstance(value, str):
+            value = [value]
+        if value is None and not required:
+            return ()
+        if not isinstance(value, list) or (required and not value):
+            got = _show(value) if required else _type(value)
+            raise ValueError(f"must be {'a non-empty' if required else 'a'} list of {what}, got {got}")
+        return tuple(_at(f"[{i}]", item.parse, each) for i, each in enumerate(value))
+
+    return Kind(parse, lambda values: [item.show(each) for each in values])
 
 
-def _role_names(value: object) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise ValueError(f"must be a list of role names, got {_type(value)}")
-    return _each(_string, value)
-
-
-ROLE_NAMES: Final = Kind(_role_names, list)
+ROLE_NAMES: Final = items(STRING, "role names")
 
 # Table names or globs: one to three dot-separated parts, each a "quoted" identifier or unquoted text.
 _IDENT: Final = r'(?:"(?:[^"]|"")+"|[^\s".]+)'
@@ -618,32 +622,14 @@ def _table(value: object) -> str:
     return value
 
 
-def _tables(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"must be a non-empty list of table names, got {_show(value)}")
-    return _each(_table, value)
-
-
-TABLES: Final = Kind(_tables, list)
-
-
-def _rules(value: object) -> tuple[Rule, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise ValueError(f"must be a list of rules, got {_type(value)}")
-    return _each(_rule, value)
-
-
 def _rule(value: object) -> Rule:
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping with at least 'tables', got {_type(value)}")
     return _read(Rule, value)
 
 
-RULES: Final = Kind(_rules, lambda rules: [_render(rule) for rule in rules])
+TABLES: Final = items(Kind(_table), "table names", required=True)
+RULES: Final = items(Kind(_rule, lambda rule: _render(rule)), "rules")
 
 
 # --- the keys -------------------------------------------------------------------------------------
@@ -1051,8 +1037,14 @@ def load_config(
         if env.get(variable):  # set-but-empty counts as unset, as compose files often leave them
             _override(tree, key, env[variable])
             origins[key] = ENV
-    flags = {"listen": listen, "upstream": upstream, "admin_listen": admin_listen, "log_level": log_level}
-    for name, flag in (flags | {"log_format": log_format}).items():
+    flags = {
+        "listen": listen,
+        "upstream": upstream,
+        "admin_listen": admin_listen,
+        "log_level": log_level,
+        "log_format": log_format,
+    }
+    for name, flag in flags.items():
         if flag is not None:
             _override(tree, OVERRIDES[name], flag)
             origins[OVERRIDES[name]] = FLAGS
