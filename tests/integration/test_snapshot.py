@@ -150,8 +150,13 @@ def test_admin_snapshot_command_writes_a_snapshot(pg: PgCluster, dbname: str, tm
             time.sleep(0.05)
         _, records, _ = decode_snapshot(path.read_bytes())
         assert len(records) == 1
+        # The file is renamed into place before the writer returns and records its metrics: poll for them too.
+        written = b"cacheproxy_snapshot_entries_written_total 1.0"
         body, _ = proxy.app.metrics.render()  # type: ignore[union-attr]
-        assert b"cacheproxy_snapshot_entries_written_total 1.0" in body
+        while written not in body and time.monotonic() < deadline:
+            time.sleep(0.05)
+            body, _ = proxy.app.metrics.render()  # type: ignore[union-attr]
+        assert written in body
 
 
 def test_periodic_snapshots(pg: PgCluster, dbname: str, tmp_path: Path) -> None:
