@@ -175,11 +175,17 @@ def test_a_held_batch_of_hits_is_answered_at_its_sync(pg: PgCluster, dbname: str
         psycopg.connect(pg.dsn(dbname=dbname), autocommit=True) as direct,
     ):
         want = [direct.execute(sql, (i,)).fetchall() for i in range(1, 4)]
-        assert [via.execute(sql, (i,)).fetchall() for i in range(1, 4)] == want  # the misses
         assert cached.app is not None and cached.app.cache is not None
-        before = cached.app.cache.engine.stats()
+        engine = cached.app.cache.engine
+        for i in range(1, 4):  # fill (again, if the invalidation feed's start dropped the first fill)
+            for _ in range(50):
+                hits = engine.stats().hits
+                assert via.execute(sql, (i,)).fetchall() == want[i - 1]
+                if engine.stats().hits > hits:
+                    break
+        before = engine.stats()
         with via.pipeline():
             cursors = [via.execute(sql, (i,)) for i in range(1, 4)]
         assert [c.fetchall() for c in cursors] == want
-        after = cached.app.cache.engine.stats()
+        after = engine.stats()
         assert (after.hits - before.hits, after.misses - before.misses) == (3, 0)
