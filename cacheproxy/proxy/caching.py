@@ -190,6 +190,10 @@ class CachingRelay:
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
         self._executed_portals: set[str] = set()  # executed since their Bind: a further Execute continues them
+        # Portals bound by a batch answered here that ended in a Flush (they live until the Sync): their Bind, and
+        # the row limit of the Execute answered here if any. Bound (and run to that point) upstream before any
+        # forwarded message could use them (`_replay_local_portals`).
+        self._local_portals: dict[str, tuple[Statement, fe.Bind, int | None]] = {}
         self._state_changes: list[bytes] = []  # SET/RESET/DISCARD ALL done, to apply at ReadyForQuery
         self._failed_since_ready = False  # an ErrorResponse since the last ReadyForQuery
         self._set_history: list[bytes] = []
@@ -348,6 +352,7 @@ class CachingRelay:
         if is_admin_command(sql):
             return self._on_admin_command(sql, message, out)
         self._statements.pop("", None)  # a simple Query replaces the unnamed statement (and portal)
+        self._local_portals = {}  # ... and ends the implicit transaction its portals lived in
         classified = self._classify(sql)
         if classified is None:
             return False
@@ -475,11 +480,12 @@ class CachingRelay:
         return self._settled() and self.database not in self.service.blind
 
     def _settled(self) -> bool:
-        """The server's state is known (nothing pending), no transaction block but one that may read the cache, and
-        no write of this session's that is not yet committed (an implicit extended-protocol transaction)."""
+        """The server's state is known (nothing pending but reads sent since the last Sync, as when pg8000 sends a
+        Bind and then its Execute, each with a Flush), no transaction block but one that may read the cache, and no
+        write of this session's that is not yet committed (an implicit extended-protocol transaction)."""
         status = self.session.tx_status
         return (
-            not self.tracker.pending
+            (not self.tracker.pending or (self._unsynced and self.tracker.within_batch()))
             and not self._unsynced_write
             and (status == b"I" or (self._tx_reads_cache and status == b"T"))
             and self._uncertain is None
@@ -685,9 +691,11 @@ class CachingRelay:
     def _on_batch_end(self, out: list[bytes]) -> bool:
         if self._settled() and self._wait_for_catalog():
             return False  # the first batch of a session: its results are cacheable once the catalog is read
-        # A batch ending in Flush is answered here only if it binds no portal: the client may go on using a portal
-        # after a Flush, and it must then exist upstream. (Parse + Describe + Flush, a driver preparing, is fine.)
-        if self._can_serve() and (self._batch[-1][0] == m.SYNC or all(t != m.BIND for t, _ in self._batch)):
+        # A batch ending in Flush that binds a portal is answered here only outside a transaction block: the portal
+        # lives until the Sync, and is kept here until then (bound upstream if a forwarded message needs it).
+        if self._can_serve() and (
+            self._batch[-1][0] == m.SYNC or self.session.tx_status == b"I" or all(t != m.BIND for t, _ in self._batch)
+        ):
             local: bytes | None
             try:
                 hot = self._answer_hot_batch()
@@ -701,6 +709,8 @@ class CachingRelay:
                 return False  # waiting for a catalog or another session's fill
             if local:
                 self._write_client(local)
+                if self._batch[-1][0] == m.SYNC:
+                    self._local_portals = {}  # the implicit transaction ended, and its portals with it
                 for name, statement in self._created_here:
                     # Create named statements upstream now, planned as they were described: after DDL the server
                     # then refuses them (0A000) as it would without the proxy, instead of planning them afresh at
@@ -805,9 +815,13 @@ class CachingRelay:
         only whether it could be, now (the batch, not ended yet, changes nothing and waits for nothing)."""
         served: list[Entry] = []
         parsed: dict[str, Statement] = {}
-        portals: dict[str, _LocalPortal] = {}
+        portals: dict[str, _LocalPortal] = {
+            name: (statement, bind, 0 if rows is None else rows, None)
+            for name, (statement, bind, rows) in self._local_portals.items()
+        }
+        executed: set[str] = {name for name, (_, _, rows) in self._local_portals.items() if rows is not None}
         closed: list[str] = []
-        executed: set[str] = set()
+        closed_portals: set[str] = set()
         described_portals: set[str] = set()
         unproven: dict[str, Statement] = {}
         replies: list[bytes] = []
@@ -834,10 +848,14 @@ class CachingRelay:
                 if statement is None or not statement.query:
                     return b""
                 rows = self._next_execute_rows(index, bind.portal)
-                if rows is None:
+                flushed = rows is None and self._batch[-1][0] == m.FLUSH
+                if rows is None and not flushed:
                     return b""  # a Bind never executed: let the server validate it
-                portals[bind.portal] = (statement, bind, rows, None)
+                portals[bind.portal] = (statement, bind, rows or 0, None)
+                if flushed and self._portal_result(portals, bind.portal) is None:
+                    return b""  # only a stored result for these very arguments proves that the Bind succeeds
                 executed.discard(bind.portal)  # a Bind (re)creates the portal
+                closed_portals.discard(bind.portal)
                 replies.append(fe.BIND_COMPLETE)
             elif msg_type == m.DESCRIBE:
                 describe = fe.decode_describe(body)
@@ -860,8 +878,10 @@ class CachingRelay:
                     described_portals.add(describe.name)
             elif msg_type == m.EXECUTE:
                 execute = fe.decode_execute(body)
-                if execute.portal in executed:
+                if execute.portal in executed or execute.portal in closed_portals:
                     return b""  # executing a portal again continues it: the server's to answer
+                if execute.portal in portals and portals[execute.portal][2] != execute.max_rows:
+                    return b""  # a portal bound in an earlier batch, looked up without a row limit
                 found = self._portal_result(portals, execute.portal)
                 if found is None:
                     return self._miss_or_wait(portals, execute.portal, may_wait=not dry_run)
@@ -884,8 +904,10 @@ class CachingRelay:
                     if (existing is not None and existing.upstream) or (existing is None and close.name not in parsed):
                         return b""
                     closed.append(close.name)
-                elif close.name not in portals:
+                elif close.name not in portals or close.name in closed_portals:
                     return b""
+                else:
+                    closed_portals.add(close.name)
                 replies.append(fe.CLOSE_COMPLETE)
             elif msg_type == m.SYNC:
                 replies.append(m.ready_for_query(self.session.tx_status))
@@ -895,6 +917,11 @@ class CachingRelay:
             return b"".join(replies)
         for entry in served:
             self.service.engine.count(entry.key, entry)  # hits: only now that the batch is answered here
+        self._local_portals = {}
+        if self._batch[-1][0] == m.FLUSH:  # (a Sync ends the implicit transaction, and its portals)
+            for name, (statement, bind, rows, _) in portals.items():
+                if name not in closed_portals:
+                    self._local_portals[name] = (statement, bind, rows if name in executed else None)
         self._statements.update(parsed)
         self._created_here = [(n, st) for n, st in parsed.items() if n and not st.upstream and n not in closed]
         for name in closed:
@@ -968,6 +995,7 @@ class CachingRelay:
         described: dict[str, Capture | None] = {}
         serve = self._can_fill()
         idle = not self.tracker.pending and self.session.tx_status == b"I"  # before this batch queues anything
+        self._replay_local_portals(out)
         for index, (msg_type, message) in enumerate(self._batch):
             body = message[HEADER_SIZE:]
             if msg_type == m.PARSE:
@@ -1024,6 +1052,25 @@ class CachingRelay:
                 self._release_fill(unused)
         self._batch.clear()
         self._batch_bytes = 0
+
+    def _replay_local_portals(self, out: list[bytes]) -> None:
+        """Before anything is forwarded: create upstream the portals a batch answered here bound (and run, to the
+        point the client was answered to), so that what the client sends next finds them as it left them. Their
+        replies are not the client's."""
+        for name, (statement, bind, rows) in self._local_portals.items():
+            if self._statements.get(bind.statement) is not statement and bind.statement:
+                continue  # its statement was closed since, and the portal with it
+            if not statement.upstream or self._statements.get(bind.statement) is not statement:
+                self._replay(bind.statement, statement, out)
+            body = name.encode("utf-8", "surrogateescape") + b"\x00" + bind.statement.encode("utf-8", "surrogateescape")
+            out.append(encode(b"B", body + b"\x00" + bind.arguments))
+            self._queue(Pending(Op.BIND, strip=True))
+            self._portals[name] = Portal(statement, bind)
+            if rows is not None:
+                out.append(encode(b"E", name.encode("utf-8", "surrogateescape") + b"\x00" + rows.to_bytes(4, "big")))
+                self._queue(Pending(Op.EXECUTE, strip=True))
+                self._executed_portals.add(name)
+        self._local_portals = {}
 
     def _check_statement_limit(self, name: str, adding: int = 0) -> None:
         """limits.max_prepared_statements: the proxy keeps every named statement's text, so a client that prepares

@@ -189,3 +189,54 @@ def test_a_held_batch_of_hits_is_answered_at_its_sync(pg: PgCluster, dbname: str
         assert [c.fetchall() for c in cursors] == want
         after = engine.stats()
         assert (after.hits - before.hits, after.misses - before.misses) == (3, 0)
+
+
+FLUSH = encode(b"H")
+
+
+@pytest.mark.parametrize(
+    "then",
+    [
+        [_execute() + FLUSH, _execute() + FLUSH, SYNC],  # run, then continued (nothing left)
+        [_execute("", 2) + FLUSH, _execute("", 2) + FLUSH, SYNC],  # with a row limit, twice
+        [_execute() + FLUSH, encode(b"D", b"P\x00") + FLUSH, SYNC],  # run, then described
+        [_close(b"P", "") + FLUSH, _execute() + SYNC],  # closed: nothing to run
+        [_execute() + SYNC, _execute() + SYNC],  # the Sync ends the portal
+        [encode(b"Q", b"SELECT name FROM items WHERE id = 3\x00")],  # a Query ends it too
+    ],
+)
+def test_a_portal_bound_before_a_flush(pg: PgCluster, dbname: str, cached: ProxyThread, then: list[bytes]) -> None:
+    """pg8000's pattern: Parse + Sync, Describe + Sync, Bind + Flush, Execute + Flush, Sync. The Bind answered
+    here leaves the portal in the proxy; whatever the client does with it next must find it as PostgreSQL would."""
+    _setup(pg, dbname)
+    parse = fe.encode_parse("", "SELECT name FROM items WHERE id <= $1 ORDER BY id", (23,))
+
+    def script(conn: RawConn) -> list[list[Message]]:
+        got = []
+        for _ in range(2):  # the first round fills the cache
+            conn.send(parse + SYNC)
+            got.append(conn.recv_until("Z"))
+            conn.send(encode(b"D", b"S\x00") + SYNC)
+            got.append(conn.recv_until("Z"))
+            conn.send(_bind("", "", b"3") + FLUSH)
+            got.append([conn.recv_message()])  # BindComplete
+            conn.send(_execute() + FLUSH)
+            got.append(conn.recv_until("C"))
+            conn.send(SYNC)
+            got.append(conn.recv_until("Z"))
+        conn.send(parse + SYNC)
+        got.append(conn.recv_until("Z"))
+        conn.send(_bind("", "", b"3") + FLUSH)
+        got.append([conn.recv_message()])
+        for message in then:
+            conn.send(message)
+            if message.endswith(SYNC) or message[:1] == b"Q":
+                got.append(conn.recv_until("Z"))
+            else:
+                got.append([conn.recv_message()])
+                if message[:1] == b"E":
+                    while got[-1][-1][0] not in "Cs":
+                        got[-1].append(conn.recv_message())  # type: ignore[arg-type]
+        return got
+
+    _both(pg, cached, dbname, script)
