@@ -111,9 +111,14 @@ class CacheEngine:
 
     # -- lookups and fills --------------------------------------------------------------------------------------
 
-    def get(self, key: Hashable, now: float, *, count_miss: bool = True) -> Entry | None:
+    def get(self, key: Hashable, now: float, *, count_miss: bool = True, count_hit: bool = True) -> Entry | None:
         """The live entry for `key`, or None. The returned entry's `value` is the stored bytes object itself."""
-        return self._shards[hash(key) & self._mask].get(key, now, count_miss=count_miss)
+        return self._shards[hash(key) & self._mask].get(key, now, count_miss=count_miss, count_hit=count_hit)
+
+    def count(self, key: Hashable, entry: Entry | None) -> None:
+        """Count an uncounted lookup of `key` now that its outcome is known: served from `entry`, or (None) sent
+        upstream. Hits and misses then say what reached the server."""
+        self._shards[hash(key) & self._mask].count(entry)
 
     def generations(self, tables: Iterable[TableId]) -> tuple[int, ...]:
         """One generation per table, in `sorted(tables)` order; take it before the query goes upstream.

@@ -74,10 +74,11 @@ class Shard:
 
     # -- the hot path -------------------------------------------------------------------------------------------
 
-    def get(self, key: Hashable, now: float, *, count_miss: bool = True) -> Entry | None:
+    def get(self, key: Hashable, now: float, *, count_miss: bool = True, count_hit: bool = True) -> Entry | None:
         """The live entry for `key` (moved to the MRU end, hits + 1), or None (expired ones are removed).
 
-        `count_miss=False` for probes that are not a query's own lookup (is this statement known to parse?)."""
+        `count_miss=False` for probes that are not a query's own lookup (is this statement known to parse?);
+        `count_hit=False` for lookups whose entry may yet not be served (the caller counts it with `count`)."""
         entry = self._entries.get(key)
         if entry is None:
             if count_miss:
@@ -101,9 +102,19 @@ class Shard:
             entry._prev = last
             entry._next = root
             root._prev = entry
-        entry.hits += 1
-        self.hits += 1
+        if count_hit:
+            entry.hits += 1
+            self.hits += 1
         return entry
+
+    def count(self, entry: Entry | None) -> None:
+        """Count a lookup made with `count_hit=False` / `count_miss=False` once its outcome is known: a hit of
+        `entry` (served), or a miss (None: the query went upstream)."""
+        if entry is None:
+            self.misses += 1
+        else:
+            entry.hits += 1
+            self.hits += 1
 
     def put(self, entry: Entry, now: float) -> bool:
         """Store `entry` as the most recent, replacing any entry with its key and evicting from the LRU end until it

@@ -97,6 +97,7 @@ _ENDS: dict[Op, bytes] = {
 for _op, _ends in _ENDS.items():
     _op.ends = _ends
 _ASYNC = frozenset(b"NAS")
+_CYCLE_OPS = frozenset((Op.SYNC, Op.QUERY, Op.FUNCTION_CALL))
 _NONE: list[Pending] = []  # shared empty result: the common case allocates nothing
 _CAPTURED_HEADERS = frozenset(b"tT")
 # PortalSuspended ends a result cut at the Execute's row limit; the key includes the limit, so it replays exactly.
@@ -147,6 +148,11 @@ class ReplyTracker:
     def quiet_only(self) -> bool:
         """Every request pending is the proxy's own, quiet one (write-through refreshes)."""
         return bool(self._pending) and all(pending.quiet for pending in self._pending)
+
+    def within_batch(self) -> bool:
+        """No request pending ends a request cycle (Sync, Query, FunctionCall): every one is an extended-protocol
+        message sent since the last Sync."""
+        return not any(pending.op in _CYCLE_OPS for pending in self._pending)
 
     def expect(self, pending: Pending) -> bool:
         """Queue a request sent upstream. False when the server will not answer it (it discards messages until a

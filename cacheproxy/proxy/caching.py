@@ -41,6 +41,8 @@ log = logging.getLogger("cacheproxy.caching")
 
 # A batch held for a Sync is forwarded anyway past this many messages, or limits.max_pipeline_bytes.
 _MAX_BATCH_MESSAGES = 512
+# PostgreSQL's output buffer (PQ_SEND_BUFFER_SIZE): it sends replies before a Sync or Flush only once this fills.
+_SERVER_OUTPUT_BUFFER = 8192
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 # How long a miss waits for another session's fill of the same key before asking upstream itself.
 _SINGLE_FLIGHT_WAIT = 2.0
@@ -52,7 +54,10 @@ _READY_IDLE = m.ready_for_query(b"I")
 _READY = {b"I": _READY_IDLE, b"T": m.ready_for_query(b"T")}
 _PARSE_BIND_COMPLETE = fe.PARSE_COMPLETE + fe.BIND_COMPLETE
 # Isolation levels under which every statement sees the latest committed data, as a cached result does.
-_FRESH_ISOLATION = (None, "read committed", "read uncommitted")
+_FRESH_ISOLATION = ("read committed", "read uncommitted")
+# Asked after a BEGIN that names no isolation level, pipelined behind it (see _probe_isolation); its reply is stripped.
+# SHOW takes no snapshot, so a SET TRANSACTION after it still works.
+_ISOLATION_PROBE = encode(b"Q", b"SHOW transaction_isolation\x00")
 # Date/time input words PostgreSQL evaluates when it reads them (docs, "Special Date/Time Inputs").
 _TIME_WORDS = re.compile(rb"(?i)(?<![a-z])(now|today|tomorrow|yesterday|current)(?![a-z])")
 _NAMES_STATEMENT = re.compile(rb"^\s*(deallocate\s+(?:prepare\s+)?|execute\s+)(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
@@ -120,8 +125,8 @@ class _Request:
     changes_state: bool = False  # a SET/RESET/DISCARD to record if it succeeds
 
 
-# In a batch answered locally: the statement, its Bind, the row limit of its Execute, and the result once found.
-_LocalPortal = tuple[Statement, fe.Bind, int, bytes | None]
+# In a batch answered locally: the statement, its Bind, the row limit of its Execute, and its entry once found.
+_LocalPortal = tuple[Statement, fe.Bind, int, Entry | None]
 
 
 @dataclass(slots=True)
@@ -143,6 +148,12 @@ class _Described:
     """A Describe of a statement sent upstream: its reply tells the client the statement's RowDescription."""
 
     statement: Statement
+
+
+class _IsolationProbe:
+    """The proxy's own question, after a BEGIN that named no isolation level: which level the transaction has."""
+
+    __slots__ = ()
 
 
 @dataclass(slots=True)
@@ -179,6 +190,10 @@ class CachingRelay:
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
         self._executed_portals: set[str] = set()  # executed since their Bind: a further Execute continues them
+        # Portals bound by a batch answered here that ended in a Flush (they live until the Sync): their Bind, and
+        # the row limit of the Execute answered here if any. Bound (and run to that point) upstream before any
+        # forwarded message could use them (`_replay_local_portals`).
+        self._local_portals: dict[str, tuple[Statement, fe.Bind, int | None]] = {}
         self._state_changes: list[bytes] = []  # SET/RESET/DISCARD ALL done, to apply at ReadyForQuery
         self._failed_since_ready = False  # an ErrorResponse since the last ReadyForQuery
         self._set_history: list[bytes] = []
@@ -192,7 +207,12 @@ class CachingRelay:
         self._begin_fresh = False
         self._begin_sent = False
         self._commit_sent = False
+        self._probe_wanted = False  # a BEGIN that names no isolation level was sent: ask the server which it is
+        self._probe: _IsolationProbe | None = None  # the question in flight, for the transaction opened last
         self._tx_fills: list[tuple[Fill, bytes]] = []
+        # How many of `_tx_fills` were read before the transaction's first write (None: it wrote nothing): those
+        # read what an autocommit read would have, and are stored even if the transaction rolls back.
+        self._tx_clean_fills: int | None = None
         self._created_here: list[tuple[str, Statement]] = []  # named statements a local answer just created
         # Entries this session's writes removed, for write-through refreshes once they commit.
         self._stale: list[Entry] = []
@@ -265,6 +285,17 @@ class CachingRelay:
                 break  # waiting: the message stays at the head and is dispatched again after the wait
             inbox.popleft()
             self._waited = False
+        # The client sent all it has and no Sync or Flush ends the batch: the server would run each message as it
+        # arrives (and send an error at once), so a client that waits now must not wait for us. Held still only if
+        # the cache can answer it all: the server would then have sent nothing yet either.
+        if (
+            self._batch
+            and not inbox
+            and not self._waiting
+            and not self._client_framer.buffered
+            and not self._held_batch_answerable()
+        ):
+            self._forward_batch(out)
         if out:
             self._write_upstream(b"".join(out))
 
@@ -321,6 +352,7 @@ class CachingRelay:
         if is_admin_command(sql):
             return self._on_admin_command(sql, message, out)
         self._statements.pop("", None)  # a simple Query replaces the unnamed statement (and portal)
+        self._local_portals = {}  # ... and ends the implicit transaction its portals lived in
         classified = self._classify(sql)
         if classified is None:
             return False
@@ -331,14 +363,15 @@ class CachingRelay:
         started = self.service.clock()
         if info.kind is Kind.READ and info.statement_count == 1 and self._servable(classified):
             key = keys.query_key(self.database, self.user, self._state_digest(), sql)
-            entry = self.service.engine.get(key, started)
+            entry = self.service.engine.get(key, started, count_miss=False)
             if entry is not None:
                 self._write_client(entry.value + _READY[self.session.tx_status])
                 self.service.observe_hit(classified.verdict.tables)
                 return True
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
-                return False
+                return False  # (a miss is counted once, when the query goes upstream)
+            self.service.engine.count(key, None)
             capture = Capture(self.service.max_entry_size, fill)
             self.service.observe_miss(classified.verdict.tables)
         else:
@@ -350,6 +383,8 @@ class CachingRelay:
         self._queue(Pending(Op.QUERY, capture=capture, on_done=request))
         self._unsynced = self._unsynced_write = False  # a Query ends any implicit transaction
         out.append(message)
+        if self._probe_wanted:
+            self._probe_isolation(out)
         return True
 
     def _statement_only_here(self, sql: bytes, out: list[bytes]) -> bool:
@@ -445,11 +480,12 @@ class CachingRelay:
         return self._settled() and self.database not in self.service.blind
 
     def _settled(self) -> bool:
-        """The server's state is known (nothing pending), no transaction block but one that may read the cache, and
-        no write of this session's that is not yet committed (an implicit extended-protocol transaction)."""
+        """The server's state is known (nothing pending but reads sent since the last Sync, as when pg8000 sends a
+        Bind and then its Execute, each with a Flush), no transaction block but one that may read the cache, and no
+        write of this session's that is not yet committed (an implicit extended-protocol transaction)."""
         status = self.session.tx_status
         return (
-            not self.tracker.pending
+            (not self.tracker.pending or (self._unsynced and self.tracker.within_batch()))
             and not self._unsynced_write
             and (status == b"I" or (self._tx_reads_cache and status == b"T"))
             and self._uncertain is None
@@ -484,17 +520,15 @@ class CachingRelay:
             for scope in self._tx_writes
         )
 
-    def _fresh_transaction(self, tx: TxInfo) -> bool:
-        """A BEGIN that opens a transaction whose statements each see the latest committed data (READ COMMITTED,
-        not READ ONLY DEFERRABLE), with no default isolation set for the session that the proxy would not see."""
-        if tx.isolation not in _FRESH_ISOLATION or (tx.read_only and tx.deferrable):
-            return False
-        startup = " ".join(f"{k}={v}" for k, v in self.session.startup_parameters.items()).lower().encode()
-        settings = b" ".join(self._set_history).lower() + b" " + startup  # any GUC may come as a startup parameter
-        if b"isolation" in settings or b"deferrable" in settings or b"transaction_" in settings:
-            return False
-        catalog = self.service.catalogs.last_known(self.database)
-        return catalog is not None and catalog.fresh_transactions
+    @staticmethod
+    def _fresh_transaction(tx: TxInfo) -> bool | None:
+        """Whether a BEGIN opens a transaction whose statements each see the latest committed data (READ COMMITTED;
+        READ ONLY DEFERRABLE matters only under SERIALIZABLE). None when it names no isolation level: the default
+        then decides, and the proxy cannot know it (ALTER SYSTEM, postgresql.conf, ALTER DATABASE/ROLE SET,
+        PGOPTIONS, a SET in a function...): the server is asked (`_probe_isolation`)."""
+        if tx.isolation is None:
+            return None
+        return tx.isolation in _FRESH_ISOLATION
 
     def _begin_fill(self, key: Hashable, classified: Classified, sql: bytes) -> Fill | None:
         """Prepare to capture a miss; None when another session is already filling it (we wait, then retry)."""
@@ -589,6 +623,8 @@ class CachingRelay:
         if scope.ddl:
             # Decide nothing with the old catalog from now on; it is read again once the DDL has completed.
             self.service.catalogs.mark_stale(self.database)
+        if self._uncertain is not None and self._tx_clean_fills is None:
+            self._tx_clean_fills = len(self._tx_fills)  # effects unknown: as if it wrote (see _transaction_ended)
         if scope.empty:
             return None, changes_state
         self._before_write(scope)
@@ -596,16 +632,28 @@ class CachingRelay:
 
     def _on_transaction_control(self, tx: TxInfo) -> None:
         if tx.op is TxOp.BEGIN:
-            self._begin_fresh = self._fresh_transaction(tx)
+            fresh = self._fresh_transaction(tx)
+            self._begin_fresh = fresh is True
+            self._probe_wanted = fresh is None
             self._begin_sent = True
         elif tx.op is TxOp.COMMIT:
             self._commit_sent = True
+
+    def _probe_isolation(self, out: list[bytes]) -> None:
+        """Ask the server the isolation level of the transaction a BEGIN just opened, pipelined behind it: no round
+        trip of its own, and the client's next request waits only for this reply (a quiet request) before the cache
+        may answer it. Until the answer says READ COMMITTED, the transaction does not read the cache."""
+        self._probe_wanted = False
+        probe = self._probe = _IsolationProbe()
+        out.append(_ISOLATION_PROBE)
+        self._queue(Pending(Op.QUERY, strip=True, quiet=True, capture=Capture(1024, probe), on_done=probe))
 
     def _on_session_change(self, op: str, *, idle: bool) -> bool:
         """True when the change is to be recorded once the statement succeeds (SET, RESET, DISCARD ALL...)."""
         if op in ("set_local", "set_transaction"):
             # Lasts until the transaction ends, and the cache's results were not read with it: bypass until then.
-            self._tx_reads_cache = self._begin_fresh = False
+            self._tx_reads_cache = self._begin_fresh = self._probe_wanted = False
+            self._probe = None
             return False
         if not idle or self.session.tx_status != b"I":
             # Inside a transaction block a SET may yet be rolled back (and DISCARD ALL fails there): the proxy
@@ -626,6 +674,8 @@ class CachingRelay:
 
     def _before_write(self, scope: WriteScope) -> None:
         """Invalidate before the write is sent: fills already in flight for these tables will not be stored."""
+        if self._tx_clean_fills is None:
+            self._tx_clean_fills = len(self._tx_fills)
         self.service.invalidate(self.database, scope, counted=False, removed=self._stale)
 
     def _after_write(self, scope: WriteScope) -> None:
@@ -641,9 +691,11 @@ class CachingRelay:
     def _on_batch_end(self, out: list[bytes]) -> bool:
         if self._settled() and self._wait_for_catalog():
             return False  # the first batch of a session: its results are cacheable once the catalog is read
-        # A batch ending in Flush is answered here only if it binds no portal: the client may go on using a portal
-        # after a Flush, and it must then exist upstream. (Parse + Describe + Flush, a driver preparing, is fine.)
-        if self._can_serve() and (self._batch[-1][0] == m.SYNC or all(t != m.BIND for t, _ in self._batch)):
+        # A batch ending in Flush that binds a portal is answered here only outside a transaction block: the portal
+        # lives until the Sync, and is kept here until then (bound upstream if a forwarded message needs it).
+        if self._can_serve() and (
+            self._batch[-1][0] == m.SYNC or self.session.tx_status == b"I" or all(t != m.BIND for t, _ in self._batch)
+        ):
             local: bytes | None
             try:
                 hot = self._answer_hot_batch()
@@ -657,6 +709,8 @@ class CachingRelay:
                 return False  # waiting for a catalog or another session's fill
             if local:
                 self._write_client(local)
+                if self._batch[-1][0] == m.SYNC:
+                    self._local_portals = {}  # the implicit transaction ended, and its portals with it
                 for name, statement in self._created_here:
                     # Create named statements upstream now, planned as they were described: after DDL the server
                     # then refuses them (0A000) as it would without the proxy, instead of planning them afresh at
@@ -673,6 +727,17 @@ class CachingRelay:
                 return True
         self._forward_batch(out)
         return True
+
+    def _held_batch_answerable(self) -> bool:
+        """The batch held so far (no Sync or Flush yet) could be answered here as it stands, and its replies would
+        fit in the server's output buffer (8 kB), which it would not send before a Sync or Flush."""
+        if not self._can_serve():
+            return False
+        try:
+            local = self._answer_locally(dry_run=True)
+        except Exception:  # a malformed message, or a lookup that failed: the server's to answer, now
+            return False
+        return local is not None and 0 < len(local) < _SERVER_OUTPUT_BUFFER
 
     def _answer_hot_batch(self) -> bytes | Literal[False] | None:
         """The common batch, answered without decoding it fully: [Parse ""], Bind, [Describe portal], Execute, Sync.
@@ -706,6 +771,8 @@ class CachingRelay:
         execute = batch[-2][1]
         if execute[HEADER_SIZE:-5] != portal:
             return False
+        if portal and self.session.tx_status != b"I":
+            return b""  # a named portal outlives the Sync in a transaction block: it must exist upstream
         describe = batch[first + 1][1] if count - first == 4 else None
         if describe is not None and (batch[first + 1][0] != m.DESCRIBE or describe[HEADER_SIZE + 1 : -1] != portal
                                      or describe[HEADER_SIZE] != ord("P")):  # fmt: skip
@@ -725,7 +792,7 @@ class CachingRelay:
             self.database, self.user, self._state_digest(), statement.query, statement.param_types,
             bind[name_end + 1 :], max_rows,
         )  # fmt: skip
-        entry = self.service.engine.get(key, self.service.clock())
+        entry = self.service.engine.get(key, self.service.clock(), count_miss=False, count_hit=False)
         if entry is None:
             in_flight = self.service.fill_in_flight(key)
             if in_flight is not None and not self._waited:
@@ -737,17 +804,24 @@ class CachingRelay:
             return b""  # the client knows another row shape for this statement (DDL since): the server's to say
         header = _header_length(value)
         body: bytes | memoryview = value if describe is not None else memoryview(value)[header:]
+        self.service.engine.count(key, entry)  # served: a hit (a miss is counted where the batch goes upstream)
         if first:
             self._statements[""] = statement
             return b"".join((_PARSE_BIND_COMPLETE, body, _READY[self.session.tx_status]))
         return b"".join((fe.BIND_COMPLETE, body, _READY[self.session.tx_status]))
 
-    def _answer_locally(self) -> bytes | None:
-        """The whole batch's replies from the cache; b"" when it cannot be, None to wait and retry."""
+    def _answer_locally(self, *, dry_run: bool = False) -> bytes | None:
+        """The whole batch's replies from the cache; b"" when it cannot be, None to wait and retry. `dry_run`:
+        only whether it could be, now (the batch, not ended yet, changes nothing and waits for nothing)."""
+        served: list[Entry] = []
         parsed: dict[str, Statement] = {}
-        portals: dict[str, _LocalPortal] = {}
+        portals: dict[str, _LocalPortal] = {
+            name: (statement, bind, 0 if rows is None else rows, None)
+            for name, (statement, bind, rows) in self._local_portals.items()
+        }
+        executed: set[str] = {name for name, (_, _, rows) in self._local_portals.items() if rows is not None}
         closed: list[str] = []
-        executed: set[str] = set()
+        closed_portals: set[str] = set()
         described_portals: set[str] = set()
         unproven: dict[str, Statement] = {}
         replies: list[bytes] = []
@@ -768,14 +842,20 @@ class CachingRelay:
                 replies.append(fe.PARSE_COMPLETE)
             elif msg_type == m.BIND:
                 bind = fe.decode_bind(body)
+                if bind.portal and self.session.tx_status != b"I":
+                    return b""  # a named portal outlives the Sync in a transaction block: it must exist upstream
                 statement = parsed.get(bind.statement) or self._statements.get(bind.statement)
                 if statement is None or not statement.query:
                     return b""
                 rows = self._next_execute_rows(index, bind.portal)
-                if rows is None:
+                flushed = rows is None and self._batch[-1][0] == m.FLUSH
+                if rows is None and not flushed:
                     return b""  # a Bind never executed: let the server validate it
-                portals[bind.portal] = (statement, bind, rows, None)
+                portals[bind.portal] = (statement, bind, rows or 0, None)
+                if flushed and self._portal_result(portals, bind.portal) is None:
+                    return b""  # only a stored result for these very arguments proves that the Bind succeeds
                 executed.discard(bind.portal)  # a Bind (re)creates the portal
+                closed_portals.discard(bind.portal)
                 replies.append(fe.BIND_COMPLETE)
             elif msg_type == m.DESCRIBE:
                 describe = fe.decode_describe(body)
@@ -787,23 +867,29 @@ class CachingRelay:
                     if described is None:
                         return b""
                     replies.append(described)
-                    _note_described(statement, described)
+                    if not dry_run:
+                        _note_described(statement, described)
                 else:
-                    value = self._portal_result(portals, describe.name)
-                    if value is None:
-                        return self._miss_or_wait(portals, describe.name)
+                    found = self._portal_result(portals, describe.name)
+                    if found is None:
+                        return self._miss_or_wait(portals, describe.name, may_wait=not dry_run)
+                    value = found.value
                     replies.append(value[: _header_length(value)])
                     described_portals.add(describe.name)
             elif msg_type == m.EXECUTE:
                 execute = fe.decode_execute(body)
-                if execute.portal in executed:
+                if execute.portal in executed or execute.portal in closed_portals:
                     return b""  # executing a portal again continues it: the server's to answer
-                value = self._portal_result(portals, execute.portal)
-                if value is None:
-                    return self._miss_or_wait(portals, execute.portal)
+                if execute.portal in portals and portals[execute.portal][2] != execute.max_rows:
+                    return b""  # a portal bound in an earlier batch, looked up without a row limit
+                found = self._portal_result(portals, execute.portal)
+                if found is None:
+                    return self._miss_or_wait(portals, execute.portal, may_wait=not dry_run)
+                value = found.value
                 if execute.portal not in described_portals and not _same_shape(portals[execute.portal][0], value):
                     return b""  # the client decodes these rows with a description the entry does not have
                 replies.append(value[_header_length(value) :])
+                served.append(found)
                 executed.add(execute.portal)
                 hit_statement = portals[execute.portal][0]
                 unproven = {name: st for name, st in unproven.items() if st is not hit_statement}
@@ -811,16 +897,31 @@ class CachingRelay:
                 if any(t not in (m.CLOSE, m.SYNC, m.FLUSH) for t, _ in self._batch[index + 1 :]):
                     return b""  # something after it uses what it closes: the server's to answer
                 close = fe.decode_close(body)
+                # Only what exists here alone is closed here: a statement or portal the server may hold (one it
+                # created, or one made by SQL PREPARE or DECLARE that the proxy never saw) must be closed there.
                 if close.kind == "S":
                     existing = self._statements.get(close.name)
-                    if existing is not None and existing.upstream:
-                        return b""  # the server must close it too
+                    if (existing is not None and existing.upstream) or (existing is None and close.name not in parsed):
+                        return b""
                     closed.append(close.name)
+                elif close.name not in portals or close.name in closed_portals:
+                    return b""
+                else:
+                    closed_portals.add(close.name)
                 replies.append(fe.CLOSE_COMPLETE)
             elif msg_type == m.SYNC:
                 replies.append(m.ready_for_query(self.session.tx_status))
         if unproven:
             return b""
+        if dry_run:
+            return b"".join(replies)
+        for entry in served:
+            self.service.engine.count(entry.key, entry)  # hits: only now that the batch is answered here
+        self._local_portals = {}
+        if self._batch[-1][0] == m.FLUSH:  # (a Sync ends the implicit transaction, and its portals)
+            for name, (statement, bind, rows, _) in portals.items():
+                if name not in closed_portals:
+                    self._local_portals[name] = (statement, bind, rows if name in executed else None)
         self._statements.update(parsed)
         self._created_here = [(n, st) for n, st in parsed.items() if n and not st.upstream and n not in closed]
         for name in closed:
@@ -857,29 +958,31 @@ class CachingRelay:
         if not self._servable(classified):
             return None
         key = self._describe_key(query, param_types)
-        entry = self.service.engine.get(key, self.service.clock(), count_miss=False)
+        entry = self.service.engine.get(key, self.service.clock(), count_miss=False, count_hit=False)
         return entry.value if entry is not None else None
 
-    def _portal_result(self, portals: dict[str, _LocalPortal], name: str) -> bytes | None:
+    def _portal_result(self, portals: dict[str, _LocalPortal], name: str) -> Entry | None:
+        """The cached result for a portal bound in the batch (not counted: the batch may yet go upstream)."""
         found = portals.get(name)
         if found is None:
             return None
-        statement, bind, rows, value = found
-        if value is not None:
-            return value
+        statement, bind, rows, entry = found
+        if entry is not None:
+            return entry
         classified = self.service.classify(self.database, statement.query)
         if not self._servable(classified):
             return None
-        entry = self.service.engine.get(self._execute_key(statement, bind, rows), self.service.clock())
+        key = self._execute_key(statement, bind, rows)
+        entry = self.service.engine.get(key, self.service.clock(), count_miss=False, count_hit=False)
         if entry is None:
             return None
-        portals[name] = (statement, bind, rows, entry.value)
-        return entry.value
+        portals[name] = (statement, bind, rows, entry)
+        return entry
 
-    def _miss_or_wait(self, portals: dict[str, _LocalPortal], name: str) -> bytes | None:
+    def _miss_or_wait(self, portals: dict[str, _LocalPortal], name: str, *, may_wait: bool) -> bytes | None:
         """A miss in a batch: wait once if another session is filling that very key, else forward the batch."""
         found = portals.get(name)
-        if found is not None and not self._waited:
+        if found is not None and may_wait and not self._waited:
             statement, bind, rows, _ = found
             in_flight = self.service.fill_in_flight(self._execute_key(statement, bind, rows))
             if in_flight is not None:
@@ -892,6 +995,7 @@ class CachingRelay:
         described: dict[str, Capture | None] = {}
         serve = self._can_fill()
         idle = not self.tracker.pending and self.session.tx_status == b"I"  # before this batch queues anything
+        self._replay_local_portals(out)
         for index, (msg_type, message) in enumerate(self._batch):
             body = message[HEADER_SIZE:]
             if msg_type == m.PARSE:
@@ -935,6 +1039,8 @@ class CachingRelay:
                 self._expect(Op.CLOSE, message, out)
             elif msg_type == m.SYNC:
                 self._expect(Op.SYNC, message, out)
+                if self._probe_wanted:
+                    self._probe_isolation(out)
             else:  # Flush
                 out.append(message)
             self._unsynced = msg_type != m.SYNC
@@ -946,6 +1052,25 @@ class CachingRelay:
                 self._release_fill(unused)
         self._batch.clear()
         self._batch_bytes = 0
+
+    def _replay_local_portals(self, out: list[bytes]) -> None:
+        """Before anything is forwarded: create upstream the portals a batch answered here bound (and run, to the
+        point the client was answered to), so that what the client sends next finds them as it left them. Their
+        replies are not the client's."""
+        for name, (statement, bind, rows) in self._local_portals.items():
+            if self._statements.get(bind.statement) is not statement and bind.statement:
+                continue  # its statement was closed since, and the portal with it
+            if not statement.upstream or self._statements.get(bind.statement) is not statement:
+                self._replay(bind.statement, statement, out)
+            body = name.encode("utf-8", "surrogateescape") + b"\x00" + bind.statement.encode("utf-8", "surrogateescape")
+            out.append(encode(b"B", body + b"\x00" + bind.arguments))
+            self._queue(Pending(Op.BIND, strip=True))
+            self._portals[name] = Portal(statement, bind)
+            if rows is not None:
+                out.append(encode(b"E", name.encode("utf-8", "surrogateescape") + b"\x00" + rows.to_bytes(4, "big")))
+                self._queue(Pending(Op.EXECUTE, strip=True))
+                self._executed_portals.add(name)
+        self._local_portals = {}
 
     def _check_statement_limit(self, name: str, adding: int = 0) -> None:
         """limits.max_prepared_statements: the proxy keeps every named statement's text, so a client that prepares
@@ -1013,6 +1138,7 @@ class CachingRelay:
         if _TIME_WORDS.search(portal.bind.arguments):
             return None  # a parameter such as 'now' is evaluated when the statement runs: never cache it
         key = self._execute_key(portal.statement, portal.bind, max_rows)
+        self.service.engine.count(key, None)  # a cacheable read sent upstream: the miss
         in_flight = self.service.fill_in_flight(key)
         leader = in_flight is None
         if leader:
@@ -1163,10 +1289,14 @@ class CachingRelay:
             service.publish(self.database, self._tx_writes)
         self._tx_writes.clear()
         if self._tx_fills:
-            if committed:
-                for fill, value in self._tx_fills:
-                    self._store(fill, value)
+            # Rolled back (ORMs and pools end read-only transactions so): what it read before writing anything is
+            # what autocommit reads would have read, in a transaction that may read the cache (READ COMMITTED).
+            # What it read after a write may show that uncommitted write: never stored then.
+            clean = len(self._tx_fills) if committed or self._tx_clean_fills is None else self._tx_clean_fills
+            for fill, value in self._tx_fills[:clean]:
+                self._store(fill, value)
             self._tx_fills.clear()
+        self._tx_clean_fills = None
         if self._stale:
             if committed and not chained and not self.tracker.pending:
                 self._refresh(self._stale)
@@ -1238,6 +1368,13 @@ class CachingRelay:
 
     def _complete(self, pending: Pending) -> None:
         request = pending.on_done
+        if isinstance(request, _IsolationProbe):
+            if request is self._probe:
+                self._probe = None
+                # Completed before its own ReadyForQuery is read: the status is the BEGIN's.
+                if self.session.tx_status == b"T" and _probed_level(pending) in _FRESH_ISOLATION:
+                    self._tx_reads_cache = True
+            return
         if isinstance(request, _ParseDone):
             if pending.seen_error:
                 if request.replay:
@@ -1294,6 +1431,18 @@ class CachingRelay:
         if isinstance(fill, Fill) and fill.leader and fill.key in self._leading:
             self._leading.discard(fill.key)
             self.service.end_fill(fill.key)
+
+
+def _probed_level(pending: Pending) -> str | None:
+    """The one text value of the isolation probe's reply (RowDescription, DataRow, CommandComplete), or None."""
+    capture = pending.capture
+    if capture is None or capture.failed or pending.seen_error or len(capture.parts) != 2:
+        return None
+    row = capture.parts[0]
+    if row[:1] != b"D" or int.from_bytes(row[5:7], "big") != 1:
+        return None
+    size = int.from_bytes(row[7:11], "big", signed=True)
+    return row[11 : 11 + size].decode("ascii", "replace") if size >= 0 else None
 
 
 def _row_level(classified: Classified) -> str:
