@@ -54,6 +54,20 @@ _OTHER_WORDS = frozenset(
 _RUNS_CODE = frozenset({"do", "call", "execute"})
 _NILADIC = frozenset({"current_date", "current_time", "current_timestamp", "localtime", "localtimestamp"})
 _FROM_IN_CALL = frozenset({"extract", "substring", "trim", "overlay", "position"})
+# PostgreSQL's reserved keywords (docs, appendix C) that may stand before "(" without naming a function: `AND (`,
+# `IN (`, `OVER (`, `AS (`... They are never function names (a reserved word can name a function only quoted, and a
+# quoted name is a QIDENT), so the lexical scan must not report them as calls. The niladic datetime keywords and
+# the type/function-name keywords (left(), right(), ...) are not in this list.
+_RESERVED_WORDS = frozenset(
+    {"all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric", "both", "case", "cast", "check",
+     "collate", "column", "constraint", "create", "default", "deferrable", "desc", "distinct", "do", "else", "end",
+     "except", "false", "fetch", "for", "foreign", "from", "grant", "group", "having", "in", "initially", "intersect",
+     "into", "lateral", "leading", "limit", "not", "null", "offset", "on", "only", "or", "order", "placing",
+     "primary", "references", "returning", "select", "some", "symmetric", "table", "then", "to", "trailing", "true",
+     "union", "unique", "using", "variadic", "when", "where", "window", "with",
+     # not reserved, but only ever syntax before "(" in a query: window and aggregate clauses, row constructors
+     "over", "filter", "within", "values", "exists", "between", "row", "conflict", "partition"}
+)  # fmt: skip
 _LOCK_STRENGTHS = (
     (("update",), "FOR UPDATE"),
     (("no", "key", "update"), "FOR NO KEY UPDATE"),
@@ -332,6 +346,8 @@ def _lexical_calls(tokens: Sequence[Token]) -> set[str]:
             if before is not None and ((before.kind == OP and before.text == ":") or is_word(before, "as")):
                 continue
             name = ident_value(tok).lower()
+            if tok.kind == WORD and not qualified and name in _RESERVED_WORDS:
+                continue
             calls.add(f"{ident_value(tokens[j - 2]).lower()}.{name}" if qualified else name)
         elif tok.kind == WORD and not qualified and tok.sub in _NILADIC:
             calls.add(tok.sub)

@@ -253,6 +253,10 @@ def _qualifier(func: exp.Func) -> str | None:
 
 def _builtin_name(func: exp.Func, lexical_calls: frozenset[str]) -> str | None:
     """The PostgreSQL name of a builtin sqlglot mapped to its own class: as written if we saw it, else generated."""
+    # AND / OR are Func subclasses whose sql_names() are "AND" / "OR": `a AND (b OR c)` has `and` written before a
+    # parenthesis, so the lexical match below would take the connector for a call of and(). Never a call.
+    if isinstance(func, exp.Connector):
+        return None
     for candidate in func.sql_names():
         low = candidate.lower()
         if low in lexical_calls:
