@@ -28,6 +28,7 @@ from cacheproxy.analysis.lexer import (
     has_uescape,
     ident_value,
     is_word,
+    operator_symbols,
     read_name,
     special_words,
     split_statements,
@@ -148,6 +149,10 @@ def _analyze(sql: str) -> QueryInfo:
         reason="multiple statements",
         temp_tables_created=frozenset().union(*(i.temp_tables_created for i in infos)),
         data_modifying_cte=any(i.data_modifying_cte for i in infos),
+        operators=frozenset().union(*(i.operators for i in infos)),
+        casts=frozenset().union(*(i.casts for i in infos)),
+        time_casts=frozenset().union(*(i.time_casts for i in infos)),
+        attributes=frozenset().union(*(i.attributes for i in infos)),
         statements=tuple(infos),
     )
 
@@ -168,6 +173,10 @@ def _finish(d: Draft) -> QueryInfo:
         session=d.session,
         temp_tables_created=frozenset(d.temp_tables),
         data_modifying_cte=d.data_modifying_cte,
+        operators=frozenset(d.operators),
+        casts=frozenset(d.casts),
+        time_casts=frozenset(d.time_casts),
+        attributes=frozenset(d.attributes),
     )
 
 
@@ -253,10 +262,16 @@ def _query(tokens: Sequence[Token], sql: str, word: str) -> Draft:
     denied = {name for name in calls if function_denied(name)}
     functions = parsed.functions | denied
     if parsed.root != "select":
-        draft = Draft(Kind.WRITE, parsed.root.upper(), reads=parsed.reads, writes=parsed.writes, functions=functions)
+        draft = _hidden_code(
+            Draft(Kind.WRITE, parsed.root.upper(), reads=parsed.reads, writes=parsed.writes, functions=functions),
+            tokens,
+            parsed,
+        )
         draft.data_modifying_cte = parsed.data_modifying_cte
         return draft
-    draft = Draft(Kind.READ, "SELECT", reads=parsed.reads, writes=parsed.writes, functions=functions)
+    draft = _hidden_code(
+        Draft(Kind.READ, "SELECT", reads=parsed.reads, writes=parsed.writes, functions=functions), tokens, parsed
+    )
     if parsed.into is not None:
         draft.kind, draft.label, draft.reason = Kind.WRITE, "SELECT INTO", "SELECT INTO creates a table"
         if parsed.into_temp or parsed.into[0] == "pg_temp":
@@ -268,6 +283,15 @@ def _query(tokens: Sequence[Token], sql: str, word: str) -> Draft:
         return draft
     draft.reason = _read_reason(tokens, parsed, functions)
     draft.cacheable = draft.reason is None
+    return draft
+
+
+def _hidden_code(draft: Draft, tokens: Sequence[Token], parsed: syntax.Parsed) -> Draft:
+    """Record what may run code without a call written: operators, casts, attribute notation, date/time input."""
+    draft.operators = operator_symbols(tokens)
+    draft.casts = parsed.casts
+    draft.time_casts = parsed.time_casts
+    draft.attributes = parsed.attributes
     return draft
 
 
@@ -295,6 +319,8 @@ def _read_reason(tokens: Sequence[Token], parsed: syntax.Parsed, functions: set[
                 return f"casts to {low} (catalog lookup)"
             if low == "tablesample" and not any(is_word(t, "repeatable") for t in tokens[i:]):
                 return "TABLESAMPLE without REPEATABLE"
+    if "" in parsed.time_casts:
+        return "casts a computed value to a date/time type (text such as 'now' is read when the query runs)"
     for ref in sorted(parsed.reads, key=lambda r: (r[0] or "", r[1])):
         why = relation_reason(ref)
         if why is not None:
@@ -314,7 +340,9 @@ def _unparsed(tokens: Sequence[Token], word: str, reason: str) -> Draft:
     dml_inside = any(is_word(t, *_DML_WORDS) for t in tokens)
     if (word == "with" and dml_inside) or _top_level_into(tokens):
         return Draft(Kind.WRITE, word.upper(), writes={UNKNOWN_TABLE}, reason=reason)
-    return Draft(Kind.READ, "SELECT", reason=reason)
+    # A read whose functions, operators and relations we could not see may run code that writes (README: unknown
+    # effects invalidate the database). Not cached, and invalidating (unless invalidation.unknown_writes: ignore).
+    return Draft(Kind.READ, "SELECT", writes={UNKNOWN_TABLE}, reason=reason)
 
 
 # --- lexical checks ----------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ class Draft:
     session: SessionChange | None = None
     temp_tables: set[TableRef] = field(default_factory=set)
     data_modifying_cte: bool = False
+    operators: set[str] = field(default_factory=set)
+    casts: set[str] = field(default_factory=set)
+    time_casts: set[str] = field(default_factory=set)
+    attributes: set[str] = field(default_factory=set)
 
 
 # Analyzes an embedded statement (the query of CREATE VIEW ... AS, COPY (...) TO, EXPLAIN, DECLARE, PREPARE).

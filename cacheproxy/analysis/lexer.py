@@ -193,6 +193,29 @@ def table_ref(parts: Sequence[str]) -> TableRef:
     return (None, parts[-1])
 
 
+# --- operators -------------------------------------------------------------------------------------------------
+
+_OPERATOR_CHARS = frozenset("+-*/<>=~!@#%^&|`?")
+_MAX_OPERATOR_RUN = 8  # longer runs are split into every piece up to this length (the server's lexer splits them)
+
+
+def operator_symbols(tokens: Sequence[Token]) -> set[str]:
+    """Every operator a statement may use: each run of adjacent operator characters and all its pieces (the server
+    splits `a*-b` into `*` and `-`, section 4.1.3), plus the operator named by OPERATOR(schema.op)."""
+    found: set[str] = set()
+    run = ""
+    end = -1
+    for tok in tokens:
+        if tok.kind == OP and tok.text in _OPERATOR_CHARS:
+            run = run + tok.text if tok.start == end else tok.text
+            end = tok.end
+            tail = run[-_MAX_OPERATOR_RUN:]
+            found.update(tail[i:] for i in range(len(tail)))  # every piece ending here
+        else:
+            end = -1
+    return found
+
+
 # --- statements ------------------------------------------------------------------------------------------------
 
 

@@ -583,6 +583,8 @@ class CachingRelay:
         scope = self.service.row_scope(
             classified, write_scope(info, catalog), bind.arguments if bind is not None else None, param_types
         )
+        if scope.code == "function_call":  # also a view, operator or cast running such a function (verdict.py)
+            self._uncertain = self._uncertain or f"{scope.why}: settings may have changed"
         if _ROLE_SETTINGS.match(sql):
             self.service.settings_epoch += 1
             self.service.publish(self.database, (), settings=True)
