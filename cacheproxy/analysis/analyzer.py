@@ -77,15 +77,17 @@ _LOCK_STRENGTHS = (
 )
 
 
-def analyze(sql: str) -> QueryInfo:
+def analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
     """Analyze one SQL string (one or several statements). Never raises.
+
+    `backslash_quotes`: the session has standard_conforming_strings off (analysis/strings.py).
 
     >>> info = analyze("SELECT name FROM users WHERE id = $1")
     >>> info.kind, sorted(info.reads), info.cacheable
     (<Kind.READ: 'read'>, [(None, 'users')], True)
     """
     try:
-        return _analyze(sql)
+        return _analyze(sql, backslash_quotes)
     except Exception as exc:  # RecursionError on absurd nesting, or a bug: fail safe, never fail the proxy
         return QueryInfo(
             kind=Kind.OTHER,
@@ -113,7 +115,9 @@ class Analyzer:
     def __len__(self) -> int:
         return len(self._memo)
 
-    def analyze(self, sql: str) -> QueryInfo:
+    def analyze(self, sql: str, backslash_quotes: bool = False) -> QueryInfo:
+        if backslash_quotes:  # rare; the fingerprint lexes strings the standard way: not memoized
+            return analyze(sql, backslash_quotes)
         key = fingerprint(sql)
         info = self._memo.get(key)
         if info is not None:
@@ -132,8 +136,8 @@ class Analyzer:
 # --- whole strings -----------------------------------------------------------------------------------------------
 
 
-def _analyze(sql: str) -> QueryInfo:
-    statements = split_statements(tokenize(sql))
+def _analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
+    statements = split_statements(tokenize(sql, backslash_quotes))
     if not statements:
         return QueryInfo(Kind.OTHER, 0, frozenset(), frozenset(), frozenset(), False, "empty query")
     infos = [_finish(_statement(tokens, sql)) for tokens in statements]
@@ -253,6 +257,9 @@ def _other(c: Cursor, word: str, sub: commands.SubAnalyze) -> Draft:
 
 
 def _query(tokens: Sequence[Token], sql: str, word: str) -> Draft:
+    if any(tok.kind == STRING and tok.sub == "e" and tok.text[:1] in "'nN" and "\\" in tok.text for tok in tokens):
+        # A backslash escape in '...' (standard_conforming_strings off): sqlglot would read the string otherwise.
+        return _unparsed(tokens, word, "could not parse: backslash escape with standard_conforming_strings off")
     text = sql[tokens[0].start : tokens[-1].end]
     calls = _lexical_calls(tokens)
     parsed = syntax.parse(text, frozenset(calls))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, TxInfo, TxOp
+from cacheproxy.analysis.strings import mode as string_mode
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry, TableId, base_table
 from cacheproxy.errors import ProtocolViolation, ProxyError
@@ -393,7 +394,7 @@ class CachingRelay:
 
     def explain(self, sql: bytes) -> list[tuple[str, str]]:
         """Why `sql` would or would not be served from the cache in this session (CACHEPROXY EXPLAIN)."""
-        classified = self.service.classify(self.database, sql)
+        classified = self.service.classify(self.database, sql, self._strings())
         info, verdict = classified.info, classified.verdict
         servable = self._cacheable_here(classified) and info.statement_count == 1
         reason = verdict.reason
@@ -422,11 +423,16 @@ class CachingRelay:
             rows.append(("invalidates", what))
         return rows
 
+    def _strings(self) -> str:
+        """The session's string rules, as last reported by the server (analysis/strings.py): "" almost always."""
+        parameters = self.session.parameters
+        return string_mode(parameters.get("standard_conforming_strings"), parameters.get("client_encoding"))
+
     def _classify(self, sql: bytes) -> Classified | None:
         """Classify, first waiting (once, bounded) for the database's catalog when it is still loading."""
         if self._wait_for_catalog():
             return None
-        return self.service.classify(self.database, sql)
+        return self.service.classify(self.database, sql, self._strings())
 
     def _wait_for_catalog(self) -> bool:
         """True when the session now waits for its database's catalog (a first query, or one after DDL) or for its
@@ -719,7 +725,7 @@ class CachingRelay:
                 return False
         elif name:
             return False  # binds a named statement after an unnamed Parse: general path
-        classified = self.service.classify(self.database, statement.query)
+        classified = self.service.classify(self.database, statement.query, self._strings())
         if not self._cacheable_here(classified):  # (the caller checked _can_serve already)
             return b""  # a write, or a read not served here: the general path would not answer it either
         max_rows = int.from_bytes(execute[-4:], "big", signed=True)
@@ -855,7 +861,7 @@ class CachingRelay:
         return keys.describe_key(self.database, self.user, self._state_digest(), query, param_types)
 
     def _describe_entry(self, query: bytes, param_types: tuple[int, ...]) -> bytes | None:
-        classified = self.service.classify(self.database, query)
+        classified = self.service.classify(self.database, query, self._strings())
         if not self._servable(classified):
             return None
         key = self._describe_key(query, param_types)
@@ -869,7 +875,7 @@ class CachingRelay:
         statement, bind, rows, value = found
         if value is not None:
             return value
-        classified = self.service.classify(self.database, statement.query)
+        classified = self.service.classify(self.database, statement.query, self._strings())
         if not self._servable(classified):
             return None
         entry = self.service.engine.get(self._execute_key(statement, bind, rows), self.service.clock())
@@ -983,7 +989,7 @@ class CachingRelay:
         if statement is not None:
             if not statement.upstream:
                 self._replay(name, statement, out)
-            classified = self.service.classify(self.database, statement.query)
+            classified = self.service.classify(self.database, statement.query, self._strings())
             if serve and self._cacheable_here(classified) and statement.query:
                 verdict = classified.verdict
                 # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
@@ -1009,7 +1015,7 @@ class CachingRelay:
         portal = self._portals.get(portal_name)
         if portal is None or not portal.statement.query:
             return None
-        classified = self.service.classify(self.database, portal.statement.query)
+        classified = self.service.classify(self.database, portal.statement.query, self._strings())
         if classified.info.kind is not Kind.READ or not self._cacheable_here(classified):
             return None
         if _TIME_WORDS.search(portal.bind.arguments):
@@ -1051,7 +1057,7 @@ class CachingRelay:
         changes_state = False
         kind = "other"
         if portal is not None and portal.statement.query:
-            classified = self.service.classify(self.database, portal.statement.query)
+            classified = self.service.classify(self.database, portal.statement.query, self._strings())
             # Not after a write earlier in this batch (its reads see it uncommitted), nor a further Execute of a portal
             # (it continues the result where the last one stopped).
             fill = serve and not self._unsynced_write and execute.portal not in self._executed_portals
@@ -1195,7 +1201,7 @@ class CachingRelay:
         out: list[bytes] = []
         budget = service.config.write_through.concurrency
         for entry in sorted(mine.values(), key=lambda e: e.hits, reverse=True):
-            classified = service.classify(self.database, entry.key[4])  # type: ignore[index]
+            classified = service.classify(self.database, entry.key[4], self._strings())  # type: ignore[index]
             if classified.verdict.strategy != "write_through" or not self._cacheable_here(classified):
                 continue
             if budget == 0 or not service.take_refresh():
