@@ -163,7 +163,7 @@ _SYNTAX_BEFORE_PAREN = frozenset(
      "timestamp", "interval", "zone", "second", "minute", "hour", "day", "month", "year",
      # type/function-name keywords used as syntax: JOIN (subquery), x LIKE (pattern), x IS (...), TABLESAMPLE
      "join", "cross", "inner", "outer", "natural", "full", "is", "isnull", "notnull", "like", "ilike", "similar",
-     "tablesample"}
+     "tablesample", "first", "next", "xmlattributes"}
 )  # fmt: skip
 
 
