@@ -231,7 +231,8 @@ def _statement(tokens: Sequence[Token], sql: str) -> Draft:
 def _explain(c: Cursor, sub: commands.SubAnalyze) -> Draft:
     analyze_on, start = commands.explain_target(c)
     inner = sub(c.tokens[start:])
-    draft = Draft(Kind.OTHER, "EXPLAIN", reads=inner.reads, functions=inner.functions, reason="EXPLAIN is not cached")
+    draft = Draft(Kind.OTHER, "EXPLAIN", reads=inner.reads, reason="EXPLAIN is not cached")
+    draft.take_code(inner)
     if analyze_on and (inner.kind in (Kind.WRITE, Kind.DDL) or inner.writes):  # EXPLAIN ANALYZE runs the statement
         draft.kind = inner.kind if inner.kind in (Kind.WRITE, Kind.DDL) else Kind.OTHER
         draft.writes = inner.writes
@@ -249,7 +250,7 @@ def _other(c: Cursor, word: str, sub: commands.SubAnalyze) -> Draft:
         if j >= 0 and j + 1 < len(c.tokens):
             inner = sub(c.tokens[j + 1 :])
             draft.reads |= inner.reads
-            draft.functions |= inner.functions
+            draft.take_code(inner)
     return draft
 
 

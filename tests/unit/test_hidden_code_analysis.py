@@ -140,3 +140,17 @@ def test_time_cast_of_a_column_needs_a_typed_column() -> None:
     assert not judge_read(analyze("SELECT zz::date FROM ev"), catalog, RULES).cacheable  # no such column: computed
     # `a` is text in one of the relations read: the cast may read either
     assert not judge_read(analyze("SELECT ev.a::date FROM ev, t"), catalog, RULES).cacheable
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY (SELECT a @@@ 1 FROM t) TO STDOUT",
+        "EXPLAIN ANALYZE SELECT a @@@ 1 FROM t",
+        "DECLARE c CURSOR FOR SELECT a @@@ 1 FROM t",
+    ],
+)
+def test_embedded_queries_carry_their_hidden_code(sql: str) -> None:
+    """The query inside COPY, EXPLAIN ANALYZE or DECLARE runs the operator: the statement invalidates as it would."""
+    catalog = _catalog(HiddenCode(operators={"@@@": True}))
+    assert write_scope(analyze(sql), catalog).everything
