@@ -23,6 +23,8 @@ from typing import Any
 from cacheproxy.analysis.analyzer import Analyzer
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo
 from cacheproxy.analysis.points import Operand, Point, read_point, write_point
+from cacheproxy.analysis.strings import backslash_quotes
+from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import Entry, TableId, any_row, base_table, row_id
 from cacheproxy.catalog.model import Catalog
@@ -75,7 +77,7 @@ class CacheService:
         self.max_entry_size = cache.max_entry_size
         self.clock = time.monotonic
         # Exact statement text -> classification, per database: the hot path's one dict lookup.
-        self._memo: OrderedDict[tuple[str, bytes], Classified] = OrderedDict()
+        self._memo: OrderedDict[tuple[str, bytes, str], Classified] = OrderedDict()
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
@@ -115,20 +117,26 @@ class CacheService:
 
     # -- classification --------------------------------------------------------------------------------------
 
-    def classify(self, database: str, sql: bytes) -> Classified:
+    def classify(self, database: str, sql: bytes, strings: str = "") -> Classified:
+        """`strings`: the session's string rules (analysis.strings.mode), "" for UTF-8 and standard strings."""
         catalog = self.catalogs.get(database)
         version = catalog.version if catalog is not None else -1
-        memo_key = (database, sql)
+        memo_key = (database, sql, strings)
         found = self._memo.get(memo_key)
         if found is not None and found.catalog_version == version:
             self._memo.move_to_end(memo_key)
             return found
+        text = sql.decode("utf-8", "replace") if not strings else decode_sql(sql, strings)
         if len(sql) > MAX_ANALYZED_BYTES:
             info = _unanalyzed(sql)
+        elif text is None:
+            info = _unanalyzed(sql, "statement in a client encoding the proxy cannot decode")
         else:
-            info = self.analyzer.analyze(sql.decode("utf-8", "replace"))
+            info = self.analyzer.analyze(text, backslash_quotes(strings))
         verdict = judge_read(info, catalog, self.rules) if catalog is not None else NO_CATALOG
-        found = Classified(info, verdict, version, *_points(sql, info, verdict, catalog))
+        # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
+        points = _points(sql, info, verdict, catalog) if not strings else (None, frozenset[str]())
+        found = Classified(info, verdict, version, *points)
         if len(sql) <= _MEMO_MAX_STATEMENT:  # long statements are rare repeats, and would pin their text here
             self._memo[memo_key] = found
             if len(self._memo) > _CLASSIFY_MEMO:
@@ -462,13 +470,14 @@ def point_value(operand: Operand, arguments: bytes | None, param_types: tuple[in
     return None
 
 
-def _unanalyzed(sql: bytes) -> QueryInfo:
+def _unanalyzed(sql: bytes, undecodable: str | None = None) -> QueryInfo:
     """What is assumed of a statement too long to analyze: not cacheable; it may write anything.
 
     Even a long SELECT may call a function that writes, so only the session-level effects are ruled out by its first
-    keyword (a long DO block is treated as what it is: unknown effects, OTHER)."""
+    keyword (a long DO block is treated as what it is: unknown effects, OTHER). A statement that cannot be decoded
+    (`undecodable` says why) may be anything, a SET too: OTHER, whose unknown effects include the session's state."""
     head = sql[:64].lstrip(b" \t\r\n(").lower()
-    kind = Kind.OTHER if head.startswith((b"do", b"call")) else Kind.WRITE
+    kind = Kind.OTHER if undecodable or head.startswith((b"do", b"call")) else Kind.WRITE
     return QueryInfo(
         kind=kind,
         statement_count=1,
@@ -476,5 +485,5 @@ def _unanalyzed(sql: bytes) -> QueryInfo:
         writes=frozenset({UNKNOWN_TABLE}),
         functions=frozenset(),
         cacheable=False,
-        reason=f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed",
+        reason=undecodable or f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed",
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, TxInfo, TxOp
+from cacheproxy.analysis.strings import mode as string_mode
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry, TableId, base_table
 from cacheproxy.errors import ProtocolViolation, ProxyError
@@ -428,7 +429,7 @@ class CachingRelay:
 
     def explain(self, sql: bytes) -> list[tuple[str, str]]:
         """Why `sql` would or would not be served from the cache in this session (CACHEPROXY EXPLAIN)."""
-        classified = self.service.classify(self.database, sql)
+        classified = self.service.classify(self.database, sql, self._strings())
         info, verdict = classified.info, classified.verdict
         servable = self._cacheable_here(classified) and info.statement_count == 1
         reason = verdict.reason
@@ -457,11 +458,16 @@ class CachingRelay:
             rows.append(("invalidates", what))
         return rows
 
+    def _strings(self) -> str:
+        """The session's string rules, as last reported by the server (analysis/strings.py): "" almost always."""
+        parameters = self.session.parameters
+        return string_mode(parameters.get("standard_conforming_strings"), parameters.get("client_encoding"))
+
     def _classify(self, sql: bytes) -> Classified | None:
         """Classify, first waiting (once, bounded) for the database's catalog when it is still loading."""
         if self._wait_for_catalog():
             return None
-        return self.service.classify(self.database, sql)
+        return self.service.classify(self.database, sql, self._strings())
 
     def _wait_for_catalog(self) -> bool:
         """True when the session now waits for its database's catalog (a first query, or one after DDL) or for its
@@ -617,6 +623,8 @@ class CachingRelay:
         scope = self.service.row_scope(
             classified, write_scope(info, catalog), bind.arguments if bind is not None else None, param_types
         )
+        if scope.code == "function_call":  # also a view, operator or cast running such a function (verdict.py)
+            self._uncertain = self._uncertain or f"{scope.why}: settings may have changed"
         if _ROLE_SETTINGS.match(sql):
             self.service.settings_epoch += 1
             self.service.publish(self.database, (), settings=True)
@@ -784,7 +792,7 @@ class CachingRelay:
                 return False
         elif name:
             return False  # binds a named statement after an unnamed Parse: general path
-        classified = self.service.classify(self.database, statement.query)
+        classified = self.service.classify(self.database, statement.query, self._strings())
         if not self._cacheable_here(classified):  # (the caller checked _can_serve already)
             return b""  # a write, or a read not served here: the general path would not answer it either
         max_rows = int.from_bytes(execute[-4:], "big", signed=True)
@@ -954,7 +962,7 @@ class CachingRelay:
         return keys.describe_key(self.database, self.user, self._state_digest(), query, param_types)
 
     def _describe_entry(self, query: bytes, param_types: tuple[int, ...]) -> bytes | None:
-        classified = self.service.classify(self.database, query)
+        classified = self.service.classify(self.database, query, self._strings())
         if not self._servable(classified):
             return None
         key = self._describe_key(query, param_types)
@@ -969,7 +977,7 @@ class CachingRelay:
         statement, bind, rows, entry = found
         if entry is not None:
             return entry
-        classified = self.service.classify(self.database, statement.query)
+        classified = self.service.classify(self.database, statement.query, self._strings())
         if not self._servable(classified):
             return None
         key = self._execute_key(statement, bind, rows)
@@ -1106,7 +1114,7 @@ class CachingRelay:
         if statement is not None:
             if not statement.upstream:
                 self._replay(name, statement, out)
-            classified = self.service.classify(self.database, statement.query)
+            classified = self.service.classify(self.database, statement.query, self._strings())
             if serve and self._cacheable_here(classified) and statement.query:
                 verdict = classified.verdict
                 # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
@@ -1132,7 +1140,7 @@ class CachingRelay:
         portal = self._portals.get(portal_name)
         if portal is None or not portal.statement.query:
             return None
-        classified = self.service.classify(self.database, portal.statement.query)
+        classified = self.service.classify(self.database, portal.statement.query, self._strings())
         if classified.info.kind is not Kind.READ or not self._cacheable_here(classified):
             return None
         if _TIME_WORDS.search(portal.bind.arguments):
@@ -1175,7 +1183,7 @@ class CachingRelay:
         changes_state = False
         kind = "other"
         if portal is not None and portal.statement.query:
-            classified = self.service.classify(self.database, portal.statement.query)
+            classified = self.service.classify(self.database, portal.statement.query, self._strings())
             # Not after a write earlier in this batch (its reads see it uncommitted), nor a further Execute of a portal
             # (it continues the result where the last one stopped).
             fill = serve and not self._unsynced_write and execute.portal not in self._executed_portals
@@ -1323,7 +1331,7 @@ class CachingRelay:
         out: list[bytes] = []
         budget = service.config.write_through.concurrency
         for entry in sorted(mine.values(), key=lambda e: e.hits, reverse=True):
-            classified = service.classify(self.database, entry.key[4])  # type: ignore[index]
+            classified = service.classify(self.database, entry.key[4], self._strings())  # type: ignore[index]
             if classified.verdict.strategy != "write_through" or not self._cacheable_here(classified):
                 continue
             if budget == 0 or not service.take_refresh():
