@@ -53,7 +53,7 @@ def _load(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from cacheproxy.devtools.demo import run_demo
+        from cacheproxy.demo.run import run_demo
 
         return run_demo(args.queries, args.config)
     if args.command == "snapshot":

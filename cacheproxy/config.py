@@ -1,8 +1,13 @@
 """Configuration: YAML -> frozen, validated, typed config objects; every error names the file and the key.
 
+Each key is declared once, as a field of its section below: its default, how it is read and rendered (a
+:class:`Kind`), and for a few the ``--flag`` / ``CACHEPROXY_*`` variable that overrides it. Reading
+(:func:`build_config`), rendering (:func:`render_config`) and the overrides are driven by those declarations;
+checks across keys of one section live in that section's ``validate()``, as in PgCat.
+
 Everything here is pure except :func:`load_config`, which reads the one file. The environment arrives as a
 mapping argument, never from ``os.environ``. Precedence, highest first: keyword flags, ``CACHEPROXY_*``
-environment variables, the file, the defaults written on the dataclasses below.
+environment variables, the file, the declared defaults.
 
 Reload is the caller's job, done the PgCat way: build a whole new :class:`Config` (building validates it),
 then swap it in; nothing here is mutable.
@@ -16,9 +21,9 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
-from typing import Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 from urllib.parse import unquote
 
 import yaml
@@ -30,11 +35,13 @@ __all__ = [
     "Config",
     "ConfigError",
     "InvalidationConfig",
+    "Kind",
     "LimitsConfig",
     "LoggingConfig",
     "Rule",
     "ShutdownConfig",
     "SnapshotConfig",
+    "TLSConfig",
     "UpstreamConfig",
     "WriteThroughConfig",
     "build_config",
@@ -53,26 +60,11 @@ GiB: Final = 1024 * MiB
 TiB: Final = 1024 * GiB
 
 SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-TLS_MODES: Final = ("disable", "allow", "require")
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-LOG_FORMATS: Final = ("text", "json")
-STRATEGIES: Final = ("lazy", "write_through", "none")
-IN_TRANSACTION: Final = ("never", "until_write", "always")
-UNKNOWN_WRITES: Final = ("invalidate_database", "ignore")
-
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_UPSTREAM_PORT: Final = 5432
+DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 FLAGS: Final = "<flags>"
 ENV: Final = "<env>"
-
-# Environment variable -> dotted key it overrides. CACHEPROXY_LOG_FORMAT is here for symmetry with the flag.
-ENV_OVERRIDES: Final = (
-    ("CACHEPROXY_UPSTREAM", "upstream"),
-    ("CACHEPROXY_LISTEN", "listen"),
-    ("CACHEPROXY_ADMIN_LISTEN", "admin.listen"),
-    ("CACHEPROXY_LOG_LEVEL", "logging.level"),
-    ("CACHEPROXY_LOG_FORMAT", "logging.format"),
-)
 
 _T = TypeVar("_T")
 
@@ -117,10 +109,6 @@ class Address:
         return f"{host}:{self.port}"
 
 
-DEFAULT_LISTEN: Final = Address(DEFAULT_HOST, 6432)
-DEFAULT_ADMIN_LISTEN: Final = Address(DEFAULT_HOST, 9187)
-
-
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """Where the real PostgreSQL server is: a libpq-style URL and the fields parsed out of it.
@@ -138,10 +126,10 @@ class UpstreamConfig:
     sslrootcert: str | None = None
     sslcert: str | None = None
     sslkey: str | None = None
-    connect_timeout: float = 10.0
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     @classmethod
-    def from_url(cls, url: str, *, connect_timeout: float = 10.0) -> UpstreamConfig:
+    def from_url(cls, url: str, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> UpstreamConfig:
         """Parse a ``postgres://`` or ``postgresql://`` URL. Raises ValueError (whose text never holds the
         password). ``connect_timeout`` is used unless the URL has ``?connect_timeout=``."""
         return _parse_upstream_url(url, connect_timeout)
@@ -159,138 +147,6 @@ class UpstreamConfig:
             f"sslrootcert={self.sslrootcert!r}, sslcert={self.sslcert!r}, sslkey={self.sslkey!r}, "
             f"connect_timeout={self.connect_timeout!r})"
         )
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    """Resource limits protecting the proxy from clients and a slow upstream."""
-
-    max_client_connections: int = 1000
-    max_message_size: int = 64 * MiB
-    idle_client_timeout: float | None = None
-    connect_timeout: float = 10.0
-    startup_timeout: float = 60.0
-    # Named prepared statements the proxy tracks per session; past it the session ends with 53400, rather than the
-    # proxy's memory growing with a client that prepares without ever closing.
-    max_prepared_statements: int = 10000
-    # Extended-protocol messages held while waiting for Sync (to answer the batch from the cache): past this many
-    # bytes the batch is forwarded upstream as it is, and flow control (paused reads) bounds the rest.
-    max_pipeline_bytes: int = 1 * MiB
-
-
-@dataclass(frozen=True, slots=True)
-class ShutdownConfig:
-    """How long a graceful shutdown waits for in-flight work before cancelling it."""
-
-    timeout: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    """The admin HTTP endpoint (metrics, health); ``listen=None`` disables it."""
-
-    listen: Address | None = DEFAULT_ADMIN_LISTEN
-    users: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    """Log level and format; ``slow_query`` logs queries slower than this many seconds (None = off)."""
-
-    level: str = "info"
-    format: str = "text"
-    slow_query: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    """The result cache: memory budget, sharding and the TTL used when a rule does not give one."""
-
-    enabled: bool = True
-    max_memory: int = 256 * MiB
-    max_entry_size: int = 1 * MiB
-    shards: int = 16
-    default_ttl: float = 60.0
-    analysis_cache_size: int = 10000
-
-
-@dataclass(frozen=True, slots=True)
-class InvalidationConfig:
-    """How writes the proxy does not see itself reach its cache.
-
-    ``bus``: every invalidation is published with NOTIFY on ``channel`` and every proxy LISTENs there (one control
-    connection per database); while that connection is down, the database's entries are not served.
-    ``catalog_poll``: how often the bus connection checks the catalog for changes made straight on the database
-    (GRANT/REVOKE, row security, DDL, roles), which drop the database's entries; None = never.
-    ``unknown_writes``: what a statement with unknown effects (DO, CALL, a function that may write) does:
-    ``invalidate_database`` (default) or ``ignore``. ``replication``: also follow a logical replication stream
-    (publication ``publication``, a temporary slot named ``slot_prefix`` + a per-instance suffix), which sees
-    writes that bypass every proxy.
-    """
-
-    bus: bool = True
-    channel: str = "cacheproxy_invalidation"
-    catalog_poll: float | None = 1.0
-    unknown_writes: str = "invalidate_database"
-    replication: bool = False
-    publication: str = "cacheproxy"
-    slot_prefix: str = "cacheproxy"
-
-
-@dataclass(frozen=True, slots=True)
-class WriteThroughConfig:
-    """Refreshes of `strategy: write_through` entries after a committed write: at most ``concurrency`` run after
-    one commit, at most ``per_second`` in all."""
-
-    concurrency: int = 4
-    per_second: float = 1000.0
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotConfig:
-    """Optional persistence of the cache to a file, every ``interval`` seconds and at shutdown."""
-
-    path: str | None = None
-    interval: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TLSConfig:
-    """TLS towards clients. ``mode``: disable (SSLRequest answered 'N'), allow (TLS when the client asks),
-    require (plaintext clients are refused). ``cert`` and ``key`` are PEM files, required unless disabled."""
-
-    mode: str = "disable"
-    cert: str | None = None
-    key: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A per-table caching rule. ``tables`` holds names or globs exactly as written (no case folding)."""
-
-    tables: tuple[str, ...]
-    ttl: float | None = None
-    strategy: str = "lazy"
-    in_transaction: str = "until_write"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
-    """The whole, validated configuration. ``source`` is the file it was read from, if any."""
-
-    upstream: UpstreamConfig
-    listen: Address = DEFAULT_LISTEN
-    admin: AdminConfig = field(default_factory=AdminConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
-    tls: TLSConfig = field(default_factory=TLSConfig)
-    invalidation: InvalidationConfig = field(default_factory=InvalidationConfig)
-    write_through: WriteThroughConfig = field(default_factory=WriteThroughConfig)
-    rules: tuple[Rule, ...] = ()
-    source: str | None = None
 
 
 # --- durations and sizes --------------------------------------------------------------------------
@@ -593,30 +449,442 @@ def _libpq_connect_timeout(text: str) -> float:
     return float(max(seconds, 2))
 
 
-# --- building Config from a parsed tree -----------------------------------------------------------
+# --- kinds: how a value is read from YAML and written back ----------------------------------------
+# A kind's parse takes a raw YAML value and returns a typed one or raises ValueError saying what is wrong (or
+# ConfigError with a key relative to the value, for an item of a list). Strings are accepted for numbers and
+# booleans because ${VAR} interpolation always produces strings.
+
+
+def _same(value: Any) -> object:
+    return value
 
 
 @dataclass(frozen=True, slots=True)
-class _Where:
-    """Which file each key came from, so that an error can name it."""
+class Kind(Generic[_T]):
+    """How one key is read (``parse``) and how :func:`render_config` writes it back (``show``)."""
 
-    source: str | None
-    origins: Mapping[str, str] = field(default_factory=dict)  # dotted key -> "<flags>" / "<env>"
-
-    def error(self, key: str | None, message: str) -> ConfigError:
-        file = self.source
-        for overridden, label in self.origins.items():
-            if key is not None and (key == overridden or key.startswith(overridden + ".")):
-                file = label
-        return ConfigError(message, key=key or None, file=file)
+    parse: Callable[[object], _T]
+    show: Callable[[Any], object] = _same
 
 
-def _keys(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls) if f.name != "source")
+def optional(kind: Kind[_T]) -> Kind[_T | None]:
+    """``kind``, or null."""
+    return Kind(
+        lambda value: None if value is None else kind.parse(value),
+        lambda value: None if value is None else kind.show(value),
+    )
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def _string(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {_type(value) if value != '' else 'empty string'}")
+    return value
+
+
+_BOOL_WORDS: Final = dict.fromkeys(("true", "yes", "on", "1"), True) | dict.fromkeys(("false", "no", "off", "0"), False)
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ValueError(f"must be true or false, got {_show(value)}")
+
+
+STRING: Final = Kind(_string)
+BOOLEAN: Final = Kind(_boolean)
+
+
+def integer(minimum: int, maximum: int | None = None) -> Kind[int]:
+    def parse(value: object) -> int:
+        if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, got {_show(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return Kind(parse)
+
+
+def number(*, positive: bool) -> Kind[float]:
+    def parse(value: object) -> float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"must be a number, got {_show(value)}")
+        if value < 0 or (positive and value == 0):
+            raise ValueError(f"must be {'greater than 0' if positive else 'at least 0'}, got {value}")
+        return float(value)
+
+    return Kind(parse)
+
+
+def duration(*, positive: bool) -> Kind[float]:
+    def parse(value: object) -> float:
+        seconds = parse_duration(value)
+        if positive and seconds <= 0:
+            raise ValueError(f"must be greater than 0, got {_show(value)}")
+        return seconds
+
+    return Kind(parse, format_duration)
+
+
+def size(minimum: int) -> Kind[int]:
+    def parse(value: object) -> int:
+        amount = parse_size(value)
+        if amount < minimum:
+            raise ValueError(f"must be at least {format_size(minimum)}, got {_show(value)}")
+        return amount
+
+    return Kind(parse, format_size)
+
+
+def choice(*allowed: str) -> Kind[str]:
+    def parse(value: object) -> str:
+        if isinstance(value, str) and value.strip().lower() in allowed:
+            return value.strip().lower()
+        raise ValueError(f"must be one of {', '.join(allowed)}, got {_show(value)}")
+
+    return Kind(parse)
+
+
+def _address(value: object) -> Address:
+    if not isinstance(value, str):
+        raise ValueError(f"must be an address string like '127.0.0.1:6432', got {_type(value)}")
+    return Address.parse(value)
+
+
+def _address_or_off(value: object) -> Address | None:
+    # YAML 1.1 reads a bare `off` / `false` as the boolean False.
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    return _address(value)
+
+
+ADDRESS: Final = Kind(_address, str)
+ADDRESS_OR_OFF: Final = Kind(_address_or_off, lambda address: None if address is None else str(address))
+
+_CHANNEL = re.compile(r"[a-z_][a-z0-9_$]{0,62}")
+
+
+def _channel(value: object) -> str:
+    # Written into LISTEN/NOTIFY unquoted: a plain lower-case identifier only.
+    if not isinstance(value, str) or not _CHANNEL.fullmatch(value):
+        raise ValueError(f"must be a lower-case identifier (letters, digits, _), got {_show(value)}")
+    return value
+
+
+CHANNEL: Final = Kind(_channel)
+
+
+def _upstream(value: object) -> UpstreamConfig:
+    if value is None:
+        raise ValueError("required: set it in the config file, with --upstream or with CACHEPROXY_UPSTREAM")
+    if not isinstance(value, str):
+        raise ValueError(f"must be a postgres:// URL string, got {_type(value)}")
+    return UpstreamConfig.from_url(value)
+
+
+UPSTREAM: Final = Kind(_upstream, UpstreamConfig.masked_url)
+
+
+def items(item: Kind[_T], what: str, *, required: bool = False) -> Kind[tuple[_T, ...]]:
+    """A list of ``what``, each item read by ``item`` (an error names it as ``[i]``). Null is an empty list unless
+    ``required``; then the list must not be empty, and a lone string stands for a list of one."""
+
+    def parse(value: object) -> tuple[_T, ...]:
+        if required and isinstance(value, str):
+            value = [value]
+        if value is None and not required:
+            return ()
+        if not isinstance(value, list) or (required and not value):
+            got = _show(value) if required else _type(value)
+            raise ValueError(f"must be {'a non-empty' if required else 'a'} list of {what}, got {got}")
+        return tuple(_at(f"[{i}]", item.parse, each) for i, each in enumerate(value))
+
+    return Kind(parse, lambda values: [item.show(each) for each in values])
+
+
+ROLE_NAMES: Final = items(STRING, "role names")
+
+# Table names or globs: one to three dot-separated parts, each a "quoted" identifier or unquoted text.
+_IDENT: Final = r'(?:"(?:[^"]|"")+"|[^\s".]+)'
+_TABLE_PATTERN = re.compile(rf"{_IDENT}(?:\.{_IDENT}){{0,2}}")
+
+
+def _table(value: object) -> str:
+    if not isinstance(value, str) or not _TABLE_PATTERN.fullmatch(value):
+        raise ValueError(f'not a table name or pattern: {_show(value)} (e.g. orders, public.*, "Quoted"."T")')
+    return value
+
+
+def _rule(value: object) -> Rule:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping with at least 'tables', got {_type(value)}")
+    return _read(Rule, value)
+
+
+TABLES: Final = items(Kind(_table), "table names", required=True)
+RULES: Final = items(Kind(_rule, lambda rule: _render(rule)), "rules")
+
+
+# --- the keys -------------------------------------------------------------------------------------
+# One declaration per key: `name: type = setting(default, kind)`. A section is a field made with `section(...)`;
+# a required key is a plain `field(metadata=_spec(kind))` (absent, its kind is asked to read null and says why).
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    kind: Kind[Any]
+    override: str | None = None  # "log_level": the flag log_level= (--log-level) and CACHEPROXY_LOG_LEVEL
+    section: type[_Section] | None = None  # set for a sub-section, whose own keys may have overrides
+
+
+_SPEC: Final = "cacheproxy.config"
+
+
+def _spec(kind: Kind[Any], override: str | None = None) -> dict[str, _Spec]:
+    return {_SPEC: _Spec(kind, override=override)}
+
+
+def setting(default: _T, kind: Kind[_T], *, override: str | None = None) -> _T:
+    """Declare a key with its default, its kind and (optionally) the flag and variable that override it."""
+    return field(default=default, metadata=_spec(kind, override))
+
+
+_S = TypeVar("_S", bound="_Section")
+
+
+def section(cls: type[_S]) -> _S:
+    """Declare a sub-section; absent or null, it takes its own defaults."""
+    kind = Kind(lambda value: _read(cls, value), lambda value: _render(value))
+    return field(default_factory=cls, metadata={_SPEC: _Spec(kind, section=cls)})
+
+
+class _Section:
+    """What every section has: ``validate()`` for the checks that span its keys."""
+
+    __slots__ = ()
+
+    def validate(self) -> None:
+        """Raise ConfigError whose key is relative to this section; nothing to check by default."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig(_Section):
+    """Resource limits protecting the proxy from clients and a slow upstream."""
+
+    max_client_connections: int = setting(1000, integer(1))
+    # A floor of 1KiB catches "64" meant as megabytes; a startup packet alone can take hundreds of bytes.
+    max_message_size: int = setting(64 * MiB, size(KiB))
+    idle_client_timeout: float | None = setting(None, optional(duration(positive=True)))
+    connect_timeout: float = setting(DEFAULT_CONNECT_TIMEOUT, duration(positive=True))
+    startup_timeout: float = setting(60.0, duration(positive=True))
+    # Named prepared statements the proxy tracks per session; past it the session ends with 53400, rather than the
+    # proxy's memory growing with a client that prepares without ever closing.
+    max_prepared_statements: int = setting(10000, integer(1))
+    # Extended-protocol messages held while waiting for Sync (to answer the batch from the cache): past this many
+    # bytes the batch is forwarded upstream as it is, and flow control (paused reads) bounds the rest.
+    max_pipeline_bytes: int = setting(1 * MiB, size(KiB))
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig(_Section):
+    """How long a graceful shutdown waits for in-flight work before cancelling it."""
+
+    timeout: float = setting(30.0, duration(positive=False))
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig(_Section):
+    """The admin HTTP endpoint (metrics, health); ``listen=None`` disables it."""
+
+    listen: Address | None = setting(Address(DEFAULT_HOST, 9187), ADDRESS_OR_OFF, override="admin_listen")
+    users: tuple[str, ...] = setting((), ROLE_NAMES)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig(_Section):
+    """Log level and format; ``slow_query`` logs queries slower than this many seconds (None = off)."""
+
+    level: str = setting("info", choice("debug", "info", "warning", "error"), override="log_level")
+    format: str = setting("text", choice("text", "json"), override="log_format")
+    slow_query: float | None = setting(None, optional(duration(positive=False)))
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig(_Section):
+    """The result cache: memory budget, sharding and the TTL used when a rule does not give one."""
+
+    enabled: bool = setting(True, BOOLEAN)
+    max_memory: int = setting(256 * MiB, size(1))
+    max_entry_size: int = setting(1 * MiB, size(1))
+    shards: int = setting(16, integer(1, 4096))
+    default_ttl: float = setting(60.0, duration(positive=True))
+    analysis_cache_size: int = setting(10000, integer(0))
+
+    def validate(self) -> None:
+        if self.shards & (self.shards - 1):
+            raise ConfigError(f"must be a power of two (1, 2, 4, ... 4096), got {self.shards}", key="shards")
+        # Each shard gets an equal slice of the budget, so the largest entry must fit in one slice.
+        per_shard = self.max_memory // self.shards
+        if self.max_entry_size > per_shard:
+            raise ConfigError(
+                f"must not exceed max_memory / shards ({format_size(per_shard)}), "
+                f"got {format_size(self.max_entry_size)}",
+                key="max_entry_size",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidationConfig(_Section):
+    """How writes the proxy does not see itself reach its cache.
+
+    ``bus``: every invalidation is published with NOTIFY on ``channel`` and every proxy LISTENs there (one control
+    connection per database); while that connection is down, the database's entries are not served.
+    ``catalog_poll``: how often the bus connection checks the catalog for changes made straight on the database
+    (GRANT/REVOKE, row security, DDL, roles), which drop the database's entries; None = never.
+    ``unknown_writes``: what a statement with unknown effects (DO, CALL, a function that may write) does:
+    ``invalidate_database`` (default) or ``ignore``. ``replication``: also follow a logical replication stream
+    (publication ``publication``, a temporary slot named ``slot_prefix`` + a per-instance suffix), which sees
+    writes that bypass every proxy.
+    """
+
+    bus: bool = setting(True, BOOLEAN)
+    channel: str = setting("cacheproxy_invalidation", CHANNEL)
+    catalog_poll: float | None = setting(1.0, optional(duration(positive=True)))
+    unknown_writes: str = setting("invalidate_database", choice("invalidate_database", "ignore"))
+    replication: bool = setting(False, BOOLEAN)
+    publication: str = setting("cacheproxy", CHANNEL)
+    slot_prefix: str = setting("cacheproxy", CHANNEL)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteThroughConfig(_Section):
+    """Refreshes of `strategy: write_through` entries after a committed write: at most ``concurrency`` run after
+    one commit, at most ``per_second`` in all."""
+
+    concurrency: int = setting(4, integer(1, 64))
+    per_second: float = setting(1000.0, number(positive=True))
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotConfig(_Section):
+    """Optional persistence of the cache to a file, every ``interval`` seconds and at shutdown."""
+
+    path: str | None = setting(None, optional(STRING))
+    interval: float | None = setting(None, optional(duration(positive=True)))
+
+    def validate(self) -> None:
+        if self.interval is not None and self.path is None:
+            raise ConfigError("needs snapshot.path to be set", key="interval")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig(_Section):
+    """TLS towards clients. ``mode``: disable (SSLRequest answered 'N'), allow (TLS when the client asks),
+    require (plaintext clients are refused). ``cert`` and ``key`` are PEM files, required unless disabled."""
+
+    mode: str = setting("disable", choice("disable", "allow", "require"))
+    cert: str | None = setting(None, optional(STRING))
+    key: str | None = setting(None, optional(STRING))
+
+    def validate(self) -> None:
+        if self.mode != "disable":
+            for name, path in (("cert", self.cert), ("key", self.key)):
+                if not path:
+                    raise ConfigError(f"required when tls.mode is {self.mode}", key=name)
+                if not os.path.isfile(path):
+                    raise ConfigError(f"no such file: {path}", key=name)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule(_Section):
+    """A per-table caching rule. ``tables`` holds names or globs exactly as written (no case folding)."""
+
+    tables: tuple[str, ...] = field(metadata=_spec(TABLES))
+    ttl: float | None = setting(None, optional(duration(positive=True)))
+    strategy: str = setting("lazy", choice("lazy", "write_through", "none"))
+    in_transaction: str = setting("until_write", choice("never", "until_write", "always"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config(_Section):
+    """The whole, validated configuration. ``source`` is the file it was read from, if any."""
+
+    upstream: UpstreamConfig = field(metadata=_spec(UPSTREAM, override="upstream"))
+    listen: Address = setting(Address(DEFAULT_HOST, 6432), ADDRESS, override="listen")
+    admin: AdminConfig = section(AdminConfig)
+    limits: LimitsConfig = section(LimitsConfig)
+    shutdown: ShutdownConfig = section(ShutdownConfig)
+    logging: LoggingConfig = section(LoggingConfig)
+    cache: CacheConfig = section(CacheConfig)
+    snapshot: SnapshotConfig = section(SnapshotConfig)
+    tls: TLSConfig = section(TLSConfig)
+    invalidation: InvalidationConfig = section(InvalidationConfig)
+    write_through: WriteThroughConfig = section(WriteThroughConfig)
+    rules: tuple[Rule, ...] = setting((), RULES)
+    source: str | None = None  # not a key
+
+
+# --- building Config from a parsed tree -----------------------------------------------------------
+
+
+def _join(prefix: str | None, name: str | None) -> str:
+    """``"cache" + "shards"`` -> ``"cache.shards"``; ``"rules" + "[0].ttl"`` -> ``"rules[0].ttl"``."""
+    if not prefix or not name:
+        return prefix or name or ""
+    return prefix + name if name.startswith("[") else f"{prefix}.{name}"
+
+
+def _settings(cls: type[_Section]) -> list[tuple[Field[Any], _Spec]]:
+    return [(f, f.metadata[_SPEC]) for f in fields(cls) if _SPEC in f.metadata]  # type: ignore[arg-type]
+
+
+def _keys(cls: type[_Section]) -> tuple[str, ...]:
+    return tuple(f.name for f, _ in _settings(cls))
+
+
+def _overrides(cls: type[_Section] = Config, prefix: str = "") -> dict[str, str]:
+    """Override name (``"log_level"``) -> dotted key (``"logging.level"``), from the declarations."""
+    found: dict[str, str] = {}
+    for f, spec in _settings(cls):
+        if spec.section is not None:
+            found |= _overrides(spec.section, _join(prefix, f.name))
+        elif spec.override is not None:
+            found[spec.override] = _join(prefix, f.name)
+    return found
+
+
+OVERRIDES: Final = _overrides()
+# Environment variable -> dotted key it overrides. CACHEPROXY_LOG_FORMAT is here for symmetry with the flag.
+ENV_OVERRIDES: Final = tuple((f"CACHEPROXY_{name.upper()}", key) for name, key in OVERRIDES.items())
+
+
+def _at(key: str, parse: Callable[[object], _T], value: object) -> _T:
+    """``parse(value)``, with any error's key put under ``key``."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=key) from None
+    except ConfigError as exc:
+        raise ConfigError(exc.message, key=_join(key, exc.key)) from None
+
+
+def _read(cls: type[_S], value: object) -> _S:
+    """Section ``cls`` from its mapping (null reads as empty), validated; error keys are relative to it."""
+    m = _mapping(value, _keys(cls))
+    values: dict[str, object] = {}
+    for f, spec in _settings(cls):
+        if f.name in m or (f.default is MISSING and f.default_factory is MISSING):
+            values[f.name] = _at(f.name, spec.kind.parse, m.get(f.name))
+    built = cls(**values)
+    built.validate()
+    return built
 
 
 def _type(value: object) -> str:
@@ -638,17 +906,17 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _mapping(value: object, key: str, allowed: Sequence[str], where: _Where) -> Mapping[str, object]:
+def _mapping(value: object, allowed: Sequence[str]) -> Mapping[str, object]:
     """Check that ``value`` is a mapping with string keys drawn from ``allowed``; None reads as empty."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise where.error(key or None, f"must be a mapping, got {_type(value)}")
+        raise ConfigError(f"must be a mapping, got {_type(value)}")
     for name in value:
         if not isinstance(name, str):
-            raise where.error(key or None, f"keys must be strings, got {_show(name)}")
+            raise ConfigError(f"keys must be strings, got {_show(name)}")
         if name not in allowed:
-            raise where.error(_join(key, name), _unknown_key(name, allowed))
+            raise ConfigError(_unknown_key(name, allowed), key=name)
     return value
 
 
@@ -658,309 +926,31 @@ def _unknown_key(name: str, allowed: Sequence[str]) -> str:
     return f"{message}; did you mean {close[0]!r}?" if close else message
 
 
-def _get(m: Mapping[str, object], key: str, default: _T, convert: Callable[[object], _T], where: _Where) -> _T:
-    """``convert(m[name])`` for the last part of the dotted ``key``, or ``default`` when absent."""
-    name = key.rpartition(".")[2]
-    return _convert(m[name], key, convert, where) if name in m else default
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Which file each key came from, so that an error can name it."""
 
+    source: str | None
+    origins: Mapping[str, str] = field(default_factory=dict)  # dotted key -> "<flags>" / "<env>"
 
-def _convert(value: object, key: str, convert: Callable[[object], _T], where: _Where) -> _T:
-    try:
-        return convert(value)
-    except ValueError as exc:
-        raise where.error(key, str(exc)) from None
-
-
-# Converters: take a raw YAML value, return a typed one or raise ValueError saying what is wrong. Strings are
-# accepted for numbers and booleans because ${VAR} interpolation always produces strings.
-
-
-def _optional(convert: Callable[[object], _T]) -> Callable[[object], _T | None]:
-    return lambda value: None if value is None else convert(value)
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"must be a non-empty string, got {_type(value) if value != '' else 'empty string'}")
-    return value
-
-
-_BOOL_WORDS: Final = dict.fromkeys(("true", "yes", "on", "1"), True) | dict.fromkeys(("false", "no", "off", "0"), False)
-
-
-def _bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.strip().lower()]
-    raise ValueError(f"must be true or false, got {_show(value)}")
-
-
-def _int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
-    def convert(value: object) -> int:
-        if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
-            value = int(value.strip())
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer, got {_show(value)}")
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
-            raise ValueError(f"must be {bound}, got {value}")
-        return value
-
-    return convert
-
-
-def _number(*, positive: bool) -> Callable[[object], float]:
-    def convert(value: object) -> float:
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            value = float(value.strip())
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"must be a number, got {_show(value)}")
-        if value < 0 or (positive and value == 0):
-            raise ValueError(f"must be {'greater than 0' if positive else 'at least 0'}, got {value}")
-        return float(value)
-
-    return convert
-
-
-def _duration(*, positive: bool) -> Callable[[object], float]:
-    def convert(value: object) -> float:
-        seconds = parse_duration(value)
-        if positive and seconds <= 0:
-            raise ValueError(f"must be greater than 0, got {_show(value)}")
-        return seconds
-
-    return convert
-
-
-def _size(minimum: int) -> Callable[[object], int]:
-    def convert(value: object) -> int:
-        size = parse_size(value)
-        if size < minimum:
-            raise ValueError(f"must be at least {format_size(minimum)}, got {_show(value)}")
-        return size
-
-    return convert
-
-
-def _choice(allowed: Sequence[str]) -> Callable[[object], str]:
-    def convert(value: object) -> str:
-        if isinstance(value, str) and value.strip().lower() in allowed:
-            return value.strip().lower()
-        raise ValueError(f"must be one of {', '.join(allowed)}, got {_show(value)}")
-
-    return convert
-
-
-def _address(value: object) -> Address:
-    if not isinstance(value, str):
-        raise ValueError(f"must be an address string like '127.0.0.1:6432', got {_type(value)}")
-    return Address.parse(value)
-
-
-def _address_or_off(value: object) -> Address | None:
-    # YAML 1.1 reads a bare `off` / `false` as the boolean False.
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
-        return None
-    return _address(value)
-
-
-def _limits(m: Mapping[str, object], where: _Where) -> LimitsConfig:
-    d = LimitsConfig()
-    return LimitsConfig(
-        max_client_connections=_get(m, "limits.max_client_connections", d.max_client_connections, _int(1), where),
-        # A floor of 1KiB catches "64" meant as megabytes; a startup packet alone can take hundreds of bytes.
-        max_message_size=_get(m, "limits.max_message_size", d.max_message_size, _size(KiB), where),
-        idle_client_timeout=_get(
-            m, "limits.idle_client_timeout", d.idle_client_timeout, _optional(_duration(positive=True)), where
-        ),
-        connect_timeout=_get(m, "limits.connect_timeout", d.connect_timeout, _duration(positive=True), where),
-        startup_timeout=_get(m, "limits.startup_timeout", d.startup_timeout, _duration(positive=True), where),
-        max_prepared_statements=_get(m, "limits.max_prepared_statements", d.max_prepared_statements, _int(1), where),
-        max_pipeline_bytes=_get(m, "limits.max_pipeline_bytes", d.max_pipeline_bytes, _size(KiB), where),
-    )
-
-
-def _upstream(data: Mapping[str, object], limits: LimitsConfig, where: _Where) -> UpstreamConfig:
-    value = data.get("upstream")
-    if value is None:
-        raise where.error(
-            "upstream", "required: set it in the config file, with --upstream or with CACHEPROXY_UPSTREAM"
-        )
-    if not isinstance(value, str):
-        raise where.error("upstream", f"must be a postgres:// URL string, got {_type(value)}")
-    try:
-        return UpstreamConfig.from_url(value, connect_timeout=limits.connect_timeout)
-    except ValueError as exc:
-        raise where.error("upstream", str(exc)) from None
-
-
-def _admin(m: Mapping[str, object], where: _Where) -> AdminConfig:
-    d = AdminConfig()
-    users = m.get("users")
-    if users is not None and not isinstance(users, list):
-        raise where.error("admin.users", f"must be a list of role names, got {_type(users)}")
-    return AdminConfig(
-        listen=_get(m, "admin.listen", d.listen, _address_or_off, where),
-        users=tuple(_convert(user, f"admin.users[{i}]", _str, where) for i, user in enumerate(users or ())),
-    )
-
-
-def _logging(m: Mapping[str, object], where: _Where) -> LoggingConfig:
-    d = LoggingConfig()
-    return LoggingConfig(
-        level=_get(m, "logging.level", d.level, _choice(LOG_LEVELS), where),
-        format=_get(m, "logging.format", d.format, _choice(LOG_FORMATS), where),
-        slow_query=_get(m, "logging.slow_query", d.slow_query, _optional(_duration(positive=False)), where),
-    )
-
-
-def _cache(m: Mapping[str, object], where: _Where) -> CacheConfig:
-    d = CacheConfig()
-    cache = CacheConfig(
-        enabled=_get(m, "cache.enabled", d.enabled, _bool, where),
-        max_memory=_get(m, "cache.max_memory", d.max_memory, _size(1), where),
-        max_entry_size=_get(m, "cache.max_entry_size", d.max_entry_size, _size(1), where),
-        shards=_get(m, "cache.shards", d.shards, _int(1, 4096), where),
-        default_ttl=_get(m, "cache.default_ttl", d.default_ttl, _duration(positive=True), where),
-        analysis_cache_size=_get(m, "cache.analysis_cache_size", d.analysis_cache_size, _int(0), where),
-    )
-    if cache.shards & (cache.shards - 1):
-        raise where.error("cache.shards", f"must be a power of two (1, 2, 4, ... 4096), got {cache.shards}")
-    # Each shard gets an equal slice of the budget, so the largest entry must fit in one slice.
-    per_shard = cache.max_memory // cache.shards
-    if cache.max_entry_size > per_shard:
-        raise where.error(
-            "cache.max_entry_size",
-            f"must not exceed max_memory / shards ({format_size(per_shard)}), got {format_size(cache.max_entry_size)}",
-        )
-    return cache
-
-
-def _snapshot(m: Mapping[str, object], where: _Where) -> SnapshotConfig:
-    snapshot = SnapshotConfig(
-        path=_get(m, "snapshot.path", None, _optional(_str), where),
-        interval=_get(m, "snapshot.interval", None, _optional(_duration(positive=True)), where),
-    )
-    if snapshot.interval is not None and snapshot.path is None:
-        raise where.error("snapshot.interval", "needs snapshot.path to be set")
-    return snapshot
-
-
-def _tls(m: Mapping[str, object], where: _Where) -> TLSConfig:
-    tls = TLSConfig(
-        mode=_get(m, "tls.mode", "disable", _choice(TLS_MODES), where),
-        cert=_get(m, "tls.cert", None, _optional(_str), where),
-        key=_get(m, "tls.key", None, _optional(_str), where),
-    )
-    if tls.mode != "disable":
-        for name, path in (("cert", tls.cert), ("key", tls.key)):
-            if not path:
-                raise where.error(f"tls.{name}", f"required when tls.mode is {tls.mode}")
-            if not os.path.isfile(path):
-                raise where.error(f"tls.{name}", f"no such file: {path}")
-    return tls
-
-
-_CHANNEL = re.compile(r"[a-z_][a-z0-9_$]{0,62}")
-
-
-def _channel(value: object) -> str:
-    # Written into LISTEN/NOTIFY unquoted: a plain lower-case identifier only.
-    if not isinstance(value, str) or not _CHANNEL.fullmatch(value):
-        raise ValueError(f"must be a lower-case identifier (letters, digits, _), got {_show(value)}")
-    return value
-
-
-def _invalidation(m: Mapping[str, object], where: _Where) -> InvalidationConfig:
-    d = InvalidationConfig()
-    return InvalidationConfig(
-        bus=_get(m, "invalidation.bus", d.bus, _bool, where),
-        channel=_get(m, "invalidation.channel", d.channel, _channel, where),
-        catalog_poll=_get(m, "invalidation.catalog_poll", d.catalog_poll, _optional(_duration(positive=True)), where),
-        unknown_writes=_get(m, "invalidation.unknown_writes", d.unknown_writes, _choice(UNKNOWN_WRITES), where),
-        replication=_get(m, "invalidation.replication", d.replication, _bool, where),
-        publication=_get(m, "invalidation.publication", d.publication, _channel, where),
-        slot_prefix=_get(m, "invalidation.slot_prefix", d.slot_prefix, _channel, where),
-    )
-
-
-def _write_through(m: Mapping[str, object], where: _Where) -> WriteThroughConfig:
-    d = WriteThroughConfig()
-    return WriteThroughConfig(
-        concurrency=_get(m, "write_through.concurrency", d.concurrency, _int(1, 64), where),
-        per_second=_get(m, "write_through.per_second", d.per_second, _number(positive=True), where),
-    )
-
-
-# Table names or globs: one to three dot-separated parts, each a "quoted" identifier or unquoted text.
-_IDENT: Final = r'(?:"(?:[^"]|"")+"|[^\s".]+)'
-_TABLE_PATTERN = re.compile(rf"{_IDENT}(?:\.{_IDENT}){{0,2}}")
-
-
-def _table(value: object) -> str:
-    if not isinstance(value, str) or not _TABLE_PATTERN.fullmatch(value):
-        raise ValueError(f'not a table name or pattern: {_show(value)} (e.g. orders, public.*, "Quoted"."T")')
-    return value
-
-
-def _rule(value: object, key: str, where: _Where) -> Rule:
-    if not isinstance(value, Mapping):
-        raise where.error(key, f"must be a mapping with at least 'tables', got {_type(value)}")
-    m = _mapping(value, key, _keys(Rule), where)
-    tables = m.get("tables")
-    if isinstance(tables, str):
-        tables = [tables]
-    if not isinstance(tables, list) or not tables:
-        raise where.error(f"{key}.tables", f"must be a non-empty list of table names, got {_show(tables)}")
-    return Rule(
-        tables=tuple(_convert(t, f"{key}.tables[{i}]", _table, where) for i, t in enumerate(tables)),
-        ttl=_get(m, f"{key}.ttl", None, _optional(_duration(positive=True)), where),
-        strategy=_get(m, f"{key}.strategy", "lazy", _choice(STRATEGIES), where),
-        in_transaction=_get(m, f"{key}.in_transaction", "until_write", _choice(IN_TRANSACTION), where),
-    )
-
-
-def _rules(value: object, where: _Where) -> tuple[Rule, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise where.error("rules", f"must be a list of rules, got {_type(value)}")
-    return tuple(_rule(item, f"rules[{i}]", where) for i, item in enumerate(value))
+    def error(self, key: str | None, message: str) -> ConfigError:
+        file = self.source
+        for overridden, label in self.origins.items():
+            if key is not None and (key == overridden or key.startswith(overridden + ".")):
+                file = label
+        return ConfigError(message, key=key or None, file=file)
 
 
 def _build(data: object, where: _Where) -> Config:
     if not isinstance(data, Mapping):
         raise where.error(None, f"top level must be a mapping of keys, got {_type(data)}")
-    top = _mapping(data, "", _keys(Config), where)
-    limits = _limits(_mapping(top.get("limits"), "limits", _keys(LimitsConfig), where), where)
-    return Config(
-        listen=_get(top, "listen", DEFAULT_LISTEN, _address, where),
-        upstream=_upstream(top, limits, where),
-        admin=_admin(_mapping(top.get("admin"), "admin", _keys(AdminConfig), where), where),
-        limits=limits,
-        shutdown=ShutdownConfig(
-            timeout=_get(
-                _mapping(top.get("shutdown"), "shutdown", _keys(ShutdownConfig), where),
-                "shutdown.timeout",
-                ShutdownConfig().timeout,
-                _duration(positive=False),
-                where,
-            )
-        ),
-        logging=_logging(_mapping(top.get("logging"), "logging", _keys(LoggingConfig), where), where),
-        cache=_cache(_mapping(top.get("cache"), "cache", _keys(CacheConfig), where), where),
-        snapshot=_snapshot(_mapping(top.get("snapshot"), "snapshot", _keys(SnapshotConfig), where), where),
-        tls=_tls(_mapping(top.get("tls"), "tls", _keys(TLSConfig), where), where),
-        invalidation=_invalidation(
-            _mapping(top.get("invalidation"), "invalidation", _keys(InvalidationConfig), where), where
-        ),
-        write_through=_write_through(
-            _mapping(top.get("write_through"), "write_through", _keys(WriteThroughConfig), where), where
-        ),
-        rules=_rules(top.get("rules"), where),
-        source=where.source,
-    )
+    try:
+        config = _read(Config, data)
+    except ConfigError as exc:
+        raise where.error(exc.key, exc.message) from None
+    # The URL's own ?connect_timeout= wins; limits.connect_timeout is the default for it.
+    upstream = UpstreamConfig.from_url(config.upstream.url, connect_timeout=config.limits.connect_timeout)
+    return replace(config, upstream=upstream, source=where.source)
 
 
 def build_config(data: Mapping[str, object], *, source: str | None = None) -> Config:
@@ -1050,81 +1040,26 @@ def load_config(
     flags = {
         "listen": listen,
         "upstream": upstream,
-        "admin.listen": admin_listen,
-        "logging.level": log_level,
-        "logging.format": log_format,
+        "admin_listen": admin_listen,
+        "log_level": log_level,
+        "log_format": log_format,
     }
-    for key, flag in flags.items():
+    for name, flag in flags.items():
         if flag is not None:
-            _override(tree, key, flag)
-            origins[key] = FLAGS
+            _override(tree, OVERRIDES[name], flag)
+            origins[OVERRIDES[name]] = FLAGS
     return _build(tree, _Where(path, origins))
 
 
 # --- rendering ------------------------------------------------------------------------------------
 
 
-def _optional_duration(seconds: float | None) -> str | float | None:
-    return None if seconds is None else format_duration(seconds)
+def _render(section: _Section) -> dict[str, object]:
+    return {f.name: spec.kind.show(getattr(section, f.name)) for f, spec in _settings(type(section))}
 
 
 def render_config(config: Config) -> str:
     """The effective configuration as YAML, password masked; ``build_config`` reads it back."""
-    tree = {
-        "listen": str(config.listen),
-        "upstream": config.upstream.masked_url(),
-        "admin": {
-            "listen": None if config.admin.listen is None else str(config.admin.listen),
-            "users": list(config.admin.users),
-        },
-        "limits": {
-            "max_client_connections": config.limits.max_client_connections,
-            "max_message_size": format_size(config.limits.max_message_size),
-            "idle_client_timeout": _optional_duration(config.limits.idle_client_timeout),
-            "connect_timeout": format_duration(config.limits.connect_timeout),
-            "startup_timeout": format_duration(config.limits.startup_timeout),
-            "max_prepared_statements": config.limits.max_prepared_statements,
-            "max_pipeline_bytes": format_size(config.limits.max_pipeline_bytes),
-        },
-        "shutdown": {"timeout": format_duration(config.shutdown.timeout)},
-        "logging": {
-            "level": config.logging.level,
-            "format": config.logging.format,
-            "slow_query": _optional_duration(config.logging.slow_query),
-        },
-        "cache": {
-            "enabled": config.cache.enabled,
-            "max_memory": format_size(config.cache.max_memory),
-            "max_entry_size": format_size(config.cache.max_entry_size),
-            "shards": config.cache.shards,
-            "default_ttl": format_duration(config.cache.default_ttl),
-            "analysis_cache_size": config.cache.analysis_cache_size,
-        },
-        "snapshot": {"path": config.snapshot.path, "interval": _optional_duration(config.snapshot.interval)},
-        "tls": {"mode": config.tls.mode, "cert": config.tls.cert, "key": config.tls.key},
-        "invalidation": {
-            "bus": config.invalidation.bus,
-            "channel": config.invalidation.channel,
-            "catalog_poll": _optional_duration(config.invalidation.catalog_poll),
-            "unknown_writes": config.invalidation.unknown_writes,
-            "replication": config.invalidation.replication,
-            "publication": config.invalidation.publication,
-            "slot_prefix": config.invalidation.slot_prefix,
-        },
-        "write_through": {
-            "concurrency": config.write_through.concurrency,
-            "per_second": config.write_through.per_second,
-        },
-        "rules": [
-            {
-                "tables": list(rule.tables),
-                "ttl": _optional_duration(rule.ttl),
-                "strategy": rule.strategy,
-                "in_transaction": rule.in_transaction,
-            }
-            for rule in config.rules
-        ],
-    }
     origin = f" (from {config.source})" if config.source else ""
     header = f"# Effective cacheproxy configuration{origin}; the upstream password is masked.\n"
-    return header + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
+    return header + yaml.safe_dump(_render(config), sort_keys=False, allow_unicode=True)

@@ -28,6 +28,7 @@ from cacheproxy.analysis.lexer import (
     has_uescape,
     ident_value,
     is_word,
+    operator_symbols,
     read_name,
     special_words,
     split_statements,
@@ -54,6 +55,20 @@ _OTHER_WORDS = frozenset(
 _RUNS_CODE = frozenset({"do", "call", "execute"})
 _NILADIC = frozenset({"current_date", "current_time", "current_timestamp", "localtime", "localtimestamp"})
 _FROM_IN_CALL = frozenset({"extract", "substring", "trim", "overlay", "position"})
+# PostgreSQL's reserved keywords (docs, appendix C) that may stand before "(" without naming a function: `AND (`,
+# `IN (`, `OVER (`, `AS (`... They are never function names (a reserved word can name a function only quoted, and a
+# quoted name is a QIDENT), so the lexical scan must not report them as calls. The niladic datetime keywords and
+# the type/function-name keywords (left(), right(), ...) are not in this list.
+_RESERVED_WORDS = frozenset(
+    {"all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric", "both", "case", "cast", "check",
+     "collate", "column", "constraint", "create", "default", "deferrable", "desc", "distinct", "do", "else", "end",
+     "except", "false", "fetch", "for", "foreign", "from", "grant", "group", "having", "in", "initially", "intersect",
+     "into", "lateral", "leading", "limit", "not", "null", "offset", "on", "only", "or", "order", "placing",
+     "primary", "references", "returning", "select", "some", "symmetric", "table", "then", "to", "trailing", "true",
+     "union", "unique", "using", "variadic", "when", "where", "window", "with",
+     # not reserved, but only ever syntax before "(" in a query: window and aggregate clauses, row constructors
+     "over", "filter", "within", "values", "exists", "between", "row", "conflict", "partition"}
+)  # fmt: skip
 _LOCK_STRENGTHS = (
     (("update",), "FOR UPDATE"),
     (("no", "key", "update"), "FOR NO KEY UPDATE"),
@@ -62,15 +77,17 @@ _LOCK_STRENGTHS = (
 )
 
 
-def analyze(sql: str) -> QueryInfo:
+def analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
     """Analyze one SQL string (one or several statements). Never raises.
+
+    `backslash_quotes`: the session has standard_conforming_strings off (analysis/strings.py).
 
     >>> info = analyze("SELECT name FROM users WHERE id = $1")
     >>> info.kind, sorted(info.reads), info.cacheable
     (<Kind.READ: 'read'>, [(None, 'users')], True)
     """
     try:
-        return _analyze(sql)
+        return _analyze(sql, backslash_quotes)
     except Exception as exc:  # RecursionError on absurd nesting, or a bug: fail safe, never fail the proxy
         return QueryInfo(
             kind=Kind.OTHER,
@@ -87,11 +104,14 @@ def analyze(sql: str) -> QueryInfo:
 _HEAD_CHARS = 512
 
 
-def analyze_head(sql: str, why: str) -> QueryInfo:
-    """What is assumed of a statement too long to analyze (`why` says so): not cacheable; it may write anything.
+def analyze_head(sql: str, why: str, *, unknown: bool = False) -> QueryInfo:
+    """What is assumed of a statement not analyzed (`why` says why: too long to): not cacheable; it may write
+    anything.
 
     Even a long SELECT may call a function that writes, so only the session-level effects are ruled out by its
     leading keywords: a long DO or CALL is what it is (unknown effects, OTHER), and an EXECUTE names its statement.
+    `unknown`: nothing of it can be read (a statement that cannot be decoded may be anything, a SET too): OTHER,
+    whose unknown effects include the session's state.
 
     >>> info = analyze_head("EXECUTE big(" + "1," * 10000 + "1)", "too long")
     >>> info.kind, info.executes, info.cacheable
@@ -102,7 +122,7 @@ def analyze_head(sql: str, why: str) -> QueryInfo:
         tokens = tokens[1:]
     word = tokens[0].sub if tokens and tokens[0].kind == WORD else None
     return QueryInfo(
-        kind=Kind.OTHER if word in _RUNS_CODE else Kind.WRITE,
+        kind=Kind.OTHER if unknown or word in _RUNS_CODE else Kind.WRITE,
         statement_count=1,
         reads=frozenset(),
         writes=frozenset({UNKNOWN_TABLE}),
@@ -128,7 +148,9 @@ class Analyzer:
     def __len__(self) -> int:
         return len(self._memo)
 
-    def analyze(self, sql: str) -> QueryInfo:
+    def analyze(self, sql: str, backslash_quotes: bool = False) -> QueryInfo:
+        if backslash_quotes:  # rare; the fingerprint lexes strings the standard way: not memoized
+            return analyze(sql, backslash_quotes)
         key = fingerprint(sql)
         info = self._memo.get(key)
         if info is not None:
@@ -147,8 +169,8 @@ class Analyzer:
 # --- whole strings -----------------------------------------------------------------------------------------------
 
 
-def _analyze(sql: str) -> QueryInfo:
-    statements = split_statements(tokenize(sql))
+def _analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
+    statements = split_statements(tokenize(sql, backslash_quotes))
     if not statements:
         return QueryInfo(Kind.OTHER, 0, frozenset(), frozenset(), frozenset(), False, "empty query")
     infos = [_finish(_statement(tokens, sql)) for tokens in statements]
@@ -166,6 +188,10 @@ def _analyze(sql: str) -> QueryInfo:
         data_modifying_cte=any(i.data_modifying_cte for i in infos),
         copy_from_stdin=any(i.copy_from_stdin for i in infos),
         alters_role_settings=any(i.alters_role_settings for i in infos),
+        operators=frozenset().union(*(i.operators for i in infos)),
+        casts=frozenset().union(*(i.casts for i in infos)),
+        time_casts=frozenset().union(*(i.time_casts for i in infos)),
+        attributes=frozenset().union(*(i.attributes for i in infos)),
         statements=tuple(infos),
     )
 
@@ -192,6 +218,10 @@ def _finish(d: Draft) -> QueryInfo:
         executes=d.executes,
         copy_from_stdin=d.copy_from_stdin,
         alters_role_settings=d.alters_role_settings,
+        operators=frozenset(d.operators),
+        casts=frozenset(d.casts),
+        time_casts=frozenset(d.time_casts),
+        attributes=frozenset(d.attributes),
     )
 
 
@@ -245,7 +275,8 @@ def _statement(tokens: Sequence[Token], sql: str) -> Draft:
 def _explain(c: Cursor, sub: commands.SubAnalyze) -> Draft:
     analyze_on, start = commands.explain_target(c)
     inner = sub(c.tokens[start:])
-    draft = Draft(Kind.OTHER, "EXPLAIN", reads=inner.reads, functions=inner.functions, reason="EXPLAIN is not cached")
+    draft = Draft(Kind.OTHER, "EXPLAIN", reads=inner.reads, reason="EXPLAIN is not cached")
+    draft.take_code(inner)
     if analyze_on and (inner.kind in (Kind.WRITE, Kind.DDL) or inner.writes):  # EXPLAIN ANALYZE runs the statement
         draft.kind = inner.kind if inner.kind in (Kind.WRITE, Kind.DDL) else Kind.OTHER
         draft.writes = inner.writes
@@ -271,7 +302,7 @@ def _other(c: Cursor, word: str, sub: commands.SubAnalyze) -> Draft:
         if j >= 0 and j + 1 < len(c.tokens):
             inner = sub(c.tokens[j + 1 :])
             draft.reads |= inner.reads
-            draft.functions |= inner.functions
+            draft.take_code(inner)
     return draft
 
 
@@ -286,6 +317,9 @@ def _statement_name(tokens: Sequence[Token], i: int) -> str | None:
 
 
 def _query(tokens: Sequence[Token], sql: str, word: str) -> Draft:
+    if any(tok.kind == STRING and tok.sub == "e" and tok.text[:1] in "'nN" and "\\" in tok.text for tok in tokens):
+        # A backslash escape in '...' (standard_conforming_strings off): sqlglot would read the string otherwise.
+        return _unparsed(tokens, word, "could not parse: backslash escape with standard_conforming_strings off")
     text = sql[tokens[0].start : tokens[-1].end]
     calls = _lexical_calls(tokens)
     parsed = syntax.parse(text, frozenset(calls))
@@ -295,10 +329,16 @@ def _query(tokens: Sequence[Token], sql: str, word: str) -> Draft:
     denied = {name for name in calls if function_denied(name)}
     functions = parsed.functions | denied
     if parsed.root != "select":
-        draft = Draft(Kind.WRITE, parsed.root.upper(), reads=parsed.reads, writes=parsed.writes, functions=functions)
+        draft = _hidden_code(
+            Draft(Kind.WRITE, parsed.root.upper(), reads=parsed.reads, writes=parsed.writes, functions=functions),
+            tokens,
+            parsed,
+        )
         draft.data_modifying_cte = parsed.data_modifying_cte
         return draft
-    draft = Draft(Kind.READ, "SELECT", reads=parsed.reads, writes=parsed.writes, functions=functions)
+    draft = _hidden_code(
+        Draft(Kind.READ, "SELECT", reads=parsed.reads, writes=parsed.writes, functions=functions), tokens, parsed
+    )
     if parsed.into is not None:
         draft.kind, draft.label, draft.reason = Kind.WRITE, "SELECT INTO", "SELECT INTO creates a table"
         if parsed.into_temp or parsed.into[0] == "pg_temp":
@@ -310,6 +350,15 @@ def _query(tokens: Sequence[Token], sql: str, word: str) -> Draft:
         return draft
     draft.reason = _read_reason(tokens, parsed, functions)
     draft.cacheable = draft.reason is None
+    return draft
+
+
+def _hidden_code(draft: Draft, tokens: Sequence[Token], parsed: syntax.Parsed) -> Draft:
+    """Record what may run code without a call written: operators, casts, attribute notation, date/time input."""
+    draft.operators = operator_symbols(tokens)
+    draft.casts = parsed.casts
+    draft.time_casts = parsed.time_casts
+    draft.attributes = parsed.attributes
     return draft
 
 
@@ -337,6 +386,8 @@ def _read_reason(tokens: Sequence[Token], parsed: syntax.Parsed, functions: set[
                 return f"casts to {low} (catalog lookup)"
             if low == "tablesample" and not any(is_word(t, "repeatable") for t in tokens[i:]):
                 return "TABLESAMPLE without REPEATABLE"
+    if "" in parsed.time_casts:
+        return "casts a computed value to a date/time type (text such as 'now' is read when the query runs)"
     for ref in sorted(parsed.reads, key=lambda r: (r[0] or "", r[1])):
         why = relation_reason(ref)
         if why is not None:
@@ -356,7 +407,9 @@ def _unparsed(tokens: Sequence[Token], word: str, reason: str) -> Draft:
     dml_inside = any(is_word(t, *_DML_WORDS) for t in tokens)
     if (word == "with" and dml_inside) or _top_level_into(tokens):
         return Draft(Kind.WRITE, word.upper(), writes={UNKNOWN_TABLE}, reason=reason)
-    return Draft(Kind.READ, "SELECT", reason=reason)
+    # A read whose functions, operators and relations we could not see may run code that writes (README: unknown
+    # effects invalidate the database). Not cached, and invalidating (unless invalidation.unknown_writes: ignore).
+    return Draft(Kind.READ, "SELECT", writes={UNKNOWN_TABLE}, reason=reason)
 
 
 # --- lexical checks ----------------------------------------------------------------------------------------------
@@ -388,6 +441,8 @@ def _lexical_calls(tokens: Sequence[Token]) -> set[str]:
             if before is not None and ((before.kind == OP and before.text == ":") or is_word(before, "as")):
                 continue
             name = ident_value(tok).lower()
+            if tok.kind == WORD and not qualified and name in _RESERVED_WORDS:
+                continue
             calls.add(f"{ident_value(tokens[j - 2]).lower()}.{name}" if qualified else name)
         elif tok.kind == WORD and not qualified and tok.sub in _NILADIC:
             calls.add(tok.sub)

@@ -35,6 +35,18 @@ class Draft:
     executes: str | None = None
     copy_from_stdin: bool = False
     alters_role_settings: bool = False
+    operators: set[str] = field(default_factory=set)
+    casts: set[str] = field(default_factory=set)
+    time_casts: set[str] = field(default_factory=set)
+    attributes: set[str] = field(default_factory=set)
+
+    def take_code(self, inner: Draft) -> None:
+        """What an embedded query runs (COPY (query) TO, EXPLAIN ANALYZE, DECLARE, PREPARE, CREATE ... AS) runs here."""
+        self.functions |= inner.functions
+        self.operators |= inner.operators
+        self.casts |= inner.casts
+        self.time_casts |= inner.time_casts
+        self.attributes |= inner.attributes
 
 
 # Analyzes an embedded statement (the query of CREATE VIEW ... AS, COPY (...) TO, EXPLAIN, DECLARE, PREPARE).
@@ -366,7 +378,7 @@ def _embedded_query(c: Cursor, draft: Draft, sub: SubAnalyze) -> None:
                 end -= 2  # WITH DATA
             inner = sub(c.tokens[j + 1 : end])
             draft.reads |= inner.reads
-            draft.functions |= inner.functions
+            draft.take_code(inner)
             return
         c.i = j + 1
         j = c.find_top_word("as")
@@ -546,7 +558,8 @@ def copy(c: Cursor, sub: SubAnalyze) -> Draft:
         start = c.i + 1
         c.skip_parens()
         inner = sub(c.tokens[start : c.i - 1])
-        draft = Draft(Kind.READ, "COPY TO", reads=set(inner.reads), functions=set(inner.functions))
+        draft = Draft(Kind.READ, "COPY TO", reads=set(inner.reads))
+        draft.take_code(inner)
         draft.reason = "COPY is streamed, not cached"
         if inner.kind is Kind.WRITE or inner.writes:
             # COPY (INSERT/UPDATE/DELETE ... RETURNING, or a data-modifying WITH) TO: the statement runs, and writes.

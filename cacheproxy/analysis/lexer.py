@@ -47,6 +47,16 @@ _TOKEN_RE = re.compile(
 )
 
 _STRING_GROUPS = frozenset({"estring", "ustring", "bstring", "nstring", "string"})
+# With standard_conforming_strings off, a backslash escapes in ordinary (and N'') literals too, as in E'' ones.
+_PLAIN_STRING = r"""(?P<string>'(?:[^']|'')*+(?:'|\Z))"""
+_NATIONAL_STRING = r"""(?P<nstring>[nN]'(?:[^']|'')*+(?:'|\Z))"""
+assert _PLAIN_STRING in _TOKEN_RE.pattern and _NATIONAL_STRING in _TOKEN_RE.pattern
+_TOKEN_RE_BACKSLASH = re.compile(
+    _TOKEN_RE.pattern.replace(_PLAIN_STRING, r"""(?P<string>'(?:[^'\\]|\\[\s\S]|'')*+\\?(?:'|\Z))""").replace(
+        _NATIONAL_STRING, r"""(?P<nstring>[nN]'(?:[^'\\]|\\[\s\S]|'')*+\\?(?:'|\Z))"""
+    ),
+    re.VERBOSE,
+)
 
 
 class Token(NamedTuple):
@@ -84,11 +94,16 @@ def _block_comment_end(sql: str, start: int) -> int:
     return n
 
 
-def scan(sql: str) -> Iterator[Token]:
-    """Yield every token of `sql`, whitespace and comments included (as SPACE). Never raises."""
+def scan(sql: str, backslash_quotes: bool = False) -> Iterator[Token]:
+    """Yield every token of `sql`, whitespace and comments included (as SPACE). Never raises.
+
+    `backslash_quotes`: standard_conforming_strings is off, a backslash escapes in '...' (the token is then an
+    "e" string: its value is decoded as E'...' is).
+    """
     pos = 0
     n = len(sql)
-    match = _TOKEN_RE.match
+    match = _TOKEN_RE_BACKSLASH.match if backslash_quotes else _TOKEN_RE.match
+    plain = "e" if backslash_quotes else ""
     while pos < n:
         m = match(sql, pos)
         if m is None:  # pragma: no cover - the last alternative matches any character
@@ -106,7 +121,7 @@ def scan(sql: str) -> Iterator[Token]:
             end = n if close < 0 else close + len(tag)
             yield Token(STRING, sql[pos:end], pos, end, "dollar")
         elif group in _STRING_GROUPS:
-            yield Token(STRING, m.group(), pos, end, group[0] if group != "string" else "")
+            yield Token(STRING, m.group(), pos, end, group[0] if group != "string" else plain)
         elif group == "space":
             yield Token(SPACE, m.group(), pos, end)
         elif group == "word":
@@ -117,9 +132,9 @@ def scan(sql: str) -> Iterator[Token]:
         pos = end
 
 
-def tokenize(sql: str) -> list[Token]:
+def tokenize(sql: str, backslash_quotes: bool = False) -> list[Token]:
     """The tokens of `sql` without whitespace and comments."""
-    return [t for t in scan(sql) if t.kind != SPACE]
+    return [t for t in scan(sql, backslash_quotes) if t.kind != SPACE]
 
 
 # --- identifiers -----------------------------------------------------------------------------------------------
@@ -191,6 +206,29 @@ def table_ref(parts: Sequence[str]) -> TableRef:
     if len(parts) >= 2:
         return (parts[-2], parts[-1])
     return (None, parts[-1])
+
+
+# --- operators -------------------------------------------------------------------------------------------------
+
+_OPERATOR_CHARS = frozenset("+-*/<>=~!@#%^&|`?")
+_MAX_OPERATOR_RUN = 8  # longer runs are split into every piece up to this length (the server's lexer splits them)
+
+
+def operator_symbols(tokens: Sequence[Token]) -> set[str]:
+    """Every operator a statement may use: each run of adjacent operator characters and all its pieces (the server
+    splits `a*-b` into `*` and `-`, section 4.1.3), plus the operator named by OPERATOR(schema.op)."""
+    found: set[str] = set()
+    run = ""
+    end = -1
+    for tok in tokens:
+        if tok.kind == OP and tok.text in _OPERATOR_CHARS:
+            run = run + tok.text if tok.start == end else tok.text
+            end = tok.end
+            tail = run[-_MAX_OPERATOR_RUN:]
+            found.update(tail[i:] for i in range(len(tail)))  # every piece ending here
+        else:
+            end = -1
+    return found
 
 
 # --- statements ------------------------------------------------------------------------------------------------
@@ -273,7 +311,7 @@ def string_value(tok: Token) -> str:
         tag = text[:tag_end]
         body = text[tag_end:]
         return body[: -len(tag)] if body.endswith(tag) and len(text) >= 2 * len(tag) else body
-    start = 2 if sub in ("e", "b", "n") else 3 if sub == "u" else 1
+    start = 2 if sub in ("b", "n") or (sub == "e" and text[:1] in "eE") else 3 if sub == "u" else 1
     body = text[start:]
     if body.endswith("'") and len(text) > start:
         body = body[:-1]

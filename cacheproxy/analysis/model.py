@@ -116,6 +116,13 @@ class QueryInfo:
     copy_from_stdin: bool = False  # COPY ... FROM STDIN: the client sends CopyData after it
     # ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened from now on start with other settings.
     alters_role_settings: bool = False
+    # What may run code the statement does not name as a call (checked against the catalog's user objects):
+    operators: frozenset[str] = frozenset()  # operator symbols written (every run of operator characters, split)
+    casts: frozenset[str] = frozenset()  # target types of explicit casts, as pg_type.typname when known
+    # Columns whose text is cast to a date/time type ('now' in a row is read when the query runs); "" for a computed
+    # value, which makes a read statically not cacheable.
+    time_casts: frozenset[str] = frozenset()
+    attributes: frozenset[str] = frozenset()  # names written after a qualifier (`x.f`): maybe a call of f(x)
     # Per-statement analyses when statement_count > 1 (else empty): lets the proxy see a SET or BEGIN hidden in a
     # multi-statement simple query, which the single `tx` / `session` fields cannot express.
     statements: tuple[QueryInfo, ...] = ()

@@ -91,6 +91,11 @@ class Parsed:
     into_temp: bool = False
     locks: bool = False  # FOR UPDATE / SHARE ...
     command: bool = False  # sqlglot fell back to a generic Command somewhere: it did not understand everything
+    casts: set[str] = field(default_factory=set)  # target type names of explicit casts (pg_type.typname when known)
+    # Values cast to a date/time type that are not constants: the column names cast, "" for any other expression.
+    # Text such as 'now' is read when the cast runs (docs 8.5.1.4), so the result moves with the clock.
+    time_casts: set[str] = field(default_factory=set)
+    attributes: set[str] = field(default_factory=set)  # names after a qualifier (`x.f`, `(x).f`): maybe f(x)
 
 
 def parse(sql: str, lexical_calls: frozenset[str] = frozenset()) -> Parsed | str:
@@ -135,9 +140,113 @@ def _read_tree(tree: exp.Expr, lexical_calls: frozenset[str]) -> Parsed:
         name = _function_name(func, lexical_calls)
         if name is not None:
             out.functions.add(name)
+    out.functions |= _lost_calls(tree, out, lexical_calls)
+    _read_casts(tree, out)
+    for column in tree.find_all(exp.Column):
+        if column.table and isinstance(column.this, exp.Identifier) and (name := _ident(column.this)) is not None:
+            out.attributes.add(name)
+    for dot in tree.find_all(exp.Dot):
+        if isinstance(dot.expression, exp.Identifier) and (name := _ident(dot.expression)) is not None:
+            out.attributes.add(name)
     out.locks = tree.find(exp.Lock) is not None
     out.command = isinstance(tree, exp.Command) or tree.find(exp.Command) is not None
     return out
+
+
+# Words that stand before "(" in a query without calling anything, other than reserved keywords (which the lexical
+# scan already drops): INSERT (cols) in MERGE, SET (cols) = ..., ROWS FROM (...), GROUPING SETS / CUBE / ROLLUP,
+# TABLESAMPLE method (args) REPEATABLE (seed), the SQL-standard type words written with a modifier
+# (`AS character varying(20)`, `interval second(3)`).
+_SYNTAX_BEFORE_PAREN = frozenset(
+    {"insert", "set", "rows", "sets", "cube", "rollup", "repeatable", "system", "bernoulli", "bit", "char",
+     "character", "varchar", "varying", "nchar", "national", "numeric", "decimal", "dec", "float", "precision", "time",
+     "timestamp", "interval", "zone", "second", "minute", "hour", "day", "month", "year",
+     # type/function-name keywords used as syntax: JOIN (subquery), x LIKE (pattern), x IS (...), TABLESAMPLE
+     "join", "cross", "inner", "outer", "natural", "full", "is", "isnull", "notnull", "like", "ilike", "similar",
+     "tablesample", "first", "next", "xmlattributes"}
+)  # fmt: skip
+
+
+def _lost_calls(tree: exp.Expr, out: Parsed, lexical_calls: frozenset[str]) -> set[str]:
+    """Names written as calls that no node reported: sqlglot maps some builtins to operator or construct classes
+    (mod() to Mod, div() to IntDiv, convert(), like(), jsonb_contains(), ...) or renames them (strpos() to
+    position(), to_hex() to hex()). The name as written is the function PostgreSQL runs; a relation, CTE or alias
+    followed by a column list (`INSERT INTO t (a)`, `WITH c (a) AS`, `FROM f() AS x (a)`) is not a call."""
+    lost = {name for name in lexical_calls if name not in out.functions and name not in _SYNTAX_BEFORE_PAREN}
+    if not lost:
+        return lost
+    names = out.reads | out.writes
+    lost -= {name for _, name in names} | {f"{schema}.{name}" for schema, name in names if schema}
+    lost -= out.cte_names
+    lost -= {n for alias in tree.find_all(exp.TableAlias) if (n := _ident(alias.this)) is not None}
+    return lost
+
+
+_TIME_TYPES = frozenset(
+    getattr(exp.DataType.Type, name)
+    for name in ("DATE", "DATE32", "TIME", "TIMETZ", "TIMESTAMP", "TIMESTAMPTZ", "TIMESTAMPLTZ", "TIMESTAMPNTZ",
+                 "DATETIME", "DATETIME64", "TSRANGE", "TSTZRANGE", "DATERANGE", "TSMULTIRANGE", "TSTZMULTIRANGE",
+                 "DATEMULTIRANGE")
+    if hasattr(exp.DataType.Type, name)
+)  # fmt: skip
+# sqlglot's type names -> pg_type.typname, where they differ (a user cast is matched by its target's typname).
+_TYPNAMES = {
+    "int": "int4", "integer": "int4", "bigint": "int8", "smallint": "int2", "float": "float4", "double": "float8",
+    "real": "float4", "boolean": "bool", "char": "bpchar", "decimal": "numeric", "character varying": "varchar",
+    "double precision": "float8",
+}  # fmt: skip
+
+
+def _read_casts(tree: exp.Expr, out: Parsed) -> None:
+    derived = bool(out.cte_names) or any(
+        isinstance(node.parent, (exp.From, exp.Join, exp.Lateral)) for node in tree.find_all(exp.Subquery, exp.Values)
+    )
+    for cast in tree.find_all(exp.Cast):
+        to = cast.to
+        if not isinstance(to, exp.DataType):
+            continue
+        name = _type_name(to)
+        if name:
+            out.casts.add(name)
+        element = to.expressions[0] if to.this == exp.DataType.Type.ARRAY and to.expressions else to
+        if isinstance(element, exp.DataType) and element.this in _TIME_TYPES:
+            source = _time_source(cast.this)
+            if source is not None:
+                # A column of a derived table or CTE may be any expression under the name of a table's column.
+                out.time_casts.add("" if derived else source)
+
+
+def _type_name(to: exp.DataType) -> str | None:
+    if to.this == exp.DataType.Type.ARRAY and to.expressions and isinstance(to.expressions[0], exp.DataType):
+        to = to.expressions[0]
+    if to.this == exp.DataType.Type.USERDEFINED:
+        kind = to.args.get("kind")
+        text = kind if isinstance(kind, str) else to.sql(dialect="postgres")
+        last = text.rsplit(".", 1)[-1]
+        return last[1:-1].replace('""', '"') if last.startswith('"') else fold(last)
+    low = str(to.this.value if isinstance(to.this, exp.DataType.Type) else to.this).lower()
+    return _TYPNAMES.get(low, low)
+
+
+# E'', N'', U&'', B'', X'' strings are their own classes; all are constants (their text is checked by the lexer).
+_CONSTANTS = tuple(
+    getattr(exp, name)
+    for name in ("Literal", "Null", "Placeholder", "Parameter", "Boolean", "ByteString", "HexString", "BitString",
+                 "National", "UnicodeString", "RawString")
+    if hasattr(exp, name)
+)  # fmt: skip
+
+
+def _time_source(node: exp.Expr | None) -> str | None:
+    """What a date/time cast reads: None for a constant or a parameter (both checked for 'now' elsewhere), a column
+    name, or "" for an expression computed when the query runs (`('n' || 'ow')::timestamptz`)."""
+    while isinstance(node, (exp.Paren, exp.Cast)):
+        node = node.this
+    if isinstance(node, _CONSTANTS):
+        return None
+    if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
+        return _ident(node.this)
+    return ""
 
 
 def _root_kind(tree: exp.Expr) -> str:
@@ -253,6 +362,10 @@ def _qualifier(func: exp.Func) -> str | None:
 
 def _builtin_name(func: exp.Func, lexical_calls: frozenset[str]) -> str | None:
     """The PostgreSQL name of a builtin sqlglot mapped to its own class: as written if we saw it, else generated."""
+    # AND / OR are Func subclasses whose sql_names() are "AND" / "OR": `a AND (b OR c)` has `and` written before a
+    # parenthesis, so the lexical match below would take the connector for a call of and(). Never a call.
+    if isinstance(func, exp.Connector):
+        return None
     for candidate in func.sql_names():
         low = candidate.lower()
         if low in lexical_calls:

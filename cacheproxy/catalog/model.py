@@ -85,6 +85,9 @@ class Catalog:
     # name, none of which has triggers, rules, row security, partitions, inheritance or cascading foreign keys. A
     # write naming one key value then changes that row alone (analysis/points.py).
     point_columns: dict[str, str] = field(default_factory=dict)
+    # Code a statement may run without naming it as a call (issue 14, item 2), from `with_hidden_code`. For each: the
+    # name it is written by, and whether it may write (a function outside pg_catalog that is not immutable).
+    hidden: HiddenCode = field(default_factory=lambda: HiddenCode())
 
     @classmethod
     def build(
@@ -158,6 +161,12 @@ class Catalog:
         """The point key of the tables named `name` (by name, as invalidation is), or None."""
         return self.point_columns.get(name)
 
+    def with_hidden_code(self, hidden: HiddenCode) -> Catalog:
+        """This catalog with `hidden`; aggregates whose support functions are not immutable stop being immutable
+        (pg_proc marks every aggregate immutable: its transition and final functions decide)."""
+        aggregates = {key for schema, name in hidden.aggregates for key in (name, f"{schema}.{name}")}
+        return replace(self, hidden=hidden, immutable=self.immutable - aggregates)
+
     def with_primary_keys(self, keys: Iterable[tuple[str, str, str]]) -> Catalog:
         """This catalog with `point_columns` from (schema, table, column) single-column integer primary keys."""
         by_relation = {(schema, name): column for schema, name, column in keys}
@@ -169,6 +178,25 @@ class Catalog:
             if all(rel.relkind == "r" and not rel.has_triggers and not rel.row_security for rel in rels):
                 columns[name] = found.pop()  # type: ignore[assignment]
         return replace(self, point_columns=columns)
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenCode:
+    """User objects that run a function where a statement names none, keyed as the analyzer reports them.
+
+    Only objects backed by a function that is not immutable are listed; the bool says it may write (outside
+    pg_catalog: the same test as `Catalog.may_write` for a call).
+    """
+
+    operators: dict[str, bool] = field(default_factory=dict)  # operator symbol -> may write (any overload)
+    casts: dict[str, bool] = field(default_factory=dict)  # explicit cast target pg_type.typname -> may write
+    # A cast applied implicitly or in assignment: no SQL text shows it. None, or whether one of them may write.
+    implicit_casts: bool | None = None
+    row_functions: dict[str, bool] = field(default_factory=dict)  # one-argument functions of a row: `x.f` calls f(x)
+    aggregates: frozenset[tuple[str, str]] = frozenset()  # (schema, name) with a non-immutable support function
+    writing_views: frozenset[tuple[str, str]] = frozenset()  # views whose query calls a function that may write
+    # (schema, relation) -> column -> True when its type cannot hold text ('now' cast to a date/time type)
+    columns: dict[tuple[str, str], dict[str, bool]] = field(default_factory=dict)
 
 
 def _families(inherits: Iterable[tuple[str, str]]) -> dict[str, frozenset[str]]:

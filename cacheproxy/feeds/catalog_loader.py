@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import asyncpg
 
-from cacheproxy.catalog.model import Catalog, Relation
+from cacheproxy.catalog.model import Catalog, HiddenCode, Relation
 from cacheproxy.config import UpstreamConfig
 from cacheproxy.upstream import control_connection
 
@@ -91,6 +91,99 @@ JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
 WHERE i.indisprimary AND i.indnkeyatts = 1 AND c.relkind = 'r' AND a.attgenerated = ''
   AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
 """
+
+
+# Code that runs without a call written (issue 14, item 2): one query per kind of object, each row (kind, name,
+# schema, may write, extra). "May write": not immutable and outside pg_catalog, as for a call (Catalog.may_write).
+# User operators and casts are those created after initdb (oid >= FirstNormalObjectId, 16384).
+_HIDDEN_CODE = """
+SELECT 'operator', o.oprname::text, '', f.pronamespace <> 'pg_catalog'::regnamespace, ''
+FROM pg_operator o JOIN pg_proc f ON f.oid = o.oprcode
+WHERE o.oid >= 16384 AND f.provolatile <> 'i'
+UNION ALL
+SELECT 'cast', t.typname::text, '', f.pronamespace <> 'pg_catalog'::regnamespace, c.castcontext::text
+FROM pg_cast c JOIN pg_proc f ON f.oid = c.castfunc JOIN pg_type t ON t.oid = c.casttarget
+WHERE c.oid >= 16384 AND f.provolatile <> 'i'
+UNION ALL
+SELECT 'row_function', p.proname::text, '', p.pronamespace <> 'pg_catalog'::regnamespace, ''
+FROM pg_proc p JOIN pg_type t ON t.oid = p.proargtypes[0]
+WHERE p.prokind = 'f' AND p.pronargs >= 1 AND p.pronargs - p.pronargdefaults <= 1 AND p.provolatile <> 'i'
+  AND (t.typtype IN ('c', 'd') OR t.typname IN ('record', 'anyelement', 'anynonarray', 'anycompatible',
+                                                 'anycompatiblenonarray', 'any'))
+UNION ALL
+SELECT 'aggregate', p.proname::text, n.nspname::text, false, ''
+FROM pg_aggregate a JOIN pg_proc p ON p.oid = a.aggfnoid JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE EXISTS (SELECT 1 FROM pg_proc f WHERE f.provolatile <> 'i' AND f.oid IN
+              (a.aggtransfn, a.aggfinalfn, a.aggcombinefn, a.aggserialfn, a.aggdeserialfn, a.aggmtransfn,
+               a.aggminvtransfn, a.aggmfinalfn))
+"""
+# Views whose query (or a view it reads, transitively) calls a function that may write, directly, through an
+# operator, or through an aggregate's support functions; set_config() too (it changes the session's settings). As
+# for _RELATIONS: a VOLATILE function in a procedural or SQL language (STABLE and IMMUTABLE ones cannot write; C
+# functions of extensions, such as pg_stat_statements(), are taken not to). System views are not listed.
+_WRITING_VIEWS = """
+WITH RECURSIVE writers AS (
+  SELECT p.oid FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+  WHERE (p.provolatile = 'v' AND l.lanname NOT IN ('c', 'internal') AND p.pronamespace <> 'pg_catalog'::regnamespace)
+     OR p.oid = 'pg_catalog.set_config(text,text,boolean)'::regprocedure
+), code AS (
+  SELECT 'pg_proc'::regclass AS cls, oid FROM writers
+  UNION ALL
+  SELECT 'pg_proc'::regclass, a.aggfnoid FROM pg_aggregate a
+  WHERE a.aggtransfn IN (SELECT oid FROM writers) OR a.aggfinalfn IN (SELECT oid FROM writers)
+     OR a.aggcombinefn IN (SELECT oid FROM writers) OR a.aggmtransfn IN (SELECT oid FROM writers)
+     OR a.aggmfinalfn IN (SELECT oid FROM writers)
+  UNION ALL
+  SELECT 'pg_operator'::regclass, o.oid FROM pg_operator o WHERE o.oprcode IN (SELECT oid FROM writers)
+), deps AS (
+  SELECT DISTINCT r.ev_class AS view, d.refclassid, d.refobjid FROM pg_rewrite r
+  JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+  WHERE d.refobjid <> r.ev_class
+), bad(view) AS (
+  SELECT deps.view FROM deps JOIN code ON code.cls = deps.refclassid AND code.oid = deps.refobjid
+  UNION
+  SELECT deps.view FROM deps JOIN bad ON deps.refclassid = 'pg_class'::regclass AND deps.refobjid = bad.view
+)
+SELECT n.nspname, c.relname FROM bad JOIN pg_class c ON c.oid = bad.view JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+# Every column of the relations a read may name, and whether its type cannot hold text (date/time, interval,
+# numeric, boolean, range; arrays by their element): a cast of such a column to a date/time type never reads 'now'.
+_COLUMNS = """
+SELECT n.nspname, c.relname, a.attname,
+       COALESCE(e.typcategory, t.typcategory) IN ('D', 'T', 'N', 'B', 'R')
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_type t ON t.oid = a.atttypid LEFT JOIN pg_type e ON t.typcategory = 'A' AND e.oid = t.typelem
+WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'm', 'v', 'f')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast%'
+"""
+
+
+def hidden_code(rows: list[asyncpg.Record], views: list[asyncpg.Record], columns: list[asyncpg.Record]) -> HiddenCode:
+    """HiddenCode from the rows of _HIDDEN_CODE, _WRITING_VIEWS and _COLUMNS."""
+    found: dict[str, dict[str, bool]] = {"operator": {}, "cast": {}, "row_function": {}}
+    aggregates: set[tuple[str, str]] = set()
+    implicit: bool | None = None
+    for kind, name, schema, writes, context in rows:
+        if kind == "aggregate":
+            aggregates.add((schema, name))
+            continue
+        found[kind][name] = found[kind].get(name, False) or bool(writes)
+        if kind == "cast" and context in ("i", "a"):
+            implicit = bool(implicit) or bool(writes)
+    by_relation: dict[tuple[str, str], dict[str, bool]] = {}
+    for schema, relation, column, safe in columns:
+        by_relation.setdefault((schema, relation), {})[column] = bool(safe)
+    return HiddenCode(
+        operators=found["operator"],
+        casts=found["cast"],
+        implicit_casts=implicit,
+        row_functions=found["row_function"],
+        aggregates=frozenset(aggregates),
+        writing_views=frozenset((r[0], r[1]) for r in views),
+        columns=by_relation,
+    )
 
 
 class CatalogLoader:
@@ -187,11 +280,14 @@ class CatalogLoader:
                 functions = await conn.fetch(_FUNCTIONS)
                 fresh = bool(await conn.fetchval(_FRESH_TRANSACTIONS))
                 primary_keys = await conn.fetch(_PRIMARY_KEYS)
+                hidden = hidden_code(
+                    await conn.fetch(_HIDDEN_CODE), await conn.fetch(_WRITING_VIEWS), await conn.fetch(_COLUMNS)
+                )
         finally:
             await conn.close()
         self._versions += 1
         catalog = self._build(database, relations, inherits, cascades, functions)
-        catalog = catalog.with_primary_keys((r[0], r[1], r[2]) for r in primary_keys)
+        catalog = catalog.with_primary_keys((r[0], r[1], r[2]) for r in primary_keys).with_hidden_code(hidden)
         return replace(catalog, fresh_transactions=fresh)
 
     def _build(

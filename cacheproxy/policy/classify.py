@@ -40,10 +40,15 @@ class Classified:
     point_tables: frozenset[str] = frozenset()
 
 
-def classify(sql: bytes, info: QueryInfo, catalog: Catalog | None, rules: RuleSet) -> Classified:
-    """Judge `info` (the analysis of `sql`) under `catalog` (None: not loaded, nothing is cacheable) and `rules`."""
+def classify(
+    sql: bytes, info: QueryInfo, catalog: Catalog | None, rules: RuleSet, *, points: bool = True
+) -> Classified:
+    """Judge `info` (the analysis of `sql`) under `catalog` (None: not loaded, nothing is cacheable) and `rules`.
+    `points`: look for row-level points (read from `sql` as UTF-8 with standard strings)."""
     verdict = judge_read(info, catalog, rules) if catalog is not None else NO_CATALOG
     version = catalog.version if catalog is not None else -1
+    if not points:
+        return Classified(info, verdict, version)
     return Classified(info, verdict, version, *_points(sql, info, verdict, catalog))
 
 

@@ -54,6 +54,9 @@ def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict
     for function in sorted(info.functions):
         if not catalog.function_is_immutable(function):
             return ReadVerdict(False, f"calls {function}(), which is not immutable")
+    hidden = hidden_code(info, catalog)
+    if hidden is not None:
+        return ReadVerdict(False, hidden[0])
     qualified: set[tuple[str, str]] = set()
     depends: set[str] = set()
     for schema, name in info.reads:
@@ -71,6 +74,9 @@ def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict
             qualified.add((rel.schema, rel.name))
             depends.add(rel.name)
             depends |= catalog.family.get(rel.name, frozenset())
+    for column in sorted(info.time_casts):
+        if not _time_safe(column, qualified, catalog):
+            return ReadVerdict(False, f"casts {column} to a date/time type, and it may hold text such as 'now'")
     decision = rules.decide(qualified)
     if not decision.cacheable:
         return ReadVerdict(False, decision.reason, rule=decision.rule)
@@ -90,6 +96,9 @@ def write_scope(info: QueryInfo, catalog: Catalog | None) -> WriteScope:
         for function in sorted(info.functions):
             if catalog.may_write(function):
                 return WriteScope(frozenset(), True, f"calls {function}(), which may write", code="function_call")
+        hidden = hidden_code(info, catalog)
+        if hidden is not None and hidden[1]:
+            return WriteScope(frozenset(), True, f"{hidden[0]}, which may write", code="function_call")
     names = {name for _, name in info.writes}
     if not names:
         return NOTHING
@@ -107,3 +116,36 @@ def write_scope(info: QueryInfo, catalog: Catalog | None) -> WriteScope:
         if catalog.has_triggers(name):
             return WriteScope(frozenset(), True, f"{name} has triggers or rules", code="triggers")
     return WriteScope(frozenset(closure), False)
+
+
+def hidden_code(info: QueryInfo, catalog: Catalog) -> tuple[str, bool] | None:
+    """Code `info` may run without naming it as a call, found in the catalog: (what, whether it may write), the
+    writing kind first; None when there is none. Views that may write, user operators and casts backed by functions
+    that are not immutable, functions called in attribute notation (`x.f` is f(x) when x has no column f), and user
+    casts applied implicitly (no SQL text shows them: every statement of the database is taken to run them)."""
+    code = catalog.hidden
+    found: list[tuple[str, bool]] = []
+    for schema, name in sorted(info.reads, key=lambda r: (r[0] or "", r[1])):
+        for rel in catalog.resolve(schema, name):
+            if (rel.schema, rel.name) in code.writing_views:
+                found.append((f"reads view {rel.schema}.{rel.name}, whose query calls a function", True))
+    for symbol in sorted(info.operators & code.operators.keys()):
+        found.append((f"uses operator {symbol}, whose function is not immutable", code.operators[symbol]))
+    for target in sorted(info.casts & code.casts.keys()):
+        found.append((f"casts to {target} by a function that is not immutable", code.casts[target]))
+    for name in sorted(info.attributes & code.row_functions.keys()):
+        found.append((f"may call {name}() in attribute notation (x.{name}), which is not immutable",
+                      code.row_functions[name]))  # fmt: skip
+    if code.implicit_casts is not None:
+        found.append(("the database has an implicit or assignment cast whose function is not immutable",
+                      code.implicit_casts))  # fmt: skip
+    if not found:
+        return None
+    return max(found, key=lambda item: item[1])  # one that may write, if any
+
+
+def _time_safe(column: str, relations: set[tuple[str, str]], catalog: Catalog) -> bool:
+    """Whether `column`, cast to a date/time type, is a column of a relation read whose type cannot hold text (in
+    every relation read that has a column of that name). A name no relation has is a computed value: unsafe."""
+    kinds = [cols[column] for rel in relations if (cols := catalog.hidden.columns.get(rel)) and column in cols]
+    return bool(kinds) and all(kinds)

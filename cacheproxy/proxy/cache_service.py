@@ -20,6 +20,8 @@ from collections.abc import Hashable, Iterable
 from typing import Any
 
 from cacheproxy.analysis.analyzer import Analyzer, analyze_head
+from cacheproxy.analysis.strings import backslash_quotes
+from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import Entry, TableId, base_table
 from cacheproxy.cache.tier import CacheTier
@@ -59,7 +61,7 @@ class CacheService:
         self.max_entry_size = cache.max_entry_size
         self.clock = time.monotonic
         # Exact statement text -> classification, per database: the hot path's one dict lookup.
-        self._memo: OrderedDict[tuple[str, bytes], Classified] = OrderedDict()
+        self._memo: OrderedDict[tuple[str, bytes, str], Classified] = OrderedDict()
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
@@ -99,20 +101,26 @@ class CacheService:
 
     # -- classification --------------------------------------------------------------------------------------
 
-    def classify(self, database: str, sql: bytes) -> Classified:
+    def classify(self, database: str, sql: bytes, strings: str = "") -> Classified:
+        """`strings`: the session's string rules (analysis.strings.mode), "" for UTF-8 and standard strings."""
         catalog = self.catalogs.get(database)
         version = catalog.version if catalog is not None else -1
-        memo_key = (database, sql)
+        memo_key = (database, sql, strings)
         found = self._memo.get(memo_key)
         if found is not None and found.catalog_version == version:
             self._memo.move_to_end(memo_key)
             return found
         if len(sql) > MAX_ANALYZED_BYTES:
-            text = sql[:1024].decode("utf-8", "replace")
-            info = analyze_head(text, f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed")
+            head = sql[:1024].decode("utf-8", "replace")
+            info = analyze_head(head, f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed")
         else:
-            info = self.analyzer.analyze(sql.decode("utf-8", "replace"))
-        found = classify(sql, info, catalog, self.rules)
+            text = sql.decode("utf-8", "replace") if not strings else decode_sql(sql, strings)
+            if text is None:
+                info = analyze_head("", "statement in a client encoding the proxy cannot decode", unknown=True)
+            else:
+                info = self.analyzer.analyze(text, backslash_quotes(strings))
+        # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
+        found = classify(sql, info, catalog, self.rules, points=not strings)
         if len(sql) <= _MEMO_MAX_STATEMENT:  # long statements are rare repeats, and would pin their text here
             self._memo[memo_key] = found
             if len(self._memo) > _CLASSIFY_MEMO:

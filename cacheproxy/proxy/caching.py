@@ -82,7 +82,8 @@ class CachingRelay:
         self.database = session.database
         self.user = session.user
         self.tx = session.transaction
-        self.tx.epoch, self.tx.digest = str(service.settings_epoch), None
+        self.tx.epoch = str(service.settings_epoch)
+        self.tx.parameter_reported()  # (those of the startup phase: the digest and string rules are taken anew)
         self.registry = StatementRegistry(limits.max_prepared_statements)
         self._statements = self.registry.statements  # (the same dict: read on the hot path)
         # The upstream side; its parts used on every request are bound here (the same objects: no extra call).
@@ -285,7 +286,7 @@ class CachingRelay:
 
     def explain(self, sql: bytes) -> list[tuple[str, str]]:
         """Why `sql` would or would not be served from the cache in this session (CACHEPROXY EXPLAIN)."""
-        classified = self.service.classify(self.database, sql)
+        classified = self.service.classify(self.database, sql, self.tx.strings)
         return explain_rows(
             classified,
             may_read=self.tx.may_read(classified),
@@ -299,7 +300,7 @@ class CachingRelay:
         """Classify, first waiting (once, bounded) for the database's catalog when it is still loading."""
         if self._wait_for_catalog():
             return None
-        return self.service.classify(self.database, sql)
+        return self.service.classify(self.database, sql, self.tx.strings)
 
     def _wait_for_catalog(self) -> bool:
         """True when the session now waits for its database's catalog (a first query, or one after DDL) or for its
@@ -424,7 +425,7 @@ class CachingRelay:
 
     def result(self, statement: Statement, arguments: bytes, max_rows: int) -> Entry | None:
         """The cached result of an Execute, or None (not counted: see Lookups.count)."""
-        classified = self.service.classify(self.database, statement.query)
+        classified = self.service.classify(self.database, statement.query, self.tx.strings)
         if not self.tx.may_read(classified):
             return None  # a write, or a read not served here
         key = keys.execute_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), statement.query,
@@ -444,7 +445,7 @@ class CachingRelay:
         return True
 
     def description(self, statement: Statement) -> bytes | None:
-        classified = self.service.classify(self.database, statement.query)
+        classified = self.service.classify(self.database, statement.query, self.tx.strings)
         if not self.tx.may_read(classified):
             return None
         key = keys.describe_key(

@@ -131,6 +131,8 @@ class InFlight:
                 self.registry.deallocated(statement.deallocates)
         scope = row_scope(classified, write_scope(info, catalog), bind.arguments if bind is not None else None,
                           param_types, fe.bind_parameter)  # fmt: skip
+        if scope.code == "function_call":  # also a view, operator or cast running such a function (verdict.py)
+            self.tx.stop_caching(f"{scope.why}: settings may have changed")
         if info.alters_role_settings:
             service.role_settings_changed(self.database)
         if scope.ddl:
@@ -228,7 +230,7 @@ class InFlight:
         if statement is not None:
             if not statement.upstream:
                 self.replay(name, statement, out)
-            classified = self.service.classify(self.database, statement.query)
+            classified = self.service.classify(self.database, statement.query, self.tx.strings)
             if serve and self.tx.may_read(classified) and statement.query:
                 # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
                 tables = frozenset((self.database, name) for name in classified.verdict.tables)
@@ -247,7 +249,7 @@ class InFlight:
         if portal is None or not portal.statement.query:
             return None
         statement = portal.statement
-        classified = self.service.classify(self.database, statement.query)
+        classified = self.service.classify(self.database, statement.query, self.tx.strings)
         if classified.info.kind is not Kind.READ or not self.tx.may_read(classified):
             return None
         if names_time_word(portal.bind.arguments):
@@ -279,7 +281,7 @@ class InFlight:
         changes_state = discards_all = copy_from = False
         kind = "other"
         if portal is not None and portal.statement.query:
-            classified = self.service.classify(self.database, portal.statement.query)
+            classified = self.service.classify(self.database, portal.statement.query, self.tx.strings)
             info = classified.info
             copy_from = info.copy_from_stdin
             # Not after a write earlier in this batch (its reads see it uncommitted), nor a further Execute of a portal
@@ -433,7 +435,7 @@ class InFlight:
         for entry in write_through.candidates(self.stale, self.database, self.user, self.tx.state_digest()):
             key = entry.key
             assert isinstance(key, keys.QueryKey | keys.ExecuteKey)
-            classified = service.classify(self.database, key.sql)
+            classified = service.classify(self.database, key.sql, self.tx.strings)
             if classified.verdict.strategy != "write_through" or not self.tx.may_read(classified):
                 continue
             if budget == 0 or not service.take_refresh():

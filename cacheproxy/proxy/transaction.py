@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo, TxInfo, TxOp
+from cacheproxy.analysis.strings import mode as string_mode
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import base_table
 from cacheproxy.catalog.model import Catalog
@@ -83,6 +84,7 @@ class TransactionTracker:
         "set_history",
         "startup",
         "status",
+        "strings",
         "temp_tables",
         "uncertain",
         "unsynced",
@@ -101,6 +103,8 @@ class TransactionTracker:
         self.parameters: Mapping[str, str] = parameters if parameters is not None else {}  # reported by the server
         self.epoch = ""  # the cache service's settings epoch when the session started (see state_digest)
         self.digest: bytes | None = None  # state_digest(), until the state changes
+        # The session's string rules (analysis/strings.py), from what the server reported: "" almost always.
+        self.strings = ""
         self.status: TxStatus = IDLE
         # Why the session's settings can no longer be known (None: they are): then it never uses the cache again.
         self.uncertain: str | None = None
@@ -133,8 +137,11 @@ class TransactionTracker:
         return self.digest
 
     def parameter_reported(self) -> None:
-        """The server reported a parameter's new value (ParameterStatus): part of the state."""
+        """The server reported a parameter's new value (ParameterStatus): part of the state, and maybe of how the
+        session's statements are read (standard_conforming_strings, client_encoding)."""
         self.digest = None
+        parameters = self.parameters
+        self.strings = string_mode(parameters.get("standard_conforming_strings"), parameters.get("client_encoding"))
 
     # -- the one switch off ------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cacheproxy.config import build_config
-from tests.integration.test_cache import _marker, _setup, upstream_calls
+from tests.support.cachetest import create_items, new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread, proxy_config
 
@@ -46,8 +46,8 @@ def test_stats_caches_explain_invalidate_flush(
     pg: PgCluster, dbname: str, admin_proxy: tuple[ProxyThread, Path]
 ) -> None:
     proxy, _ = admin_proxy
-    _setup(pg, dbname)
-    marker = _marker()
+    create_items(pg, dbname)
+    marker = new_marker()
     read = f"SELECT name AS {marker} FROM items WHERE id = 3"
     with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn:
         for _ in range(3):
@@ -93,8 +93,8 @@ def test_psql_shows_results_as_tables(pg: PgCluster, admin_proxy: tuple[ProxyThr
 
 def test_reload_good_and_bad(pg: PgCluster, dbname: str, admin_proxy: tuple[ProxyThread, Path]) -> None:
     proxy, path = admin_proxy
-    _setup(pg, dbname)
-    marker = _marker()
+    create_items(pg, dbname)
+    marker = new_marker()
     read = f"SELECT name AS {marker} FROM items WHERE id = 8"
     with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn:
         conn.execute(read).fetchall()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 
 import asyncpg
@@ -13,30 +12,10 @@ import psycopg
 import pytest
 
 from cacheproxy.protocol.framing import encode
+from tests.support.cachetest import create_items, new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
 from tests.support.rawpg import RawConn
-
-
-def _marker() -> str:
-    return "m_" + uuid.uuid4().hex[:10]
-
-
-def upstream_calls(pg: PgCluster, marker: str) -> int:
-    out = pg.psql(f"SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%{marker}%'")
-    return int(out.strip())
-
-
-def _setup(pg: PgCluster, dbname: str) -> None:
-    pg.psql(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(10,2), tags text[], data bytea, "
-        "at timestamptz, doc jsonb, note text);"
-        "INSERT INTO items SELECT g, 'item ' || g, g * 1.5, ARRAY['a' || g, NULL], decode(md5(g::text), 'hex'), "
-        "'2024-01-01'::timestamptz + g * interval '1 hour', jsonb_build_object('g', g), NULL "
-        "FROM generate_series(1, 500) g;"
-        "GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC;",
-        dbname=dbname,
-    )
 
 
 @pytest.fixture
@@ -53,8 +32,8 @@ def _raw_exchange(
 
 
 def test_second_simple_read_is_a_hit_byte_for_byte(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
-    marker = _marker()
+    create_items(pg, dbname)
+    marker = new_marker()
     sql = f"SELECT id AS {marker}, name, price, tags, data, at, doc, note FROM items WHERE id <= 300 ORDER BY id"
     via = _raw_exchange(cached.host, cached.port, dbname, [sql, sql, sql])
     [direct] = _raw_exchange(pg.host, pg.port, dbname, [sql])
@@ -63,8 +42,8 @@ def test_second_simple_read_is_a_hit_byte_for_byte(pg: PgCluster, dbname: str, c
 
 
 def test_hits_for_every_driver_protocol(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
-    marker = _marker()
+    create_items(pg, dbname)
+    marker = new_marker()
     sql = f"SELECT id AS {marker}, name, price FROM items WHERE id = $1"
 
     async def run() -> tuple[list[object], list[object]]:
@@ -86,8 +65,8 @@ def test_hits_for_every_driver_protocol(pg: PgCluster, dbname: str, cached: Prox
 
 
 def test_psycopg_binary_and_pipeline_hits(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
-    marker = _marker()
+    create_items(pg, dbname)
+    marker = new_marker()
     sql = f"SELECT id AS {marker}, name, price, data, at FROM items WHERE id = %s"
     with (
         psycopg.connect(pg.dsn(dbname=dbname, port=cached.port), autocommit=True) as via,
@@ -107,7 +86,7 @@ def test_psycopg_binary_and_pipeline_hits(pg: PgCluster, dbname: str, cached: Pr
 
 
 def test_writes_invalidate(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     with psycopg.connect(pg.dsn(dbname=dbname, port=cached.port), autocommit=True) as conn:
         read = "SELECT name FROM items WHERE id = 1"
         assert conn.execute(read).fetchone() == ("item 1",)
@@ -126,7 +105,7 @@ def test_writes_invalidate(pg: PgCluster, dbname: str, cached: ProxyThread) -> N
 
 
 def test_another_sessions_write_invalidates(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     read = "SELECT price FROM items WHERE id = 2"
     with (
         psycopg.connect(pg.dsn(dbname=dbname, port=cached.port), autocommit=True) as reader,
@@ -153,9 +132,9 @@ def test_another_sessions_write_invalidates(pg: PgCluster, dbname: str, cached: 
     ],
 )
 def test_never_cached(pg: PgCluster, dbname: str, cached: ProxyThread, sql: str) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     pg.psql("CREATE SEQUENCE items_seq", dbname=dbname)
-    marker = _marker()
+    marker = new_marker()
     sql = sql.format(m=marker)
     with psycopg.connect(pg.dsn(dbname=dbname, port=cached.port), autocommit=True) as conn:
         for _ in range(3):
@@ -164,7 +143,7 @@ def test_never_cached(pg: PgCluster, dbname: str, cached: ProxyThread, sql: str)
 
 
 def test_views_are_not_cached_but_answer_correctly(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     pg.psql("CREATE VIEW cheap AS SELECT id, name FROM items WHERE price < 10", dbname=dbname)
     with psycopg.connect(pg.dsn(dbname=dbname, port=cached.port), autocommit=True) as conn:
         count = conn.execute("SELECT count(*) FROM cheap").fetchone()
@@ -173,7 +152,7 @@ def test_views_are_not_cached_but_answer_correctly(pg: PgCluster, dbname: str, c
 
 
 def test_session_state_partitions_the_cache(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     pg.psql("CREATE SCHEMA other; CREATE TABLE other.items AS SELECT 1 AS id, 'other' AS name;", dbname=dbname)
     pg.psql("GRANT USAGE ON SCHEMA other TO PUBLIC; GRANT SELECT ON other.items TO PUBLIC", dbname=dbname)
     read = "SELECT name FROM items WHERE id = 1"
@@ -201,7 +180,7 @@ def test_session_state_partitions_the_cache(pg: PgCluster, dbname: str, cached: 
 
 
 def test_roles_get_their_own_entries(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     pg.psql(
         "ALTER TABLE items ENABLE ROW LEVEL SECURITY;"
         "CREATE POLICY only_cheap ON items FOR SELECT TO alice USING (price < 5);",
@@ -218,9 +197,9 @@ def test_roles_get_their_own_entries(pg: PgCluster, dbname: str, cached: ProxyTh
 
 
 def test_expired_entries_are_fetched_again(pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     proxy = start_proxy(rules=[{"tables": ["public.items"], "ttl": "300ms"}])
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT name AS {marker} FROM items WHERE id = 4"
     with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn:
         conn.execute(sql).fetchall()
@@ -232,9 +211,9 @@ def test_expired_entries_are_fetched_again(pg: PgCluster, dbname: str, start_pro
 
 
 def test_rule_none_is_never_cached(pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     proxy = start_proxy(rules=[{"tables": ["items"], "strategy": "none"}])
-    marker = _marker()
+    marker = new_marker()
     with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn:
         for _ in range(3):
             conn.execute(f"SELECT name AS {marker} FROM items WHERE id = 4").fetchall()
@@ -242,7 +221,7 @@ def test_rule_none_is_never_cached(pg: PgCluster, dbname: str, start_proxy: Call
 
 
 def test_temp_table_shadowing_is_not_cached(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     read = "SELECT name FROM items WHERE id = 1"
     with psycopg.connect(pg.dsn(dbname=dbname, port=cached.port), autocommit=True) as conn:
         assert conn.execute(read).fetchone() == ("item 1",)
@@ -252,7 +231,7 @@ def test_temp_table_shadowing_is_not_cached(pg: PgCluster, dbname: str, cached: 
 
 
 def test_ddl_changes_the_row_description(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     read = "SELECT * FROM items WHERE id = 1"
     with psycopg.connect(pg.dsn(dbname=dbname, port=cached.port), autocommit=True) as conn:
         cur = conn.execute(read)
@@ -265,7 +244,7 @@ def test_ddl_changes_the_row_description(pg: PgCluster, dbname: str, cached: Pro
 
 
 def test_pipelined_reads_and_writes_keep_their_order(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     read = "SELECT name FROM items WHERE id = 9\x00"
     with RawConn(cached.host, cached.port) as conn:
         conn.startup("postgres", dbname)
@@ -280,7 +259,7 @@ def test_pipelined_reads_and_writes_keep_their_order(pg: PgCluster, dbname: str,
 
 
 def test_cache_counts_hits_and_misses(pg: PgCluster, dbname: str, cached: ProxyThread) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     assert cached.app is not None and cached.app.cache is not None
     engine = cached.app.cache.engine
     before = engine.stats()
@@ -295,7 +274,7 @@ def test_cache_counts_hits_and_misses(pg: PgCluster, dbname: str, cached: ProxyT
 def test_a_table_created_through_the_proxy_is_cached_once_committed(
     pg: PgCluster, dbname: str, cached: ProxyThread
 ) -> None:
-    marker = _marker()
+    marker = new_marker()
     with psycopg.connect(pg.dsn(dbname=dbname, port=cached.port), autocommit=True) as conn:
         with conn.transaction():
             conn.execute("CREATE TABLE fresh (id int PRIMARY KEY, v text)")

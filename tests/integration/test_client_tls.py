@@ -10,14 +10,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.integration.test_upstream_tls import _self_signed
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
+from tests.support.tls import self_signed
 
 
 @pytest.fixture(scope="module")
 def cert_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _self_signed(tmp_path_factory.mktemp("client-tls"), "proxy")
+    return self_signed(tmp_path_factory.mktemp("client-tls"), "proxy")
 
 
 def _dsn(pg: PgCluster, proxy: ProxyThread, **params: str) -> str:

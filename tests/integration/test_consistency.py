@@ -45,7 +45,7 @@ class History:
         self.committed.setdefault(key, []).append((value, time.monotonic(), proxy))
 
 
-def _setup(pg: PgCluster, dbname: str) -> None:
+def _create_kv_and_sequence(pg: PgCluster, dbname: str) -> None:
     pg.psql(
         "CREATE SEQUENCE s; CREATE TABLE kv (k int PRIMARY KEY, v bigint NOT NULL);"
         f"INSERT INTO kv SELECT k, 0 FROM unnest(ARRAY{list(KEYS)}) k;"
@@ -161,7 +161,7 @@ def _check(history: History) -> dict[str, object]:
 def test_no_stale_reads_under_concurrent_writes(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread], proxies: int
 ) -> None:
-    _setup(pg, dbname)
+    _create_kv_and_sequence(pg, dbname)
     running = [start_proxy(cache={"default_ttl": "10m"}) for _ in range(proxies)]
     history = _run(pg, dbname, running, seed=proxies)
     summary = _check(history)
@@ -177,7 +177,7 @@ def test_invalidation_delay_across_two_proxies(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
     """A write through A, then B polled until it serves the new value: the delay from A's acknowledged commit."""
-    _setup(pg, dbname)
+    _create_kv_and_sequence(pg, dbname)
     a, b = start_proxy(cache={"default_ttl": "10m"}), start_proxy(cache={"default_ttl": "10m"})
 
     async def main() -> list[float]:

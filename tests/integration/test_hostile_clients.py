@@ -4,80 +4,27 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from struct import pack
-from typing import Any
 
 import psycopg
 import pytest
 
 from cacheproxy.protocol.framing import encode
-from cacheproxy.protocol.startup import encode_startup
-from tests.e2e.helpers import CliProxy
+from tests.support.hostile import hostile_round
 from tests.support.pgcluster import PgCluster
-from tests.support.procmem import MIB, rss_bytes
 from tests.support.proxy import ProxyThread
 from tests.support.rawpg import (
     SYNC,
     RawConn,
     bind,
     data_rows,
-    describe_portal,
     error_fields,
     execute,
     parse,
-    query,
     shape,
 )
-
-# What a driver sends: a startup packet, then simple and extended queries.
-_CAPTURED = [
-    query("SELECT 1"),
-    parse("s1", "SELECT $1::int + 1", (23,)) + bind("", "s1", (b"41",)) + describe_portal() + execute() + SYNC,
-    query("SELECT name FROM pg_class LIMIT 3"),
-    encode(b"X"),
-]
-
-
-def _mutate(rng: random.Random, data: bytes) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        choice = rng.random()
-        if choice < 0.3 and buf:  # flip a byte
-            buf[rng.randrange(len(buf))] = rng.randrange(256)
-        elif choice < 0.5:  # insert garbage
-            pos = rng.randrange(len(buf) + 1)
-            buf[pos:pos] = rng.randbytes(rng.randint(1, 16))
-        elif choice < 0.7 and buf:  # truncate
-            del buf[rng.randrange(len(buf)) :]
-        elif choice < 0.85:  # a huge or negative length at a message boundary
-            pos = rng.randrange(len(buf) + 1)
-            buf[pos:pos] = rng.choice([b"Q\xff\xff\xff\xff", b"B\x00\x00\x00\x00", b"P\x7f\xff\xff\xff"])
-        else:  # an unknown message type
-            buf += encode(bytes([rng.choice(b"@^~zA")]), rng.randbytes(rng.randint(0, 8)))
-    return bytes(buf)
-
-
-_STARTUP = encode_startup({"user": "postgres", "database": "postgres"})
-
-
-def _hostile_round(rng: random.Random, port: int, round_no: int, read_timeout: float = 0.05) -> None:
-    """One connection: a captured client stream, intact (every third round) or mutated, with or without its startup
-    mutated too; whatever comes back is read until the proxy closes or goes quiet."""
-    stream = _STARTUP + b"".join(rng.sample(_CAPTURED, k=rng.randint(1, len(_CAPTURED))))
-    if round_no % 3:
-        stream = _mutate(rng, stream) if round_no % 3 == 1 else _STARTUP + _mutate(rng, stream[len(_STARTUP) :])
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-        sock.sendall(stream)
-        sock.settimeout(read_timeout)
-        try:
-            while sock.recv(65536):
-                pass
-        except (TimeoutError, OSError):
-            pass
 
 
 @pytest.mark.timeout(180)
@@ -88,7 +35,7 @@ def test_mutated_streams_leave_the_proxy_serving(
     rng = random.Random(20261126)
     with caplog.at_level(logging.ERROR, logger="cacheproxy"):
         for round_no in range(150):
-            _hostile_round(rng, proxy.port, round_no)
+            hostile_round(rng, proxy.port, round_no)
     internal = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
     assert internal == []
     with psycopg.connect(pg.dsn(port=proxy.port)) as conn:  # the proxy still serves
@@ -208,45 +155,3 @@ def _wait_sessions(proxy: ProxyThread, count: int) -> None:
     while proxy.app.proxy.client_count > count and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proxy.app.proxy.client_count == count
-
-
-# -- memory stays flat under a sustained hostile run, measured on a proxy subprocess ------------------------------
-
-WARM_UP, MEASURED = 4.0, 12.0  # seconds
-GROWTH_BOUND = 30 * MIB
-
-
-def _hostile_for(seconds: float, rng: random.Random, port: int, first_round: int) -> int:
-    round_no = first_round
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        _hostile_round(rng, port, round_no, read_timeout=0.01)
-        round_no += 1
-    return round_no
-
-
-@pytest.mark.timeout(120)
-def test_memory_stays_flat_under_hostile_streams(pg: PgCluster, tmp_path: Path) -> None:
-    config: dict[str, Any] = {
-        "limits": {"max_message_size": "1MiB", "startup_timeout": "2s"},
-        "shutdown": {"timeout": "1s"},
-    }
-    with CliProxy.with_config(tmp_path, pg.url(), **config) as proxy:
-        rng = random.Random(8)
-        warm_rounds = _hostile_for(WARM_UP, rng, proxy.port, 0)
-        before = rss_bytes(proxy.pid)
-        rounds = _hostile_for(MEASURED, rng, proxy.port, warm_rounds) - warm_rounds
-        with psycopg.connect(pg.dsn(port=proxy.port)) as conn:  # still serving
-            assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
-        after = rss_bytes(proxy.pid)
-        print(
-            f"hostile run: {warm_rounds} warm-up + {rounds} measured connections; proxy RSS "
-            f"{before / MIB:.1f} MiB -> {after / MIB:.1f} MiB ({(after - before) / MIB:+.1f} MiB)"
-        )
-        assert rounds > 100  # the run did exercise the proxy
-        assert after - before < GROWTH_BOUND
-        assert proxy.stop() == 0
-    log = proxy.log()
-    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
-    unclosed = [sid for sid, entry in proxy.sessions().items() if entry["opened"] and len(entry["closed"]) != 1]
-    assert unclosed == []  # every session that logged in was closed once, with a reason

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from cacheproxy.devtools.pgcluster import PgCluster
-from tests.integration.test_cache import _setup
+from cacheproxy.demo.pgcluster import PgCluster
+from tests.support.cachetest import create_items
 from tests.support.proxy import ProxyThread
 
 
@@ -31,7 +31,7 @@ def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 
 
 def test_metrics_follow_the_traffic(pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]) -> None:
-    _setup(pg, dbname)
+    create_items(pg, dbname)
     # Small shards: 8 entries of ~2 KiB overflow 16 KiB and must evict.
     proxy = start_proxy(admin={"listen": "127.0.0.1:0"}, cache={"max_memory": "16KiB", "shards": 1,
                                                                 "max_entry_size": "8KiB"})  # fmt: skip

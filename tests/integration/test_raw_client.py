@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,12 +10,13 @@ import asyncpg
 import pytest
 
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.devtools.pgcluster import free_port
+from cacheproxy.demo.pgcluster import free_port
 from cacheproxy.errors import UpstreamError
 from cacheproxy.feeds.raw_client import RawConnection, connect_raw
 from cacheproxy.protocol.framing import split_messages
 from tests.support.pgcluster import PgCluster
 from tests.support.rawpg import SYNC, RawConn, bind, data_rows, describe_portal, execute, parse, query
+from tests.support.tls import self_signed
 
 LOGINS = {
     "trust": (PgCluster.SUPERUSER, None),
@@ -235,17 +235,7 @@ async def test_request_needs_a_sync_or_query(pg: PgCluster) -> None:
 @pytest.fixture(scope="module")
 def tls_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PgCluster, Path]]:
     """A second cluster serving TLS with a self-signed certificate (and the certificate, as root of trust)."""
-    directory = tmp_path_factory.mktemp("raw-certs")
-    cert, key = directory / "server.crt", directory / "server.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path_factory.mktemp("raw-certs"), "server")
     cluster = PgCluster.start()
     try:
         cluster.enable_ssl(cert, key)

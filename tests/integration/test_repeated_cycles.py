@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cacheproxy.protocol.framing import encode
-from tests.integration.test_cache import _marker, upstream_calls
+from tests.support.cachetest import new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
 from tests.support.rawpg import SYNC, RawConn, bind, describe_portal, execute, parse, query, shape
@@ -17,7 +17,7 @@ def _close(name: str) -> bytes:
     return encode(b"C", b"S" + name.encode() + b"\x00")
 
 
-def _setup(pg: PgCluster, dbname: str) -> None:
+def _create_t_in_two_schemas(pg: PgCluster, dbname: str) -> None:
     pg.psql(
         "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'one'), (2, 'two');"
         "CREATE SCHEMA other; CREATE TABLE other.t (id int PRIMARY KEY, v text); INSERT INTO other.t VALUES (1, 'x');"
@@ -29,9 +29,9 @@ def _setup(pg: PgCluster, dbname: str) -> None:
 def test_repeated_cycles_are_answered_exactly_as_before(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    _setup(pg, dbname)
+    _create_t_in_two_schemas(pg, dbname)
     proxy = start_proxy(cache={"default_ttl": "10m"})
-    marker = _marker()
+    marker = new_marker()
     simple = query(f"SELECT v AS {marker} FROM t WHERE id = 1")
     # (another shape than `simple`: pg_stat_statements counts statements that differ only in constants as one)
     extended = parse("", f"SELECT v, id AS {marker}x FROM t WHERE id = $1") + bind(params=(b"2",))
@@ -55,7 +55,7 @@ def test_repeated_cycles_are_answered_exactly_as_before(
 def test_a_statement_prepared_again_under_the_same_name_is_not_answered_for_the_old_one(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    _setup(pg, dbname)
+    _create_t_in_two_schemas(pg, dbname)
     proxy = start_proxy(cache={"default_ttl": "10m"})
     run = bind(statement="s") + describe_portal() + execute() + SYNC  # the same bytes for both statements
     with RawConn(proxy.host, proxy.port) as conn:
@@ -74,7 +74,7 @@ def test_a_statement_prepared_again_under_the_same_name_is_not_answered_for_the_
 def test_a_setting_changed_between_identical_queries_is_honoured(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    _setup(pg, dbname)
+    _create_t_in_two_schemas(pg, dbname)
     proxy = start_proxy(cache={"default_ttl": "10m"})
     with RawConn(proxy.host, proxy.port) as conn:
         conn.startup("postgres", dbname)
@@ -89,7 +89,7 @@ def test_a_setting_changed_between_identical_queries_is_honoured(
 def test_inside_a_transaction_block_the_slow_path_decides(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    _setup(pg, dbname)
+    _create_t_in_two_schemas(pg, dbname)
     proxy = start_proxy(cache={"default_ttl": "10m"})
     with RawConn(proxy.host, proxy.port) as conn:
         conn.startup("postgres", dbname)

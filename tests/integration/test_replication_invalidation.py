@@ -9,8 +9,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from tests.integration.test_cache import _marker, upstream_calls
-from tests.integration.test_invalidation_bus import _until
+from tests.support.cachetest import new_marker, upstream_calls, wait_until
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
 
@@ -24,12 +23,12 @@ def test_direct_writes_are_invalidated_by_the_replication_stream(
         dbname=dbname,
     )
     proxy = start_proxy(cache={"default_ttl": "10m"}, invalidation={"replication": True, "slot_prefix": "cp_test"})
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT v AS {marker} FROM kv WHERE k = 1"
     delays: list[float] = []
     with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True, prepare_threshold=None) as conn:
         conn.execute("SELECT 1").fetchall()  # the first session of the database starts its feeds
-        _until(lambda: not proxy.app.metrics.snapshot()["invalidation_bus"]["blind_databases"],  # type: ignore[index]
+        wait_until(lambda: not proxy.app.metrics.snapshot()["invalidation_bus"]["blind_databases"],  # type: ignore[index]
                "the replication stream and the bus are up")  # fmt: skip
         conn.execute(sql).fetchall()
         conn.execute(sql).fetchall()
@@ -44,7 +43,7 @@ def test_direct_writes_are_invalidated_by_the_replication_stream(
             direct.execute("SET synchronous_commit = on")
             for value in range(1, 11):
                 direct.execute("UPDATE kv SET v = %s WHERE k = 1", (value,))
-                delays.append(_until(lambda v=value: conn.execute(sql).fetchone() == (v,), "the direct write"))
+                delays.append(wait_until(lambda v=value: conn.execute(sql).fetchone() == (v,), "the direct write"))
             with direct.transaction():  # rolled back: changes nothing, and is not streamed
                 direct.execute("UPDATE kv SET v = -1 WHERE k = 1")
                 direct.execute("ROLLBACK")

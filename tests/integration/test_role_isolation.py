@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from tests.support.cachetest import new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
 
@@ -40,16 +40,6 @@ GRANT SELECT (id, name) ON pay TO {BOB[0]};
 ALICE_DOCS = [(1, "alice-1"), (2, "alice-2")]
 BOB_DOCS = [(3, "bob-1")]
 PAY = [(1, "ann", 100), (2, "ben", 200)]
-
-
-def _marker() -> str:
-    return "m_" + uuid.uuid4().hex[:10]
-
-
-def upstream_calls(pg: PgCluster, marker: str) -> int:
-    """How many times the server itself ran a statement containing `marker` (cache misses and direct runs)."""
-    out = pg.psql(f"SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%{marker}%'")
-    return int(out.strip())
 
 
 def read(pg: PgCluster, port: int, dbname: str, role: tuple[str, str], sql: str, protocol: str) -> Rows | str:
@@ -90,7 +80,7 @@ def test_row_level_security_rows_stay_with_their_role(
     pg: PgCluster, tables: str, cached: ProxyThread, protocol: str
 ) -> None:
     pg.psql("ALTER TABLE docs ENABLE ROW LEVEL SECURITY", dbname=tables)
-    sql = f"SELECT id, body AS {_marker()} FROM docs ORDER BY id"
+    sql = f"SELECT id, body AS {new_marker()} FROM docs ORDER BY id"
     for _ in range(2):
         assert read(pg, cached.port, tables, ALICE, sql, protocol) == ALICE_DOCS
         assert read(pg, cached.port, tables, BOB, sql, protocol) == BOB_DOCS
@@ -105,7 +95,7 @@ def test_row_level_security_enabled_behind_the_proxys_back(
     cached = start_proxy(cache={"default_ttl": "60s"}, invalidation={"catalog_poll": None})
     assert read(pg, cached.port, tables, ALICE, "SELECT count(*) FROM docs", protocol) == [(3,)]  # catalog loaded
     pg.psql("ALTER TABLE docs ENABLE ROW LEVEL SECURITY", dbname=tables)  # directly: the proxy does not see it
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT id, body AS {marker} FROM docs ORDER BY id"
     for _ in range(3):
         assert read(pg, cached.port, tables, ALICE, sql, protocol) == ALICE_DOCS
@@ -117,7 +107,7 @@ def test_row_level_security_enabled_behind_the_proxys_back(
 def test_column_privileges_are_not_bypassed_by_a_cached_result(
     pg: PgCluster, tables: str, cached: ProxyThread, protocol: str
 ) -> None:
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT id, name, salary AS {marker} FROM pay ORDER BY id"
     for _ in range(2):
         assert read(pg, cached.port, tables, ALICE, sql, protocol) == PAY
@@ -131,7 +121,7 @@ def test_column_privileges_are_not_bypassed_by_a_cached_result(
 
 
 def test_set_role_does_not_reuse_the_login_roles_entry(pg: PgCluster, tables: str, cached: ProxyThread) -> None:
-    sql = f"SELECT id, name, salary AS {_marker()} FROM pay ORDER BY id"
+    sql = f"SELECT id, name, salary AS {new_marker()} FROM pay ORDER BY id"
     with psycopg.connect(pg.dsn(dbname=tables, port=cached.port), autocommit=True) as su:
         assert su.execute(sql).fetchall() == PAY
         assert su.execute(sql).fetchall() == PAY
@@ -146,7 +136,7 @@ def test_set_role_does_not_reuse_the_login_roles_entry(pg: PgCluster, tables: st
 def test_revoke_through_the_proxy_stops_cached_reads(
     pg: PgCluster, tables: str, cached: ProxyThread, protocol: str
 ) -> None:
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT id, name, salary AS {marker} FROM pay ORDER BY id"
     for _ in range(2):
         assert read(pg, cached.port, tables, ALICE, sql, protocol) == PAY
@@ -160,7 +150,7 @@ def test_revoke_through_the_proxy_stops_cached_reads(
 def test_revoke_directly_on_postgres_stops_cached_reads(
     pg: PgCluster, tables: str, cached: ProxyThread, protocol: str
 ) -> None:
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT id, name, salary AS {marker} FROM pay ORDER BY id"
     for _ in range(2):
         assert read(pg, cached.port, tables, ALICE, sql, protocol) == PAY
@@ -173,7 +163,7 @@ def test_revoke_directly_on_postgres_stops_cached_reads(
 def test_row_level_security_enabled_directly_hides_rows_cached_before(
     pg: PgCluster, tables: str, cached: ProxyThread
 ) -> None:
-    sql = f"SELECT id, body AS {_marker()} FROM docs ORDER BY id"
+    sql = f"SELECT id, body AS {new_marker()} FROM docs ORDER BY id"
     everything = [(1, "alice-1"), (2, "alice-2"), (3, "bob-1")]
     for _ in range(2):
         assert read(pg, cached.port, tables, ALICE, sql, "simple") == everything  # no RLS yet: all rows, cached

@@ -11,14 +11,14 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.integration.test_cache import _marker, upstream_calls
+from tests.support.cachetest import new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
 
-def _setup(pg: PgCluster, dbname: str) -> None:
+def _create_tables(pg: PgCluster, dbname: str) -> None:
     pg.psql(
         "CREATE TABLE kv (k int PRIMARY KEY, v int, u int UNIQUE);"
         "INSERT INTO kv SELECT g, g * 10, g FROM generate_series(1, 5) g;"
@@ -35,7 +35,7 @@ def _setup(pg: PgCluster, dbname: str) -> None:
 
 @pytest.fixture
 def conn(pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]) -> Conn:
-    _setup(pg, dbname)
+    _create_tables(pg, dbname)
     proxy = start_proxy(cache={"default_ttl": "10m"})
     return psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True, prepare_threshold=None)
 
@@ -45,7 +45,7 @@ def _reads(conn: Conn, marker: str, table: str = "kv", keys: range = range(1, 6)
 
 
 def test_a_point_write_keeps_the_other_rows_cached(pg: PgCluster, conn: Conn) -> None:
-    marker, total = _marker(), _marker()
+    marker, total = new_marker(), new_marker()
     with conn:
         _reads(conn, marker)
         conn.execute(f"SELECT sum(v) AS {total} FROM kv").fetchall()  # not a point read: any write to kv drops it
@@ -73,7 +73,7 @@ def test_a_point_write_keeps_the_other_rows_cached(pg: PgCluster, conn: Conn) ->
     ],
 )
 def test_other_writes_drop_the_whole_table(pg: PgCluster, dbname: str, conn: Conn, write: str) -> None:
-    marker = _marker()
+    marker = new_marker()
     with conn:
         before = _reads(conn, marker, keys=range(1, 8))
         conn.execute(write)
@@ -88,13 +88,13 @@ def test_other_writes_drop_the_whole_table(pg: PgCluster, dbname: str, conn: Con
 
 
 def test_tables_without_a_key_or_with_triggers_are_invalidated_whole(pg: PgCluster, conn: Conn) -> None:
-    marker = _marker()
+    marker = new_marker()
     with conn:
         _reads(conn, marker, "nokey", range(1, 4))
         conn.execute("UPDATE nokey SET v = 0 WHERE k = 1")
         assert _reads(conn, marker, "nokey", range(1, 4)) == [(0,), (2,), (3,)]
         assert upstream_calls(pg, marker) == 6
-        other = _marker()
+        other = new_marker()
         _reads(conn, other, "audited", range(1, 3))
         conn.execute("UPDATE audited SET v = 9 WHERE k = 1")  # its trigger may write anything: all is dropped
         assert _reads(conn, other, "audited", range(1, 3)) == [(9,), (2,)]
@@ -105,9 +105,9 @@ def test_parameters_name_the_row_in_both_protocol_formats(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
     """asyncpg binds integers in binary, psycopg in text: both must name the same row."""
-    _setup(pg, dbname)
+    _create_tables(pg, dbname)
     proxy = start_proxy(cache={"default_ttl": "10m"})
-    marker = _marker()
+    marker = new_marker()
     read = f"SELECT v AS {marker} FROM kv WHERE k = $1"
 
     async def run() -> list[object]:
@@ -133,9 +133,9 @@ def test_parameters_name_the_row_in_both_protocol_formats(
 def test_write_through_refreshes_only_the_row_written(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    _setup(pg, dbname)
+    _create_tables(pg, dbname)
     proxy = start_proxy(rules=[{"tables": ["kv"], "ttl": "10m", "strategy": "write_through"}])
-    marker = _marker()
+    marker = new_marker()
     with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True, prepare_threshold=None) as conn:
         _reads(conn, marker)
         conn.execute("UPDATE kv SET v = 11 WHERE k = 1")

@@ -11,7 +11,7 @@ import psycopg
 
 from cacheproxy.cache.entry import Entry, base_table
 from cacheproxy.snapshot.format import Header, decode_snapshot, encode_snapshot
-from tests.integration.test_cache import _marker, upstream_calls
+from tests.support.cachetest import new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread, proxy_config
 
@@ -20,7 +20,7 @@ from tests.support.proxy import ProxyThread, proxy_config
 _FLUSH = "SELECT pg_stat_force_next_flush();"
 
 
-def _setup(pg: PgCluster, dbname: str) -> None:
+def _create_hot_cold_brief(pg: PgCluster, dbname: str) -> None:
     pg.psql(
         "CREATE TABLE hot (id int PRIMARY KEY, v text); CREATE TABLE cold (id int PRIMARY KEY, v text);"
         "CREATE TABLE brief (id int PRIMARY KEY, v text);"
@@ -53,9 +53,9 @@ def _proxy(pg: PgCluster, path: Path, **sections: Any) -> ProxyThread:
 def test_round_trip_every_entry_identical_and_served_without_upstream(
     pg: PgCluster, dbname: str, tmp_path: Path
 ) -> None:
-    _setup(pg, dbname)
+    _create_hot_cold_brief(pg, dbname)
     path = tmp_path / "cache.snap"
-    marker = _marker()
+    marker = new_marker()
     queries = [f"SELECT id AS {marker}, v FROM hot WHERE id <= {n} ORDER BY id" for n in range(1, 30)]
     with _proxy(pg, path) as first:
         want = _read_all(pg, dbname, first.port, queries)  # simple and extended protocol entries
@@ -75,9 +75,9 @@ def test_round_trip_every_entry_identical_and_served_without_upstream(
 
 
 def test_expired_and_changed_tables_are_not_served_after_a_restart(pg: PgCluster, dbname: str, tmp_path: Path) -> None:
-    _setup(pg, dbname)
+    _create_hot_cold_brief(pg, dbname)
     path = tmp_path / "cache.snap"
-    marker = _marker()
+    marker = new_marker()
     queries = {t: f"SELECT id AS {marker}{t}, v FROM {t} WHERE id = 7" for t in ("hot", "cold", "brief")}
     rules = [{"tables": ["brief"], "ttl": "2s"}]
     with (
@@ -103,7 +103,7 @@ def test_expired_and_changed_tables_are_not_served_after_a_restart(pg: PgCluster
 
 
 def test_truncate_while_down_drops_the_table(pg: PgCluster, dbname: str, tmp_path: Path) -> None:
-    _setup(pg, dbname)
+    _create_hot_cold_brief(pg, dbname)
     path = tmp_path / "cache.snap"
     with (
         _proxy(pg, path) as first,
@@ -119,7 +119,7 @@ def test_truncate_while_down_drops_the_table(pg: PgCluster, dbname: str, tmp_pat
 
 
 def test_a_snapshot_of_another_cluster_is_refused_and_kept_aside(pg: PgCluster, dbname: str, tmp_path: Path) -> None:
-    _setup(pg, dbname)
+    _create_hot_cold_brief(pg, dbname)
     path = tmp_path / "cache.snap"
     with _proxy(pg, path) as first:
         _read_all(pg, dbname, first.port, ["SELECT v FROM cold WHERE id = 1"])
@@ -138,7 +138,7 @@ def test_a_snapshot_of_another_cluster_is_refused_and_kept_aside(pg: PgCluster, 
 
 
 def test_admin_snapshot_command_writes_a_snapshot(pg: PgCluster, dbname: str, tmp_path: Path) -> None:
-    _setup(pg, dbname)
+    _create_hot_cold_brief(pg, dbname)
     path = tmp_path / "cache.snap"
     with _proxy(pg, path, admin={"listen": None, "users": ["postgres"]}) as proxy:
         with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn:
@@ -150,12 +150,17 @@ def test_admin_snapshot_command_writes_a_snapshot(pg: PgCluster, dbname: str, tm
             time.sleep(0.05)
         _, records, _ = decode_snapshot(path.read_bytes())
         assert len(records) == 1
+        # The file is renamed into place before the writer returns and records its metrics: poll for them too.
+        written = b"cacheproxy_snapshot_entries_written_total 1.0"
         body, _ = proxy.app.metrics.render()  # type: ignore[union-attr]
-        assert b"cacheproxy_snapshot_entries_written_total 1.0" in body
+        while written not in body and time.monotonic() < deadline:
+            time.sleep(0.05)
+            body, _ = proxy.app.metrics.render()  # type: ignore[union-attr]
+        assert written in body
 
 
 def test_periodic_snapshots(pg: PgCluster, dbname: str, tmp_path: Path) -> None:
-    _setup(pg, dbname)
+    _create_hot_cold_brief(pg, dbname)
     path = tmp_path / "cache.snap"
     with _proxy(pg, path, snapshot={"path": str(path), "interval": "200ms"}) as proxy:
         _read_all(pg, dbname, proxy.port, ["SELECT v FROM cold WHERE id = 2"])

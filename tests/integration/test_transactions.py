@@ -11,9 +11,10 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from tests.integration.test_cache import _marker, upstream_calls
+from tests.support.cachetest import connect_via, new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
+from tests.support.rawpg import RawConn, shape
 
 
 def _tables(pg: PgCluster, dbname: str) -> None:
@@ -45,7 +46,7 @@ def test_until_write_serves_until_the_transaction_writes(
 ) -> None:
     _tables(pg, dbname)
     proxy = _proxy(start_proxy)  # the default: until_write
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT balance AS {marker} FROM accounts WHERE id = 1"
     with _connect(pg, dbname, proxy) as conn:
         _warm(conn, sql)
@@ -63,7 +64,7 @@ def test_until_write_serves_until_the_transaction_writes(
 def test_never_bypasses_inside_a_block(pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]) -> None:
     _tables(pg, dbname)
     proxy = _proxy(start_proxy, "never")
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT balance AS {marker} FROM accounts WHERE id = 2"
     with _connect(pg, dbname, proxy) as conn:
         _warm(conn, sql)
@@ -80,7 +81,7 @@ def test_always_serves_tables_the_transaction_did_not_write(
 ) -> None:
     _tables(pg, dbname)
     proxy = _proxy(start_proxy, "always")
-    marker = _marker()
+    marker = new_marker()
     prices = f"SELECT price AS {marker}p FROM prices WHERE id = 1"
     accounts = f"SELECT balance AS {marker}a FROM accounts WHERE id = 3"
     with _connect(pg, dbname, proxy) as conn:
@@ -109,7 +110,7 @@ def test_snapshot_isolation_bypasses(
 ) -> None:
     _tables(pg, dbname)
     proxy = _proxy(start_proxy, "always")
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT balance AS {marker} FROM accounts WHERE id = 4"
     with _connect(pg, dbname, proxy) as conn:
         _warm(conn, sql)
@@ -125,7 +126,7 @@ def test_a_session_default_isolation_bypasses(
 ) -> None:
     _tables(pg, dbname)
     proxy = _proxy(start_proxy)
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT balance AS {marker} FROM accounts WHERE id = 5"
     with _connect(pg, dbname, proxy) as conn:
         conn.execute("SET default_transaction_isolation = 'serializable'")
@@ -142,7 +143,7 @@ def test_a_database_default_isolation_bypasses(
     pg.psql(f"ALTER DATABASE {dbname} SET default_transaction_isolation = 'repeatable read'")
     try:
         proxy = _proxy(start_proxy)
-        marker = _marker()
+        marker = new_marker()
         sql = f"SELECT balance AS {marker} FROM accounts WHERE id = 6"
         with _connect(pg, dbname, proxy) as conn:
             _warm(conn, sql)
@@ -158,7 +159,7 @@ def test_a_read_inside_a_block_is_stored_when_it_ends(
 ) -> None:
     _tables(pg, dbname)
     proxy = _proxy(start_proxy)
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT balance AS {marker} FROM accounts WHERE id = 7"
     with _connect(pg, dbname, proxy) as conn:
         with pytest.raises(psycopg.errors.DivisionByZero), conn.transaction():
@@ -182,7 +183,7 @@ def test_a_read_before_the_transaction_writes_its_table_is_not_stored(
 ) -> None:
     _tables(pg, dbname)
     proxy = _proxy(start_proxy, "always")
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT balance AS {marker} FROM accounts WHERE id = 8"
     with _connect(pg, dbname, proxy) as conn:
         with conn.transaction():
@@ -207,3 +208,28 @@ def test_set_local_bypasses_the_rest_of_the_block(
             conn.execute("SET LOCAL search_path = other")
             assert conn.execute(sql).fetchone() == (-1,)
         assert conn.execute(sql).fetchone() == (100,)
+
+
+# Isolation given as a startup parameter: the transaction's snapshot is honoured, then the commit's value served.
+def test_startup_isolation(pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]) -> None:
+    pg.psql(
+        "CREATE TABLE kv (k int PRIMARY KEY, v int); INSERT INTO kv SELECT g, g * 10 FROM generate_series(1, 5) g;"
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC;",
+        dbname=dbname,
+    )
+    proxy = start_proxy(
+        cache={"default_ttl": "10m"}, rules=[{"tables": ["kv"], "ttl": "10m", "in_transaction": "always"}]
+    )
+    m = new_marker()
+    sql = f"SELECT v AS {m} FROM kv WHERE k = 1"
+    with RawConn(proxy.host, proxy.port) as rr, connect_via(pg, dbname, proxy) as other:
+        rr.startup("postgres", dbname, default_transaction_isolation="repeatable read")
+        print(shape(rr.query("SHOW transaction_isolation")))
+        print(shape(rr.query("BEGIN")))
+        print(shape(rr.query("SELECT 1")))  # snapshot taken
+        other.execute("UPDATE kv SET v = 11 WHERE k = 1")
+        print("in RR tx:", shape(rr.query(sql)))
+        print(shape(rr.query("COMMIT")))
+        got = shape(rr.query(sql))
+        print("after commit:", got, upstream_calls(pg, m))
+        assert "D11" in got

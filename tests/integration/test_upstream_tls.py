@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,27 +13,14 @@ from cacheproxy.protocol.startup import encode_startup
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
 from tests.support.rawpg import RawConn, error_fields
-
-
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
+from tests.support.tls import self_signed
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("certs")
-    cert, key = _self_signed(directory, "server")
-    other, _ = _self_signed(directory, "other")
+    cert, key = self_signed(directory, "server")
+    other, _ = self_signed(directory, "other")
     return {"cert": cert, "key": key, "other": other}
 
 

@@ -11,12 +11,13 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.integration.test_cache import _marker, upstream_calls
+from tests.support.cachetest import connect_via, new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
+from tests.support.rawpg import SYNC, RawConn, bind, execute, parse, shape
 
 
-def _setup(pg: PgCluster, dbname: str) -> None:
+def _create_accounts(pg: PgCluster, dbname: str) -> None:
     pg.psql(
         "CREATE TABLE accounts (id int PRIMARY KEY, balance int);"
         "INSERT INTO accounts SELECT g, 100 FROM generate_series(1, 20) g;"
@@ -27,10 +28,6 @@ def _setup(pg: PgCluster, dbname: str) -> None:
 
 def _proxy(start_proxy: Callable[..., ProxyThread], strategy: str, **sections: object) -> ProxyThread:
     return start_proxy(rules=[{"tables": ["accounts"], "ttl": "10m", "strategy": strategy}], **sections)
-
-
-def _conn(pg: PgCluster, dbname: str, proxy: ProxyThread) -> psycopg.Connection[tuple[object, ...]]:
-    return psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True, prepare_threshold=None)
 
 
 def _refreshes(proxy: ProxyThread) -> dict[str, int]:
@@ -48,11 +45,11 @@ def _wait_refreshed(proxy: ProxyThread, count: int) -> None:
 def test_the_next_read_after_a_write_hits_fresh_data(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread], transaction: bool
 ) -> None:
-    _setup(pg, dbname)
+    _create_accounts(pg, dbname)
     proxy = _proxy(start_proxy, "write_through")
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT balance AS {marker} FROM accounts WHERE id = 1"
-    with _conn(pg, dbname, proxy) as writer, _conn(pg, dbname, proxy) as reader:
+    with connect_via(pg, dbname, proxy) as writer, connect_via(pg, dbname, proxy) as reader:
         assert reader.execute(sql).fetchone() == (100,)  # a miss: stored
         writer.execute(sql).fetchall()  # a hit: the writer's session has the same role and settings
         if transaction:
@@ -69,11 +66,11 @@ def test_the_next_read_after_a_write_hits_fresh_data(
 def test_lazy_drops_and_the_next_read_misses(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    _setup(pg, dbname)
+    _create_accounts(pg, dbname)
     proxy = _proxy(start_proxy, "lazy")
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT balance AS {marker} FROM accounts WHERE id = 2"
-    with _conn(pg, dbname, proxy) as conn:
+    with connect_via(pg, dbname, proxy) as conn:
         conn.execute(sql).fetchall()
         conn.execute("UPDATE accounts SET balance = 6 WHERE id = 2")
         assert conn.execute(sql).fetchone() == (6,)
@@ -84,9 +81,9 @@ def test_lazy_drops_and_the_next_read_misses(
 def test_extended_protocol_results_are_refreshed_byte_for_byte(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    _setup(pg, dbname)
+    _create_accounts(pg, dbname)
     proxy = _proxy(start_proxy, "write_through")
-    marker = _marker()
+    marker = new_marker()
     sql = f"SELECT id, balance AS {marker} FROM accounts WHERE id = $1"
 
     async def run() -> tuple[list[object], list[object]]:
@@ -111,10 +108,10 @@ def test_extended_protocol_results_are_refreshed_byte_for_byte(
 def test_a_refresh_that_fails_is_the_proxys_own_business(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    _setup(pg, dbname)
+    _create_accounts(pg, dbname)
     proxy = _proxy(start_proxy, "write_through")
     sql = "SELECT 100 / (balance - 50) AS ratio FROM accounts WHERE id = 4"
-    with _conn(pg, dbname, proxy) as conn:
+    with connect_via(pg, dbname, proxy) as conn:
         assert conn.execute(sql).fetchone() == (2,)
         conn.execute("UPDATE accounts SET balance = 50 WHERE id = 4")  # the refresh divides by zero ...
         _wait_refreshed(proxy, 1)
@@ -127,10 +124,10 @@ def test_a_refresh_that_fails_is_the_proxys_own_business(
 def test_refreshes_stay_within_the_concurrency_and_hottest_go_first(
     pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    _setup(pg, dbname)
+    _create_accounts(pg, dbname)
     proxy = _proxy(start_proxy, "write_through", write_through={"concurrency": 2})
-    marker = _marker()  # (pg_stat_statements counts the six statements as one: they differ only in constants)
-    with _conn(pg, dbname, proxy) as conn:
+    marker = new_marker()  # (pg_stat_statements counts the six statements as one: they differ only in constants)
+    with connect_via(pg, dbname, proxy) as conn:
         for key in range(1, 7):
             for _ in range(key):  # key 6 is read 6 times: the hottest
                 conn.execute(f"SELECT balance AS {marker} FROM accounts WHERE id = {key}").fetchall()
@@ -144,3 +141,37 @@ def test_refreshes_stay_within_the_concurrency_and_hottest_go_first(
         for key in (1, 2, 3, 4):  # dropped: misses
             assert conn.execute(f"SELECT balance AS {marker} FROM accounts WHERE id = {key}").fetchone() == (0,)
         assert upstream_calls(pg, marker) == 12
+
+
+# A SET earlier in the same extended batch does not change which entries a write-through refresh fills.
+def test_refresh_after_set_in_batch(pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]) -> None:
+    pg.psql(
+        "CREATE TABLE acc (id int PRIMARY KEY, b int); INSERT INTO acc VALUES (1, 100);"
+        "CREATE SCHEMA other; CREATE TABLE other.acc (id int PRIMARY KEY, b int); INSERT INTO other.acc VALUES (1, -1);"
+        "GRANT ALL ON SCHEMA other TO PUBLIC; GRANT ALL ON ALL TABLES IN SCHEMA public, other TO PUBLIC;",
+        dbname=dbname,
+    )
+    proxy = start_proxy(rules=[{"tables": ["acc"], "ttl": "10m", "strategy": "write_through"}])
+    m = new_marker()
+    sql = f"SELECT b AS {m} FROM acc WHERE id = 1"
+    with RawConn(proxy.host, proxy.port) as w, connect_via(pg, dbname, proxy) as reader:
+        w.startup("postgres", dbname)
+        print(shape(w.query(sql)))  # stored under default search_path (simple query key)
+        batch = (
+            parse("", "SET search_path TO other")
+            + bind()
+            + execute()
+            + parse("", "UPDATE public.acc SET b = 200 WHERE id = 1")
+            + bind()
+            + execute()
+            + SYNC
+        )
+        w.send(batch)
+        print(shape(w.recv_until()))
+
+        time.sleep(0.5)
+        print(proxy.app.metrics.snapshot()["write_through_refreshes"])
+        print(shape(w.query("SHOW search_path")))
+        r = reader.execute(sql).fetchall()
+        print("reader (search_path public):", r)
+        assert r == [(200,)]

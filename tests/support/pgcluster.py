@@ -1,5 +1,5 @@
-"""The test suite's private PostgreSQL: the package's throwaway cluster (cacheproxy.devtools.pgcluster)."""
+"""The test suite's private PostgreSQL: the package's throwaway cluster (cacheproxy.demo.pgcluster)."""
 
-from cacheproxy.devtools.pgcluster import PgCluster, PgClusterError, quote_ident
+from cacheproxy.demo.pgcluster import PgCluster, PgClusterError, quote_ident
 
 __all__ = ["PgCluster", "PgClusterError", "quote_ident"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from cacheproxy.devtools import bench_procstat
+from bench import procstat
 
 MIB = 1 << 20
 
 
 def rss_bytes(pid: int) -> int:
     """The process's resident set size (VmRSS), in bytes; the process must be alive."""
-    rss = bench_procstat.rss_bytes(pid)
+    rss = procstat.rss_bytes(pid)
     if rss is None:
         raise RuntimeError(f"no VmRSS for pid {pid}")
     return rss

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cacheproxy.devtools.bench_peers import pgbouncer_ini, pgbouncer_userlist, pgpool_conf
-from cacheproxy.devtools.bench_report import (
+from bench.peers import pgbouncer_ini, pgbouncer_userlist, pgpool_conf
+from bench.report import (
     CSV_COLUMNS,
     Machine,
     Report,

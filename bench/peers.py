@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cacheproxy.devtools.pgcluster import free_port
+from cacheproxy.demo.pgcluster import free_port
 
 _SERVER_USER = "postgres"
 _PACKAGES = {"pgbouncer": "pgbouncer", "pgpool": "pgpool2"}

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import asyncpg
 
-from cacheproxy.devtools.pgcluster import PgCluster, free_port
-from cacheproxy.devtools.proxyprocess import start_proxy_process
+from cacheproxy.demo.pgcluster import PgCluster, free_port
+from cacheproxy.demo.proxyprocess import start_proxy_process
 
 _DEFAULT_CONFIG = "configs/cacheproxy.yaml"
 _ROWS = 10_000

@@ -1,7 +1,7 @@
 """Benchmark suite: cacheproxy against direct PostgreSQL, PgBouncer and Pgpool-II, with pgbench on the same machine.
 
-    python3 -m cacheproxy.devtools.bench            # the full suite (about 12 minutes on 2 cores)
-    python3 -m cacheproxy.devtools.bench --quick    # a smoke run: 1 round of 2 s runs
+    python3 -m bench            # the full suite (about 12 minutes on 2 cores)
+    python3 -m bench --quick    # a smoke run: 1 round of 2 s runs
 
 It starts a private PostgreSQL (`pgbench -i -s 10`), four cacheproxy processes (cache on with a 1 h TTL, cache off,
 and a `lazy` and a `write_through` rule for the read/write mix), PgBouncer (session mode) and Pgpool-II (shmem query
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import orjson
 
-from cacheproxy.devtools import bench_peers
-from cacheproxy.devtools.bench_procstat import rss_bytes, tree_cpu
-from cacheproxy.devtools.bench_report import (
+from bench import peers
+from bench.procstat import rss_bytes, tree_cpu
+from bench.report import (
     Machine,
     Report,
     Run,
@@ -54,8 +54,8 @@ from cacheproxy.devtools.bench_report import (
     top_frames,
     top_lines,
 )
-from cacheproxy.devtools.pgcluster import PgCluster, free_port
-from cacheproxy.devtools.proxyprocess import start_proxy_process
+from cacheproxy.demo.pgcluster import PgCluster, free_port
+from cacheproxy.demo.proxyprocess import start_proxy_process
 
 MODES = ("simple", "extended", "prepared")
 HOT_KEYS = 10_000
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     machine = _machine()
     print(f"machine: {machine.line()}", flush=True)
-    bench_peers.ensure_installed()
+    peers.ensure_installed()
     cluster = PgCluster.start()
     scripts = Path(tempfile.mkdtemp(prefix="cacheproxy-bench-"))
     stoppers: list[Callable[[], None]] = [functools.partial(shutil.rmtree, scripts, ignore_errors=True)]
@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python3 -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, 2 s runs, short warm-ups")
     parser.add_argument("--seconds", type=int, default=5, help="length of a 16-client run")
     parser.add_argument("--single-seconds", type=int, default=3, help="length of a single-client run")
@@ -171,10 +173,10 @@ def _start_targets(bench: Bench, stoppers: list[Callable[[], None]]) -> dict[str
              "--log-level", "warning"], port)  # fmt: skip
         stoppers.append(functools.partial(_stop_proxy, proc))
         targets[name] = Target(name, port, proc.pid, rss=True, counters=_admin_counters(admin))
-    bouncer = bench_peers.start_pgbouncer(free_port(), cluster.port, [PgCluster.SUPERUSER])
+    bouncer = peers.start_pgbouncer(free_port(), cluster.port, [PgCluster.SUPERUSER])
     stoppers.append(bouncer.stop)
     targets["pgbouncer"] = Target("pgbouncer", bouncer.port, bouncer.proc.pid, rss=True)
-    pool = bench_peers.start_pgpool(free_port(), cluster.port, children=max(32, bench.args.clients * 2))
+    pool = peers.start_pgpool(free_port(), cluster.port, children=max(32, bench.args.clients * 2))
     stoppers.append(pool.stop)
     env = bench.env
     targets["pgpool cache"] = Target(
@@ -211,7 +213,7 @@ def _admin_counters(admin_port: int) -> Callable[[], tuple[int, int] | None]:
 
 
 def _pgpool_counters(env: dict[str, str], port: int) -> tuple[int, int]:
-    return bench_peers.pgpool_cache_counters(env, port)
+    return peers.pgpool_cache_counters(env, port)
 
 
 # ---- sections ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Scenarios from the review of the caching relay: exact message sequences, each compared with PostgreSQL itself
-or checked for a stale read. Every one of them once gave a wrong answer or hung."""
+"""Extended-protocol message sequences through the caching relay (portals, Flush, Close, COPY, errors before a Sync,
+SET and writes inside a batch): each compared with PostgreSQL itself or checked for a stale read. Every one of them
+once gave a wrong answer or hung."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Benchmark: write and load a snapshot of a ~1 GiB cache; time, file size, longest event-loop stall, load time.
 
-    python -m cacheproxy.devtools.bench_snapshot [--gib 1.0] [--dir /tmp] [--shards 16]
+    python3 -m bench.snapshot [--gib 1.0] [--dir /tmp] [--shards 16]
 
 It fills a CacheEngine with result sets shaped like the proxy's (RowDescription, DataRows of ids, names, prices,
 timestamps and text, CommandComplete; sizes from ~200 B to ~256 KiB, log-uniform), keyed like simple and extended
@@ -120,7 +120,9 @@ async def _bench(gib: float, directory: str, shards: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python3 -m bench.snapshot", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--gib", type=float, default=1.0, help="GiB of cached values (default 1)")
     parser.add_argument("--dir", default=None, help="where to write the snapshot (default: a temp dir)")
     parser.add_argument("--shards", type=int, default=16)

@@ -1,1 +1,0 @@
-"""Tools for trying cacheproxy out and testing it: a throwaway local PostgreSQL (used by `cacheproxy demo`)."""
