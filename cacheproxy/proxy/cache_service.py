@@ -24,7 +24,7 @@ from cacheproxy.analysis.analyzer import Analyzer
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo
 from cacheproxy.analysis.points import Operand, Point, read_point, write_point
 from cacheproxy.cache.engine import CacheEngine
-from cacheproxy.cache.entry import Entry, TableId, any_row, base_table, row_id
+from cacheproxy.cache.entry import Entry, TableId, any_row, base_table, database_id, row_id
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import Config
 from cacheproxy.observability.metrics import Metrics
@@ -365,13 +365,14 @@ class CacheService:
         self, database: str, classified: Classified, arguments: bytes | None = None, param_types: tuple[int, ...] = ()
     ) -> frozenset[TableId]:
         """What a result of `classified` (bound with `arguments`, for extended protocol) depends on: each table,
-        and for tables with a point key, the row it reads (a point read whose key is known) or "any row"."""
+        and for tables with a point key, the row it reads (a point read whose key is known) or "any row"; and
+        always the database itself (`database_id`: its catalog), so that invalidating the database drops it."""
         tables = classified.verdict.tables
         if not classified.point_tables:
-            return frozenset((database, name) for name in tables)
+            return frozenset((database_id(database), *((database, name) for name in tables)))
         point = classified.point
         key = point_value(point.values[0], arguments, param_types) if point is not None else None
-        out = {(database, name) for name in tables}
+        out = {database_id(database), *((database, name) for name in tables)}
         for name in classified.point_tables:
             row = row_id(name, key) if key is not None and point is not None and name == point.table else any_row(name)
             out.add((database, row))
@@ -389,6 +390,12 @@ class CacheService:
             return scope
         rows = {row_id(point.table, key) for key in keys if key is not None}
         return WriteScope(frozenset({*rows, any_row(point.table)}), False, scope.why, code=scope.code)
+
+    def shape_dependencies(self, database: str, classified: Classified) -> frozenset[TableId]:
+        """What a statement's Describe (its RowDescription and parameter type OIDs) depends on: the tables' shape,
+        not their rows (a write to one row leaves it), and the database's catalog (types may be dropped and made
+        again with other OIDs: DROP/CREATE EXTENSION)."""
+        return frozenset((database_id(database), *((database, name) for name in classified.verdict.tables)))
 
     # -- background ------------------------------------------------------------------------------------------
 

@@ -984,8 +984,7 @@ class CachingRelay:
             classified = self.service.classify(self.database, statement.query)
             if serve and self._cacheable_here(classified) and statement.query:
                 verdict = classified.verdict
-                # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
-                tables = frozenset((self.database, name) for name in verdict.tables)
+                tables = self.service.shape_dependencies(self.database, classified)
                 fill = Fill(
                     self._describe_key(statement.query, statement.param_types),
                     tables,
