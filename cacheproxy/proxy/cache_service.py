@@ -224,7 +224,8 @@ class CacheService:
         for scope in scopes:
             if not self.ignores(scope):
                 # Row ids go as they are: the receiver maps them to its own entries' dependencies (apply_remote).
-                merged = merged.merge(Invalidation(scope.tables, scope.everything, scope.ddl))
+                ddl = scope.ddl or scope.code == "unknown_effects"  # see after_write
+                merged = merged.merge(Invalidation(scope.tables, scope.everything, ddl))
         if merged.tables or merged.everything or merged.settings:
             self.bus.publish(database, merged)
 
@@ -339,6 +340,17 @@ class CacheService:
         """DDL changes names, kinds and volatility: decide nothing more for this database until a reload."""
         self.catalogs.mark_stale(database)
         self.catalogs.ensure(database)
+
+    def after_write(self, database: str, scope: WriteScope) -> None:
+        """A write completed, or its transaction committed. DDL, and statements whose effects are unknown (DO, CALL,
+        COMMIT PREPARED: a trigger created in a DO block), may have changed the catalog: decide nothing more until it
+        is read again. A call of a function that may write may have too (rarely, and such calls can be frequent):
+        read the catalog again in the background, deciding with the current one meanwhile (the catalog poll is the
+        backstop for whatever lands between)."""
+        if scope.ddl or scope.code == "unknown_effects":
+            self.after_ddl(database)
+        elif scope.code == "function_call":
+            self.catalogs.reload(database)
 
     # -- single flight ---------------------------------------------------------------------------------------
 

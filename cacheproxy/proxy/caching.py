@@ -630,8 +630,7 @@ class CachingRelay:
 
     def _after_write(self, scope: WriteScope) -> None:
         self.service.invalidate(self.database, scope, removed=self._stale)
-        if scope.ddl:
-            self.service.after_ddl(self.database)
+        self.service.after_write(self.database, scope)
         # Again when the transaction ends (explicit, or the implicit one of an extended batch up to its Sync):
         # invalidating after a rollback is merely safe.
         self._tx_writes.append(scope)
@@ -1156,8 +1155,7 @@ class CachingRelay:
                 self._apply_session_change(sql)
         for scope in self._tx_writes:
             service.invalidate(self.database, scope, counted=False, removed=self._stale)
-            if scope.ddl:
-                service.after_ddl(self.database)  # the committed schema, as other sessions now see it
+            service.after_write(self.database, scope)  # the committed schema, as other sessions now see it
         if self._tx_writes:
             service.publish(self.database, self._tx_writes)
         self._tx_writes.clear()

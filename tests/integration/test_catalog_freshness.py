@@ -184,3 +184,53 @@ def test_describe_after_extension_recreated_gives_the_new_type_oid(
         assert _describe(pg, dbname, cached.port) == want
     else:
         assert eventually(lambda: _describe(pg, dbname, cached.port) == want)
+
+
+# --- DDL the analyzer cannot see (item 5): in a DO block, in a function, committed by COMMIT PREPARED ----------
+
+TRIGGER_SETUP = """
+CREATE TABLE src (id int);
+CREATE TABLE audit (what text);
+CREATE FUNCTION log_it() RETURNS trigger LANGUAGE plpgsql AS
+  $$BEGIN INSERT INTO audit VALUES (TG_OP); RETURN NULL; END$$;
+CREATE FUNCTION add_trigger() RETURNS void VOLATILE LANGUAGE plpgsql AS
+  $$BEGIN CREATE TRIGGER audit_src AFTER INSERT ON src FOR EACH ROW EXECUTE FUNCTION log_it(); END$$;
+"""
+CREATE_TRIGGER = "CREATE TRIGGER audit_src AFTER INSERT ON src FOR EACH ROW EXECUTE FUNCTION log_it()"
+HIDDEN_DDL = {
+    "DO block": [f"DO $$BEGIN {CREATE_TRIGGER}; END$$"],
+    "function call": ["SELECT add_trigger()"],
+    "COMMIT PREPARED": ["BEGIN", CREATE_TRIGGER, "PREPARE TRANSACTION 'tx14'", "COMMIT PREPARED 'tx14'"],
+}
+
+
+@pytest.fixture(scope="module")
+def unpolled(pg: PgCluster) -> Iterator[ProxyThread]:
+    """No catalog poll: what the proxy knows of the catalog comes only from what goes through it."""
+    config = proxy_config(pg.url(dbname="postgres"), cache={"default_ttl": "120s"}, invalidation={"catalog_poll": None})
+    with ProxyThread.from_mapping(config) as running:
+        yield running
+
+
+@pytest.mark.parametrize("how", list(HIDDEN_DDL))
+def test_trigger_created_by_hidden_ddl_is_known_to_later_writes(
+    pg: PgCluster, dbname: str, unpolled: ProxyThread, how: str
+) -> None:
+    pg.psql(TRIGGER_SETUP, dbname=dbname)
+    through = Reader(pg, dbname, unpolled.port)
+    direct = Reader(pg, dbname, None)
+    assert unpolled.app is not None and unpolled.app.cache is not None
+    catalogs = unpolled.app.cache.catalogs
+    with psycopg.connect(pg.dsn(dbname=dbname, port=unpolled.port), autocommit=True) as writer:
+        writer.execute("SELECT 1")
+        assert eventually(lambda: catalogs.get(dbname) is not None)
+        loaded = catalogs.get(dbname).version
+        for sql in HIDDEN_DDL[how]:
+            writer.execute(sql)
+        # A call of a function that may write reloads the catalog in the background: wait for that load.
+        assert eventually(lambda: (catalogs.get(dbname) or catalogs.last_known(dbname)).version > loaded)
+        before = warm(unpolled, through, "SELECT count(*) FROM audit")
+        writer.execute("INSERT INTO src VALUES (1)")  # the new trigger writes to audit
+    want = direct.read("SELECT count(*) FROM audit")
+    assert want != before, "the trigger did not fire: this case would prove nothing"
+    assert through.read("SELECT count(*) FROM audit") == want
