@@ -186,6 +186,10 @@ class InvalidationBus:
         self._catalog_poll = catalog_poll
         self._digests: dict[str, str] = {}  # database -> the catalog digest last read (kept across reconnects)
 
+    def watching(self, database: str) -> bool:
+        """A connection to `database` is open or being (re)opened."""
+        return database in self._tasks
+
     def listening(self, database: str) -> bool:
         return database in self._listening
 
@@ -207,6 +211,30 @@ class InvalidationBus:
         wake = self._wake.get(database)
         if wake is not None:
             wake.set()
+
+    async def unwatch(self, database: str) -> None:
+        """Close `database`'s connection (it has no client sessions, or is being dropped), publishing what is still
+        queued for it first, briefly. Its digest is forgotten: a later `watch` starts afresh."""
+        task = self._tasks.get(database)
+        if task is None:
+            return
+        if database in self._outbox and database in self._listening:
+            self._wake[database].set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    while database in self._outbox and database in self._listening:
+                        await asyncio.sleep(0.01)
+        if self._tasks.get(database) is not task:
+            return  # forgotten (the database was dropped) or watched again meanwhile
+        del self._tasks[database]
+        self._listening.discard(database)
+        self._wake.pop(database, None)
+        self._digests.pop(database, None)
+        ready = self._ready.pop(database, None)
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     async def stop(self) -> None:
         """Stop every connection. What is still queued is published first, briefly."""

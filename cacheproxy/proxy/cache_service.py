@@ -45,6 +45,9 @@ _MEMO_MAX_STATEMENT = 4096  # bytes: bounds the memo to ~200 MiB of statement te
 # loop, so a multi-megabyte bulk INSERT would stall every session. Such statements are never cached, and count as
 # writing anything: the whole database is invalidated after them.
 MAX_ANALYZED_BYTES = 16 * 1024
+# A database's own connections (the bus's LISTEN connection, the replication stream) are closed this long after its
+# last client session ends, so that DROP DATABASE does not fail with "being accessed by other users".
+IDLE_RELEASE = 2.0
 NO_CATALOG = ReadVerdict(False, "the catalog of this database is not loaded (yet)")
 
 
@@ -108,6 +111,9 @@ class CacheService:
         self._loading: list[tuple[str, Invalidation]] | None = None  # see follow() and loaded()
         self._replication_tasks: set[asyncio.Task[None]] = set()
         self._instance = secrets.token_hex(4)  # names this process's replication slots
+        self._sessions: dict[str, int] = {}  # database -> client sessions using the cache now
+        self._idle_timers: dict[str, asyncio.TimerHandle] = {}
+        self._releasing: dict[str, asyncio.Task[None]] = {}
         if invalidation.replication:
             self.metrics.set_replication_lag_source(
                 lambda: float(sum(listener.lag_bytes for listener in self._replication.values()))
@@ -267,6 +273,61 @@ class CacheService:
             return catalog
         return asyncio.gather(catalog, feed, return_exceptions=True)
 
+    def attach(self, database: str) -> None:
+        """A client session of `database` starts (`detach` when it ends)."""
+        self._sessions[database] = self._sessions.get(database, 0) + 1
+        timer = self._idle_timers.pop(database, None)
+        if timer is not None:
+            timer.cancel()
+
+    def detach(self, database: str) -> None:
+        """A client session of `database` ended: the last one arms the release of its own connections."""
+        left = self._sessions.get(database, 0) - 1
+        if left > 0:
+            self._sessions[database] = left
+            return
+        self._sessions.pop(database, None)
+        if database not in self._idle_timers:
+            loop = asyncio.get_running_loop()
+            self._idle_timers[database] = loop.call_later(IDLE_RELEASE, self._release_idle, database)
+
+    def _release_idle(self, database: str) -> None:
+        self._idle_timers.pop(database, None)
+        if not self._sessions.get(database):
+            self.release(database, "it has no client sessions")
+
+    def release(self, database: str, why: str) -> asyncio.Task[None] | None:
+        """Close this proxy's own connections to `database` (the bus's, the replication stream's): it has no client
+        sessions, or a client is dropping it. Its entries are dropped: nothing tells what changes while nothing
+        listens (a session that comes later waits for the feeds as the first one did). The task to wait on, or None
+        when nothing of the database is open."""
+        running = self._releasing.get(database)
+        if running is not None:
+            return running
+        watched = (self.bus is not None and self.bus.watching(database)) or database in self._replication
+        if not watched:
+            return None
+        task = asyncio.get_running_loop().create_task(self._release(database, why), name=f"release-{database}")
+        self._releasing[database] = task
+        task.add_done_callback(lambda _: self._releasing.pop(database, None))
+        return task
+
+    async def _release(self, database: str, why: str) -> None:
+        log.info("database %r: %s: closing the proxy's own connections to it; its cached results are dropped",
+                 database, why)  # fmt: skip
+        self._fed.discard((database, "bus"))
+        self._fed.discard((database, "replication"))
+        listener = self._replication.pop(database, None)
+        if self.bus is not None:
+            await self.bus.unwatch(database)
+        if listener is not None:
+            await listener.stop()
+        self.engine.invalidate_database(database)
+        if not self._sessions.get(database):  # else a session came meanwhile: its watch() set the feeds' state
+            self._down.pop(database, None)
+            self.blind.pop(database, None)
+            self.metrics.database_blind(database, False)
+
     async def follow(self, databases: list[str], timeout: float = 5.0) -> set[str]:
         """Start the feeds of `databases` and wait (up to `timeout`) until they are up; the databases that are
         followed then (a restored snapshot keeps only their entries: see snapshot.store.load_snapshot)."""
@@ -415,6 +476,9 @@ class CacheService:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="cache-sweeper")
 
     async def stop(self) -> None:
+        for timer in self._idle_timers.values():
+            timer.cancel()
+        self._idle_timers.clear()
         if self.bus is not None:
             await self.bus.stop()
         await asyncio.gather(*(listener.stop() for listener in self._replication.values()), return_exceptions=True)

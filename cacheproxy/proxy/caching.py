@@ -63,6 +63,8 @@ _COPY_FROM_STDIN = re.compile(rb"^\s*copy\b(?:(?!\bto\b).)*\bfrom\s+stdin\b", re
 _ROLE_SETTINGS = re.compile(rb"^\s*alter\s+(?:role|user|database)\s.*\b(?:set|reset)\b", re.I | re.S)
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.I)
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
+_DROP_DATABASE = re.compile(rb"^\s*drop\s+database\s+(?:if\s+exists\s+)?(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
+_RELEASE_WAIT = 10.0  # a DROP DATABASE waits this long for the proxy's own connections to it to close
 _PREPARE = re.compile(rb"^\s*prepare\s+(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 
 
@@ -203,6 +205,7 @@ class CachingRelay:
         self._drained: asyncio.Future[None] | None = None
         self._waited = False  # the message at the inbox head already waited once: do not wait again
         self.terminated = False
+        service.attach(self.database)
         service.watch(self.database)
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -235,6 +238,7 @@ class CachingRelay:
         """The session ended: release every single-flight slot it held, so that waiters go upstream themselves.
         Writes whose outcome it will never read (sent, or done in a transaction still open) may have committed:
         invalidate and publish them as if they had (merely safe if they did not)."""
+        self.service.detach(self.database)
         for key in self._leading:
             self.service.end_fill(key)
         self._leading.clear()
@@ -320,6 +324,12 @@ class CachingRelay:
         sql = message[HEADER_SIZE:-1]
         if is_admin_command(sql):
             return self._on_admin_command(sql, message, out)
+        if not self._waited and (dropping := _DROP_DATABASE.match(sql)) is not None:
+            # The proxy's own connections to that database would make it fail ("being accessed by other users").
+            release = self.service.release(_identifier(dropping.group(1)), "DROP DATABASE through the proxy")
+            if release is not None:
+                self._wait_for(release, _RELEASE_WAIT)
+                return False
         self._statements.pop("", None)  # a simple Query replaces the unnamed statement (and portal)
         classified = self._classify(sql)
         if classified is None:
