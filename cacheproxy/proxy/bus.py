@@ -66,7 +66,8 @@ _RELATION_DIGEST = """
 # Catalogs whose rows decide what a statement computes or whether its caller may run it, with or without a table:
 # function bodies, volatility and EXECUTE grants (pg_proc), types, enum labels and their order, domain CHECKs
 # (pg_constraint), casts, operators, extensions, triggers and rules (a write's reach), column defaults, languages,
-# default privileges, collations, event triggers, text search configurations, foreign servers and user mappings.
+# default privileges, collations, event triggers, text search configurations and foreign servers (not user mappings:
+# pg_user_mapping is readable by superusers only, and the proxy may log in as any role).
 # pg_catalog's own rows are included: a REVOKE on a built-in function, or an extension's objects, change them too.
 # These are big (pg_proc has some 3,300 rows), so each is summed as hashes rather than spelled out: ~0.6 ms for
 # pg_proc instead of ~2 ms (a change that left count and sum as they were would need a 32-bit hash collision).
@@ -88,7 +89,6 @@ _HASHED = (
     ("pg_event_trigger", ""),
     ("pg_ts_config", ""),
     ("pg_foreign_server", ""),
-    ("pg_user_mapping", ""),
 )
 _HASHED_SQL = ",\n".join(
     f"  (SELECT count(*)::text || '/' || coalesce(sum(hashint8(oid::int8 * 4294967296 + xmin::text::int8)), 0)::text"

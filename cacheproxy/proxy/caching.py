@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, TxInfo, TxOp
+from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo, TxInfo, TxOp
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry, TableId, base_table
 from cacheproxy.errors import ProtocolViolation, ProxyError
@@ -65,6 +65,11 @@ _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.I)
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 _DROP_DATABASE = re.compile(rb"^\s*drop\s+database\s+(?:if\s+exists\s+)?(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 _RELEASE_WAIT = 10.0  # a DROP DATABASE waits this long for the proxy's own connections to it to close
+# Session-state functions whose answer names the backend's own temporary schema once it has one (current_schemas(true)
+# lists it; current_schema() returns it when pg_temp comes first in the search_path).
+_SCHEMA_FUNCTIONS = frozenset(
+    {"current_schema", "current_schemas", "pg_catalog.current_schema", "pg_catalog.current_schemas"}
+)
 _PREPARE = re.compile(rb"^\s*prepare\s+(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 
 
@@ -477,6 +482,8 @@ class CachingRelay:
             return False
         if self._temp_tables and self._temp_tables & {name for _, name in classified.info.reads}:
             return False
+        if classified.info.functions & _SCHEMA_FUNCTIONS and (self._temp_tables or self._names_pg_temp()):
+            return False  # they name this backend's own pg_temp_N
         return self.session.tx_status == b"I" or self._in_transaction_allows(verdict)
 
     def _in_transaction_allows(self, verdict: ReadVerdict) -> bool:
@@ -576,6 +583,8 @@ class CachingRelay:
                 self._uncertain = self._uncertain or "a statement with unknown effects (DO, CALL, EXECUTE) ran"
         if info.temp_tables_created:
             self._temp_tables |= {name for _, name in info.temp_tables_created}
+        if info.kind is Kind.DDL or any(statement.kind is Kind.DDL for statement in info.statements):
+            self._note_private_names(info, sql)
         if (prepared := _PREPARE.match(sql)) is not None:
             self._check_statement_limit(_identifier(prepared.group(1)))
             self._statements[_identifier(prepared.group(1))] = Statement(b"", (), upstream=True)
@@ -603,6 +612,22 @@ class CachingRelay:
             return None, changes_state
         self._before_write(scope)
         return scope, changes_state
+
+    def _names_pg_temp(self) -> bool:
+        """pg_temp is named in the session's settings (a search_path set at startup or by SET)."""
+        startup = " ".join(f"{k}={v}" for k, v in self.session.startup_parameters.items()).lower().encode()
+        return b"pg_temp" in startup or any(b"pg_temp" in sql.lower() for sql in self._set_history)
+
+    def _note_private_names(self, info: QueryInfo, sql: bytes) -> None:
+        """DDL may give this session's private (temporary) objects names that other sessions with the same settings
+        read as shared ones: a temporary table renamed (its new name is temporary too), anything created while
+        pg_temp is named in the search_path (`CREATE TABLE t` then creates a temporary table, and current_schema()
+        becomes pg_temp_N), or an object put in pg_temp explicitly that is not a temporary table tracked by name."""
+        names = {name for _, name in info.writes}
+        if self._temp_tables & names:
+            self._temp_tables |= names
+        if self._names_pg_temp() or (b"pg_temp" in sql.lower() and not info.temp_tables_created):
+            self._uncertain = self._uncertain or "DDL while pg_temp is in the search_path, or in pg_temp"
 
     def _on_transaction_control(self, tx: TxInfo) -> None:
         if tx.op is TxOp.BEGIN:
