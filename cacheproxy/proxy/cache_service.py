@@ -273,6 +273,10 @@ class CacheService:
             return catalog
         return asyncio.gather(catalog, feed, return_exceptions=True)
 
+    def stalls(self) -> dict[str, str]:
+        """Databases whose replication slot creation is taking long, and why (for /readyz)."""
+        return {db: listener.stalled for db, listener in self._replication.items() if listener.stalled is not None}
+
     def attach(self, database: str) -> None:
         """A client session of `database` starts (`detach` when it ends)."""
         self._sessions[database] = self._sessions.get(database, 0) + 1
