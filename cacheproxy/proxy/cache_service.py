@@ -322,6 +322,11 @@ class CacheService:
         self._fed.discard((database, "bus"))
         self._fed.discard((database, "replication"))
         listener = self._replication.pop(database, None)
+        # Blind from now on: a session still attached (a DROP DATABASE that will fail) watches it again.
+        if self.bus is not None and self.bus.watching(database):
+            self._set_down(database, "bus", "closed")
+        if listener is not None:
+            self._set_down(database, "replication", "closed")
         if self.bus is not None:
             await self.bus.unwatch(database)
         if listener is not None:
