@@ -488,6 +488,8 @@ class CacheService:
         for timer in self._idle_timers.values():
             timer.cancel()
         self._idle_timers.clear()
+        if self._releasing:  # closing connections of idle databases: let them finish, not be destroyed mid-way
+            await asyncio.gather(*self._releasing.values(), return_exceptions=True)
         if self.bus is not None:
             await self.bus.stop()
         await asyncio.gather(*(listener.stop() for listener in self._replication.values()), return_exceptions=True)
