@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, TxInfo, TxOp
+from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo, TxInfo, TxOp
 from cacheproxy.analysis.strings import mode as string_mode
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry, TableId, base_table
@@ -69,6 +69,13 @@ _COPY_FROM_STDIN = re.compile(rb"^\s*copy\b(?:(?!\bto\b).)*\bfrom\s+stdin\b", re
 _ROLE_SETTINGS = re.compile(rb"^\s*alter\s+(?:role|user|database)\s.*\b(?:set|reset)\b", re.I | re.S)
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.I)
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all\b|\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
+_DROP_DATABASE = re.compile(rb"^\s*drop\s+database\s+(?:if\s+exists\s+)?(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
+_RELEASE_WAIT = 10.0  # a DROP DATABASE waits this long for the proxy's own connections to it to close
+# Session-state functions whose answer names the backend's own temporary schema once it has one (current_schemas(true)
+# lists it; current_schema() returns it when pg_temp comes first in the search_path).
+_SCHEMA_FUNCTIONS = frozenset(
+    {"current_schema", "current_schemas", "pg_catalog.current_schema", "pg_catalog.current_schemas"}
+)
 _PREPARE = re.compile(rb"^\s*prepare\s+(\"(?:[^\"]|\"\")+\"|[\w$]+)", re.I)
 
 
@@ -224,6 +231,7 @@ class CachingRelay:
         self._drained: asyncio.Future[None] | None = None
         self._waited = False  # the message at the inbox head already waited once: do not wait again
         self.terminated = False
+        service.attach(self.database)
         service.watch(self.database)
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -256,6 +264,7 @@ class CachingRelay:
         """The session ended: release every single-flight slot it held, so that waiters go upstream themselves.
         Writes whose outcome it will never read (sent, or done in a transaction still open) may have committed:
         invalidate and publish them as if they had (merely safe if they did not)."""
+        self.service.detach(self.database)
         for key in self._leading:
             self.service.end_fill(key)
         self._leading.clear()
@@ -352,6 +361,12 @@ class CachingRelay:
         sql = message[HEADER_SIZE:-1]
         if is_admin_command(sql):
             return self._on_admin_command(sql, message, out)
+        if not self._waited and (dropping := _DROP_DATABASE.match(sql)) is not None:
+            # The proxy's own connections to that database would make it fail ("being accessed by other users").
+            release = self.service.release(_identifier(dropping.group(1)), "DROP DATABASE through the proxy")
+            if release is not None:
+                self._wait_for(release, _RELEASE_WAIT)
+                return False
         self._statements.pop("", None)  # a simple Query replaces the unnamed statement (and portal)
         self._local_portals = {}  # ... and ends the implicit transaction its portals lived in
         classified = self._classify(sql)
@@ -509,6 +524,8 @@ class CachingRelay:
             return False
         if self._temp_tables and self._temp_tables & {name for _, name in classified.info.reads}:
             return False
+        if classified.info.functions & _SCHEMA_FUNCTIONS and (self._temp_tables or self._names_pg_temp()):
+            return False  # they name this backend's own pg_temp_N
         return self.session.tx_status == b"I" or self._in_transaction_allows(verdict)
 
     def _in_transaction_allows(self, verdict: ReadVerdict) -> bool:
@@ -606,6 +623,8 @@ class CachingRelay:
                 self._uncertain = self._uncertain or "a statement with unknown effects (DO, CALL, EXECUTE) ran"
         if info.temp_tables_created:
             self._temp_tables |= {name for _, name in info.temp_tables_created}
+        if info.kind is Kind.DDL or any(statement.kind is Kind.DDL for statement in info.statements):
+            self._note_private_names(info, sql)
         if (prepared := _PREPARE.match(sql)) is not None:
             self._check_statement_limit(_identifier(prepared.group(1)))
             self._statements[_identifier(prepared.group(1))] = Statement(b"", (), upstream=True)
@@ -637,6 +656,22 @@ class CachingRelay:
             return None, changes_state
         self._before_write(scope)
         return scope, changes_state
+
+    def _names_pg_temp(self) -> bool:
+        """pg_temp is named in the session's settings (a search_path set at startup or by SET)."""
+        startup = " ".join(f"{k}={v}" for k, v in self.session.startup_parameters.items()).lower().encode()
+        return b"pg_temp" in startup or any(b"pg_temp" in sql.lower() for sql in self._set_history)
+
+    def _note_private_names(self, info: QueryInfo, sql: bytes) -> None:
+        """DDL may give this session's private (temporary) objects names that other sessions with the same settings
+        read as shared ones: a temporary table renamed (its new name is temporary too), anything created while
+        pg_temp is named in the search_path (`CREATE TABLE t` then creates a temporary table, and current_schema()
+        becomes pg_temp_N), or an object put in pg_temp explicitly that is not a temporary table tracked by name."""
+        names = {name for _, name in info.writes}
+        if self._temp_tables & names:
+            self._temp_tables |= names
+        if self._names_pg_temp() or (b"pg_temp" in sql.lower() and not info.temp_tables_created):
+            self._uncertain = self._uncertain or "DDL while pg_temp is in the search_path, or in pg_temp"
 
     def _on_transaction_control(self, tx: TxInfo) -> None:
         if tx.op is TxOp.BEGIN:
@@ -688,8 +723,7 @@ class CachingRelay:
 
     def _after_write(self, scope: WriteScope) -> None:
         self.service.invalidate(self.database, scope, removed=self._stale)
-        if scope.ddl:
-            self.service.after_ddl(self.database)
+        self.service.after_write(self.database, scope)
         # Again when the transaction ends (explicit, or the implicit one of an extended batch up to its Sync):
         # invalidating after a rollback is merely safe.
         self._tx_writes.append(scope)
@@ -1117,8 +1151,7 @@ class CachingRelay:
             classified = self.service.classify(self.database, statement.query, self._strings())
             if serve and self._cacheable_here(classified) and statement.query:
                 verdict = classified.verdict
-                # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
-                tables = frozenset((self.database, name) for name in verdict.tables)
+                tables = self.service.shape_dependencies(self.database, classified)
                 fill = Fill(
                     self._describe_key(statement.query, statement.param_types),
                     tables,
@@ -1291,8 +1324,7 @@ class CachingRelay:
                 self._apply_session_change(sql)
         for scope in self._tx_writes:
             service.invalidate(self.database, scope, counted=False, removed=self._stale)
-            if scope.ddl:
-                service.after_ddl(self.database)  # the committed schema, as other sessions now see it
+            service.after_write(self.database, scope)  # the committed schema, as other sessions now see it
         if self._tx_writes:
             service.publish(self.database, self._tx_writes)
         self._tx_writes.clear()
