@@ -90,6 +90,12 @@ class App:
                 answer = (True, "ok")
             except UpstreamError as exc:
                 answer = (False, exc.message)
+        stalls = self.cache.stalls() if self.cache is not None else {}
+        if stalls:  # still ready (other databases are served), but say which databases are not, and why
+            answer = (
+                answer[0],
+                answer[1] + "".join(f"; database {db!r} not served: {why}" for db, why in stalls.items()),
+            )
         self._ready_cache = (now, answer)
         return answer
 

@@ -170,10 +170,12 @@ class Analyzer:
 
 
 def _analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
-    statements = split_statements(tokenize(sql, backslash_quotes))
+    tokens = tokenize(sql, backslash_quotes)
+    statements = split_statements(tokens)
     if not statements:
         return QueryInfo(Kind.OTHER, 0, frozenset(), frozenset(), frozenset(), False, "empty query")
-    infos = [_finish(_statement(tokens, sql)) for tokens in statements]
+    pg_temp = any(tok.kind in (WORD, QIDENT) and "pg_temp" in tok.text.lower() for tok in tokens)
+    infos = [_finish(_statement(tokens, sql), pg_temp) for tokens in statements]
     if len(infos) == 1:
         return infos[0]
     return QueryInfo(
@@ -188,6 +190,7 @@ def _analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
         data_modifying_cte=any(i.data_modifying_cte for i in infos),
         copy_from_stdin=any(i.copy_from_stdin for i in infos),
         alters_role_settings=any(i.alters_role_settings for i in infos),
+        mentions_pg_temp=pg_temp,
         operators=frozenset().union(*(i.operators for i in infos)),
         casts=frozenset().union(*(i.casts for i in infos)),
         time_casts=frozenset().union(*(i.time_casts for i in infos)),
@@ -196,7 +199,7 @@ def _analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
     )
 
 
-def _finish(d: Draft) -> QueryInfo:
+def _finish(d: Draft, pg_temp: bool = False) -> QueryInfo:
     reason = d.reason
     if not d.cacheable and reason is None:
         reason = f"not a read ({d.label})"
@@ -213,6 +216,8 @@ def _finish(d: Draft) -> QueryInfo:
         temp_tables_created=frozenset(d.temp_tables),
         data_modifying_cte=d.data_modifying_cte,
         prepares=d.prepares,
+        drops_database=d.drops_database,
+        mentions_pg_temp=pg_temp,
         deallocates=d.deallocates,
         deallocates_all=d.deallocates_all,
         executes=d.executes,

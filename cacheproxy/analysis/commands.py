@@ -35,6 +35,7 @@ class Draft:
     executes: str | None = None
     copy_from_stdin: bool = False
     alters_role_settings: bool = False
+    drops_database: str | None = None
     operators: set[str] = field(default_factory=set)
     casts: set[str] = field(default_factory=set)
     time_casts: set[str] = field(default_factory=set)
@@ -428,6 +429,10 @@ def _drop(c: Cursor, sub: SubAnalyze) -> Draft:
         draft.writes.update(c.tables_list())
     elif obj in ("policy", "trigger", "rule"):
         _on_table(c, draft)
+    elif obj == "database":
+        c.accept("if", "exists")
+        name, _ = read_name(c.tokens, c.i)
+        draft.drops_database = name[0] if len(name) == 1 else None
     if c.find_top_word("cascade") >= 0:  # dependent objects (views, ...) go too: we cannot name them
         draft.writes.add(UNKNOWN_TABLE)
     return draft

@@ -16,6 +16,17 @@ TableId = tuple[str, str]
 ROW_BUCKETS = 16384  # at most this many generation counters per table (about 1.6 MB)
 
 
+# Every entry also depends on its database as a whole, under a name no table can have: a result that reads no table
+# (`SELECT f()`, `SELECT 'ok'::mood > 'sad'::mood`, a Describe's type OIDs) still depends on the database's catalog
+# (function bodies, types, privileges), so invalidating the database (DDL, GRANT/REVOKE, a catalog change seen by the
+# poll, a lost feed) must drop it too.
+WHOLE_DATABASE = "\x00"
+
+
+def database_id(database: str) -> TableId:
+    return (database, WHOLE_DATABASE)
+
+
 def row_id(table: str, key: int) -> str:
     r"""The dependency id of the point reads of `key` in `table`.
 

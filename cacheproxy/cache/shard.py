@@ -185,7 +185,8 @@ class Shard:
     def invalidate_database(self, database: str, dropped: list[Entry] | None = None) -> int:
         """Remove every entry that depends on a table of `database`. O(distinct tables indexed + entries removed).
 
-        Entries with no tables at all (e.g. `SELECT 1`) belong to no database and stay."""
+        The proxy gives every entry a dependency on its database (entry.database_id), so this drops entries that read
+        no table too; an entry put with no dependency at all belongs to no database and stays."""
         return self.invalidate([table for table in self._index if table[0] == database], dropped)
 
     def clear(self) -> int:

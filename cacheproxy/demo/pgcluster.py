@@ -258,6 +258,7 @@ class PgCluster:
             "synchronous_commit": "off",
             "full_page_writes": "off",
             "max_connections": "300",
+            "max_prepared_transactions": "10",
             "shared_preload_libraries": "'pg_stat_statements'",
             "pg_stat_statements.track": "all",
             "log_min_messages": "warning",

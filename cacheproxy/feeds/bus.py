@@ -48,8 +48,7 @@ _VERSION = 1
 # row's xmin moves when it is updated (GRANT/REVOKE rewrite relacl/attacl; ALTER TABLE, CREATE POLICY, ALTER ROLE
 # ... likewise; so does TRUNCATE, which gives the table a new file). System schemas and temporary tables (sessions
 # create them all the time) are left out; pg_roles' columns stand in for pg_authid, which only superusers read.
-_CATALOG_DIGEST = """
-SELECT md5(concat_ws('|',
+_RELATION_DIGEST = """
   (SELECT string_agg(c.oid::text || ':' || c.xmin::text, ',' ORDER BY c.oid) FROM pg_class c
     WHERE c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace,
                                  'pg_toast'::regnamespace) AND c.relpersistence <> 't'),
@@ -59,11 +58,51 @@ SELECT md5(concat_ws('|',
       AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relpersistence <> 't'),
   (SELECT string_agg(p.oid::text || ':' || p.xmin::text, ',' ORDER BY p.oid) FROM pg_policy p),
   (SELECT string_agg(n.oid::text || ':' || n.xmin::text, ',' ORDER BY n.oid) FROM pg_namespace n
-    WHERE n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
+    WHERE n.oid NOT IN (SELECT oid FROM temp_ns)),
   (SELECT string_agg(m.roleid::text || '>' || m.member::text, ',' ORDER BY m.roleid, m.member) FROM pg_auth_members m),
   (SELECT string_agg(r.oid::text || ':' || r.rolsuper::text || r.rolinherit::text || r.rolbypassrls::text, ','
           ORDER BY r.oid) FROM pg_roles r),
-  (SELECT string_agg(s.xmin::text, ',' ORDER BY s.setdatabase, s.setrole) FROM pg_db_role_setting s)
+  (SELECT string_agg(s.xmin::text, ',' ORDER BY s.setdatabase, s.setrole) FROM pg_db_role_setting s)"""
+# Catalogs whose rows decide what a statement computes or whether its caller may run it, with or without a table:
+# function bodies, volatility and EXECUTE grants (pg_proc), types, enum labels and their order, domain CHECKs
+# (pg_constraint), casts, operators, extensions, triggers and rules (a write's reach), column defaults, languages,
+# default privileges, collations, event triggers, text search configurations and foreign servers (not user mappings:
+# pg_user_mapping is readable by superusers only, and the proxy may log in as any role).
+# pg_catalog's own rows are included: a REVOKE on a built-in function, or an extension's objects, change them too.
+# These are big (pg_proc has some 3,300 rows), so each is summed as hashes rather than spelled out: ~0.6 ms for
+# pg_proc instead of ~2 ms (a change that left count and sum as they were would need a 32-bit hash collision).
+# Rows of temporary objects (a temp table's row type, constraints, triggers) are left out, as above.
+_HASHED = (
+    ("pg_proc", "pronamespace NOT IN (SELECT oid FROM temp_ns)"),
+    ("pg_type", "typnamespace NOT IN (SELECT oid FROM temp_ns)"),
+    ("pg_enum", ""),
+    ("pg_constraint", "connamespace NOT IN (SELECT oid FROM temp_ns)"),
+    ("pg_cast", ""),
+    ("pg_operator", ""),
+    ("pg_extension", ""),
+    ("pg_trigger", "tgrelid NOT IN (SELECT oid FROM temp_rel)"),
+    ("pg_rewrite", "ev_class NOT IN (SELECT oid FROM temp_rel)"),
+    ("pg_attrdef", "adrelid NOT IN (SELECT oid FROM temp_rel)"),
+    ("pg_language", ""),
+    ("pg_default_acl", ""),
+    ("pg_collation", "collnamespace NOT IN (SELECT oid FROM temp_ns)"),
+    ("pg_event_trigger", ""),
+    ("pg_ts_config", ""),
+    ("pg_foreign_server", ""),
+)
+_HASHED_SQL = ",\n".join(
+    f"  (SELECT count(*)::text || '/' || coalesce(sum(hashint8(oid::int8 * 4294967296 + xmin::text::int8)), 0)::text"
+    f" FROM {table}{' WHERE ' + where if where else ''})"
+    for table, where in _HASHED
+)
+CATALOG_DIGEST = f"""
+WITH temp_ns AS (
+  SELECT oid FROM pg_namespace WHERE nspname LIKE 'pg\\_temp\\_%' OR nspname LIKE 'pg\\_toast\\_temp\\_%'
+), temp_rel AS (
+  SELECT oid FROM pg_class WHERE relpersistence = 't'
+)
+SELECT md5(concat_ws('|',{_RELATION_DIGEST},
+{_HASHED_SQL}
 ))
 """
 
@@ -147,6 +186,10 @@ class InvalidationBus:
         self._catalog_poll = catalog_poll
         self._digests: dict[str, str] = {}  # database -> the catalog digest last read (kept across reconnects)
 
+    def watching(self, database: str) -> bool:
+        """A connection to `database` is open or being (re)opened."""
+        return database in self._tasks
+
     def listening(self, database: str) -> bool:
         return database in self._listening
 
@@ -168,6 +211,30 @@ class InvalidationBus:
         wake = self._wake.get(database)
         if wake is not None:
             wake.set()
+
+    async def unwatch(self, database: str) -> None:
+        """Close `database`'s connection (it has no client sessions, or is being dropped), publishing what is still
+        queued for it first, briefly. Its digest is forgotten: a later `watch` starts afresh."""
+        task = self._tasks.get(database)
+        if task is None:
+            return
+        if database in self._outbox and database in self._listening:
+            self._wake[database].set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    while database in self._outbox and database in self._listening:
+                        await asyncio.sleep(0.01)
+        if self._tasks.get(database) is not task:
+            return  # forgotten (the database was dropped) or watched again meanwhile
+        del self._tasks[database]
+        self._listening.discard(database)
+        self._wake.pop(database, None)
+        self._digests.pop(database, None)
+        ready = self._ready.pop(database, None)
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     async def stop(self) -> None:
         """Stop every connection. What is still queued is published first, briefly."""
@@ -288,7 +355,7 @@ class InvalidationBus:
         if not self._catalog_poll:
             await asyncio.wait_for(connection.fetchval("SELECT 1"), _HEARTBEAT)
             return
-        digest = await asyncio.wait_for(connection.fetchval(_CATALOG_DIGEST), _HEARTBEAT)
+        digest = await asyncio.wait_for(connection.fetchval(CATALOG_DIGEST), _HEARTBEAT)
         previous = self._digests.get(database)
         self._digests[database] = digest
         if previous is not None and previous != digest:

@@ -215,9 +215,7 @@ class CatalogLoader:
             return self._loading[database]
         if (database in self._catalogs and database not in self._stale) or database in self._failed:
             return None
-        task = asyncio.get_running_loop().create_task(self._load(database), name=f"catalog-{database}")
-        self._loading[database] = task
-        return task
+        return self._start(database)
 
     async def close(self) -> None:
         """Cancel loads in flight (shutdown)."""
@@ -230,6 +228,18 @@ class CatalogLoader:
         """DDL went through: decisions must wait for a reload (one started before now does not count)."""
         self._stale.add(database)
         self._ddl_epochs[database] = self._ddl_epochs.get(database, 0) + 1
+
+    def reload(self, database: str) -> None:
+        """Read `database`'s catalog again in the background, deciding with the current one meanwhile (a load in
+        flight started before now does not count: another follows it)."""
+        self._ddl_epochs[database] = self._ddl_epochs.get(database, 0) + 1
+        if database in self._catalogs and database not in self._loading:
+            self._start(database)
+
+    def _start(self, database: str) -> asyncio.Task[Catalog | None]:
+        task = asyncio.get_running_loop().create_task(self._load(database), name=f"catalog-{database}")
+        self._loading[database] = task
+        return task
 
     async def _load(self, database: str) -> Catalog | None:
         started = time.monotonic()
@@ -257,8 +267,8 @@ class CatalogLoader:
         if self._on_load is not None:
             self._on_load(True)
         if self._ddl_epochs.get(database, 0) != epoch:
-            # DDL was seen while we read: what we read may predate it. It stays stale; read again.
-            self.ensure(database)
+            # DDL (or a reload) was asked for while we read: what we read may predate it. It stays stale; read again.
+            self._start(database)
             return catalog
         self._stale.discard(database)
         log.info(

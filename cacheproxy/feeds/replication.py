@@ -68,6 +68,10 @@ OnState = Callable[[str, bool, str], None]
 
 _MAX_SLOT_NAME = 63  # NAMEDATALEN - 1
 _STOP_TIMEOUT = 10.0
+# Creating a logical slot waits for every transaction running when it started to end, prepared ones included (a
+# prepared transaction left behind blocks it for good): after this long, say why the database is not served.
+SLOT_STALL = 5.0
+_PREPARED = "SELECT count(*), min(prepared)::text FROM pg_prepared_xacts"
 
 # Ordinary permanent tables whose UPDATE/DELETE a FOR ALL TABLES publication would make fail (no replica identity).
 _NO_REPLICA_IDENTITY = """
@@ -141,6 +145,7 @@ class ReplicationListener:
         self._backoff_max = backoff_max
         self.connected = False
         self.last_error = ""
+        self.stalled: str | None = None  # why creating the slot is taking long (see SLOT_STALL), while it does
         self.slot_name: str | None = None
         self.applied_lsn = 0
         self._server_wal_end = 0
@@ -272,7 +277,16 @@ class ReplicationListener:
         else:
             slot = self._slot_base
             command = f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL pgoutput NOEXPORT_SNAPSHOT'
-        error = _error_of(await conn.request(_query(command)))
+        request = asyncio.ensure_future(conn.request(_query(command)))
+        try:
+            done, _ = await asyncio.wait({request}, timeout=SLOT_STALL)
+            if not done:
+                await self._report_stall(slot)
+            reply = await request
+        finally:
+            request.cancel()
+            self.stalled = None
+        error = _error_of(reply)
         if error is not None and not (error.get("C") == DUPLICATE_OBJECT and not self.temporary):
             raise UpstreamError(
                 f"could not create replication slot {slot!r}: {error.get('M', '')}", sqlstate=error.get("C", "")
@@ -280,6 +294,26 @@ class ReplicationListener:
         self.slot_name = slot
         log.info("replication slot %r ready in database %r (temporary: %s)", slot, self.database, self.temporary)
         return slot
+
+    async def _report_stall(self, slot: str) -> None:
+        """Creating the slot waits on running transactions: log why (prepared ones never end by themselves) and show
+        it in the feed's state (hence /readyz and the blind database's reason)."""
+        try:
+            control = await control_connection(self.cfg, self.database, "replication-setup")
+            try:
+                count, oldest = await control.fetchrow(_PREPARED)
+            finally:
+                await control.close()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            count, oldest = None, None
+        why = f"creating replication slot {slot!r} has waited over {SLOT_STALL:g}s for running transactions to end"
+        if count:
+            why += (f"; {count} prepared transaction(s) in the cluster (pg_prepared_xacts, oldest prepared {oldest})"
+                    " block it until COMMIT PREPARED or ROLLBACK PREPARED")  # fmt: skip
+        self.stalled = why
+        log.warning("database %r is not served: %s", self.database, why)
+        if self._on_state is not None:
+            self._on_state(self.database, False, why)
 
     def _start_command(self, slot: str) -> str:
         publications = _quote_ident(self.publication).replace("'", "''")

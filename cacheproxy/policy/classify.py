@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cacheproxy.analysis.model import Kind, QueryInfo
 from cacheproxy.analysis.points import Operand, Point, read_point, write_point
-from cacheproxy.cache.entry import TableId, any_row, row_id
+from cacheproxy.cache.entry import TableId, any_row, database_id, row_id
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
@@ -78,17 +78,25 @@ def dependencies(
     read: ParameterReader | None = None,
 ) -> frozenset[TableId]:
     """What a result of `classified` (bound with `arguments`, read by `read`) depends on: each table, and for
-    tables with a point key, the row it reads (a point read whose key is known) or "any row"."""
+    tables with a point key, the row it reads (a point read whose key is known) or "any row"; and always the
+    database itself (`database_id`: its catalog), so that invalidating the database drops it."""
     tables = classified.verdict.tables
     if not classified.point_tables:
-        return frozenset((database, name) for name in tables)
+        return frozenset((database_id(database), *((database, name) for name in tables)))
     point = classified.point
     key = point_value(point.values[0], arguments, param_types, read) if point is not None else None
-    out = {(database, name) for name in tables}
+    out = {database_id(database), *((database, name) for name in tables)}
     for name in classified.point_tables:
         row = row_id(name, key) if key is not None and point is not None and name == point.table else any_row(name)
         out.add((database, row))
     return frozenset(out)
+
+
+def shape_dependencies(database: str, classified: Classified) -> frozenset[TableId]:
+    """What a statement's Describe (its RowDescription and parameter type OIDs) depends on: the tables' shape, not
+    their rows (a write to one row leaves it), and the database's catalog (types may be dropped and made again with
+    other OIDs: DROP/CREATE EXTENSION)."""
+    return frozenset((database_id(database), *((database, name) for name in classified.verdict.tables)))
 
 
 def row_scope(

@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Sequence
 
-from cacheproxy.cache.entry import base_table
+from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, base_table
 from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, ProxyError
 from cacheproxy.policy.rules import parse_pattern
 from cacheproxy.protocol import messages as m
@@ -132,10 +132,15 @@ class AdminConsole:
         now = service.clock()
         entries = sorted(service.engine.entries(), key=lambda e: e.hits, reverse=True)[:limit]
         return [
-            [e.query[:200], ", ".join(sorted({base_table(t[1]) for t in e.tables})), str(e.hits), str(e.size),
+            [e.query[:200], ", ".join(sorted(_tables(e))), str(e.hits), str(e.size),
              f"{now - e.created_at:.1f}", f"{max(0.0, e.expires_at - now):.1f}", e.rule]
             for e in entries
         ]  # fmt: skip
+
+
+def _tables(entry: Entry) -> set[str]:
+    """The tables an entry depends on (not its database's own dependency, which every entry has)."""
+    return {base_table(t[1]) for t in entry.tables if t[1] != WHOLE_DATABASE}
 
 
 def _table(columns: list[str], rows: Sequence[Sequence[str | None]], tag: str) -> bytes:

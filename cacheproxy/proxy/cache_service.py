@@ -41,6 +41,9 @@ _SWEEP_INTERVAL = 1.0
 _SWEEP_CHECKS = 2048
 _CLASSIFY_MEMO = 50_000
 _MEMO_MAX_STATEMENT = 4096  # bytes: bounds the memo to ~200 MiB of statement text at worst
+# A database's own connections (the bus's LISTEN connection, the replication stream) are closed this long after its
+# last client session ends, so that DROP DATABASE does not fail with "being accessed by other users".
+IDLE_RELEASE = 2.0
 
 
 class CacheService:
@@ -94,6 +97,9 @@ class CacheService:
         self._loading: list[tuple[str, Invalidation]] | None = None  # see follow() and loaded()
         self._replication_tasks: set[asyncio.Task[None]] = set()
         self._instance = secrets.token_hex(4)  # names this process's replication slots
+        self._sessions: dict[str, int] = {}  # database -> client sessions using the cache now
+        self._idle_timers: dict[str, asyncio.TimerHandle] = {}
+        self._releasing: dict[str, asyncio.Task[None]] = {}
         if invalidation.replication:
             self.metrics.set_replication_lag_source(
                 lambda: float(sum(listener.lag_bytes for listener in self._replication.values()))
@@ -216,7 +222,8 @@ class CacheService:
         for scope in scopes:
             if not self.ignores(scope):
                 # Row ids go as they are: the receiver maps them to its own entries' dependencies (apply_remote).
-                merged = merged.merge(Invalidation(scope.tables, scope.everything, scope.ddl))
+                ddl = scope.ddl or scope.code == "unknown_effects"  # see after_write
+                merged = merged.merge(Invalidation(scope.tables, scope.everything, ddl))
         if merged.tables or merged.everything or merged.settings:
             self.bus.publish(database, merged)
 
@@ -257,6 +264,70 @@ class CacheService:
         if feed is None:
             return catalog
         return asyncio.gather(catalog, feed, return_exceptions=True)
+
+    def stalls(self) -> dict[str, str]:
+        """Databases whose replication slot creation is taking long, and why (for /readyz)."""
+        return {db: listener.stalled for db, listener in self._replication.items() if listener.stalled is not None}
+
+    def attach(self, database: str) -> None:
+        """A client session of `database` starts (`detach` when it ends)."""
+        self._sessions[database] = self._sessions.get(database, 0) + 1
+        timer = self._idle_timers.pop(database, None)
+        if timer is not None:
+            timer.cancel()
+
+    def detach(self, database: str) -> None:
+        """A client session of `database` ended: the last one arms the release of its own connections."""
+        left = self._sessions.get(database, 0) - 1
+        if left > 0:
+            self._sessions[database] = left
+            return
+        self._sessions.pop(database, None)
+        if database not in self._idle_timers:
+            loop = asyncio.get_running_loop()
+            self._idle_timers[database] = loop.call_later(IDLE_RELEASE, self._release_idle, database)
+
+    def _release_idle(self, database: str) -> None:
+        self._idle_timers.pop(database, None)
+        if not self._sessions.get(database):
+            self.release(database, "it has no client sessions")
+
+    def release(self, database: str, why: str) -> asyncio.Task[None] | None:
+        """Close this proxy's own connections to `database` (the bus's, the replication stream's): it has no client
+        sessions, or a client is dropping it. Its entries are dropped: nothing tells what changes while nothing
+        listens (a session that comes later waits for the feeds as the first one did). The task to wait on, or None
+        when nothing of the database is open."""
+        running = self._releasing.get(database)
+        if running is not None:
+            return running
+        watched = (self.bus is not None and self.bus.watching(database)) or database in self._replication
+        if not watched:
+            return None
+        task = asyncio.get_running_loop().create_task(self._release(database, why), name=f"release-{database}")
+        self._releasing[database] = task
+        task.add_done_callback(lambda _: self._releasing.pop(database, None))
+        return task
+
+    async def _release(self, database: str, why: str) -> None:
+        log.info("database %r: %s: closing the proxy's own connections to it; its cached results are dropped",
+                 database, why)  # fmt: skip
+        self._fed.discard((database, "bus"))
+        self._fed.discard((database, "replication"))
+        listener = self._replication.pop(database, None)
+        # Blind from now on: a session still attached (a DROP DATABASE that will fail) watches it again.
+        if self.bus is not None and self.bus.watching(database):
+            self._set_down(database, "bus", "closed")
+        if listener is not None:
+            self._set_down(database, "replication", "closed")
+        if self.bus is not None:
+            await self.bus.unwatch(database)
+        if listener is not None:
+            await listener.stop()
+        self.engine.invalidate_database(database)
+        if not self._sessions.get(database):  # else a session came meanwhile: its watch() set the feeds' state
+            self._down.pop(database, None)
+            self.blind.pop(database, None)
+            self.metrics.database_blind(database, False)
 
     async def follow(self, databases: list[str], timeout: float = 5.0) -> set[str]:
         """Start the feeds of `databases` and wait (up to `timeout`) until they are up; the databases that are
@@ -359,6 +430,17 @@ class CacheService:
         self.catalogs.mark_stale(database)
         self.catalogs.ensure(database)
 
+    def after_write(self, database: str, scope: WriteScope) -> None:
+        """A write completed, or its transaction committed. DDL, and statements whose effects are unknown (DO, CALL,
+        COMMIT PREPARED: a trigger created in a DO block), may have changed the catalog: decide nothing more until it
+        is read again. A call of a function that may write may have too (rarely, and such calls can be frequent):
+        read the catalog again in the background, deciding with the current one meanwhile (the catalog poll is the
+        backstop for whatever lands between)."""
+        if scope.ddl or scope.code == "unknown_effects":
+            self.after_ddl(database)
+        elif scope.code == "function_call":
+            self.catalogs.reload(database)
+
     # -- single flight ---------------------------------------------------------------------------------------
 
     def fill_in_flight(self, key: Hashable) -> asyncio.Future[None] | None:
@@ -384,6 +466,11 @@ class CacheService:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="cache-sweeper")
 
     async def stop(self) -> None:
+        for timer in self._idle_timers.values():
+            timer.cancel()
+        self._idle_timers.clear()
+        if self._releasing:  # closing connections of idle databases: let them finish, not be destroyed mid-way
+            await asyncio.gather(*self._releasing.values(), return_exceptions=True)
         if self.bus is not None:
             await self.bus.stop()
         await asyncio.gather(*(listener.stop() for listener in self._replication.values()), return_exceptions=True)

@@ -57,6 +57,7 @@ _SINGLE_FLIGHT_WAIT = 2.0
 # How long a session waits for its database's catalog before deciding without the cache.
 _CATALOG_WAIT = 2.0
 _REFRESH_WAIT = 5.0  # a request behind write-through refreshes waits this long for them, then goes upstream
+_RELEASE_WAIT = 10.0  # a DROP DATABASE waits this long for the proxy's own connections to it to close
 _ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits for their replies this long
 _SYNC = b"S\x00\x00\x00\x04"
 # Messages after which the cache may answer (a hit): checked against a client that does not read its answers.
@@ -104,6 +105,8 @@ class CachingRelay:
         self._waiting = False
         self._waited = False  # the message at the inbox head already waited once: do not wait again
         self.terminated = False
+        self._released = False  # the message at the inbox head (a DROP DATABASE) already waited for a release
+        service.attach(self.database)
         service.watch(self.database)
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ class CachingRelay:
             if not self._dispatch(msg_type, message, out):
                 break  # waiting: the message stays at the head and is dispatched again after the wait
             inbox.popleft()
-            self._waited = False
+            self._waited = self._released = False
         # The client sent all it has and no Sync or Flush ends the batch: the server would run each message as it
         # arrives (and send an error at once), so a client that waits now must not wait for us. Held still only if
         # the cache can answer it all: the server would then have sent nothing yet either.
@@ -230,6 +233,8 @@ class CachingRelay:
             capture = Capture(self.service.max_entry_size, fill)
             self.service.observe_miss(classified.verdict.tables)
         else:
+            if info.drops_database is not None and self._release(info.drops_database):
+                return False
             if self._statement_only_here(classified, out):
                 return True
             scope, changes_state = self.inflight.before_send(classified, sql, idle=not self.tracker.pending)
@@ -242,6 +247,18 @@ class CachingRelay:
         out.append(message)
         if self.tx.probe_wanted:
             self.inflight.probe_isolation(out)
+        return True
+
+    def _release(self, database: str) -> bool:
+        """DROP DATABASE: the proxy's own connections to that database would make it fail ("being accessed by other
+        users"). True when the session now waits (once, bounded) for them to close."""
+        if self._released:
+            return False
+        release = self.service.release(database, "DROP DATABASE through the proxy")
+        if release is None:
+            return False
+        self._released = True
+        self._wait_for(release, _RELEASE_WAIT)
         return True
 
     def _statement_only_here(self, classified: Classified, out: list[bytes]) -> bool:

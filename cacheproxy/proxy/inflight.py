@@ -18,7 +18,7 @@ from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry, TableId
 from cacheproxy.cache.keys import CacheKey
-from cacheproxy.policy.classify import Classified, dependencies, row_scope
+from cacheproxy.policy.classify import Classified, dependencies, row_scope, shape_dependencies
 from cacheproxy.policy.verdict import WriteScope, write_scope
 from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
@@ -99,6 +99,7 @@ class InFlight:
         """The session ended: release every single-flight slot it held, so that waiters go upstream themselves.
         Writes whose outcome it will never read (sent, or done in a transaction still open) may have committed:
         invalidate and publish them as if they had (merely safe if they did not)."""
+        self.service.detach(self.database)
         for key in self.leading:
             self.service.end_fill(key)
         self.leading.clear()
@@ -232,8 +233,7 @@ class InFlight:
                 self.replay(name, statement, out)
             classified = self.service.classify(self.database, statement.query, self.tx.strings)
             if serve and self.tx.may_read(classified) and statement.query:
-                # A description depends on the tables' shape, not on their rows: a write to one row leaves it.
-                tables = frozenset((self.database, name) for name in classified.verdict.tables)
+                tables = shape_dependencies(self.database, classified)
                 key = keys.describe_key(self.database, self.user, self.tx.state_digest(), statement.query,
                                         statement.param_types)  # fmt: skip
                 capture = Capture(self.service.max_entry_size, self.fill(key, classified, tables, statement.query,
@@ -360,8 +360,7 @@ class InFlight:
 
     def after_write(self, scope: WriteScope) -> None:
         self.service.invalidate(self.database, scope, removed=self.stale)
-        if scope.ddl:
-            self.service.after_ddl(self.database)
+        self.service.after_write(self.database, scope)  # (DDL, unknown effects: the catalog is read again)
         # Again when the transaction ends (explicit, or the implicit one of an extended batch up to its Sync).
         self.tx.wrote(scope)
 
@@ -412,8 +411,7 @@ class InFlight:
             self._statements.clear()  # DISCARD ALL (the tracker already took the new state for refreshes below)
         for scope in end.writes:
             service.invalidate(self.database, scope, counted=False, removed=self.stale)
-            if scope.ddl:
-                service.after_ddl(self.database)  # the committed schema, as other sessions now see it
+            service.after_write(self.database, scope)  # the committed schema, as other sessions now see it
         if end.writes:
             service.publish(self.database, end.writes)
         for fill, value in end.fills:

@@ -45,6 +45,11 @@ log = logging.getLogger("cacheproxy.caching")
 # Isolation levels under which every statement sees the latest committed data, as a cached result does.
 FRESH_ISOLATION = ("read committed", "read uncommitted")
 _SET_CONFIG = ("set_config", "pg_catalog.set_config")
+# Session-state functions whose answer names the backend's own temporary schema once it has one (current_schemas(true)
+# lists it; current_schema() returns it when pg_temp comes first in the search_path).
+_SCHEMA_FUNCTIONS = frozenset(
+    {"current_schema", "current_schemas", "pg_catalog.current_schema", "pg_catalog.current_schemas"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +166,14 @@ class TransactionTracker:
             return False
         if self.temp_tables and self.temp_tables & {name for _, name in classified.info.reads}:
             return False
+        if classified.info.functions & _SCHEMA_FUNCTIONS and (self.temp_tables or self._names_pg_temp()):
+            return False  # they name this backend's own pg_temp_N
         return self.status is IDLE or self._in_transaction_allows(verdict)
+
+    def _names_pg_temp(self) -> bool:
+        """pg_temp is named in the session's settings (a search_path set at startup or by SET)."""
+        startup = " ".join(f"{k}={v}" for k, v in self.startup.items()).lower().encode()
+        return b"pg_temp" in startup or any(b"pg_temp" in sql.lower() for sql in self.set_history)
 
     def _in_transaction_allows(self, verdict: ReadVerdict) -> bool:
         """Inside a (READ COMMITTED) transaction block: `never` bypasses; `until_write` reads the cache until the
@@ -193,11 +205,24 @@ class TransactionTracker:
                 self.stop_caching("a statement with unknown effects (DO, CALL, EXECUTE) ran")
         if info.temp_tables_created:
             self.temp_tables |= {name for _, name in info.temp_tables_created}
+        if info.kind is Kind.DDL or any(statement.kind is Kind.DDL for statement in info.statements):
+            self._note_private_names(info)
         for function in info.functions:
             # A function that may write may also change settings (set_config(), SET inside it): unknowable.
             if function in _SET_CONFIG or catalog is None or catalog.may_write(function):
                 self.stop_caching(f"{function}() may have changed settings the proxy cannot see")
         return changes_state
+
+    def _note_private_names(self, info: QueryInfo) -> None:
+        """DDL may give this session's private (temporary) objects names that other sessions with the same settings
+        read as shared ones: a temporary table renamed (its new name is temporary too), anything created while
+        pg_temp is named in the search_path (`CREATE TABLE t` then creates a temporary table, and current_schema()
+        becomes pg_temp_N), or an object put in pg_temp explicitly that is not a temporary table tracked by name."""
+        names = {name for _, name in info.writes}
+        if self.temp_tables & names:
+            self.temp_tables |= names
+        if self._names_pg_temp() or (info.mentions_pg_temp and not info.temp_tables_created):
+            self.stop_caching("DDL while pg_temp is in the search_path, or in pg_temp")
 
     def _on_transaction_control(self, tx: TxInfo) -> None:
         if tx.op is TxOp.BEGIN:

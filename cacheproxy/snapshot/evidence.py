@@ -4,7 +4,9 @@ Read over short-lived asyncpg control connections logged in as the upstream URL'
 catalog loader's. A table's evidence is a digest of, for every relation of that name in any schema and every
 partition or inheritance child below it: its schema and name, relfilenode (changed by TRUNCATE, VACUUM FULL, CLUSTER
 and rewriting ALTERs) and pg_stat_user_tables' n_tup_ins / n_tup_upd / n_tup_del / n_tup_hot_upd. Names are
-unqualified because the cache's unit of invalidation, `TableId`, is (database, unqualified table name).
+unqualified because the cache's unit of invalidation, `TableId`, is (database, unqualified table name). The
+database's own dependency id (`WHOLE_DATABASE`, which every entry has) is vouched for by the catalog digest that the
+invalidation bus polls (function bodies, types, privileges... : what a result that reads no table depends on).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from cacheproxy.cache.entry import WHOLE_DATABASE
 from cacheproxy.config import UpstreamConfig
+from cacheproxy.feeds.bus import CATALOG_DIGEST
 from cacheproxy.upstream import control_connection
 
 # Every plain / partitioned table and materialized view outside the system schemas (pg_% covers pg_catalog, pg_toast
@@ -70,6 +74,7 @@ async def read_database(upstream: UpstreamConfig, database: str) -> dict[str, ob
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             oid = await conn.fetchval(_DATABASE, timeout=_QUERY_TIMEOUT)
             rows = await conn.fetch(_TABLES, timeout=_QUERY_TIMEOUT)
+            catalog = await conn.fetchval(CATALOG_DIGEST, timeout=_QUERY_TIMEOUT)
     finally:
         await conn.close()
     members: dict[str, list[str]] = {}
@@ -78,6 +83,7 @@ async def read_database(upstream: UpstreamConfig, database: str) -> dict[str, ob
     tables = {
         name: hashlib.blake2b("\n".join(lines).encode(), digest_size=16).hexdigest() for name, lines in members.items()
     }
+    tables[WHOLE_DATABASE] = str(catalog)
     return {"oid": int(oid), "tables": tables}
 
 

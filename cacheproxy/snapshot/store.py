@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from cacheproxy.cache.engine import CacheEngine
-from cacheproxy.cache.entry import TableId, base_table
+from cacheproxy.cache.entry import WHOLE_DATABASE, TableId, base_table
 from cacheproxy.config import Config, UpstreamConfig
 from cacheproxy.snapshot import evidence
 from cacheproxy.snapshot.format import (
@@ -303,7 +303,10 @@ def _drop_invalidated(end: End, engine: CacheEngine, valid: dict[TableId, bool],
 
 
 def _evidence_id(table: TableId) -> TableId:
-    """Row-level dependency ids ("t\\x00<bucket>") are covered by their table's evidence."""
+    """Row-level dependency ids ("t\\x00<bucket>") are covered by their table's evidence; the database's own id
+    (WHOLE_DATABASE) by its catalog digest (evidence.read_database)."""
+    if table[1] == WHOLE_DATABASE:
+        return table
     return (table[0], base_table(table[1]))
 
 

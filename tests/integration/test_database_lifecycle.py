@@ -1,0 +1,97 @@
+"""The proxy's own connections to a database (the invalidation bus's LISTEN connection, the replication stream) must
+not keep it from being dropped (issue 14, item 11): they close once the database has no client sessions, and at once
+when a client drops it through the proxy. What the proxy itself leaves open on the server (issue 14, "also seen"):
+no backend idle in a transaction after a catalog load."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.support.pgcluster import PgCluster
+from tests.support.proxy import ProxyThread
+
+FEEDS = {"bus": {}, "bus and replication": {"replication": True, "slot_prefix": "cp_life"}}
+
+
+def _eventually(check: Callable[[], bool], seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _use(pg: PgCluster, proxy: ProxyThread, name: str) -> None:
+    """A session of `name` through the proxy that reads (the database is then watched), then disconnects."""
+    pg.psql("CREATE TABLE t (id int); INSERT INTO t VALUES (1)", dbname=name)
+    with psycopg.connect(pg.dsn(dbname=name, port=proxy.port), autocommit=True) as conn:
+        for _ in range(3):
+            assert conn.execute("SELECT id FROM t").fetchall() == [(1,)]
+    service: Any = proxy.app.cache if proxy.app is not None else None
+    assert service is not None and service.bus.watching(name), "the database was never watched: proves nothing"
+
+
+def _drop(dsn: str, name: str) -> str | None:
+    """DROP DATABASE `name` over `dsn`: None, or the SQLSTATE it failed with."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        try:
+            conn.execute(f'DROP DATABASE "{name}"')
+        except psycopg.Error as exc:
+            return exc.sqlstate or "?"
+    return None
+
+
+@pytest.mark.parametrize("feeds", list(FEEDS))
+def test_drop_database_through_the_proxy_right_after_use(
+    pg: PgCluster, start_proxy: Callable[..., ProxyThread], feeds: str
+) -> None:
+    proxy = start_proxy(cache={"default_ttl": "60s"}, invalidation=FEEDS[feeds])
+    name = f"life_{uuid.uuid4().hex[:8]}"
+    pg.create_database(name)
+    _use(pg, proxy, name)
+    assert _drop(pg.dsn(dbname="postgres", port=proxy.port), name) is None
+    assert pg.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{name}'").strip() == "0"
+
+
+@pytest.mark.parametrize("feeds", list(FEEDS))
+def test_drop_database_directly_once_its_sessions_are_gone(
+    pg: PgCluster, start_proxy: Callable[..., ProxyThread], feeds: str
+) -> None:
+    proxy = start_proxy(cache={"default_ttl": "60s"}, invalidation=FEEDS[feeds])
+    name = f"life_{uuid.uuid4().hex[:8]}"
+    pg.create_database(name)
+    _use(pg, proxy, name)
+    service: Any = proxy.app.cache if proxy.app is not None else None
+    assert _eventually(lambda: not service.bus.watching(name) and name not in service._replication)
+    assert _drop(pg.dsn(dbname="postgres"), name) is None
+    # The database is served again (a new one of that name) once a session comes back.
+    pg.create_database(name)
+    _use(pg, proxy, name)
+    direct = psycopg.connect(pg.dsn(dbname=name), autocommit=True)
+    with direct, psycopg.connect(pg.dsn(dbname=name, port=proxy.port), autocommit=True) as conn:
+        assert conn.execute("SELECT id FROM t").fetchall() == direct.execute("SELECT id FROM t").fetchall()
+    pg.drop_database(name)
+
+
+def test_no_proxy_backend_is_idle_in_transaction_after_a_catalog_load(
+    pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = start_proxy(cache={"default_ttl": "60s"})
+    with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        conn.execute("CREATE TABLE t (id int)")  # DDL: the catalog is read again
+        conn.execute("SELECT count(*) FROM t")
+        service: Any = proxy.app.cache if proxy.app is not None else None
+        assert _eventually(lambda: service.catalogs.get(dbname) is not None)
+        rows = pg.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'cacheproxy%' "
+            f"AND datname = '{dbname}' AND state LIKE 'idle in transaction%'"
+        )
+        assert rows.strip() == "0"
