@@ -195,6 +195,7 @@ def _analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
         casts=frozenset().union(*(i.casts for i in infos)),
         time_casts=frozenset().union(*(i.time_casts for i in infos)),
         attributes=frozenset().union(*(i.attributes for i in infos)),
+        names=frozenset().union(*(i.names for i in infos)),
         statements=tuple(infos),
     )
 
@@ -227,6 +228,7 @@ def _finish(d: Draft, pg_temp: bool = False) -> QueryInfo:
         casts=frozenset(d.casts),
         time_casts=frozenset(d.time_casts),
         attributes=frozenset(d.attributes),
+        names=frozenset(d.names),
     )
 
 
@@ -412,9 +414,23 @@ def _unparsed(tokens: Sequence[Token], word: str, reason: str) -> Draft:
     dml_inside = any(is_word(t, *_DML_WORDS) for t in tokens)
     if (word == "with" and dml_inside) or _top_level_into(tokens):
         return Draft(Kind.WRITE, word.upper(), writes={UNKNOWN_TABLE}, reason=reason)
-    # A read whose functions, operators and relations we could not see may run code that writes (README: unknown
-    # effects invalidate the database). Not cached, and invalidating (unless invalidation.unknown_writes: ignore).
-    return Draft(Kind.READ, "SELECT", writes={UNKNOWN_TABLE}, reason=reason)
+    # A read we could not parse is not cached. It may still run code that writes: a function called, an operator,
+    # a cast, a view or a function in attribute notation. Every call, operator symbol and name written is reported
+    # (more than it uses), so the catalog check of what writes (policy.verdict.write_scope) stays conservative
+    # without taking every such read for a write: a driver's catalog query (asyncpg's type introspection, which
+    # sqlglot cannot parse) must not flush the database at each connect.
+    names = {ident_value(tok) for tok in tokens if tok.kind in (WORD, QIDENT)}
+    lowered = {name.lower() for name in names}
+    return Draft(
+        Kind.READ,
+        "SELECT",
+        functions=_lexical_calls(tokens) - _cte_column_lists(tokens) - syntax.SYNTAX_BEFORE_PAREN,
+        operators=operator_symbols(tokens),
+        casts=names | lowered,
+        attributes=names | lowered,
+        names=names | lowered,
+        reason=reason,
+    )
 
 
 # --- lexical checks ----------------------------------------------------------------------------------------------
@@ -452,6 +468,30 @@ def _lexical_calls(tokens: Sequence[Token]) -> set[str]:
         elif tok.kind == WORD and not qualified and tok.sub in _NILADIC:
             calls.add(tok.sub)
     return calls
+
+
+def _cte_column_lists(tokens: Sequence[Token]) -> set[str]:
+    """Names of CTEs declared with a column list (`name (a, b) AS [NOT] [MATERIALIZED] (`), which look like calls."""
+    found: set[str] = set()
+    n = len(tokens)
+    for j, tok in enumerate(tokens[:-1]):
+        if tok.kind not in (WORD, QIDENT) or tokens[j + 1].text != "(":
+            continue
+        depth, k = 0, j + 1
+        while k < n:
+            depth += tokens[k].text == "(" and tokens[k].kind == OP
+            depth -= tokens[k].text == ")" and tokens[k].kind == OP
+            if depth == 0:
+                break
+            k += 1
+        k += 1
+        if k < n and is_word(tokens[k], "as"):
+            k += 1
+            while k < n and is_word(tokens[k], "not", "materialized"):
+                k += 1
+            if k < n and tokens[k].kind == OP and tokens[k].text == "(":
+                found.add(ident_value(tok).lower())
+    return found
 
 
 def _locking_clause(tokens: Sequence[Token]) -> str | None:

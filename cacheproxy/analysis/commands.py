@@ -40,6 +40,7 @@ class Draft:
     casts: set[str] = field(default_factory=set)
     time_casts: set[str] = field(default_factory=set)
     attributes: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)
 
     def take_code(self, inner: Draft) -> None:
         """What an embedded query runs (COPY (query) TO, EXPLAIN ANALYZE, DECLARE, PREPARE, CREATE ... AS) runs here."""

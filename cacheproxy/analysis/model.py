@@ -126,6 +126,8 @@ class QueryInfo:
     # value, which makes a read statically not cacheable.
     time_casts: frozenset[str] = frozenset()
     attributes: frozenset[str] = frozenset()  # names written after a qualifier (`x.f`): maybe a call of f(x)
+    # Every name in a read the analyzer could not parse: any of them may be a view that runs code.
+    names: frozenset[str] = frozenset()
     # Per-statement analyses when statement_count > 1 (else empty): lets the proxy see a SET or BEGIN hidden in a
     # multi-statement simple query, which the single `tx` / `session` fields cannot express.
     statements: tuple[QueryInfo, ...] = ()

@@ -157,7 +157,7 @@ def _read_tree(tree: exp.Expr, lexical_calls: frozenset[str]) -> Parsed:
 # scan already drops): INSERT (cols) in MERGE, SET (cols) = ..., ROWS FROM (...), GROUPING SETS / CUBE / ROLLUP,
 # TABLESAMPLE method (args) REPEATABLE (seed), the SQL-standard type words written with a modifier
 # (`AS character varying(20)`, `interval second(3)`).
-_SYNTAX_BEFORE_PAREN = frozenset(
+SYNTAX_BEFORE_PAREN = frozenset(
     {"insert", "set", "rows", "sets", "cube", "rollup", "repeatable", "system", "bernoulli", "bit", "char",
      "character", "varchar", "varying", "nchar", "national", "numeric", "decimal", "dec", "float", "precision", "time",
      "timestamp", "interval", "zone", "second", "minute", "hour", "day", "month", "year",
@@ -172,7 +172,7 @@ def _lost_calls(tree: exp.Expr, out: Parsed, lexical_calls: frozenset[str]) -> s
     (mod() to Mod, div() to IntDiv, convert(), like(), jsonb_contains(), ...) or renames them (strpos() to
     position(), to_hex() to hex()). The name as written is the function PostgreSQL runs; a relation, CTE or alias
     followed by a column list (`INSERT INTO t (a)`, `WITH c (a) AS`, `FROM f() AS x (a)`) is not a call."""
-    lost = {name for name in lexical_calls if name not in out.functions and name not in _SYNTAX_BEFORE_PAREN}
+    lost = {name for name in lexical_calls if name not in out.functions and name not in SYNTAX_BEFORE_PAREN}
     if not lost:
         return lost
     names = out.reads | out.writes

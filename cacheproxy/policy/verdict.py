@@ -129,6 +129,10 @@ def hidden_code(info: QueryInfo, catalog: Catalog) -> tuple[str, bool] | None:
         for rel in catalog.resolve(schema, name):
             if (rel.schema, rel.name) in code.writing_views:
                 found.append((f"reads view {rel.schema}.{rel.name}, whose query calls a function", True))
+    if info.names:  # a read the analyzer could not parse: any name in it may be a view
+        for schema, name in sorted(code.writing_views):
+            if name in info.names:
+                found.append((f"may read view {schema}.{name}, whose query calls a function", True))
     for symbol in sorted(info.operators & code.operators.keys()):
         found.append((f"uses operator {symbol}, whose function is not immutable", code.operators[symbol]))
     for target in sorted(info.casts & code.casts.keys()):

@@ -38,6 +38,10 @@ def _use(pg: PgCluster, proxy: ProxyThread, name: str) -> None:
     assert service is not None and service.bus.watching(name), "the database was never watched: proves nothing"
 
 
+def _backends(pg: PgCluster, name: str) -> int:
+    return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}'").strip())
+
+
 def _drop(dsn: str, name: str) -> str | None:
     """DROP DATABASE `name` over `dsn`: None, or the SQLSTATE it failed with."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -70,6 +74,9 @@ def test_drop_database_directly_once_its_sessions_are_gone(
     _use(pg, proxy, name)
     service: Any = proxy.app.cache if proxy.app is not None else None
     assert _eventually(lambda: not service.bus.watching(name) and name not in service._replication)
+    # Nothing of the proxy's stays connected (a catalog load still running under load finishes first): the
+    # backends' count is what a DROP DATABASE made elsewhere meets.
+    assert _eventually(lambda: _backends(pg, name) == 0), "the proxy still holds a connection to the database"
     assert _drop(pg.dsn(dbname="postgres"), name) is None
     # The database is served again (a new one of that name) once a session comes back.
     pg.create_database(name)

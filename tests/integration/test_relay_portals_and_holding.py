@@ -240,3 +240,30 @@ def test_a_portal_bound_before_a_flush(pg: PgCluster, dbname: str, cached: Proxy
         return got
 
     _both(pg, cached, dbname, script)
+
+
+@pytest.mark.parametrize("types", [b"\x00\x00", b"\x00\x01\x00\x00\x00\x17"], ids=["untyped", "typed"])
+@pytest.mark.parametrize("name", ["", "s1"])
+def test_describe_of_a_statement_parsed_in_an_earlier_cycle(
+    pg: PgCluster, dbname: str, cached: ProxyThread, name: str, types: bytes
+) -> None:
+    """libpq's PQprepare then PQdescribePrepared: Parse + Sync, then Describe(statement) + Sync, then Bind/Execute."""
+    _setup(pg, dbname)
+    parse = encode(b"P", name.encode() + b"\x00SELECT name FROM items WHERE id = $1\x00" + types)
+    describe = encode(b"D", b"S" + name.encode() + b"\x00")
+
+    def script(conn: RawConn) -> list[list[Message]]:
+        got = []
+        for _ in range(2):
+            conn.send(parse + SYNC)
+            got.append(conn.recv_until("Z"))
+            conn.send(describe + SYNC)
+            got.append(conn.recv_until("Z"))
+            conn.send(_bind("", name, b"3") + _execute() + SYNC)
+            got.append(conn.recv_until("Z"))
+            if name:
+                conn.send(_close(b"S", name) + SYNC)
+                got.append(conn.recv_until("Z"))
+        return got
+
+    _both(pg, cached, dbname, script)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cacheproxy.analysis import UNKNOWN_TABLE, Kind, analyze
+from cacheproxy.analysis import Kind, analyze
 from cacheproxy.analysis.lexer import operator_symbols, tokenize
 from cacheproxy.catalog.model import Catalog, HiddenCode, Relation
 from cacheproxy.policy.rules import RuleSet
@@ -29,6 +29,7 @@ def _catalog(hidden: HiddenCode | None = None) -> Catalog:
         functions=[
             ("pg_catalog", "upper", True),
             ("pg_catalog", "count", True),
+            ("pg_catalog", "array_agg", True),
             ("public", "vsum", True),
             ("public", "psum", True),
         ],
@@ -89,11 +90,46 @@ def test_time_casts(sql: str, time_casts: set[str], cacheable: bool) -> None:
     assert info.cacheable is cacheable
 
 
-def test_unparseable_read_is_an_unknown_write() -> None:
-    info = analyze("SELECT bump() ORDER BY 1 USING <")
-    assert info.kind is Kind.READ and not info.cacheable and info.writes == {UNKNOWN_TABLE}
-    scope = write_scope(info, _catalog())
-    assert scope.everything and scope.code == "unknown_effects"  # so `invalidation.unknown_writes: ignore` applies
+# An unparseable read (`ORDER BY ... USING <` is beyond sqlglot): every call, operator and name written is checked.
+UNPARSED = " ORDER BY 1 USING <"
+
+
+@pytest.mark.parametrize(
+    ("hidden", "sql", "writes"),
+    [
+        (HiddenCode(), "SELECT bump() FROM t", True),  # a user function: may write
+        (HiddenCode(), "SELECT public.bump(a) FROM t", True),
+        (HiddenCode(), "SELECT upper(a), count(*) FROM t", False),  # built in
+        (HiddenCode(), "WITH RECURSIVE c (n) AS (SELECT 1) SELECT n FROM c", False),  # a CTE's column list
+        (HiddenCode(), "WITH c (n) AS NOT MATERIALIZED (SELECT bump()) SELECT n FROM c", True),
+        (HiddenCode(writing_views=frozenset({("public", "v")})), "SELECT * FROM v", True),
+        (HiddenCode(writing_views=frozenset({("public", "v")})), "SELECT * FROM s.v", True),  # any schema
+        (HiddenCode(writing_views=frozenset({("public", "v")})), "SELECT * FROM v_plain", False),
+        (HiddenCode(operators={"@@@": True}), "SELECT a @@@ 1 FROM t", True),
+        (HiddenCode(row_functions={"f": True}), "SELECT x.f FROM t x", True),
+        (HiddenCode(casts={"tag": True}), "SELECT a::tag FROM t", True),
+    ],
+)
+def test_an_unparseable_read_invalidates_when_what_it_names_may_write(
+    hidden: HiddenCode, sql: str, writes: bool
+) -> None:
+    info = analyze(sql + UNPARSED)
+    assert info.kind is Kind.READ and not info.cacheable and info.reason is not None
+    assert info.reason.startswith("could not parse")
+    scope = write_scope(info, _catalog(hidden))
+    assert scope.everything is writes
+    if writes:
+        assert scope.code == "function_call"  # so `invalidation.unknown_writes: ignore` applies
+
+
+def test_a_drivers_catalog_query_sqlglot_cannot_parse_writes_nothing() -> None:
+    """asyncpg's type introspection (run at the first use of a non-builtin type on each connection) must not flush
+    the database: it calls only built-in functions."""
+    introspection = pytest.importorskip("asyncpg.introspection")
+    for sql in (introspection.INTRO_LOOKUP_TYPES, introspection.INTRO_LOOKUP_TYPES_13):
+        info = analyze(sql)
+        assert info.kind is Kind.READ and not info.cacheable
+        assert write_scope(info, _catalog()).empty
 
 
 # -- the verdict ---------------------------------------------------------------------------------------------------
