@@ -12,14 +12,14 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 
 from cacheproxy.config import Config, ConfigError
-from cacheproxy.errors import ProxyError, UpstreamError
+from cacheproxy.errors import CONFIG_FILE_ERROR, ProxyError, UpstreamError
 from cacheproxy.observability import logs
 from cacheproxy.observability.admin_http import AdminServer
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
-from cacheproxy.proxy.upstream import open_upstream
 from cacheproxy.snapshot import SnapshotFailed, load_snapshot, rules_fingerprint, write_snapshot
+from cacheproxy.upstream import open_upstream
 
 log = logging.getLogger("cacheproxy.app")
 
@@ -187,7 +187,7 @@ class App:
             new = self._load_config()
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
-            raise ProxyError("F0000", f"reload refused: {exc}", severity="ERROR") from exc
+            raise ProxyError(CONFIG_FILE_ERROR, f"reload refused: {exc}", severity="ERROR") from exc
         old = self.config
         kept = [name for name in _RESTART_ONLY if _get(old, name) != _get(new, name)]
         new = replace(new, listen=old.listen, upstream=old.upstream, tls=old.tls,

@@ -100,6 +100,39 @@ def analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
         )
 
 
+# How much of a statement too long to analyze is read for its leading keywords (see `analyze_head`).
+_HEAD_CHARS = 512
+
+
+def analyze_head(sql: str, why: str, *, unknown: bool = False) -> QueryInfo:
+    """What is assumed of a statement not analyzed (`why` says why: too long to): not cacheable; it may write
+    anything.
+
+    Even a long SELECT may call a function that writes, so only the session-level effects are ruled out by its
+    leading keywords: a long DO or CALL is what it is (unknown effects, OTHER), and an EXECUTE names its statement.
+    `unknown`: nothing of it can be read (a statement that cannot be decoded may be anything, a SET too): OTHER,
+    whose unknown effects include the session's state.
+
+    >>> info = analyze_head("EXECUTE big(" + "1," * 10000 + "1)", "too long")
+    >>> info.kind, info.executes, info.cacheable
+    (<Kind.OTHER: 'other'>, 'big', False)
+    """
+    tokens = tokenize(sql[:_HEAD_CHARS])
+    while tokens and tokens[0].kind == OP and tokens[0].text == "(":
+        tokens = tokens[1:]
+    word = tokens[0].sub if tokens and tokens[0].kind == WORD else None
+    return QueryInfo(
+        kind=Kind.OTHER if unknown or word in _RUNS_CODE else Kind.WRITE,
+        statement_count=1,
+        reads=frozenset(),
+        writes=frozenset({UNKNOWN_TABLE}),
+        functions=frozenset(),
+        cacheable=False,
+        reason=why,
+        executes=_statement_name(tokens, 1) if word == "execute" else None,
+    )
+
+
 class Analyzer:
     """`analyze` memoized by fingerprint in a bounded LRU.
 
@@ -137,10 +170,12 @@ class Analyzer:
 
 
 def _analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
-    statements = split_statements(tokenize(sql, backslash_quotes))
+    tokens = tokenize(sql, backslash_quotes)
+    statements = split_statements(tokens)
     if not statements:
         return QueryInfo(Kind.OTHER, 0, frozenset(), frozenset(), frozenset(), False, "empty query")
-    infos = [_finish(_statement(tokens, sql)) for tokens in statements]
+    pg_temp = any(tok.kind in (WORD, QIDENT) and "pg_temp" in tok.text.lower() for tok in tokens)
+    infos = [_finish(_statement(tokens, sql), pg_temp) for tokens in statements]
     if len(infos) == 1:
         return infos[0]
     return QueryInfo(
@@ -153,6 +188,9 @@ def _analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
         reason="multiple statements",
         temp_tables_created=frozenset().union(*(i.temp_tables_created for i in infos)),
         data_modifying_cte=any(i.data_modifying_cte for i in infos),
+        copy_from_stdin=any(i.copy_from_stdin for i in infos),
+        alters_role_settings=any(i.alters_role_settings for i in infos),
+        mentions_pg_temp=pg_temp,
         operators=frozenset().union(*(i.operators for i in infos)),
         casts=frozenset().union(*(i.casts for i in infos)),
         time_casts=frozenset().union(*(i.time_casts for i in infos)),
@@ -162,7 +200,7 @@ def _analyze(sql: str, backslash_quotes: bool = False) -> QueryInfo:
     )
 
 
-def _finish(d: Draft) -> QueryInfo:
+def _finish(d: Draft, pg_temp: bool = False) -> QueryInfo:
     reason = d.reason
     if not d.cacheable and reason is None:
         reason = f"not a read ({d.label})"
@@ -178,6 +216,14 @@ def _finish(d: Draft) -> QueryInfo:
         session=d.session,
         temp_tables_created=frozenset(d.temp_tables),
         data_modifying_cte=d.data_modifying_cte,
+        prepares=d.prepares,
+        drops_database=d.drops_database,
+        mentions_pg_temp=pg_temp,
+        deallocates=d.deallocates,
+        deallocates_all=d.deallocates_all,
+        executes=d.executes,
+        copy_from_stdin=d.copy_from_stdin,
+        alters_role_settings=d.alters_role_settings,
         operators=frozenset(d.operators),
         casts=frozenset(d.casts),
         time_casts=frozenset(d.time_casts),
@@ -221,7 +267,10 @@ def _statement(tokens: Sequence[Token], sql: str) -> Draft:
     if word == "explain":
         return _explain(c, sub)
     if word in _RUNS_CODE:
-        return Draft(Kind.OTHER, word.upper(), writes={UNKNOWN_TABLE})
+        draft = Draft(Kind.OTHER, word.upper(), writes={UNKNOWN_TABLE})
+        if word == "execute":
+            draft.executes = _statement_name(tokens, 1)
+        return draft
     if word in _OTHER_WORDS:
         return _other(c, word, sub)
     shown = first.text[:40]
@@ -245,6 +294,14 @@ def _explain(c: Cursor, sub: commands.SubAnalyze) -> Draft:
 
 def _other(c: Cursor, word: str, sub: commands.SubAnalyze) -> Draft:
     draft = Draft(Kind.OTHER, word.upper())
+    if word == "prepare":
+        draft.prepares = _statement_name(c.tokens, 1)
+    elif word == "deallocate":
+        at = 2 if is_word(c.tokens[1] if len(c.tokens) > 1 else None, "prepare") else 1
+        if is_word(c.tokens[at] if at < len(c.tokens) else None, "all"):
+            draft.deallocates_all = True
+        else:
+            draft.deallocates = _statement_name(c.tokens, at)
     # DECLARE c CURSOR FOR query / PREPARE p AS statement: report what the query reads (it does not run yet).
     keyword = "for" if word == "declare" else "as" if word == "prepare" else None
     if keyword is not None:
@@ -254,6 +311,13 @@ def _other(c: Cursor, word: str, sub: commands.SubAnalyze) -> Draft:
             draft.reads |= inner.reads
             draft.take_code(inner)
     return draft
+
+
+def _statement_name(tokens: Sequence[Token], i: int) -> str | None:
+    """The prepared statement named at tokens[i] (PREPARE name, EXECUTE name, DEALLOCATE name)."""
+    if i < len(tokens) and tokens[i].kind in (WORD, QIDENT):
+        return ident_value(tokens[i])
+    return None
 
 
 # --- queries and DML (parsed by sqlglot) -------------------------------------------------------------------------

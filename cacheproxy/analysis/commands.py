@@ -29,6 +29,13 @@ class Draft:
     session: SessionChange | None = None
     temp_tables: set[TableRef] = field(default_factory=set)
     data_modifying_cte: bool = False
+    prepares: str | None = None
+    deallocates: str | None = None
+    deallocates_all: bool = False
+    executes: str | None = None
+    copy_from_stdin: bool = False
+    alters_role_settings: bool = False
+    drops_database: str | None = None
     operators: set[str] = field(default_factory=set)
     casts: set[str] = field(default_factory=set)
     time_casts: set[str] = field(default_factory=set)
@@ -386,6 +393,8 @@ def _alter(c: Cursor, sub: SubAnalyze) -> Draft:
         c.i += 1
     c.i += 1
     draft = Draft(Kind.DDL, f"ALTER {obj.upper()}")
+    if obj in ("role", "user", "database"):
+        draft.alters_role_settings = any(is_word(tok, "set", "reset") for tok in c.tokens[c.i :])
     if obj in ("table", "view", "materialized view", "foreign table"):
         if c.word() == "all":
             return draft
@@ -421,6 +430,10 @@ def _drop(c: Cursor, sub: SubAnalyze) -> Draft:
         draft.writes.update(c.tables_list())
     elif obj in ("policy", "trigger", "rule"):
         _on_table(c, draft)
+    elif obj == "database":
+        c.accept("if", "exists")
+        name, _ = read_name(c.tokens, c.i)
+        draft.drops_database = name[0] if len(name) == 1 else None
     if c.find_top_word("cascade") >= 0:  # dependent objects (views, ...) go too: we cannot name them
         draft.writes.add(UNKNOWN_TABLE)
     return draft
@@ -566,6 +579,7 @@ def copy(c: Cursor, sub: SubAnalyze) -> Draft:
     if c.word() == "from":
         draft = Draft(Kind.WRITE, "COPY FROM")
         draft.writes.add(ref if ref is not None else UNKNOWN_TABLE)
+        draft.copy_from_stdin = c.word(1) == "stdin"
         return draft
     draft = Draft(Kind.READ, "COPY TO", reason="COPY is streamed, not cached")
     if ref is not None:

@@ -332,6 +332,19 @@ _SPECIAL_WORD_RE = re.compile(
     r"(?<![a-z])(now|today|tomorrow|yesterday|current|epoch|infinity|allballs)(?![a-z])", re.IGNORECASE
 )
 TIME_DEPENDENT_WORDS = frozenset({"now", "today", "tomorrow", "yesterday", "current"})
+_TIME_WORD_BYTES = re.compile(
+    rb"(?i)(?<![a-z])(" + b"|".join(sorted(w.encode() for w in TIME_DEPENDENT_WORDS)) + rb")(?![a-z])"
+)
+
+
+def names_time_word(data: bytes) -> bool:
+    """Whether raw bytes (a Bind's parameter values) contain a time-dependent word: a parameter such as 'now' is
+    evaluated when the statement runs, so its result is never the same twice.
+
+    >>> names_time_word(b"\\x00\\x00\\x00\\x03now"), names_time_word(b"snow")
+    (True, False)
+    """
+    return _TIME_WORD_BYTES.search(data) is not None
 
 
 def special_words(tok: Token) -> frozenset[str]:

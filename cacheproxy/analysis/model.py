@@ -107,6 +107,18 @@ class QueryInfo:
     session: SessionChange | None = None  # a single session-state statement
     temp_tables_created: frozenset[TableRef] = frozenset()
     data_modifying_cte: bool = False
+    # Prepared statements named in SQL (the protocol's own Parse/Close are not SQL): PREPARE name, DEALLOCATE name
+    # (or DEALLOCATE ALL: `deallocates_all`), EXECUTE name. Names as the server stores them (folded, truncated).
+    prepares: str | None = None
+    deallocates: str | None = None
+    deallocates_all: bool = False
+    executes: str | None = None
+    copy_from_stdin: bool = False  # COPY ... FROM STDIN: the client sends CopyData after it
+    # ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened from now on start with other settings.
+    alters_role_settings: bool = False
+    drops_database: str | None = None  # DROP DATABASE name
+    # The text names pg_temp (an object put in this session's temporary schema, or a search_path naming it).
+    mentions_pg_temp: bool = False
     # What may run code the statement does not name as a call (checked against the catalog's user objects):
     operators: frozenset[str] = frozenset()  # operator symbols written (every run of operator characters, split)
     casts: frozenset[str] = frozenset()  # target types of explicit casts, as pg_type.typname when known

@@ -2,23 +2,62 @@
 
 A key holds the database and user, a digest of the session state that can change results, the statement text
 (the exact bytes sent), and for extended protocol the declared parameter types, the Bind arguments (formats and
-values, as bytes) and the Execute row limit. Keys are plain tuples: cheap to hash, and stable across processes
-(the digest is blake2b, not Python's salted hash), which the snapshot needs.
+values, as bytes) and the Execute row limit. Keys are NamedTuples, so their parts have names (`key.sql`), while
+they stay tuples: as cheap to hash and compare as plain ones, equal to the plain tuple of the same parts, and
+stable across processes (the digest is blake2b, not Python's salted hash), which the snapshot needs (it writes them
+as plain tuples and reads them back with `typed`). The first part names the kind of key ("q", "x", "d").
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
+from typing import NamedTuple
 
 # Startup parameters that cannot change a query's result (options, TimeZone, DateStyle, search_path... can).
 NEUTRAL_STARTUP = frozenset(("application_name", "fallback_application_name", "user", "database", "replication"))
 # Reported parameters (ParameterStatus) that cannot change a result.
 NEUTRAL_REPORTED = frozenset(("application_name",))
 
-QueryKey = tuple[str, str, str, bytes, bytes]
-ExecuteKey = tuple[str, str, str, bytes, bytes, tuple[int, ...], bytes, int]
-DescribeKey = tuple[str, str, str, bytes, bytes, tuple[int, ...]]
+
+class QueryKey(NamedTuple):
+    """The result of a simple-protocol Query."""
+
+    kind: str  # "q"
+    database: str
+    user: str
+    state: bytes  # state_digest()
+    sql: bytes
+
+
+class ExecuteKey(NamedTuple):
+    """The result of an Execute of a bound statement (extended protocol)."""
+
+    kind: str  # "x"
+    database: str
+    user: str
+    state: bytes
+    sql: bytes
+    param_types: tuple[int, ...]
+    arguments: bytes
+    max_rows: int
+
+
+class DescribeKey(NamedTuple):
+    """The ParameterDescription and RowDescription of a statement (its Describe)."""
+
+    kind: str  # "d"
+    database: str
+    user: str
+    state: bytes
+    sql: bytes
+    param_types: tuple[int, ...]
+
+
+CacheKey = QueryKey | ExecuteKey | DescribeKey
+# Built with tuple.__new__ directly: a NamedTuple's own __new__ is a Python function, one call more per lookup.
+_new = tuple.__new__
+_TYPED = {("q", 5): QueryKey, ("x", 8): ExecuteKey, ("d", 6): DescribeKey}
 
 
 def state_digest(startup: Mapping[str, str], reported: Mapping[str, str], set_history: Iterable[bytes]) -> bytes:
@@ -46,7 +85,7 @@ def state_digest(startup: Mapping[str, str], reported: Mapping[str, str], set_hi
 
 def query_key(database: str, user: str, state: bytes, sql: bytes) -> QueryKey:
     """A simple-protocol query: its exact text (literals included)."""
-    return ("q", database, user, state, sql)
+    return _new(QueryKey, ("q", database, user, state, sql))
 
 
 def execute_key(
@@ -60,9 +99,22 @@ def execute_key(
 ) -> ExecuteKey:
     """An Execute of a bound statement. `arguments` is the Bind message after its two names (parameter formats,
     values, result formats); `max_rows` because a result cut at a row limit replays only for that limit."""
-    return ("x", database, user, state, sql, param_types, arguments, max_rows)
+    return _new(ExecuteKey, ("x", database, user, state, sql, param_types, arguments, max_rows))
 
 
 def describe_key(database: str, user: str, state: bytes, sql: bytes, param_types: tuple[int, ...]) -> DescribeKey:
     """A Describe of a statement: its ParameterDescription and RowDescription."""
-    return ("d", database, user, state, sql, param_types)
+    return _new(DescribeKey, ("d", database, user, state, sql, param_types))
+
+
+def typed(key: Hashable) -> Hashable:
+    """A key read back as a plain tuple (a snapshot) as the NamedTuple it was; anything else as it is.
+
+    >>> typed(("q", "db", "u", b"s", b"SELECT 1")).sql
+    b'SELECT 1'
+    """
+    if isinstance(key, tuple) and key and not isinstance(key, QueryKey | ExecuteKey | DescribeKey):
+        cls = _TYPED.get((key[0], len(key)))
+        if cls is not None:
+            return _new(cls, key)
+    return key

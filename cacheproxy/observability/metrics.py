@@ -131,7 +131,7 @@ class Metrics:
         self._db_invalidations = dict.fromkeys(INVALIDATION_REASONS, 0)
         self._catalog_ok = 0
         self._catalog_error = 0
-        # Invalidation across proxies (proxy/bus.py, proxy/replication.py) and write-through refreshes.
+        # Invalidation across proxies (feeds/bus.py, feeds/replication.py) and write-through refreshes.
         self._bus_messages = dict.fromkeys(BUS_DIRECTIONS, 0)
         self._bus_disconnects = 0
         self._blind: set[str] = set()

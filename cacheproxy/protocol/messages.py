@@ -6,6 +6,7 @@ relays is never decoded at all.
 
 from __future__ import annotations
 
+from enum import Enum
 from struct import Struct
 
 from cacheproxy.protocol.framing import encode
@@ -69,6 +70,29 @@ def _fields(severity: str, sqlstate: str, message: str, detail: str | None, hint
 
 def ready_for_query(status: bytes) -> bytes:
     return encode(b"Z", status)
+
+
+class TxStatus(Enum):
+    """The transaction status a ReadyForQuery reports (docs, "Message Formats", ReadyForQuery)."""
+
+    IDLE = b"I"
+    """Not in a transaction block."""
+    IN_BLOCK = b"T"
+    """In a transaction block."""
+    FAILED = b"E"
+    """In a failed transaction block: queries are rejected until it ends."""
+
+    # Its ReadyForQuery message, precomputed (set below): a hit appends it to the cached reply. An attribute, since
+    # hashing an Enum member runs Python code, and so does reading a member off its class: hot code compares with
+    # module-level aliases (`status is IDLE`).
+    ready: bytes
+
+
+for _status in TxStatus:
+    _status.ready = ready_for_query(_status.value)
+IDLE, IN_BLOCK, FAILED = TxStatus.IDLE, TxStatus.IN_BLOCK, TxStatus.FAILED
+# The status byte of a ReadyForQuery -> TxStatus (a bytes-keyed dict: calling TxStatus(b"I") runs Python code).
+TX_STATUS_OF: dict[bytes, TxStatus] = {status.value: status for status in TxStatus}
 
 
 def backend_key_data(process_id: int, secret_key: int) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from struct import Struct
 
-from cacheproxy.errors import FEATURE_NOT_SUPPORTED, ProtocolViolation
+from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INVALID_AUTHORIZATION_SPECIFICATION, ProtocolViolation
 
 MAX_STARTUP_PACKET = 10000
 SSL_REQUEST_CODE = 80877103
@@ -109,7 +109,9 @@ def _decode_parameters(body: bytes) -> dict[str, str]:
         raise ProtocolViolation("invalid startup packet: parameters are not valid UTF-8") from exc
     params = dict(zip(strings[0::2], strings[1::2], strict=True))
     if not params.get("user"):
-        raise ProtocolViolation("no PostgreSQL user name specified in startup packet", sqlstate="28000")
+        raise ProtocolViolation(
+            "no PostgreSQL user name specified in startup packet", sqlstate=INVALID_AUTHORIZATION_SPECIFICATION
+        )
     return params
 
 

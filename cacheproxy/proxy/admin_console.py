@@ -10,23 +10,18 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, base_table
-from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, ProxyError
+from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, ProxyError
 from cacheproxy.policy.rules import parse_pattern
 from cacheproxy.protocol import messages as m
-
-if TYPE_CHECKING:
-    from cacheproxy.proxy.cache_service import CacheService
-    from cacheproxy.proxy.server import ProxyServer
-    from cacheproxy.proxy.session import Session
+from cacheproxy.proxy.cache_service import CacheService
+from cacheproxy.proxy.interfaces import ConsoleServer, ConsoleSession
 
 log = logging.getLogger("cacheproxy.admin")
 
 _PREFIX = re.compile(rb"^\s*cacheproxy\b", re.IGNORECASE)
-_SYNTAX_ERROR = "42601"
 USAGE = (
     "CACHEPROXY SHOW STATS | SHOW CACHES [n] | SHOW RULES | EXPLAIN <query> | INVALIDATE TABLE <name> | FLUSH | RELOAD"
     " | SNAPSHOT"
@@ -40,12 +35,11 @@ def is_admin_command(sql: bytes) -> bool:
 class AdminConsole:
     """Runs one CACHEPROXY command for a session; returns its reply messages (without ReadyForQuery)."""
 
-    def __init__(self, server: ProxyServer, explain_for: Callable[[Session, bytes], list[tuple[str, str]]]) -> None:
+    def __init__(self, server: ConsoleServer) -> None:
         self._server = server
-        self._explain_for = explain_for
         self._snapshots: set[asyncio.Future[str]] = set()  # running CACHEPROXY SNAPSHOT tasks (kept referenced)
 
-    def execute(self, session: Session, sql: str) -> bytes:
+    def execute(self, session: ConsoleSession, sql: str) -> bytes:
         words = sql.strip().rstrip(";").split()
         command = " ".join(w.upper() for w in words[1:3])
         log.info("admin command from %s (user %s): %s", session.peer, session.user, " ".join(words[:3]))
@@ -60,7 +54,7 @@ class AdminConsole:
         except ProxyError as exc:
             return m.error_response(exc.severity, exc.sqlstate, exc.message, detail=exc.detail)
 
-    def _dispatch(self, session: Session, sql: str, words: list[str], command: str) -> bytes:
+    def _dispatch(self, session: ConsoleSession, sql: str, words: list[str], command: str) -> bytes:
         if command == "SHOW STATS":
             return _table(["stat", "value"], self._stats(), "SHOW")
         if command == "SHOW RULES":
@@ -71,13 +65,13 @@ class AdminConsole:
             return _table(columns, self._caches(limit), "SHOW")
         if words[1:2] and words[1].upper() == "EXPLAIN" and len(words) > 2:
             query = sql.strip().rstrip(";").split(None, 2)[2]
-            return _table(["property", "value"], self._explain_for(session, query.encode()), "EXPLAIN")
+            return _table(["property", "value"], session.explain(query.encode()), "EXPLAIN")
         if command == "INVALIDATE TABLE" and len(words) == 4:
             service = self._cache()
             try:
                 _, name = parse_pattern(words[3])
             except ValueError as exc:
-                raise ProxyError(_SYNTAX_ERROR, str(exc), severity="ERROR") from exc
+                raise ProxyError(SYNTAX_ERROR, str(exc), severity="ERROR") from exc
             removed = service.engine.invalidate_tables([(session.database, name)])
             return m.command_complete(f"INVALIDATE {removed}")
         if command == "FLUSH":
@@ -86,7 +80,7 @@ class AdminConsole:
             return m.command_complete(f"RELOAD {self._server.reload()}")
         if command == "SNAPSHOT":
             return self._snapshot()
-        raise ProxyError(_SYNTAX_ERROR, f"unknown CACHEPROXY command; use {USAGE}", severity="ERROR")
+        raise ProxyError(SYNTAX_ERROR, f"unknown CACHEPROXY command; use {USAGE}", severity="ERROR")
 
     def _snapshot(self) -> bytes:
         """Start a snapshot and answer at once: commands run inside a transport callback and cannot wait for it.

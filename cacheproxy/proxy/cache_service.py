@@ -1,7 +1,8 @@
-"""CacheService: the cache state shared by every session: engine, analyzer, rules, catalogs, fills in flight.
+"""CacheService: the cache state every session shares: the tier, the classification memo, the feeds, fills in flight.
 
-Sessions ask it three things: what a statement is and whether its result may be cached here (`classify`), to
-store or look up results, and to invalidate after writes. It owns the single-flight table (one upstream query per
+Sessions ask it what a statement is (`classify`: analysis, then the pure judgement of policy/classify.py, memoized
+per exact text), and to invalidate after writes; they look up and store through `tier` (cache/tier.py: the
+in-process engine today). It owns the single-flight table (one upstream query per
 missing key at a time), the background sweeper that expires entries actively, and the link to the other proxies
 (the invalidation bus): what this proxy's sessions commit is published there, what others publish is applied here,
 and a database whose feed is down is "blind": nothing of it is served or stored until the feed is back.
@@ -12,30 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from cacheproxy.analysis.analyzer import Analyzer
-from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo
-from cacheproxy.analysis.points import Operand, Point, read_point, write_point
+from cacheproxy.analysis.analyzer import Analyzer, analyze_head
 from cacheproxy.analysis.strings import backslash_quotes
 from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
-from cacheproxy.cache.entry import Entry, TableId, any_row, base_table, database_id, row_id
+from cacheproxy.cache.entry import Entry, TableId, base_table
+from cacheproxy.cache.tier import CacheTier
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import Config
+from cacheproxy.feeds.bus import Invalidation, InvalidationBus
+from cacheproxy.feeds.catalog_loader import CatalogLoader
+from cacheproxy.feeds.replication import ReplicationListener
 from cacheproxy.observability.metrics import Metrics
+from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify
 from cacheproxy.policy.rules import RuleSet
-from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
-from cacheproxy.protocol.frontend import bind_parameter
-from cacheproxy.proxy.bus import Invalidation, InvalidationBus
-from cacheproxy.proxy.catalog_loader import CatalogLoader
-from cacheproxy.proxy.replication import ReplicationListener
+from cacheproxy.policy.verdict import WriteScope
 
 log = logging.getLogger("cacheproxy.cache")
 
@@ -43,36 +41,22 @@ _SWEEP_INTERVAL = 1.0
 _SWEEP_CHECKS = 2048
 _CLASSIFY_MEMO = 50_000
 _MEMO_MAX_STATEMENT = 4096  # bytes: bounds the memo to ~200 MiB of statement text at worst
-# Statements longer than this are not analyzed: the analyzer is pure Python (a few µs per byte) and runs on the event
-# loop, so a multi-megabyte bulk INSERT would stall every session. Such statements are never cached, and count as
-# writing anything: the whole database is invalidated after them.
-MAX_ANALYZED_BYTES = 16 * 1024
 # A database's own connections (the bus's LISTEN connection, the replication stream) are closed this long after its
 # last client session ends, so that DROP DATABASE does not fail with "being accessed by other users".
 IDLE_RELEASE = 2.0
-NO_CATALOG = ReadVerdict(False, "the catalog of this database is not loaded (yet)")
-
-
-@dataclass(frozen=True, slots=True)
-class Classified:
-    """A statement's analysis and, for reads, the verdict under the catalog version it was judged with.
-
-    `point`: a cacheable read, or a write, of one row by its key (analysis/points.py); `point_tables`: the tables
-    the verdict depends on that have a point key (their entries carry row-level dependencies: `dependencies`)."""
-
-    info: QueryInfo
-    verdict: ReadVerdict
-    catalog_version: int
-    point: Point | None = None
-    point_tables: frozenset[str] = frozenset()
 
 
 class CacheService:
+    """The shared cache state of one proxy process (see the module docstring)."""
+
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         cache = config.cache
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics()
         self.engine = CacheEngine(max_memory=cache.max_memory, max_entry_size=cache.max_entry_size, shards=cache.shards)
+        # The request path goes through the tier interface only (the engine's other operations, for the admin console
+        # and snapshots, stay specific to the in-process tier).
+        self.tier: CacheTier = self.engine
         self.analyzer = Analyzer(cache.analysis_cache_size)
         self.rules = RuleSet(config.rules, cache.default_ttl)
         self.catalogs = CatalogLoader(config.upstream, self.metrics.catalog_loaded)
@@ -132,17 +116,17 @@ class CacheService:
         if found is not None and found.catalog_version == version:
             self._memo.move_to_end(memo_key)
             return found
-        text = sql.decode("utf-8", "replace") if not strings else decode_sql(sql, strings)
         if len(sql) > MAX_ANALYZED_BYTES:
-            info = _unanalyzed(sql)
-        elif text is None:
-            info = _unanalyzed(sql, "statement in a client encoding the proxy cannot decode")
+            head = sql[:1024].decode("utf-8", "replace")
+            info = analyze_head(head, f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed")
         else:
-            info = self.analyzer.analyze(text, backslash_quotes(strings))
-        verdict = judge_read(info, catalog, self.rules) if catalog is not None else NO_CATALOG
+            text = sql.decode("utf-8", "replace") if not strings else decode_sql(sql, strings)
+            if text is None:
+                info = analyze_head("", "statement in a client encoding the proxy cannot decode", unknown=True)
+            else:
+                info = self.analyzer.analyze(text, backslash_quotes(strings))
         # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
-        points = _points(sql, info, verdict, catalog) if not strings else (None, frozenset[str]())
-        found = Classified(info, verdict, version, *points)
+        found = classify(sql, info, catalog, self.rules, points=not strings)
         if len(sql) <= _MEMO_MAX_STATEMENT:  # long statements are rare repeats, and would pin their text here
             self._memo[memo_key] = found
             if len(self._memo) > _CLASSIFY_MEMO:
@@ -414,6 +398,33 @@ class CacheService:
             # Drop what is cached and refuse fills in flight (their generations change).
             self.engine.invalidate_database(database)
 
+    def role_settings_changed(self, database: str) -> None:
+        """ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened from now on start with other settings
+        (search_path...), so they must not share entries with older ones; the other proxies are told too."""
+        self.settings_epoch += 1
+        self.publish(database, (), settings=True)
+
+    def schema_changing(self, database: str) -> None:
+        """DDL was sent: decide nothing with the old catalog from now on (it is read again once the DDL completed)."""
+        self.catalogs.mark_stale(database)
+
+    def catalog_ready(self, database: str) -> bool:
+        """The database's current catalog is loaded."""
+        return self.catalogs.get(database) is not None
+
+    def last_catalog(self, database: str) -> Catalog | None:
+        """The database's last loaded catalog, even if a reload is due (for write scopes: a table's dependents)."""
+        return self.catalogs.last_known(database)
+
+    @property
+    def refresh_concurrency(self) -> int:
+        """write_through.concurrency: refreshes one commit may send at once."""
+        return self.config.write_through.concurrency
+
+    def observe_refresh(self, outcome: str) -> None:
+        """A write-through refresh: "stored", "failed" or "skipped" (over budget)."""
+        self.metrics.refreshed(outcome)
+
     def after_ddl(self, database: str) -> None:
         """DDL changes names, kinds and volatility: decide nothing more for this database until a reload."""
         self.catalogs.mark_stale(database)
@@ -449,44 +460,6 @@ class CacheService:
         if future is not None and not future.done():
             future.set_result(None)
 
-    # -- storage ---------------------------------------------------------------------------------------------
-
-    def dependencies(
-        self, database: str, classified: Classified, arguments: bytes | None = None, param_types: tuple[int, ...] = ()
-    ) -> frozenset[TableId]:
-        """What a result of `classified` (bound with `arguments`, for extended protocol) depends on: each table,
-        and for tables with a point key, the row it reads (a point read whose key is known) or "any row"; and
-        always the database itself (`database_id`: its catalog), so that invalidating the database drops it."""
-        tables = classified.verdict.tables
-        if not classified.point_tables:
-            return frozenset((database_id(database), *((database, name) for name in tables)))
-        point = classified.point
-        key = point_value(point.values[0], arguments, param_types) if point is not None else None
-        out = {database_id(database), *((database, name) for name in tables)}
-        for name in classified.point_tables:
-            row = row_id(name, key) if key is not None and point is not None and name == point.table else any_row(name)
-            out.add((database, row))
-        return frozenset(out)
-
-    def row_scope(
-        self, classified: Classified, scope: WriteScope, arguments: bytes | None, param_types: tuple[int, ...]
-    ) -> WriteScope:
-        """Narrow a write's scope to the rows it names, when it is a point write (one table, keys known)."""
-        point = classified.point
-        if point is None or scope.everything or scope.tables != {point.table}:
-            return scope
-        keys = [point_value(operand, arguments, param_types) for operand in point.values]
-        if any(key is None for key in keys):
-            return scope
-        rows = {row_id(point.table, key) for key in keys if key is not None}
-        return WriteScope(frozenset({*rows, any_row(point.table)}), False, scope.why, code=scope.code)
-
-    def shape_dependencies(self, database: str, classified: Classified) -> frozenset[TableId]:
-        """What a statement's Describe (its RowDescription and parameter type OIDs) depends on: the tables' shape,
-        not their rows (a write to one row leaves it), and the database's catalog (types may be dropped and made
-        again with other OIDs: DROP/CREATE EXTENSION)."""
-        return frozenset((database_id(database), *((database, name) for name in classified.verdict.tables)))
-
     # -- background ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -514,70 +487,3 @@ class CacheService:
                 self.engine.sweep(self.clock(), _SWEEP_CHECKS)
             except Exception:  # a sweeper bug must not stop expiry forever, nor the proxy
                 log.exception("cache sweep failed")
-
-
-def _points(
-    sql: bytes, info: QueryInfo, verdict: ReadVerdict, catalog: Catalog | None
-) -> tuple[Point | None, frozenset[str]]:
-    """What `classify` records for row-level invalidation (see Classified)."""
-    if catalog is None or not catalog.point_columns or info.statement_count != 1 or len(sql) > MAX_ANALYZED_BYTES:
-        return None, frozenset()
-    if verdict.cacheable:
-        point_tables = frozenset(name for name in verdict.tables if name in catalog.point_columns)
-        if not point_tables or len(info.reads) != 1:
-            return None, point_tables
-        point = read_point(sql.decode("utf-8", "replace"), catalog.point_key)
-        return (point if point is not None and (point.schema, point.table) in info.reads else None), point_tables
-    if info.kind is Kind.WRITE and len(info.writes) == 1:
-        point = write_point(sql.decode("utf-8", "replace"), catalog.point_key)
-        return (point if point is not None and (point.schema, point.table) in info.writes else None), frozenset()
-    return None, frozenset()
-
-
-# Declared parameter types a point key may be given as: unspecified (the server infers the key's type), int2/4/8.
-_INT_PARAM_TYPES = frozenset({0, 20, 21, 23})
-_INT_SIZES = {21: 2, 23: 4, 20: 8}  # int2, int4, int8
-_TEXT_INT = re.compile(rb"\s*[+-]?[0-9]+\s*")
-
-
-def point_value(operand: Operand, arguments: bytes | None, param_types: tuple[int, ...]) -> int | None:
-    """The integer a point statement's key operand stands for: its literal, or its Bind parameter read as the
-    server reads an integer (text: optional spaces and sign, ASCII digits; binary: 2, 4 or 8 bytes); None when it
-    cannot be known (no Bind, NULL, another type): the caller then assumes any row."""
-    if operand.literal is not None:
-        return operand.literal
-    if operand.param is None or arguments is None:
-        return None
-    declared = param_types[operand.param - 1] if operand.param <= len(param_types) else 0
-    found = bind_parameter(arguments, operand.param)
-    if declared not in _INT_PARAM_TYPES or found is None:
-        return None
-    fmt, raw = found
-    if raw is None:
-        return None
-    if fmt == 0 and _TEXT_INT.fullmatch(raw):
-        return int(raw)
-    if fmt == 1 and _INT_SIZES.get(declared) == len(raw):
-        # Only a declared integer type: with none, the server may have inferred float8 or numeric from another use
-        # of the parameter, whose binary form is not an integer's.
-        return int.from_bytes(raw, "big", signed=True)
-    return None
-
-
-def _unanalyzed(sql: bytes, undecodable: str | None = None) -> QueryInfo:
-    """What is assumed of a statement too long to analyze: not cacheable; it may write anything.
-
-    Even a long SELECT may call a function that writes, so only the session-level effects are ruled out by its first
-    keyword (a long DO block is treated as what it is: unknown effects, OTHER). A statement that cannot be decoded
-    (`undecodable` says why) may be anything, a SET too: OTHER, whose unknown effects include the session's state."""
-    head = sql[:64].lstrip(b" \t\r\n(").lower()
-    kind = Kind.OTHER if undecodable or head.startswith((b"do", b"call")) else Kind.WRITE
-    return QueryInfo(
-        kind=kind,
-        statement_count=1,
-        reads=frozenset(),
-        writes=frozenset({UNKNOWN_TABLE}),
-        functions=frozenset(),
-        cacheable=False,
-        reason=undecodable or f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed",
-    )

@@ -12,12 +12,12 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 from cacheproxy.config import Config
-from cacheproxy.errors import TOO_MANY_CONNECTIONS, ProxyError
+from cacheproxy.errors import CANNOT_CONNECT_NOW, OBJECT_NOT_IN_PREREQUISITE_STATE, TOO_MANY_CONNECTIONS, ProxyError
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.proxy.admin_console import AdminConsole
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.session import Session
-from cacheproxy.proxy.upstream import READ_LIMIT, send_cancel
+from cacheproxy.upstream import READ_LIMIT, send_cancel
 
 log = logging.getLogger("cacheproxy.server")
 
@@ -44,7 +44,7 @@ class ProxyServer:
         self.metrics = metrics if metrics is not None else (cache.metrics if cache is not None else Metrics())
         self._reload = reload
         self.snapshot = snapshot  # App.snapshot_now, for CACHEPROXY SNAPSHOT
-        self.admin_console = AdminConsole(self, lambda session, sql: session.explain(sql))
+        self.admin_console = AdminConsole(self)
         self.tls_context = server_tls_context(config)
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
@@ -90,7 +90,10 @@ class ProxyServer:
     def reload(self) -> str:
         """Reload the configuration (CACHEPROXY RELOAD, SIGHUP): what changed, or a ProxyError saying why not."""
         if self._reload is None:
-            raise ProxyError("55000", "reload is not available: the proxy was not started from a configuration")
+            raise ProxyError(
+                OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "reload is not available: the proxy was not started from a configuration",
+            )
         return self._reload()
 
     # -- the session table -----------------------------------------------------------------------------------
@@ -99,7 +102,7 @@ class ProxyServer:
         """Count a session that sent its StartupMessage against `limits.max_client_connections`."""
         if self._shutting_down:
             self.metrics.client_refused("shutting_down")
-            raise ProxyError("57P03", "the proxy is shutting down")
+            raise ProxyError(CANNOT_CONNECT_NOW, "the proxy is shutting down")
         limit = self.config.limits.max_client_connections
         if len(self._admitted) >= limit:
             log.warning("refusing client %s: %d client connections already (limit)", session.peer, limit)

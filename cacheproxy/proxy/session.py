@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from enum import Enum
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
+from cacheproxy.config import Config
 from cacheproxy.errors import (
     ADMIN_SHUTDOWN,
     IDLE_SESSION_TIMEOUT,
     INTERNAL_ERROR,
     INVALID_AUTHORIZATION_SPECIFICATION,
+    QUERY_CANCELED,
     ProtocolViolation,
     ProxyError,
     UpstreamError,
 )
+from cacheproxy.observability.metrics import Metrics
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer, encode
+from cacheproxy.protocol.messages import IDLE
 from cacheproxy.protocol.startup import (
     CancelRequest,
     GSSEncRequest,
@@ -35,20 +40,26 @@ from cacheproxy.protocol.startup import (
     read_length,
 )
 from cacheproxy.proxy.admin_console import is_admin_command
+from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
+from cacheproxy.proxy.interfaces import ConsoleSession
 from cacheproxy.proxy.link import Link
-from cacheproxy.proxy.upstream import connection_lost_error, open_upstream
-
-if TYPE_CHECKING:
-    from cacheproxy.proxy.server import ProxyServer
+from cacheproxy.proxy.streams import (
+    MAX_STARTUP_MESSAGE,
+    client_auth_request,
+    drain_stream_buffer,
+    peer_name,
+    read_message,
+    read_upstream_message,
+)
+from cacheproxy.proxy.transaction import TransactionTracker
+from cacheproxy.upstream import connection_lost_error, open_upstream
 
 log = logging.getLogger("cacheproxy.session")
 
 # Authentication requests after which the server waits for nothing from the client (AuthenticationOk and
 # AuthenticationSASLFinal); every other request code expects one PasswordMessage-family reply.
 _NO_REPLY_AUTH = frozenset((m.AUTH_OK, m.AUTH_SASL_FINAL))
-# Upstream messages during authentication are small; anything bigger is not a PostgreSQL server.
-_MAX_STARTUP_MESSAGE = 1 << 20
 # PostgreSQL's own message-size ceiling (1 GB for a field, plus headers): server messages are trusted up to it.
 _MAX_BACKEND_MESSAGE = (1 << 30) + (1 << 20)
 _CLOSE_GRACE = 5.0
@@ -59,6 +70,38 @@ _CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
 # Bytes queued for a client beyond which the caching relay stops answering its requests (hits are written by the
 # proxy itself, so the server's own backpressure does not hold them): resumed when the buffer drains.
 _CLIENT_BACKLOG = 1 << 20
+
+
+class AdminConsole(Protocol):
+    def execute(self, session: ConsoleSession, sql: str) -> bytes: ...
+
+
+class SessionServer(Protocol):
+    """What a session needs of the proxy server that owns it (ProxyServer): configuration, the cache, admission,
+    cancel keys, the admin console."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def cache(self) -> CacheService | None: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None: ...
+
+    @property
+    def admin_console(self) -> AdminConsole: ...
+
+    def admit(self, session: Session) -> None: ...
+
+    def issue_key(self, session: Session, upstream_pid: int) -> tuple[int, int]: ...
+
+    def forget(self, session: Session) -> None: ...
+
+    async def forward_cancel(self, process_id: int, secret_key: int) -> None: ...
 
 
 class Phase(Enum):
@@ -83,11 +126,11 @@ class Session:
     """One client connection and the upstream connection opened for it."""
 
     def __init__(
-        self, server: ProxyServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session_id: int
+        self, server: SessionServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session_id: int
     ) -> None:
         self.server = server
         self.id = session_id
-        self.peer = _peer_name(writer)
+        self.peer = peer_name(writer)
         self.tls = False  # the client's connection is encrypted (it asked, and tls.mode allows it)
         self.startup: StartupMessage | None = None
         self.phase = Phase.STARTUP
@@ -95,7 +138,8 @@ class Session:
         self.secret_key = 0
         self.upstream_key: tuple[int, bytes] | None = None
         self.parameters: dict[str, str] = {}
-        self.tx_status = b"I"
+        # The transaction and settings state (its `status` changes only at ReadyForQuery, in `on_ready`).
+        self.transaction = TransactionTracker(session_id, parameters=self.parameters)
         self.opened_at = time.monotonic()
         self._client_reader = reader
         self._client_writer = writer
@@ -123,7 +167,7 @@ class Session:
     @property
     def idle(self) -> bool:
         """Between request cycles and outside a transaction block: safe to close without losing work."""
-        if self.phase is not Phase.READY or self.tx_status != b"I":
+        if self.phase is not Phase.READY or self.transaction.status is not IDLE:
             return False
         if self._caching is not None:
             return not self._caching.busy
@@ -181,6 +225,7 @@ class Session:
         if startup is None:
             return "cancel request handled"
         self.startup = startup
+        self.transaction.startup = startup.parameters
         self.server.admit(self)  # raises TOO_MANY_CONNECTIONS
         log.info(
             "session %d: client %s user=%s database=%s application_name=%s",
@@ -195,7 +240,7 @@ class Session:
             async with asyncio.timeout(timeout):
                 await self._authenticate(startup)
         except TimeoutError as exc:
-            raise ProxyError("57014", f"canceling authentication due to timeout ({timeout:g}s)") from exc
+            raise ProxyError(QUERY_CANCELED, f"canceling authentication due to timeout ({timeout:g}s)") from exc
         self._set_phase(Phase.READY, "authenticated")
         return await self._relay()
 
@@ -294,10 +339,10 @@ class Session:
         client = self._client_writer
         up_writer.write(startup.raw)
         while True:
-            msg_type, body = await _read_upstream_message(up_reader)
+            msg_type, body = await read_upstream_message(up_reader)
             if msg_type == m.AUTHENTICATION:
                 code = m.auth_code(body)
-                client.write(_client_auth_request(code, body))
+                client.write(client_auth_request(code, body))
                 if code == m.AUTH_OK:
                     break
                 if code not in _NO_REPLY_AUTH:
@@ -315,7 +360,7 @@ class Session:
         """Forward the client's one reply (password, SASL or GSS response) to an authentication request."""
         assert self._up_writer is not None
         await self._client_writer.drain()
-        msg_type, body = await _read_message(self._client_reader, _MAX_STARTUP_MESSAGE)
+        msg_type, body = await read_message(self._client_reader, MAX_STARTUP_MESSAGE)
         if msg_type != m.PASSWORD:
             raise ProtocolViolation(f"expected an authentication response, got message type {chr(msg_type)!r}")
         self._up_writer.write(encode(b"p", body))
@@ -324,7 +369,7 @@ class Session:
         """After AuthenticationOk: relay ParameterStatus and notices, swap in our BackendKeyData, up to 'Z'."""
         client = self._client_writer
         while True:
-            msg_type, body = await _read_upstream_message(up_reader)
+            msg_type, body = await read_upstream_message(up_reader)
             if msg_type == m.BACKEND_KEY_DATA:
                 # The client cancels through us, so it gets our key; the upstream's stays here (see forward_cancel).
                 self.upstream_key = m.decode_backend_key_data(body)
@@ -336,7 +381,7 @@ class Session:
                 name, value = m.decode_parameter_status(body)
                 self.parameters[name] = value
             elif msg_type == m.READY_FOR_QUERY:
-                self.tx_status = bytes(body[:1])
+                self.transaction.on_ready(bytes(body[:1]))
                 break
             elif msg_type == m.ERROR_RESPONSE:
                 raise SessionEnd("upstream refused: " + m.decode_error_fields(body).get("M", "error"))
@@ -350,8 +395,8 @@ class Session:
         loop = asyncio.get_running_loop()
         self._relay_end = loop.create_future()
         # Bytes the streams read ahead of the protocol swap would be lost with them: relay them first.
-        client_early = _drain_stream_buffer(self._client_reader)
-        upstream_early = _drain_stream_buffer(self._up_reader)
+        client_early = drain_stream_buffer(self._client_reader)
+        upstream_early = drain_stream_buffer(self._up_reader)
         # uvloop's transports implement asyncio.Transport without subclassing it.
         client_transport = cast(asyncio.Transport, self._client_writer.transport)
         up_transport = cast(asyncio.Transport, self._up_writer.transport)
@@ -362,7 +407,9 @@ class Session:
         self._client_link.on_drained = self._on_client_drained
         service = self.server.cache
         if service is not None and "replication" not in self.startup_parameters:
-            self._caching = CachingRelay(self, service, up_transport.write, client_transport.write)
+            self._caching = CachingRelay(
+                self, service, self.server.config.limits, up_transport.write, client_transport.write
+            )
         client_transport.resume_reading()  # a StreamReader may have paused it on a full buffer
         up_transport.resume_reading()
         if upstream_early:
@@ -428,7 +475,7 @@ class Session:
             if msg_type == m.READY_FOR_QUERY:
                 if self._in_flight:
                     self._in_flight -= 1
-                self.tx_status = region[start + HEADER_SIZE : start + HEADER_SIZE + 1]
+                self.transaction.on_ready(region[start + HEADER_SIZE : start + HEADER_SIZE + 1])
             elif msg_type == m.PARAMETER_STATUS:
                 name, value = m.decode_parameter_status(region[start + HEADER_SIZE : end])
                 self.parameters[name] = value
@@ -458,11 +505,14 @@ class Session:
         sql = region[HEADER_SIZE:-1]
         if not is_admin_command(sql):
             return False
-        reply = self.server.admin_console.execute(self, sql.decode("utf-8", "replace"))
-        self._client_writer.transport.write(reply + m.ready_for_query(self.tx_status))
+        self._client_writer.transport.write(self.admin_command(sql) + self.transaction.status.ready)
         return True
 
-    # -- services for the caching relay -----------------------------------------------------------------------
+    def admin_command(self, sql: bytes) -> bytes:
+        """Run a CACHEPROXY command for this session: its replies, without ReadyForQuery."""
+        return self.server.admin_console.execute(self, sql.decode("utf-8", "replace"))
+
+    # -- services for the caching relay (interfaces.RelayHost) -----------------------------------------------
 
     def note_parameter(self, body: bytes) -> None:
         name, value = m.decode_parameter_status(body)
@@ -547,45 +597,3 @@ class Session:
 
 def _error_message(exc: ProxyError) -> bytes:
     return m.error_response(exc.severity, exc.sqlstate, exc.message, detail=exc.detail)
-
-
-def _client_auth_request(code: int, body: bytes) -> bytes:
-    """The authentication request as the client should see it.
-
-    SCRAM-SHA-256-PLUS binds the exchange to the TLS channel it runs on; the client's channel ends at this proxy, so
-    a client that picked -PLUS would fail. Only the mechanisms without channel binding are offered.
-    """
-    if code == m.AUTH_SASL:
-        return m.authentication_sasl([mech for mech in m.sasl_mechanisms(body) if not mech.endswith("-PLUS")])
-    return encode(b"R", body)
-
-
-async def _read_message(reader: asyncio.StreamReader, max_size: int) -> tuple[int, bytes]:
-    """Read one whole message (startup and authentication phases only, where messages are few and small)."""
-    header = await reader.readexactly(HEADER_SIZE)
-    length = int.from_bytes(header[1:5], "big")
-    if length < 4 or length > max_size:
-        raise ProtocolViolation(f"invalid message length {length} for message type {chr(header[0])!r}")
-    return header[0], await reader.readexactly(length - 4)
-
-
-async def _read_upstream_message(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    try:
-        return await _read_message(reader, _MAX_STARTUP_MESSAGE)
-    except (ConnectionError, asyncio.IncompleteReadError) as exc:
-        raise connection_lost_error() from exc
-
-
-def _drain_stream_buffer(reader: asyncio.StreamReader) -> bytes:
-    """Whatever a StreamReader already holds, without waiting (the relay takes over its transport next)."""
-    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
-    data = bytes(buffer)
-    buffer.clear()
-    return data
-
-
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer or "unknown")

@@ -19,8 +19,8 @@ import asyncpg
 
 from cacheproxy.cache.entry import WHOLE_DATABASE
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.proxy.bus import CATALOG_DIGEST
-from cacheproxy.proxy.upstream import control_connection
+from cacheproxy.feeds.bus import CATALOG_DIGEST
+from cacheproxy.upstream import control_connection
 
 # Every plain / partitioned table and materialized view outside the system schemas (pg_% covers pg_catalog, pg_toast
 # and the pg_temp_N of sessions), with its inheritance tree below it; stats are NULL for relations without a row.

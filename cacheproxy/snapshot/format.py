@@ -36,6 +36,7 @@ import orjson
 import zstandard
 
 from cacheproxy.cache.entry import Entry, TableId
+from cacheproxy.cache.keys import typed
 
 MAGIC = b"\x89CPSNAP\n"
 END_MAGIC = b"CPSNEND\n"
@@ -395,7 +396,7 @@ def decode_records(raw: bytes, count: int) -> list[Record]:
                 rule, pos = _decode_str(raw, pos)
             elif has_rule != 0:
                 raise SnapshotCorrupt("bad rule flag")
-            records.append(Record(key, value, expires_at, frozenset(tables), query, rule))
+            records.append(Record(typed(key), value, expires_at, frozenset(tables), query, rule))
     except (struct.error, UnicodeDecodeError) as exc:
         raise SnapshotCorrupt(f"record {len(records)} unreadable: {exc}") from exc
     if pos != len(raw):

@@ -12,8 +12,8 @@ import pytest
 from cacheproxy.config import UpstreamConfig
 from cacheproxy.demo.pgcluster import free_port
 from cacheproxy.errors import UpstreamError
+from cacheproxy.feeds.raw_client import RawConnection, connect_raw
 from cacheproxy.protocol.framing import split_messages
-from cacheproxy.proxy.raw_client import RawConnection, connect_raw
 from tests.support.pgcluster import PgCluster
 from tests.support.rawpg import SYNC, RawConn, bind, data_rows, describe_portal, execute, parse, query
 from tests.support.tls import self_signed

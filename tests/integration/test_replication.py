@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 
 from cacheproxy.config import UpstreamConfig
+from cacheproxy.feeds.replication import ReplicationListener
 from cacheproxy.protocol.pgoutput import parse_lsn
-from cacheproxy.proxy.replication import ReplicationListener
 from tests.support.pgcluster import PgCluster
 
 WAIT = 60.0  # a bound on waiting for the server, not a speed assertion

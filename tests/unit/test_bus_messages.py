@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cacheproxy.proxy.bus import Invalidation
+from cacheproxy.feeds.bus import Invalidation
 
 
 def test_round_trip_and_merge() -> None:

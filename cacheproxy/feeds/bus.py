@@ -34,7 +34,7 @@ import asyncpg
 import orjson
 
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.proxy.upstream import control_connection
+from cacheproxy.upstream import control_connection
 
 log = logging.getLogger("cacheproxy.bus")
 

@@ -18,7 +18,7 @@ import asyncpg
 
 from cacheproxy.catalog.model import Catalog, HiddenCode, Relation
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.proxy.upstream import control_connection
+from cacheproxy.upstream import control_connection
 
 log = logging.getLogger("cacheproxy.catalog")
 

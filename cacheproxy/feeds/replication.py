@@ -48,7 +48,8 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.errors import UpstreamError
+from cacheproxy.errors import DUPLICATE_OBJECT, UpstreamError
+from cacheproxy.feeds.raw_client import COPY_DATA, COPY_DONE, RawConnection, connect_raw
 from cacheproxy.protocol.framing import encode, split_messages
 from cacheproxy.protocol.messages import ERROR_RESPONSE, decode_error_fields
 from cacheproxy.protocol.pgoutput import (
@@ -58,8 +59,7 @@ from cacheproxy.protocol.pgoutput import (
     format_lsn,
     standby_status_update,
 )
-from cacheproxy.proxy.raw_client import COPY_DATA, COPY_DONE, RawConnection, connect_raw
-from cacheproxy.proxy.upstream import control_connection
+from cacheproxy.upstream import control_connection
 
 log = logging.getLogger("cacheproxy.replication")
 
@@ -68,7 +68,6 @@ OnState = Callable[[str, bool, str], None]
 
 _MAX_SLOT_NAME = 63  # NAMEDATALEN - 1
 _STOP_TIMEOUT = 10.0
-_DUPLICATE_OBJECT = "42710"
 # Creating a logical slot waits for every transaction running when it started to end, prepared ones included (a
 # prepared transaction left behind blocks it for good): after this long, say why the database is not served.
 SLOT_STALL = 5.0
@@ -288,7 +287,7 @@ class ReplicationListener:
             request.cancel()
             self.stalled = None
         error = _error_of(reply)
-        if error is not None and not (error.get("C") == _DUPLICATE_OBJECT and not self.temporary):
+        if error is not None and not (error.get("C") == DUPLICATE_OBJECT and not self.temporary):
             raise UpstreamError(
                 f"could not create replication slot {slot!r}: {error.get('M', '')}", sqlstate=error.get("C", "")
             )

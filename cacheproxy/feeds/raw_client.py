@@ -28,7 +28,7 @@ from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.client_auth import ClientAuth
 from cacheproxy.protocol.framing import HEADER_SIZE, Frame, Framer, encode, split_messages
 from cacheproxy.protocol.startup import encode_startup
-from cacheproxy.proxy.upstream import READ_LIMIT, open_upstream
+from cacheproxy.upstream import READ_LIMIT, open_upstream
 
 log = logging.getLogger("cacheproxy.raw_client")
 

@@ -1,0 +1,55 @@
+"""CacheTier: the interface the request path stores and looks up results through (the seam for a shared tier).
+
+Today one tier exists: `CacheEngine`, in process memory. The next is a shared one (Redis / Valkey) that several
+sidecars fill and read together; it plugs in here, behind the same operations, without the relay knowing which
+tier answers. Keys are cache.keys NamedTuples (stable across processes: a shared tier may encode them as a
+snapshot does); `generations` is the fill-race guard (cache/engine.py explains it), which a shared tier must give
+the same meaning across processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Protocol
+
+from cacheproxy.cache.entry import Entry, TableId
+
+
+class CacheTier(Protocol):
+    """What the relay and the cache service need of a cache tier."""
+
+    def get(self, key: Hashable, now: float, *, count_miss: bool = True, count_hit: bool = True) -> Entry | None:
+        """The live entry for `key`, or None. Counted as a hit or miss unless told not to (`count` does it later)."""
+        ...
+
+    def count(self, key: Hashable, entry: Entry | None) -> None:
+        """Count an uncounted lookup of `key` once its outcome is known: served from `entry`, or (None) sent
+        upstream."""
+        ...
+
+    def generations(self, tables: Iterable[TableId]) -> tuple[int, ...]:
+        """Taken before a query goes upstream; `put` refuses the result if any table was invalidated since."""
+        ...
+
+    def put(
+        self,
+        key: Hashable,
+        value: bytes,
+        *,
+        tables: frozenset[TableId],
+        ttl: float,
+        now: float,
+        query: str = "",
+        rule: str | None = None,
+        generations: tuple[int, ...] | None = None,
+    ) -> bool:
+        """Store a result that depends on `tables`; False when refused (too big, expired, or stale: generations)."""
+        ...
+
+    def invalidate_tables(self, tables: Iterable[TableId], dropped: list[Entry] | None = None) -> int:
+        """Drop every entry that depends on one of `tables` (appended to `dropped` when given); how many."""
+        ...
+
+    def invalidate_database(self, database: str, dropped: list[Entry] | None = None) -> int:
+        """Drop every entry of `database`; how many."""
+        ...

@@ -1,0 +1,77 @@
+"""What the relay remembers of each request it sends upstream, handed back by the ReplyTracker when the request
+completes: a result to store (Fill), a forwarded statement's effects (Request), a Parse or Describe to account for,
+the proxy's own isolation probe, a write-through refresh."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cacheproxy.analysis.model import Kind
+from cacheproxy.cache.entry import TableId
+from cacheproxy.cache.keys import CacheKey
+from cacheproxy.policy.verdict import WriteScope
+from cacheproxy.protocol.statements import Statement
+
+KIND_LABELS = {
+    Kind.READ: "read",
+    Kind.WRITE: "write",
+    Kind.DDL: "ddl",
+    Kind.TRANSACTION: "tx",
+    Kind.SESSION: "session",
+    Kind.OTHER: "other",
+}
+
+
+@dataclass(slots=True)
+class Fill:
+    """What storing a captured result needs: its key, its dependencies, and the generations taken at send time."""
+
+    key: CacheKey
+    tables: frozenset[TableId]
+    generations: tuple[int, ...]
+    ttl: float
+    query: str
+    rule: str
+    leader: bool  # this session registered the single-flight entry for the key
+    deferred: bool = False  # read inside a transaction block: stored only if that transaction commits
+
+
+@dataclass(slots=True)
+class Request:
+    """A forwarded query or Execute, for what happens when it completes: invalidation, session state, metrics and
+    the slow-query log."""
+
+    scope: WriteScope | None
+    kind: str
+    outcome: str  # "miss" (its result will be stored) or "bypass"
+    started: float
+    sql: bytes
+    changes_state: bool = False  # a SET/RESET/DISCARD to record if it succeeds
+    discards_all: bool = False  # ... and it is DISCARD ALL
+
+
+@dataclass(slots=True)
+class ParseDone:
+    """A Parse sent upstream: if the server refuses or skips it, the statement does not exist there."""
+
+    name: str
+    statement: Statement
+    replay: bool = False
+
+
+@dataclass(slots=True)
+class Described:
+    """A Describe of a statement sent upstream: its reply tells the client the statement's RowDescription."""
+
+    statement: Statement
+
+
+class IsolationProbe:
+    """The proxy's own question, after a BEGIN that named no isolation level: which level the transaction has."""
+
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class Refresh:
+    """A write-through refresh this session sent for another result: counted when it completes."""
