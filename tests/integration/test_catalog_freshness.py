@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from tests.support.cachetest import eventually
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread, proxy_config
 
@@ -67,16 +68,6 @@ def warm(proxy: ProxyThread, reader: Reader, sql: str) -> Outcome:
             return first
         time.sleep(0.05)
     pytest.fail(f"{sql!r} was never answered from the cache")
-
-
-def eventually(check: Callable[[], bool], seconds: float = 15.0) -> bool:
-    """A change made straight on the server reaches the proxy by its catalog poll (every second)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def _change(pg: PgCluster, dbname: str, proxy: ProxyThread, where: str, sql: str) -> None:

@@ -5,7 +5,6 @@ no backend idle in a transaction after a catalog load."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -13,19 +12,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.support.cachetest import eventually
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
 
 FEEDS = {"bus": {}, "bus and replication": {"replication": True, "slot_prefix": "cp_life"}}
-
-
-def _eventually(check: Callable[[], bool], seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _use(pg: PgCluster, proxy: ProxyThread, name: str) -> None:
@@ -73,10 +64,10 @@ def test_drop_database_directly_once_its_sessions_are_gone(
     pg.create_database(name)
     _use(pg, proxy, name)
     service: Any = proxy.app.cache if proxy.app is not None else None
-    assert _eventually(lambda: not service.bus.watching(name) and name not in service._replication)
+    assert eventually(lambda: not service.bus.watching(name) and name not in service._replication)
     # Nothing of the proxy's stays connected (a catalog load still running under load finishes first): the
     # backends' count is what a DROP DATABASE made elsewhere meets.
-    assert _eventually(lambda: _backends(pg, name) == 0), "the proxy still holds a connection to the database"
+    assert eventually(lambda: _backends(pg, name) == 0), "the proxy still holds a connection to the database"
     assert _drop(pg.dsn(dbname="postgres"), name) is None
     # The database is served again (a new one of that name) once a session comes back.
     pg.create_database(name)
@@ -96,7 +87,7 @@ def test_no_proxy_backend_is_idle_in_transaction_after_a_catalog_load(
         conn.execute("CREATE TABLE t (id int)")  # DDL: the catalog is read again
         conn.execute("SELECT count(*) FROM t")
         service: Any = proxy.app.cache if proxy.app is not None else None
-        assert _eventually(lambda: service.catalogs.get(dbname) is not None)
+        assert eventually(lambda: service.catalogs.get(dbname) is not None)
         rows = pg.psql(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'cacheproxy%' "
             f"AND datname = '{dbname}' AND state LIKE 'idle in transaction%'"

@@ -5,24 +5,15 @@ and in /readyz (issue 14, "also seen")."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 
+from tests.support.cachetest import eventually
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
-
-
-def _eventually(check: Callable[[], bool], seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_a_prepared_transaction_blocking_the_slot_is_reported(
@@ -38,14 +29,14 @@ def test_a_prepared_transaction_blocking_the_slot_is_reported(
             psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn,
         ):
             assert conn.execute("SELECT id FROM t").fetchall() == [(1,)]  # answered upstream, not served
-            assert _eventually(lambda: "prepared transaction" in proxy.call(app.ready())[1])
+            assert eventually(lambda: "prepared transaction" in proxy.call(app.ready())[1])
             ok, text = proxy.call(app.ready())
             assert ok and dbname in text and "pg_prepared_xacts" in text
             assert dbname in app.cache.blind
             assert any("prepared transaction" in r.getMessage() for r in caplog.records)
     finally:
         pg.psql("ROLLBACK PREPARED 'left_behind'", dbname=dbname)
-    assert _eventually(lambda: dbname not in app.cache.blind)
-    assert "prepared" not in proxy.call(app.ready())[1] or _eventually(
+    assert eventually(lambda: dbname not in app.cache.blind)
+    assert "prepared" not in proxy.call(app.ready())[1] or eventually(
         lambda: "prepared" not in proxy.call(app.ready())[1]
     )

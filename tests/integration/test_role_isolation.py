@@ -10,7 +10,6 @@ Whether a read was answered from the cache is told by pg_stat_statements (how of
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.support.cachetest import new_marker, upstream_calls
+from tests.support.cachetest import eventually, new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
 
@@ -157,7 +156,7 @@ def test_revoke_directly_on_postgres_stops_cached_reads(
     assert upstream_calls(pg, marker) == 1
     pg.psql(f"REVOKE SELECT ON pay FROM {ALICE[0]}", dbname=tables)  # bypassing the proxy
     # Seen by the catalog poll (invalidation.catalog_poll, 1 s): until then the change is not visible to the proxy.
-    assert _eventually(lambda: read(pg, cached.port, tables, ALICE, sql, protocol) == "42501")
+    assert eventually(lambda: read(pg, cached.port, tables, ALICE, sql, protocol) == "42501")
 
 
 def test_row_level_security_enabled_directly_hides_rows_cached_before(
@@ -168,14 +167,4 @@ def test_row_level_security_enabled_directly_hides_rows_cached_before(
     for _ in range(2):
         assert read(pg, cached.port, tables, ALICE, sql, "simple") == everything  # no RLS yet: all rows, cached
     pg.psql("ALTER TABLE docs ENABLE ROW LEVEL SECURITY", dbname=tables)  # bypassing the proxy
-    assert _eventually(lambda: read(pg, cached.port, tables, ALICE, sql, "simple") == ALICE_DOCS)
-
-
-def _eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
-    """Poll `check` (a change made straight on the server reaches the proxy by its catalog poll, every second)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    assert eventually(lambda: read(pg, cached.port, tables, ALICE, sql, "simple") == ALICE_DOCS)

@@ -56,3 +56,13 @@ def wait_until(predicate: Callable[[], bool], what: str) -> float:
             raise AssertionError(f"not within {WAIT}s: {what}")
         time.sleep(0.005)
     return time.monotonic() - started
+
+
+def eventually(check: Callable[[], bool], seconds: float = 20.0) -> bool:
+    """Poll `check` until true (True) or `seconds` pass (False): for state that follows a feed or a timer."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
