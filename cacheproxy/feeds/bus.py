@@ -306,8 +306,10 @@ class InvalidationBus:
 
             connection.add_termination_listener(closed)
             await connection.add_listener(self._channel, received)
-            self._listening.add(database)
             await self._check_catalog(database, connection)
+            # Listening only now, with the database reported up: until then `watch` hands out the future to wait
+            # on, so that a session's first query waits for the feed instead of being relayed blind (not stored).
+            self._listening.add(database)
             self._on_state(database, True, "listening")
             ready = self._ready.get(database)
             if ready is not None and not ready.done():
