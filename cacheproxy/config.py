@@ -748,6 +748,9 @@ class InvalidationConfig(_Section):
     connection per database); while that connection is down, the database's entries are not served.
     ``catalog_poll``: how often the bus connection checks the catalog for changes made straight on the database
     (GRANT/REVOKE, row security, DDL, roles), which drop the database's entries; None = never.
+    ``idle_release``: how long after a database's last client session its control connections (and replication
+    stream) stay open; closing them drops the database's entries (nothing would see writes meanwhile) and lets a
+    DROP DATABASE made elsewhere succeed; None = never.
     ``unknown_writes``: what a statement with unknown effects (DO, CALL, a function that may write) does:
     ``invalidate_database`` (default) or ``ignore``. ``replication``: also follow a logical replication stream
     (publication ``publication``, a temporary slot named ``slot_prefix`` + a per-instance suffix), which sees
@@ -757,6 +760,7 @@ class InvalidationConfig(_Section):
     bus: bool = setting(True, BOOLEAN)
     channel: str = setting("cacheproxy_invalidation", CHANNEL)
     catalog_poll: float | None = setting(1.0, optional(duration(positive=True)))
+    idle_release: float | None = setting(60.0, optional(duration(positive=True)))
     unknown_writes: str = setting("invalidate_database", choice("invalidate_database", "ignore"))
     replication: bool = setting(False, BOOLEAN)
     publication: str = setting("cacheproxy", CHANNEL)

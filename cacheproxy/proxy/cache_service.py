@@ -41,9 +41,6 @@ _SWEEP_INTERVAL = 1.0
 _SWEEP_CHECKS = 2048
 _CLASSIFY_MEMO = 50_000
 _MEMO_MAX_STATEMENT = 4096  # bytes: bounds the memo to ~200 MiB of statement text at worst
-# A database's own connections (the bus's LISTEN connection, the replication stream) are closed this long after its
-# last client session ends, so that DROP DATABASE does not fail with "being accessed by other users".
-IDLE_RELEASE = 2.0
 
 
 class CacheService:
@@ -283,9 +280,12 @@ class CacheService:
             self._sessions[database] = left
             return
         self._sessions.pop(database, None)
-        if database not in self._idle_timers:
+        # Not at once: releasing drops the database's entries, and applications whose connections come and go
+        # (no pool, a job, a benchmark's runs) would start cold each time.
+        delay = self.config.invalidation.idle_release
+        if delay is not None and database not in self._idle_timers:
             loop = asyncio.get_running_loop()
-            self._idle_timers[database] = loop.call_later(IDLE_RELEASE, self._release_idle, database)
+            self._idle_timers[database] = loop.call_later(delay, self._release_idle, database)
 
     def _release_idle(self, database: str) -> None:
         self._idle_timers.pop(database, None)

@@ -5,6 +5,7 @@ no backend idle in a transaction after a catalog load."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -12,11 +13,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support.cachetest import eventually
+from tests.support.cachetest import eventually, new_marker, upstream_calls
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
 
-FEEDS = {"bus": {}, "bus and replication": {"replication": True, "slot_prefix": "cp_life"}}
+FEEDS = {
+    "bus": {"idle_release": "1s"},
+    "bus and replication": {"replication": True, "slot_prefix": "cp_life", "idle_release": "1s"},
+}
 
 
 def _use(pg: PgCluster, proxy: ProxyThread, name: str) -> None:
@@ -93,3 +97,19 @@ def test_no_proxy_backend_is_idle_in_transaction_after_a_catalog_load(
             f"AND datname = '{dbname}' AND state LIKE 'idle in transaction%'"
         )
         assert rows.strip() == "0"
+
+
+def test_entries_outlive_a_gap_between_sessions_shorter_than_idle_release(
+    pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread]
+) -> None:
+    """Applications whose connections come and go (no pool, jobs, a benchmark's runs) keep a warm cache: the
+    proxy's own connections, and so the entries, stay for `invalidation.idle_release` after the last session."""
+    proxy = start_proxy(cache={"default_ttl": "60s"}, invalidation={"idle_release": "30s"})
+    pg.psql("CREATE TABLE t (id int); INSERT INTO t VALUES (1)", dbname=dbname)
+    marker = new_marker()
+    sql = f"SELECT id AS {marker} FROM t"
+    for _ in range(2):
+        with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn:
+            assert conn.execute(sql).fetchall() == [(1,)]
+        time.sleep(2.5)  # longer than the release delay used to be
+    assert upstream_calls(pg, marker) == 1
