@@ -78,9 +78,6 @@ class Catalog:
     cascades: dict[str, frozenset[str]]  # parent table name -> child tables changed by ON DELETE/UPDATE actions
     immutable: frozenset[str]  # function names (and "schema.name") whose every overload is immutable
     system_functions: frozenset[str] = field(default_factory=frozenset)  # defined in pg_catalog
-    # No server, database or role default makes transactions REPEATABLE READ, SERIALIZABLE or DEFERRABLE: a plain
-    # BEGIN then opens a READ COMMITTED transaction, which may read the cache (rules' in_transaction).
-    fresh_transactions: bool = False
     # Table name -> its point key: the column of a single-column integer primary key shared by every table of that
     # name, none of which has triggers, rules, row security, partitions, inheritance or cascading foreign keys. A
     # write naming one key value then changes that row alone (analysis/points.py).

@@ -12,7 +12,6 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 import asyncpg
 
@@ -69,16 +68,6 @@ WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN 
 """
 _FUNCTIONS = """
 SELECT n.nspname, p.proname, p.provolatile = 'i' FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-"""
-
-
-# Does a plain BEGIN open a READ COMMITTED, non-deferrable transaction for every role? The server's default (as this
-# role sees it), and no role or database default for those settings anywhere (pg_db_role_setting is readable by all).
-_FRESH_TRANSACTIONS = """
-SELECT current_setting('default_transaction_isolation') IN ('read committed', 'read uncommitted')
-   AND current_setting('default_transaction_deferrable') = 'off'
-   AND NOT EXISTS (SELECT 1 FROM pg_db_role_setting s, unnest(s.setconfig) AS c
-                   WHERE lower(c) LIKE 'default\\_transaction\\_%' OR lower(c) LIKE 'transaction\\_%')
 """
 
 
@@ -288,7 +277,6 @@ class CatalogLoader:
                 inherits = await conn.fetch(_INHERITS)
                 cascades = await conn.fetch(_CASCADES)
                 functions = await conn.fetch(_FUNCTIONS)
-                fresh = bool(await conn.fetchval(_FRESH_TRANSACTIONS))
                 primary_keys = await conn.fetch(_PRIMARY_KEYS)
                 hidden = hidden_code(
                     await conn.fetch(_HIDDEN_CODE), await conn.fetch(_WRITING_VIEWS), await conn.fetch(_COLUMNS)
@@ -297,8 +285,7 @@ class CatalogLoader:
             await conn.close()
         self._versions += 1
         catalog = self._build(database, relations, inherits, cascades, functions)
-        catalog = catalog.with_primary_keys((r[0], r[1], r[2]) for r in primary_keys).with_hidden_code(hidden)
-        return replace(catalog, fresh_transactions=fresh)
+        return catalog.with_primary_keys((r[0], r[1], r[2]) for r in primary_keys).with_hidden_code(hidden)
 
     def _build(
         self,

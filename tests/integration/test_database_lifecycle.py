@@ -47,14 +47,20 @@ def _drop(dsn: str, name: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("feeds", list(FEEDS))
-def test_drop_database_through_the_proxy_right_after_use(
-    pg: PgCluster, start_proxy: Callable[..., ProxyThread], feeds: str
-) -> None:
+def _used_database(pg: PgCluster, start_proxy: Callable[..., ProxyThread], feeds: str) -> tuple[ProxyThread, str]:
+    """A proxy with `feeds`, and a new database used through it by a session that has ended."""
     proxy = start_proxy(cache={"default_ttl": "60s"}, invalidation=FEEDS[feeds])
     name = f"life_{uuid.uuid4().hex[:8]}"
     pg.create_database(name)
     _use(pg, proxy, name)
+    return proxy, name
+
+
+@pytest.mark.parametrize("feeds", list(FEEDS))
+def test_drop_database_through_the_proxy_right_after_use(
+    pg: PgCluster, start_proxy: Callable[..., ProxyThread], feeds: str
+) -> None:
+    proxy, name = _used_database(pg, start_proxy, feeds)
     assert _drop(pg.dsn(dbname="postgres", port=proxy.port), name) is None
     assert pg.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{name}'").strip() == "0"
 
@@ -63,10 +69,7 @@ def test_drop_database_through_the_proxy_right_after_use(
 def test_drop_database_directly_once_its_sessions_are_gone(
     pg: PgCluster, start_proxy: Callable[..., ProxyThread], feeds: str
 ) -> None:
-    proxy = start_proxy(cache={"default_ttl": "60s"}, invalidation=FEEDS[feeds])
-    name = f"life_{uuid.uuid4().hex[:8]}"
-    pg.create_database(name)
-    _use(pg, proxy, name)
+    proxy, name = _used_database(pg, start_proxy, feeds)
     service: Any = proxy.app.cache if proxy.app is not None else None
     assert eventually(lambda: not service.bus.watching(name) and name not in service._replication)
     # Nothing of the proxy's stays connected (a catalog load still running under load finishes first): the

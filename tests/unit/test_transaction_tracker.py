@@ -30,7 +30,6 @@ CATALOG = dataclasses.replace(
         [],
         [],
     ),
-    fresh_transactions=True,
 )
 RULES = RuleSet(
     (Rule(("prices",), in_transaction="always"), Rule(("ledger",), in_transaction="never")), default_ttl=60.0
