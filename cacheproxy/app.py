@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import fields, replace
 
-from cacheproxy.config import Config, ConfigError
+from cacheproxy.config import Config, ConfigError, UpstreamConfig
 from cacheproxy.errors import CONFIG_FILE_ERROR, ProxyError, UpstreamError
+from cacheproxy.mysql.server import MySQLServer
 from cacheproxy.observability import logs
 from cacheproxy.observability.admin_http import AdminServer
 from cacheproxy.observability.metrics import Metrics
@@ -42,13 +43,18 @@ class App:
         self.config = config
         self._load_config = load_config
         self.metrics = Metrics()
-        self.cache = CacheService(config, self.metrics) if config.cache.enabled else None
-        self.proxy = ProxyServer(
-            config,
-            self.cache,
-            self.reload if load_config is not None else None,
-            self.metrics,
-            snapshot=self.snapshot_now if self.cache is not None else None,
+        mysql = config.upstream.is_mysql  # the upstream URL chooses the front end (cacheproxy/mysql)
+        self.cache = CacheService(config, self.metrics) if config.cache.enabled and not mysql else None
+        self.proxy: ProxyServer | MySQLServer = (
+            MySQLServer(config, self.metrics)
+            if mysql
+            else ProxyServer(
+                config,
+                self.cache,
+                self.reload if load_config is not None else None,
+                self.metrics,
+                snapshot=self.snapshot_now if self.cache is not None else None,
+            )
         )
         self._snapshot_lock = asyncio.Lock()
         self._snapshotter: asyncio.Task[None] | None = None
@@ -85,7 +91,11 @@ class App:
             answer = (False, "not accepting connections")
         else:
             try:
-                _, writer = await open_upstream(self.config.upstream)
+                _, writer = await (
+                    _open_mysql(self.config.upstream)
+                    if self.config.upstream.is_mysql
+                    else open_upstream(self.config.upstream)
+                )
                 writer.close()
                 answer = (True, "ok")
             except UpstreamError as exc:
@@ -233,6 +243,13 @@ class App:
         log.info("received SIGHUP: reloading the configuration")
         with contextlib.suppress(ProxyError):  # already logged; the running configuration stays
             self.reload()
+
+
+async def _open_mysql(upstream: UpstreamConfig) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        return await asyncio.wait_for(asyncio.open_connection(upstream.host, upstream.port), upstream.connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        raise UpstreamError(f"cannot reach the MySQL server: {exc}") from exc
 
 
 def _get(config: Config, dotted: str) -> object:

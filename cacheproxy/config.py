@@ -62,6 +62,8 @@ TiB: Final = 1024 * GiB
 SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_UPSTREAM_PORT: Final = 5432
+DEFAULT_MYSQL_PORT: Final = 3306
+MYSQL_SCHEMES: Final = ("mysql", "mariadb")
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 FLAGS: Final = "<flags>"
 ENV: Final = "<env>"
@@ -127,6 +129,13 @@ class UpstreamConfig:
     sslcert: str | None = None
     sslkey: str | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    # Which front end the proxy runs: "postgres" (postgres://, postgresql://), or "mysql" / "mariadb" (mysql://,
+    # mariadb://: the MySQL protocol, cacheproxy/mysql).
+    kind: str = "postgres"
+
+    @property
+    def is_mysql(self) -> bool:
+        return self.kind in ("mysql", "mariadb")
 
     @classmethod
     def from_url(cls, url: str, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> UpstreamConfig:
@@ -387,13 +396,15 @@ def _split_userinfo(url: str) -> tuple[str, str, str]:
 def _parse_upstream_url(url: str, default_connect_timeout: float) -> UpstreamConfig:
     # Error messages below must never include the URL itself: it may hold the password.
     scheme = url.partition("://")[0] if "://" in url else ""
-    if scheme not in ("postgres", "postgresql"):
-        raise ValueError("must be a URL starting with postgres:// or postgresql://")
+    if scheme not in ("postgres", "postgresql", *MYSQL_SCHEMES):
+        raise ValueError("must be a URL starting with postgres://, postgresql://, mysql:// or mariadb://")
     _, userinfo, tail = _split_userinfo(url)
     match = _URL_TAIL.fullmatch(tail)
     assert match is not None  # every group is optional and the last one takes the rest
     user, colon, password = userinfo.partition(":")
     host, port = _upstream_host_port(match.group("hostport"))
+    if scheme in MYSQL_SCHEMES and not _has_port(match.group("hostport")):
+        port = DEFAULT_MYSQL_PORT
     params = _url_params(match.group("query") or "")
     sslmode = params.get("sslmode", "prefer")
     if sslmode not in SSLMODES:
@@ -411,7 +422,12 @@ def _parse_upstream_url(url: str, default_connect_timeout: float) -> UpstreamCon
         sslcert=params.get("sslcert"),
         sslkey=params.get("sslkey"),
         connect_timeout=default_connect_timeout if timeout is None else _libpq_connect_timeout(timeout),
+        kind="postgres" if scheme.startswith("postgres") else scheme,
     )
+
+
+def _has_port(hostport: str) -> bool:
+    return _split_host_port(hostport)[1] is not None
 
 
 def _upstream_host_port(hostport: str) -> tuple[str, int]:
@@ -585,7 +601,7 @@ def _upstream(value: object) -> UpstreamConfig:
     if value is None:
         raise ValueError("required: set it in the config file, with --upstream or with CACHEPROXY_UPSTREAM")
     if not isinstance(value, str):
-        raise ValueError(f"must be a postgres:// URL string, got {_type(value)}")
+        raise ValueError(f"must be a postgres:// (or mysql://) URL string, got {_type(value)}")
     return UpstreamConfig.from_url(value)
 
 

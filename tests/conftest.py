@@ -89,3 +89,27 @@ def start_proxy(pg: PgCluster) -> Iterator[Callable[..., ProxyThread]]:
     yield start
     for running in started:
         running.stop()
+
+
+# --- MySQL / MariaDB fixtures (owned by the MySQL front end, cacheproxy/mysql) ---
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[Any]:
+    """A private MariaDB on 127.0.0.1:<free port> (never the one on 3306), started once for the session."""
+    from tests.support.mariadb import MariaDB
+
+    server = MariaDB.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mydb(mariadb: Any) -> Iterator[str]:
+    """A fresh MariaDB database `m_<uuid8>`, dropped after the test."""
+    name = f"m_{uuid.uuid4().hex[:8]}"
+    mariadb.create_database(name)
+    yield name
+    mariadb.drop_database(name)

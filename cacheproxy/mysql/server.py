@@ -1,0 +1,227 @@
+"""The MySQL/MariaDB front end: the listener, its sessions, and the cache decisions and invalidations they share.
+
+It plugs the same parts as the PostgreSQL front end together (cache engine, rules, metrics); what differs is the
+wire protocol (cacheproxy.mysql.codec), the analysis (cacheproxy.analysis.mysql) and the catalog
+(cacheproxy.mysql.catalog, read from information_schema).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+
+from cacheproxy.analysis.mysql import MyInfo, analyze_mysql
+from cacheproxy.cache.engine import CacheEngine
+from cacheproxy.cache.entry import database_id
+from cacheproxy.cache.keys import execute_key, query_key
+from cacheproxy.config import Config
+from cacheproxy.mysql.catalog import Catalog, TableId, load_catalog
+from cacheproxy.mysql.session import MySQLSession, table_ids
+from cacheproxy.mysql.state import SessionState
+from cacheproxy.observability.metrics import Metrics
+from cacheproxy.policy.rules import Decision, RuleSet
+
+log = logging.getLogger("cacheproxy.mysql.server")
+
+Plan = tuple[Hashable, frozenset[TableId], Decision]
+_ANALYSIS_CACHE = 10000
+
+
+class MySQLServer:
+    """Accepts MySQL clients; one `MySQLSession` each. Owns the catalogs and the shutdown order."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        cache = config.cache
+        self.engine = (
+            CacheEngine(max_memory=cache.max_memory, max_entry_size=cache.max_entry_size, shards=cache.shards)
+            if cache.enabled
+            else None
+        )
+        if self.engine is not None:
+            metrics.set_stats_source(self.engine.stats)
+        self.rules = RuleSet(config.rules, cache.default_ttl)
+        self.max_packet = config.limits.max_message_size
+        self._analyses: OrderedDict[bytes, MyInfo] = OrderedDict()
+        self._catalogs: dict[str, Catalog] = {}
+        self._loading: dict[str, asyncio.Future[Catalog | None]] = {}
+        self._server: asyncio.Server | None = None
+        self._live: dict[MySQLSession, asyncio.Task[None]] = {}
+        self.accepting = False
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if self._server else []
+
+    async def start(self) -> None:
+        listen = self.config.listen
+        self._server = await asyncio.start_server(self._accept, listen.host, listen.port, limit=256 * 1024)
+        self.accepting = True
+        log.info("MySQL front end listening on %s", listen)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            writer.close()
+            return
+        with contextlib.suppress(OSError):
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = MySQLSession(self, reader, writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._live[session] = task
+        self.metrics.client_opened()
+        try:
+            await session.run()
+        except Exception:  # a bug in one session must not take the listener down
+            log.exception("MySQL session failed")
+            session.close()
+        finally:
+            self._live.pop(session, None)
+            self.metrics.client_closed()
+
+    async def shutdown(self, timeout: float, reason: str = "the proxy is shutting down") -> None:
+        """Stop accepting, close idle sessions, give busy ones `timeout`, then close the rest."""
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()
+        for session in list(self._live):
+            if not session.busy:
+                session.close()
+        if self._live:
+            _, pending = await asyncio.wait(list(self._live.values()), timeout=timeout)
+            for session in list(self._live):
+                session.close()
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+        log.info("MySQL front end stopped: %s", reason)
+
+    # -- analysis and cache decisions ------------------------------------------------------------------------
+
+    def analyze(self, sql: bytes) -> MyInfo:
+        info = self._analyses.get(sql)
+        if info is None:
+            info = analyze_mysql(sql.decode("utf-8", errors="replace"))
+            self._analyses[sql] = info
+            if len(self._analyses) > _ANALYSIS_CACHE:
+                self._analyses.popitem(last=False)
+        return info
+
+    async def cache_plan(self, state: SessionState, info: MyInfo, *, execute: bytes | None = None,
+                         sql: bytes = b"") -> Plan | str | None:  # fmt: skip
+        """The key, dependencies and rule of a cacheable read, or why it is not cacheable (None: cache off)."""
+        if self.engine is None:
+            return None
+        if not info.cacheable:
+            return info.reason or "not cacheable"
+        if state.lost is not None:
+            return state.lost
+        if state.in_transaction:
+            return "inside a transaction"
+        ids = table_ids(state, info.reads)
+        if ids is None:
+            return "no database selected"
+        temporary = sorted(name for _, name in ids if name in state.temp_tables)
+        if temporary:
+            return f"reads {temporary[0]}, which may be a temporary table"
+        deps: set[TableId] = set()
+        for db, name in sorted(ids):
+            catalog = await self.catalog(db)
+            if catalog is None:
+                return f"the catalog of database {db} could not be read"
+            tables = catalog.relation(name)
+            if tables is None:
+                return f"{db}.{name} is not a known table or view"
+            deps |= tables
+        decision = self.rules.decide(deps)
+        if not decision.cacheable:
+            return decision.reason or "a rule says not to cache"
+        database = state.database or ""
+        depends = frozenset(deps | {database_id(db) for db, _ in deps} | {database_id(database.lower())})
+        if execute is None:
+            key: Hashable = query_key(database, state.user, state.digest(), sql)
+        else:
+            key = execute_key(database, state.user, state.digest(), sql, (), execute, 0)
+        return key, depends, decision
+
+    async def catalog(self, database: str) -> Catalog | None:
+        """The database's catalog, read once (concurrent callers wait for the same read); None if unreadable."""
+        found = self._catalogs.get(database)
+        if found is not None:
+            return found
+        loading = self._loading.get(database)
+        if loading is None:
+            loading = asyncio.get_running_loop().create_future()
+            self._loading[database] = loading
+            try:
+                catalog: Catalog | None = await load_catalog(self.config.upstream, database)
+                self.metrics.catalog_loaded(True)
+            except Exception as exc:
+                log.warning("catalog of database %s not readable, its reads are not cached: %s", database, exc)
+                self.metrics.catalog_loaded(False)
+                catalog = None
+            finally:
+                self._loading.pop(database, None)
+            if catalog is not None:
+                self._catalogs[database] = catalog
+            loading.set_result(catalog)
+            return catalog
+        return await asyncio.shield(loading)
+
+    # -- invalidation ----------------------------------------------------------------------------------------
+
+    def note_writes(self, state: SessionState, writes: frozenset[tuple[str | None, str]]) -> None:
+        """Record a statement's writes in its session; they are invalidated when no transaction is open."""
+        ids = table_ids(state, writes)
+        if ids is None:
+            return  # an unqualified name with no database selected: the server refused the statement
+        todo = list(ids)
+        seen: set[TableId] = set()
+        while todo:
+            table = todo.pop()
+            if table in seen:
+                continue
+            seen.add(table)
+            catalog = self._catalogs.get(table[0])
+            if catalog is None:
+                # Not read yet: nothing of this database was cached through a known catalog... but a concurrent
+                # read may be loading it. Drop the database: safe and rare.
+                state.pending_databases.add(table[0])
+                continue
+            if table[1] in catalog.triggers:
+                state.pending_databases.add(table[0])  # a trigger may write any table of its database
+            todo.extend(catalog.cascades.get(table[1], ()))
+            todo.extend(catalog.views.get(table[1], ()))  # a write through an updatable view
+        state.pending |= seen
+
+    def invalidate(self, tables: Iterable[TableId], databases: Iterable[str]) -> None:
+        if self.engine is None:
+            return
+        self.engine.invalidate_tables(tables)
+        for database in databases:
+            self.engine.invalidate_database(database)
+
+    def invalidate_databases(self, databases: Iterable[str], reason: str) -> None:
+        for database in databases:
+            self._catalogs.pop(database, None)
+            if self.engine is not None:
+                self.engine.invalidate_database(database)
+            self.metrics.database_invalidated(reason)
+
+    def invalidate_all(self, reason: str) -> None:
+        log.debug("every entry dropped: %s", reason)
+        self._catalogs.clear()
+        if self.engine is not None:
+            self.engine.flush()
+        self.metrics.database_invalidated("unknown_effects")

@@ -1,0 +1,469 @@
+"""One MySQL client connection: relays its handshake and commands to its own upstream connection, and caches reads.
+
+The relay is byte-faithful: every packet goes through as the peer sent it, sequence ids included, except the
+greeting's capability flags (compression, TLS, query attributes and MariaDB's extended capabilities are masked: the
+proxy does not implement them). Authentication is relayed whatever the plugin (mysql_native_password,
+caching_sha2_password with its RSA exchange, ed25519, auth switches), so the client's connection id is the upstream
+thread's own and KILL QUERY reaches the right thread. Commands are answered one at a time; the `ResponseTracker`
+tells where each answer ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from cacheproxy.analysis.mysql import MyInfo
+from cacheproxy.cache.entry import database_id
+from cacheproxy.mysql import codec
+from cacheproxy.mysql.codec import Capability, CodecError, Command, Packet, PacketReader, Reply, ResponseTracker
+from cacheproxy.mysql.state import SessionState
+
+if TYPE_CHECKING:
+    from cacheproxy.mysql.server import MySQLServer
+
+log = logging.getLogger("cacheproxy.mysql.session")
+
+# What the proxy cannot honour: the greeting it relays does not offer these.
+MASKED = (
+    Capability.COMPRESS
+    | Capability.SSL
+    | Capability.ZSTD_COMPRESSION
+    | Capability.QUERY_ATTRIBUTES
+    | Capability.SSL_VERIFY_SERVER_CERT
+    | Capability.MULTI_FACTOR_AUTHENTICATION
+    | Capability.CAPABILITY_EXTENSION
+    | Capability.OPTIONAL_RESULTSET_METADATA
+)
+_READ_SIZE = 256 * 1024
+_NO_REPLY = {Command.STMT_CLOSE: Reply.NONE, Command.STMT_SEND_LONG_DATA: Reply.NONE, Command.QUIT: Reply.NONE}
+_REPLIES = {
+    Command.STMT_PREPARE: Reply.PREPARE,
+    Command.FIELD_LIST: Reply.FIELD_LIST,
+    Command.STATISTICS: Reply.STRING,
+    Command.CHANGE_USER: Reply.AUTH,
+    **_NO_REPLY,
+}
+_REFUSED = {
+    Command.BINLOG_DUMP: "COM_BINLOG_DUMP",
+    Command.BINLOG_DUMP_GTID: "COM_BINLOG_DUMP_GTID",
+    Command.REGISTER_SLAVE: "COM_REGISTER_SLAVE",
+    Command.STMT_BULK_EXECUTE: "COM_STMT_BULK_EXECUTE",
+}
+ER_NOT_SUPPORTED = 1235  # ER_NOT_SUPPORTED_YET
+ER_NET_PACKET_TOO_LARGE = 1153
+ER_UNKNOWN = 1105  # ER_UNKNOWN_ERROR
+
+
+class Closed(Exception):
+    """A peer went away (or broke the protocol); the reason is logged."""
+
+
+class Stream:
+    """Packets of one socket direction, read whole (split packets joined) and written as raw bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str, max_payload: int):
+        self.reader = reader
+        self.writer = writer
+        self.name = name
+        self.packets = PacketReader(max_payload)
+        self.pending: list[Packet] = []
+
+    async def read(self) -> Packet:
+        while not self.pending:
+            data = await self.reader.read(_READ_SIZE)
+            if not data:
+                raise Closed(f"{self.name} closed the connection")
+            self.pending = self.packets.feed(data)
+        return self.pending.pop(0)
+
+    async def read_batch(self) -> list[Packet]:
+        """Every packet available now (at least one), so that a reply is relayed in few writes."""
+        if not self.pending:
+            await self.read_more()
+        batch, self.pending = self.pending, []
+        return batch
+
+    async def read_more(self) -> None:
+        while not self.pending:
+            data = await self.reader.read(_READ_SIZE)
+            if not data:
+                raise Closed(f"{self.name} closed the connection")
+            self.pending = self.packets.feed(data)
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class MySQLSession:
+    """A client connection and its upstream connection, from greeting to COM_QUIT or a disconnect."""
+
+    def __init__(self, server: MySQLServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.client = Stream(reader, writer, "client", server.max_packet)
+        self.upstream: Stream | None = None
+        self.state: SessionState | None = None
+        self.statements: dict[int, tuple[bytes, MyInfo]] = {}  # prepared statement id -> (text, analysis)
+        self.long_data: set[int] = set()  # statements given COM_STMT_SEND_LONG_DATA since their last execute
+        self.param_types: dict[int, bytes] = {}  # statement id -> the types bound by its last execute
+        self.param_counts: dict[int, int] = {}  # statement id -> its parameter count
+        self.busy = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        reason = "client quit"
+        try:
+            if await self._handshake():
+                await self._commands()
+        except Closed as exc:
+            reason = str(exc)
+        except CodecError as exc:
+            reason = f"protocol error: {exc}"
+            self._send_error(ER_NET_PACKET_TOO_LARGE if "over the limit" in str(exc) else ER_UNKNOWN, "08S01", str(exc))
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection error: {exc}"
+        finally:
+            log.debug("session ends: %s", reason)
+            self.close()
+
+    def close(self) -> None:
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+            self.server.metrics.upstream_closed()
+
+    def _send_error(self, code: int, sqlstate: str, message: str, seq: int = 1) -> None:
+        with contextlib.suppress(Exception):
+            self.client.write(codec.encode_packet(seq, codec.err_payload(code, sqlstate, message)))
+
+    # -- handshake ---------------------------------------------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        upstream = self.server.config.upstream
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(upstream.host, upstream.port, limit=_READ_SIZE), upstream.connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            self._send_error(2003, "HY000", f"cacheproxy: cannot reach the upstream server: {exc}", seq=0)
+            return False
+        self.upstream = Stream(reader, writer, "upstream", self.server.max_packet)
+        self.server.metrics.upstream_opened()
+        greeting = await self.upstream.read()
+        if greeting.payload[:1] == b"\xff":  # the server refused us (too many connections, host blocked)
+            self.client.write(greeting.raw)
+            return False
+        handshake = codec.parse_handshake(greeting.payload)
+        masked = codec.mask_handshake(greeting.payload, MASKED)
+        self.client.write(codec.encode_packet(greeting.seq, masked))
+        answer = await self.client.read()
+        response = codec.parse_handshake_response(answer.payload)
+        if response.ssl_request:
+            self._send_error(ER_NOT_SUPPORTED, "08004", "cacheproxy: TLS to the proxy is not supported", answer.seq + 1)
+            return False
+        self.upstream.write(codec.encode_packet(answer.seq, codec.mask_handshake_response(answer.payload, MASKED)))
+        capabilities = response.capabilities & (handshake.capabilities & ~MASKED)
+        database = response.database.decode() if response.database else None
+        self.state = SessionState(response.user.decode(), database, response.charset, capabilities, handshake.status)
+        return await self._authenticate()
+
+    async def _authenticate(self) -> bool:
+        """Relay an authentication exchange (after a handshake response or COM_CHANGE_USER) to its OK or ERR."""
+        assert self.upstream is not None
+        tracker = ResponseTracker(Reply.AUTH, deprecate_eof=False)
+        while True:
+            packet = await self.upstream.read()
+            self.client.write(packet.raw)
+            step = tracker.feed(packet.payload)
+            if step == "done":
+                if tracker.error is not None:
+                    return False
+                if tracker.status is not None and self.state is not None:
+                    self.state.on_status(tracker.status)
+                return True
+            if step == "client":
+                self.upstream.write((await self.client.read()).raw)
+
+    # -- commands ----------------------------------------------------------------------------------------------
+
+    async def _commands(self) -> None:
+        assert self.upstream is not None and self.state is not None
+        while True:
+            self.busy = False
+            packet = await self.client.read()
+            self.busy = True
+            if not packet.payload:
+                raise Closed("empty command packet")
+            command = packet.payload[0]
+            if command == Command.QUIT:
+                self.upstream.write(packet.raw)
+                return
+            if command in _REFUSED:
+                self._send_error(ER_NOT_SUPPORTED, "42000", f"cacheproxy does not relay {_REFUSED[command]}")
+                continue
+            started = time.monotonic()
+            if command == Command.QUERY:
+                await self._on_query(packet, started)
+            elif command == Command.STMT_EXECUTE:
+                await self._on_execute(packet, started)
+            else:
+                await self._on_other(packet, command)
+
+    async def _relay(self, packet: Packet, reply: int, *, binary: bool = False,
+                     capture: bool = False, before_end: Callable[[ResponseTracker], None] | None = None
+                     ) -> tuple[ResponseTracker, bytes | None]:  # fmt: skip
+        """Send `packet` upstream and relay the answer; `before_end` runs before the answer's last bytes reach the
+        client (invalidations must be done by then). With `capture`, also return the answer's bytes."""
+        assert self.upstream is not None and self.state is not None
+        self.upstream.write(packet.raw)
+        deprecate = bool(self.state.capabilities & Capability.DEPRECATE_EOF)
+        tracker = ResponseTracker(reply, deprecate_eof=deprecate, binary=binary)
+        if reply == Reply.NONE:
+            return tracker, None
+        captured: list[bytes] | None = [] if capture else None
+        while True:
+            batch = await self.upstream.read_batch()
+            out: list[bytes] = []
+            step = "more"
+            for index, item in enumerate(batch):
+                out.append(item.raw)
+                step = tracker.feed(item.payload)
+                if step != "more":
+                    self.upstream.pending = batch[index + 1 :] + self.upstream.pending
+                    break
+            if captured is not None:
+                captured += out
+            if step == "done":
+                if before_end is not None:
+                    before_end(tracker)
+                self.client.write(b"".join(out))
+                return tracker, b"".join(captured) if captured is not None else None
+            self.client.write(b"".join(out))
+            if step == "client":
+                await self._client_turn(tracker)
+
+    async def _client_turn(self, tracker: ResponseTracker) -> None:
+        """The server waits for the client: LOCAL INFILE contents (up to an empty packet) or an auth answer."""
+        assert self.upstream is not None
+        await self.client.writer.drain()
+        if tracker.state == "infile":
+            while True:
+                packet = await self.client.read()
+                self.upstream.write(packet.raw)
+                if not packet.payload:
+                    return
+        else:
+            self.upstream.write((await self.client.read()).raw)
+
+    # -- COM_QUERY ---------------------------------------------------------------------------------------------
+
+    async def _on_query(self, packet: Packet, started: float) -> None:
+        assert self.state is not None
+        sql = packet.payload[1:]
+        info = self.server.analyze(sql)
+        cache = await self.server.cache_plan(self.state, info, sql=bytes(sql))
+        if isinstance(cache, str) or cache is None:
+            await self._uncached(packet, info, sql)
+            self.server.metrics.query(info.kind.value, "bypass", time.monotonic() - started)
+            return
+        key, tables, decision = cache
+        entry = self.server.engine.get(key, time.monotonic())
+        if entry is not None:
+            self.client.write(entry.value)
+            self.server.metrics.hit()
+            return
+        generations = self.server.engine.generations(tables)
+        tracker, data = await self._relay(packet, Reply.GENERIC, capture=True)
+        self._after_reply(tracker, info, sql)
+        if data is not None and self._storable(tracker):
+            self.server.engine.put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
+                                   query=sql.decode(errors="replace"), rule=decision.rule,
+                                   generations=generations)  # fmt: skip
+        self.server.metrics.query("read", "miss", time.monotonic() - started)
+
+    def _storable(self, tracker: ResponseTracker) -> bool:
+        assert self.state is not None
+        return (
+            tracker.error is None
+            and tracker.result_sets == 1
+            and tracker.warnings == 0
+            and tracker.status is not None
+            and not self.state.in_transaction
+        )
+
+    async def _uncached(self, packet: Packet, info: MyInfo, sql: bytes) -> None:
+        def before_end(tracker: ResponseTracker) -> None:
+            self._after_reply(tracker, info, sql)
+
+        await self._relay(packet, Reply.GENERIC, before_end=before_end)
+
+    def _after_reply(self, tracker: ResponseTracker, info: MyInfo, sql: bytes) -> None:
+        """Apply a statement's effects once its answer is in: session changes, writes, invalidations."""
+        state = self.state
+        assert state is not None
+        if tracker.status is not None:
+            state.on_status(tracker.status)
+        ok = tracker.error is None
+        if info.statement_count > 1 and info.sets:
+            state.on_lost("a session change inside a multi-statement query")
+        elif ok and info.sets:
+            state.on_set(sql)
+        elif ok and info.use_database is not None:
+            state.on_use(info.use_database)
+        if ok and info.temp_created:
+            state.temp_tables |= info.temp_created
+        if info.invalidate_all:
+            self.server.invalidate_all(info.reason or "unknown effects")
+        elif info.invalidate_databases or info.kind.value == "ddl":
+            databases = set(info.invalidate_databases)
+            if state.database:
+                databases.add(state.database.lower())
+            self.server.invalidate_databases(databases, "ddl")
+        if info.writes:
+            self.server.note_writes(state, info.writes)
+        tables, databases = state.take_pending()
+        if tables or databases:
+            self.server.invalidate(tables, databases)
+
+    # -- prepared statements -----------------------------------------------------------------------------------
+
+    async def _on_execute(self, packet: Packet, started: float) -> None:
+        assert self.state is not None
+        execute = codec.parse_execute(packet.payload)
+        known = self.statements.get(execute.statement_id)
+        params = execute.params
+        if params and known is not None:
+            params = self._bound_params(execute.statement_id, params)
+        plan = None
+        cacheable = execute.flags == 0 and execute.statement_id not in self.long_data and params is not None
+        if known is not None and cacheable:
+            plan = await self.server.cache_plan(self.state, known[1], execute=params, sql=known[0])
+        self.long_data.discard(execute.statement_id)
+        info = known[1] if known is not None else None
+        if plan is None or isinstance(plan, str):
+
+            def before_end(tracker: ResponseTracker) -> None:
+                if known is not None:
+                    self._after_reply(tracker, known[1], known[0])
+                elif tracker.status is not None and self.state is not None:
+                    self.state.on_status(tracker.status)
+
+            await self._relay(packet, Reply.GENERIC, binary=True, before_end=before_end)
+            self.server.metrics.query(info.kind.value if info else "other", "bypass", time.monotonic() - started)
+            return
+        key, tables, decision = plan
+        entry = self.server.engine.get(key, time.monotonic())
+        if entry is not None:
+            self.client.write(entry.value)
+            self.server.metrics.hit()
+            return
+        generations = self.server.engine.generations(tables)
+        tracker, data = await self._relay(packet, Reply.GENERIC, binary=True, capture=True)
+        assert known is not None
+        self._after_reply(tracker, known[1], known[0])
+        if data is not None and self._storable(tracker):
+            self.server.engine.put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
+                                   query=known[0].decode(errors="replace") if known else "", rule=decision.rule,
+                                   generations=generations)  # fmt: skip
+        self.server.metrics.query("read", "miss", time.monotonic() - started)
+
+    def _bound_params(self, statement: int, params: bytes) -> bytes | None:
+        """The parameter bytes with their types: an execute that does not re-send the types (new-params-bound 0)
+        uses those of the statement's last execute, which must then be in the key too."""
+        # The NULL bitmap's length depends on the parameter count, which COM_STMT_PREPARE_OK told us.
+        nparams = self.param_counts.get(statement)
+        if nparams is None:
+            return None
+        bitmap = (nparams + 7) // 8
+        if len(params) < bitmap + 1:
+            return None
+        if params[bitmap] == 1:
+            types = params[bitmap + 1 : bitmap + 1 + 2 * nparams]
+            self.param_types[statement] = types
+            return params
+        types = self.param_types.get(statement)
+        return None if types is None else params + b"\x00" + types
+
+    # -- everything else ---------------------------------------------------------------------------------------
+
+    async def _on_other(self, packet: Packet, command: int) -> None:
+        state = self.state
+        assert state is not None
+        reply = _REPLIES.get(command, Reply.GENERIC)
+        if command == Command.STMT_SEND_LONG_DATA:
+            self.long_data.add(codec.statement_id(packet.payload))
+        if command == Command.STMT_CLOSE:
+            statement = codec.statement_id(packet.payload)
+            self.statements.pop(statement, None)
+            self.param_types.pop(statement, None)
+            self.param_counts.pop(statement, None)
+        if command == Command.CHANGE_USER:
+            await self._change_user(packet)
+            return
+        binary = command == Command.STMT_FETCH
+        tracker, _ = await self._relay(packet, reply, binary=binary)
+        if tracker.status is not None:
+            state.on_status(tracker.status)
+        if tracker.error is not None:
+            return
+        if command == Command.INIT_DB:
+            state.on_use(packet.payload[1:].decode(errors="replace"))
+        elif command == Command.RESET_CONNECTION:
+            state.reset()
+            self._forget_statements()
+        elif command == Command.STMT_PREPARE and tracker.prepared is not None:
+            text = bytes(packet.payload[1:])
+            self.statements[tracker.prepared.statement_id] = (text, self.server.analyze(text))
+            self.param_counts[tracker.prepared.statement_id] = tracker.prepared.params
+        elif command in (Command.CREATE_DB, Command.DROP_DB):
+            self.server.invalidate_databases({packet.payload[1:].decode(errors="replace").lower()}, "ddl")
+
+    async def _change_user(self, packet: Packet) -> None:
+        assert self.upstream is not None and self.state is not None
+        self.upstream.write(packet.raw)
+        user, database = _change_user_fields(packet.payload, self.state.capabilities)
+        if await self._authenticate():
+            self.state.reset(user, database, change_user=True)
+            self._forget_statements()
+
+    def _forget_statements(self) -> None:
+        self.statements.clear()
+        self.param_types.clear()
+        self.param_counts.clear()
+        self.long_data.clear()
+
+
+def _change_user_fields(payload: bytes, capabilities: int) -> tuple[str, str | None]:
+    """COM_CHANGE_USER: user, auth response, database (MySQL "COM_CHANGE_USER")."""
+    user, pos = codec.read_nul_str(payload, 1)
+    if capabilities & Capability.SECURE_CONNECTION:
+        pos += 1 + payload[pos]
+    else:
+        _, pos = codec.read_nul_str(payload, pos)
+    database, _ = codec.read_nul_str(payload, pos) if pos < len(payload) else (b"", pos)
+    return user.decode(errors="replace"), database.decode(errors="replace") or None
+
+
+def table_ids(state: SessionState, tables: frozenset[tuple[str | None, str]]) -> set[tuple[str, str]] | None:
+    """(db or the current one, table) ids; None when a name is unqualified and no database is selected."""
+    out: set[tuple[str, str]] = set()
+    for db, name in tables:
+        db = db or (state.database.lower() if state.database else None)
+        if db is None:
+            return None
+        out.add((db, name))
+    return out
+
+
+def whole(database: str) -> tuple[str, str]:
+    return database_id(database)
