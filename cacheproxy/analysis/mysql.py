@@ -15,7 +15,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.mysql import MySQL
 from sqlglot.errors import SqlglotError
-from sqlglot.tokens import Token, TokenType
+from sqlglot.tokenizer_core import Token, TokenType
 
 from cacheproxy.analysis.model import Kind
 
@@ -547,7 +547,7 @@ def _read(sql: str, tokens: list[Token]) -> MyInfo:
     return MyInfo(Kind.READ, 1, reads=reads, cacheable=reason is None, reason=reason)
 
 
-def _tables(tree: exp.Expression) -> frozenset[MyTable]:
+def _tables(tree: exp.Expr) -> frozenset[MyTable]:
     ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
     found: set[MyTable] = set()
     for table in tree.find_all(exp.Table):

@@ -277,16 +277,18 @@ class MySQLSession:
             self.server.metrics.query(info.kind.value, "bypass", time.monotonic() - started)
             return
         key, tables, decision = cache
-        entry = self.server.engine.get(key, time.monotonic())
+        engine = self.server.engine
+        assert engine is not None  # a plan is only made with the cache on
+        entry = engine.get(key, time.monotonic())
         if entry is not None:
             self.client.write(entry.value)
             self.server.metrics.hit()
             return
-        generations = self.server.engine.generations(tables)
+        generations = engine.generations(tables)
         tracker, data = await self._relay(packet, Reply.GENERIC, capture=True)
         self._after_reply(tracker, info, sql)
         if data is not None and self._storable(tracker):
-            self.server.engine.put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
+            engine.put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
                                    query=sql.decode(errors="replace"), rule=decision.rule,
                                    generations=generations)  # fmt: skip
         self.server.metrics.query("read", "miss", time.monotonic() - started)
@@ -341,7 +343,7 @@ class MySQLSession:
         assert self.state is not None
         execute = codec.parse_execute(packet.payload)
         known = self.statements.get(execute.statement_id)
-        params = execute.params
+        params: bytes | None = execute.params
         if params and known is not None:
             params = self._bound_params(execute.statement_id, params)
         plan = None
@@ -362,17 +364,19 @@ class MySQLSession:
             self.server.metrics.query(info.kind.value if info else "other", "bypass", time.monotonic() - started)
             return
         key, tables, decision = plan
-        entry = self.server.engine.get(key, time.monotonic())
+        engine = self.server.engine
+        assert engine is not None  # a plan is only made with the cache on
+        entry = engine.get(key, time.monotonic())
         if entry is not None:
             self.client.write(entry.value)
             self.server.metrics.hit()
             return
-        generations = self.server.engine.generations(tables)
+        generations = engine.generations(tables)
         tracker, data = await self._relay(packet, Reply.GENERIC, binary=True, capture=True)
         assert known is not None
         self._after_reply(tracker, known[1], known[0])
         if data is not None and self._storable(tracker):
-            self.server.engine.put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
+            engine.put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
                                    query=known[0].decode(errors="replace") if known else "", rule=decision.rule,
                                    generations=generations)  # fmt: skip
         self.server.metrics.query("read", "miss", time.monotonic() - started)
@@ -391,8 +395,8 @@ class MySQLSession:
             types = params[bitmap + 1 : bitmap + 1 + 2 * nparams]
             self.param_types[statement] = types
             return params
-        types = self.param_types.get(statement)
-        return None if types is None else params + b"\x00" + types
+        last = self.param_types.get(statement)
+        return None if last is None else params + b"\x00" + last
 
     # -- everything else ---------------------------------------------------------------------------------------
 
