@@ -397,7 +397,7 @@ def _parse_upstream_url(url: str, default_connect_timeout: float) -> UpstreamCon
     # Error messages below must never include the URL itself: it may hold the password.
     scheme = url.partition("://")[0] if "://" in url else ""
     if scheme not in ("postgres", "postgresql", *MYSQL_SCHEMES):
-        raise ValueError("must be a URL starting with postgres://, postgresql://, mysql:// or mariadb://")
+        raise ValueError("must be a URL starting with postgres:// or postgresql:// (or mysql://, mariadb://)")
     _, userinfo, tail = _split_userinfo(url)
     match = _URL_TAIL.fullmatch(tail)
     assert match is not None  # every group is optional and the last one takes the rest

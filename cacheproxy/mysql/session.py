@@ -115,6 +115,7 @@ class MySQLSession:
         self.long_data: set[int] = set()  # statements given COM_STMT_SEND_LONG_DATA since their last execute
         self.param_types: dict[int, bytes] = {}  # statement id -> the types bound by its last execute
         self.param_counts: dict[int, int] = {}  # statement id -> its parameter count
+        self.upstream_types: dict[int, bytes] = {}  # statement id -> the parameter types the server last saw
         self.busy = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ class MySQLSession:
                 elif tracker.status is not None and self.state is not None:
                     self.state.on_status(tracker.status)
 
-            await self._relay(packet, Reply.GENERIC, binary=True, before_end=before_end)
+            await self._relay(self._for_upstream(packet, execute), Reply.GENERIC, binary=True, before_end=before_end)
             self.server.metrics.query(info.kind.value if info else "other", "bypass", time.monotonic() - started)
             return
         key, tables, decision = plan
@@ -372,7 +373,8 @@ class MySQLSession:
             self.server.metrics.hit()
             return
         generations = engine.generations(tables)
-        tracker, data = await self._relay(packet, Reply.GENERIC, binary=True, capture=True)
+        upstream = self._for_upstream(packet, execute)
+        tracker, data = await self._relay(upstream, Reply.GENERIC, binary=True, capture=True)
         assert known is not None
         self._after_reply(tracker, known[1], known[0])
         if data is not None and self._storable(tracker):
@@ -380,6 +382,24 @@ class MySQLSession:
                                    query=known[0].decode(errors="replace") if known else "", rule=decision.rule,
                                    generations=generations)  # fmt: skip
         self.server.metrics.query("read", "miss", time.monotonic() - started)
+
+    def _for_upstream(self, packet: Packet, execute: codec.Execute) -> Packet:
+        """The execute as the server must get it. A cache hit answers an execute that binds parameter types without
+        the server seeing those types; a later execute that does not re-send them (new-params-bound 0) would then
+        run with the types the server last saw: re-send the client's types in it when they differ."""
+        statement = execute.statement_id
+        nparams = self.param_counts.get(statement)
+        types = self.param_types.get(statement)
+        if not nparams or types is None:
+            return packet
+        bitmap = (nparams + 7) // 8
+        params = execute.params
+        if len(params) > bitmap and params[bitmap] == 0 and self.upstream_types.get(statement) != types:
+            head = packet.payload[: len(packet.payload) - len(params)]
+            payload = head + params[:bitmap] + b"\x01" + types + params[bitmap + 1 :]
+            packet = Packet(packet.seq, payload, codec.encode_packet(packet.seq, payload), packet.seq)
+        self.upstream_types[statement] = types
+        return packet
 
     def _bound_params(self, statement: int, params: bytes) -> bytes | None:
         """The parameter bytes with their types: an execute that does not re-send the types (new-params-bound 0)
@@ -410,6 +430,7 @@ class MySQLSession:
             statement = codec.statement_id(packet.payload)
             self.statements.pop(statement, None)
             self.param_types.pop(statement, None)
+            self.upstream_types.pop(statement, None)
             self.param_counts.pop(statement, None)
         if command == Command.CHANGE_USER:
             await self._change_user(packet)
@@ -443,6 +464,7 @@ class MySQLSession:
     def _forget_statements(self) -> None:
         self.statements.clear()
         self.param_types.clear()
+        self.upstream_types.clear()
         self.param_counts.clear()
         self.long_data.clear()
 

@@ -62,7 +62,7 @@ BAD_CONFIGS = {
     "unknown_key": ('upstream: "postgres://u@h/d"\nlimits:\n  max_clients: 5\n', "limits.max_clients"),
     "unknown_top_key": ('upstream: "postgres://u@h/d"\nlisten_on: ":1"\n', "listen_on"),
     "bad_size": ('upstream: "postgres://u@h/d"\ncache:\n  max_memory: 12 potatoes\n', "cache.max_memory"),
-    "bad_url": ('upstream: "mysql://u@h/d"\n', "upstream"),
+    "bad_url": ('upstream: "mysqlx://u@h/d"\n', "upstream"),
     "bad_url_port": ('upstream: "postgres://u@h:99999/d"\n', "upstream"),
     "bad_duration": ('upstream: "postgres://u@h/d"\nshutdown: {timeout: soon}\n', "shutdown.timeout"),
     "missing_file": (None, "file not found"),

@@ -79,12 +79,12 @@ class MariaDB:
     def url(self, database: str | None = None, scheme: str = "mariadb") -> str:
         return f"{scheme}://{USER}:{PASSWORD}@127.0.0.1:{self.port}/{database or ''}"
 
-    def connect(self, database: str | None = None, **kw: object) -> pymysql.connections.Connection:  # type: ignore[type-arg]
+    def connect(self, database: str | None = None, **kw: object) -> pymysql.connections.Connection:
         args: dict[str, object] = {"host": self.host, "port": self.port, "user": USER, "password": PASSWORD}
         args.update(kw)
-        return pymysql.connect(database=database, autocommit=True, **args)  # type: ignore[arg-type]
+        return pymysql.connect(database=database, autocommit=True, **args)
 
-    def root_connect(self) -> pymysql.connections.Connection:  # type: ignore[type-arg]
+    def root_connect(self) -> pymysql.connections.Connection:
         return pymysql.connect(unix_socket=self.socket, user="root", autocommit=True)
 
     def create_database(self, name: str) -> None:

@@ -256,7 +256,7 @@ def test_unknown_key_suggests_the_close_one() -> None:
 @pytest.mark.parametrize(
     ("url", "fragment"),
     [
-        ("mysql://h/db", "postgres:// or postgresql://"),
+        ("mysqlx://h/db", "(or mysql://, mariadb://)"),
         ("h:5432/db", "postgres:// or postgresql://"),
         ("postgres://h:notaport/db", "bad port 'notaport'"),
         ("postgres://h:0/db", "bad port"),
@@ -821,3 +821,10 @@ def test_invalidation_and_write_through_sections() -> None:
 def test_invalidation_settings_are_checked(section: str, value: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_config({"upstream": "postgres://u@h/db", section: value})
+
+
+def test_mysql_and_mariadb_urls_choose_the_mysql_front_end() -> None:
+    mysql = UpstreamConfig.from_url("mysql://app:pw@db/shop")
+    assert (mysql.kind, mysql.port, mysql.database, mysql.user, mysql.is_mysql) == ("mysql", 3306, "shop", "app", True)
+    assert UpstreamConfig.from_url("mariadb://a@127.0.0.1:3307/x").port == 3307
+    assert not UpstreamConfig.from_url("postgres://a@h/x").is_mysql
