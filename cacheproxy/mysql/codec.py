@@ -804,3 +804,20 @@ class ResponseTracker:
 
     def _on_finished(self, payload: bytes) -> str:
         raise CodecError("a packet after the reply was complete")
+
+
+def text_result_set(
+    columns: list[bytes], rows: list[tuple[bytes | None, ...]], status: int, *, deprecate_eof: bool, seq: int = 1
+) -> bytes:
+    """A whole text result set as wire bytes, sequence ids from `seq` (the proxy's own answers).
+
+    >>> data = text_result_set([b"a"], [(b"1",)], 2, deprecate_eof=False)
+    >>> [p.payload[:1] for p in PacketReader().feed(data)]
+    [b'\\x01', b'\\x03', b'\\xfe', b'\\x01', b'\\xfe']
+    """
+    payloads = [lenenc_int(len(columns))] + [column_payload(name) for name in columns]
+    if not deprecate_eof:
+        payloads.append(eof_payload(status))
+    payloads += [text_row_payload(row) for row in rows]
+    payloads.append(ok_payload(status, eof=True) if deprecate_eof else eof_payload(status))
+    return b"".join(encode_packet(seq + i, p) for i, p in enumerate(payloads))

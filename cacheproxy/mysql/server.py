@@ -60,6 +60,10 @@ class MySQLServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
+    def client_count(self) -> int:
+        return len(self._live)
+
+    @property
     def sockets(self) -> list[socket.socket]:
         return list(self._server.sockets) if self._server else []
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from cacheproxy.analysis.mysql import MyInfo
 from cacheproxy.cache.entry import database_id
 from cacheproxy.mysql import codec
+from cacheproxy.mysql.admin import is_admin_command, run_admin
 from cacheproxy.mysql.codec import Capability, CodecError, Command, Packet, PacketReader, Reply, ResponseTracker
 from cacheproxy.mysql.state import SessionState
 
@@ -271,6 +272,9 @@ class MySQLSession:
     async def _on_query(self, packet: Packet, started: float) -> None:
         assert self.state is not None
         sql = packet.payload[1:]
+        if is_admin_command(sql):
+            self.client.write(await run_admin(self.server, self.state, sql))
+            return
         info = self.server.analyze(sql)
         cache = await self.server.cache_plan(self.state, info, sql=bytes(sql))
         if isinstance(cache, str) or cache is None:
