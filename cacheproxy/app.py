@@ -10,10 +10,10 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
+from typing import TYPE_CHECKING
 
 from cacheproxy.config import Config, ConfigError, UpstreamConfig
 from cacheproxy.errors import CONFIG_FILE_ERROR, ProxyError, UpstreamError
-from cacheproxy.mysql.server import MySQLServer
 from cacheproxy.observability import logs
 from cacheproxy.observability.admin_http import AdminServer
 from cacheproxy.observability.metrics import Metrics
@@ -21,6 +21,9 @@ from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
 from cacheproxy.snapshot import SnapshotFailed, load_snapshot, rules_fingerprint, write_snapshot
 from cacheproxy.upstream import open_upstream
+
+if TYPE_CHECKING:
+    from cacheproxy.mysql.server import MySQLServer
 
 log = logging.getLogger("cacheproxy.app")
 
@@ -44,6 +47,8 @@ class App:
         self._load_config = load_config
         self.metrics = Metrics()
         mysql = config.upstream.is_mysql  # the upstream URL chooses the front end (cacheproxy/mysql)
+        if mysql:  # imported only for it: a PostgreSQL proxy does not load the MySQL front end
+            from cacheproxy.mysql.server import MySQLServer
         self.cache = CacheService(config, self.metrics) if config.cache.enabled and not mysql else None
         self.proxy: ProxyServer | MySQLServer = (
             MySQLServer(config, self.metrics)

@@ -35,7 +35,7 @@ class MySQLServer:
     """Accepts MySQL clients; one `MySQLSession` each. Owns the catalogs and the shutdown order."""
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
-        self.config = config
+        self._config = config
         self.metrics = metrics
         cache = config.cache
         self.engine = (
@@ -53,6 +53,16 @@ class MySQLServer:
         self._server: asyncio.Server | None = None
         self._live: dict[MySQLSession, asyncio.Task[None]] = {}
         self.accepting = False
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload (App.reload swaps the whole config): new rules apply to new entries."""
+        self._config = config
+        self.rules = RuleSet(config.rules, config.cache.default_ttl)
 
     @property
     def port(self) -> int:
