@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from enum import IntFlag
 
 MAX_PAYLOAD = 0xFFFFFF
 HEADER_SIZE = 4
@@ -24,8 +23,9 @@ class CodecError(Exception):
     """Bytes that are not valid MySQL protocol (a bad peer), or a packet over the configured size limit."""
 
 
-class Capability(IntFlag):
-    """Capability flags (MySQL "Capabilities Flags"); the proxy masks those it cannot honour."""
+class Capability:
+    """Capability flags (MySQL "Capabilities Flags"); the proxy masks those it cannot honour. Plain ints: the
+    hot path tests them on every reply, and IntFlag operators cost a Python call each."""
 
     LONG_PASSWORD = 1
     FOUND_ROWS = 1 << 1
@@ -61,7 +61,7 @@ class Capability(IntFlag):
     REMEMBER_OPTIONS = 1 << 31
 
 
-class Status(IntFlag):
+class Status:
     """Server status flags carried by OK and EOF packets (MySQL "SERVER_STATUS_flags_enum")."""
 
     IN_TRANS = 0x0001
