@@ -781,6 +781,9 @@ class InvalidationConfig(_Section):
     replication: bool = setting(False, BOOLEAN)
     publication: str = setting("cacheproxy", CHANNEL)
     slot_prefix: str = setting("cacheproxy", CHANNEL)
+    # MySQL / MariaDB upstreams (cacheproxy/mysql/binlog.py): follow the server's row-based binlog as a replica, which
+    # sees writes that bypass every proxy; needs REPLICATION SLAVE and REPLICATION CLIENT for the URL's user.
+    binlog: bool = setting(False, BOOLEAN)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import database_id
 from cacheproxy.cache.keys import execute_key, query_key
 from cacheproxy.config import Config
+from cacheproxy.mysql.binlog import BinlogFeed, Invalidation
 from cacheproxy.mysql.catalog import Catalog, TableId, load_catalog
 from cacheproxy.mysql.session import MySQLSession, table_ids
 from cacheproxy.mysql.state import SessionState
@@ -53,6 +54,10 @@ class MySQLServer:
         self._server: asyncio.Server | None = None
         self._live: dict[MySQLSession, asyncio.Task[None]] = {}
         self.accepting = False
+        self._feed: BinlogFeed | None = None
+        # With invalidation.binlog on, why the feed is not following the binlog (None: it is); nothing is served
+        # from the cache meanwhile.
+        self.feed_down: str | None = "the binlog feed is starting" if config.invalidation.binlog else None
 
     @property
     def config(self) -> Config:
@@ -82,6 +87,27 @@ class MySQLServer:
         self._server = await asyncio.start_server(self._accept, listen.host, listen.port, limit=256 * 1024)
         self.accepting = True
         log.info("MySQL front end listening on %s", listen)
+        if self._config.invalidation.binlog and self.engine is not None:
+            self._feed = BinlogFeed(self._config.upstream, self._on_feed_invalidation, self._on_feed_state)
+            self._feed.start()
+
+    def _on_feed_state(self, ok: bool, why: str) -> None:
+        if ok:
+            self.feed_down = None
+            return
+        self.feed_down = f"the binlog feed is down: {why}"
+        self.invalidate_all("binlog feed lost")  # writes were missed: nothing cached can be trusted
+
+    def _on_feed_invalidation(self, effects: Invalidation) -> None:
+        tables, databases, everything = effects
+        self.metrics.bus_message("received")
+        if everything:
+            self.invalidate_all("binlog: effects unknown")
+            return
+        expanded, more = self._expand(tables)
+        self.invalidate(expanded, databases | more)
+        for database in databases:
+            self._catalogs.pop(database, None)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.accepting:
@@ -106,6 +132,8 @@ class MySQLServer:
     async def shutdown(self, timeout: float, reason: str = "the proxy is shutting down") -> None:
         """Stop accepting, close idle sessions, give busy ones `timeout`, then close the rest."""
         self.accepting = False
+        if self._feed is not None:
+            self._feed.stop()
         if self._server is not None:
             self._server.close()
         for session in list(self._live):
@@ -143,6 +171,8 @@ class MySQLServer:
             return state.lost
         if state.in_transaction:
             return "inside a transaction"
+        if self.feed_down is not None:
+            return self.feed_down
         ids = table_ids(state, info.reads)
         if ids is None:
             return "no database selected"
@@ -200,6 +230,14 @@ class MySQLServer:
         ids = table_ids(state, writes)
         if ids is None:
             return  # an unqualified name with no database selected: the server refused the statement
+        tables, databases = self._expand(ids)
+        state.pending |= tables
+        state.pending_databases |= databases
+
+    def _expand(self, ids: Iterable[TableId]) -> tuple[set[TableId], set[str]]:
+        """Written tables -> the tables and databases to invalidate: FK cascades (InnoDB does not log cascaded
+        changes in the binlog either), views written through, and triggers (their whole database)."""
+        databases: set[str] = set()
         todo = list(ids)
         seen: set[TableId] = set()
         while todo:
@@ -211,13 +249,13 @@ class MySQLServer:
             if catalog is None:
                 # Not read yet: nothing of this database was cached through a known catalog... but a concurrent
                 # read may be loading it. Drop the database: safe and rare.
-                state.pending_databases.add(table[0])
+                databases.add(table[0])
                 continue
             if table[1] in catalog.triggers:
-                state.pending_databases.add(table[0])  # a trigger may write any table of its database
+                databases.add(table[0])  # a trigger may write any table of its database
             todo.extend(catalog.cascades.get(table[1], ()))
             todo.extend(catalog.views.get(table[1], ()))  # a write through an updatable view
-        state.pending |= seen
+        return seen, databases
 
     def invalidate(self, tables: Iterable[TableId], databases: Iterable[str]) -> None:
         if self.engine is None:
