@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 MAX_PAYLOAD = 0xFFFFFF
 HEADER_SIZE = 4
@@ -138,9 +139,9 @@ def encode_packet(seq: int, payload: bytes) -> bytes:
             return bytes(out)
 
 
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """One logical packet: its first sequence id, payload (pieces joined) and the raw wire bytes it came in."""
+class Packet(NamedTuple):
+    """One logical packet: its first sequence id, payload (pieces joined) and the raw wire bytes it came in.
+    A NamedTuple: one is made per packet, and a frozen dataclass's __init__ costs a Python call per field."""
 
     seq: int
     payload: bytes

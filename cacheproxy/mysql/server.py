@@ -29,6 +29,8 @@ from cacheproxy.policy.rules import Decision, RuleSet
 log = logging.getLogger("cacheproxy.mysql.server")
 
 Plan = tuple[Hashable, frozenset[TableId], Decision]
+# A statement's dependencies in one database: (names read, tables it depends on, rule) or why it is not cacheable.
+_Memo = tuple[frozenset[str], frozenset[TableId], Decision] | str
 _ANALYSIS_CACHE = 10000
 
 
@@ -50,6 +52,9 @@ class MySQLServer:
         self.max_packet = config.limits.max_message_size
         self._analyses: OrderedDict[bytes, MyInfo] = OrderedDict()
         self._catalogs: dict[str, Catalog] = {}
+        # (statement, current database) -> its dependencies; cleared whenever a catalog or the rules change.
+        self._plans: dict[tuple[bytes, str], _Memo] = {}
+        self._plans_generation = 0  # bumped with each clear: a memo computed across a clear is not kept
         self._loading: dict[str, asyncio.Future[Catalog | None]] = {}
         self._server: asyncio.Server | None = None
         self._live: dict[MySQLSession, asyncio.Task[None]] = {}
@@ -68,6 +73,7 @@ class MySQLServer:
         """A reload (App.reload swaps the whole config): new rules apply to new entries."""
         self._config = config
         self.rules = RuleSet(config.rules, config.cache.default_ttl)
+        self._forget_plans()
 
     @property
     def port(self) -> int:
@@ -108,6 +114,7 @@ class MySQLServer:
         self.invalidate(expanded, databases | more)
         for database in databases:
             self._catalogs.pop(database, None)
+            self._forget_plans()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.accepting:
@@ -173,17 +180,45 @@ class MySQLServer:
             return "inside a transaction"
         if self.feed_down is not None:
             return self.feed_down
+        database = state.database or ""
+        memo_key = (sql, database)
+        memo = self._plans.get(memo_key)
+        if memo is None:
+            generation = self._plans_generation
+            memo = await self._dependencies(state, info)
+            if memo is None:
+                return "the catalog of a database it reads could not be read"
+            if len(self._plans) >= _ANALYSIS_CACHE:
+                self._forget_plans()
+            if generation == self._plans_generation:
+                self._plans[memo_key] = memo
+        if isinstance(memo, str):
+            return memo
+        names, depends, decision = memo
+        if state.temp_tables and not names.isdisjoint(state.temp_tables):
+            return f"reads {sorted(names & state.temp_tables)[0]}, which may be a temporary table"
+        if execute is None:
+            key: Hashable = query_key(database, state.user, state.digest(), sql)
+        else:
+            key = execute_key(database, state.user, state.digest(), sql, (), execute, 0)
+        return key, depends, decision
+
+    def _forget_plans(self) -> None:
+        self._plans.clear()
+        self._plans_generation += 1
+
+    async def _dependencies(self, state: SessionState, info: MyInfo) -> _Memo | None:
+        """What a read depends on in the current database (memoized per statement and database until a catalog
+        changes): the names it reads, its dependencies, its rule; a reason string; None when a catalog is not
+        readable (not memoized: tried again next time)."""
         ids = table_ids(state, info.reads)
         if ids is None:
             return "no database selected"
-        temporary = sorted(name for _, name in ids if name in state.temp_tables)
-        if temporary:
-            return f"reads {temporary[0]}, which may be a temporary table"
         deps: set[TableId] = set()
         for db, name in sorted(ids):
             catalog = await self.catalog(db)
             if catalog is None:
-                return f"the catalog of database {db} could not be read"
+                return None
             tables = catalog.relation(name)
             if tables is None:
                 return f"{db}.{name} is not a known table or view"
@@ -191,13 +226,9 @@ class MySQLServer:
         decision = self.rules.decide(deps)
         if not decision.cacheable:
             return decision.reason or "a rule says not to cache"
-        database = state.database or ""
-        depends = frozenset(deps | {database_id(db) for db, _ in deps} | {database_id(database.lower())})
-        if execute is None:
-            key: Hashable = query_key(database, state.user, state.digest(), sql)
-        else:
-            key = execute_key(database, state.user, state.digest(), sql, (), execute, 0)
-        return key, depends, decision
+        database = (state.database or "").lower()
+        depends = frozenset(deps | {database_id(db) for db, _ in deps} | {database_id(database)})
+        return frozenset(name for _, name in ids), depends, decision
 
     async def catalog(self, database: str) -> Catalog | None:
         """The database's catalog, read once (concurrent callers wait for the same read); None if unreadable."""
@@ -219,6 +250,7 @@ class MySQLServer:
                 self._loading.pop(database, None)
             if catalog is not None:
                 self._catalogs[database] = catalog
+                self._forget_plans()
             loading.set_result(catalog)
             return catalog
         return await asyncio.shield(loading)
@@ -265,8 +297,10 @@ class MySQLServer:
             self.engine.invalidate_database(database)
 
     def invalidate_databases(self, databases: Iterable[str], reason: str) -> None:
+        self._forget_plans()
         for database in databases:
             self._catalogs.pop(database, None)
+            self._forget_plans()
             if self.engine is not None:
                 self.engine.invalidate_database(database)
             self.metrics.database_invalidated(reason)
@@ -274,6 +308,7 @@ class MySQLServer:
     def invalidate_all(self, reason: str) -> None:
         log.debug("every entry dropped: %s", reason)
         self._catalogs.clear()
+        self._forget_plans()
         if self.engine is not None:
             self.engine.flush()
         self.metrics.database_invalidated("unknown_effects")
