@@ -58,6 +58,7 @@ _REFUSED = {
 ER_NOT_SUPPORTED = 1235  # ER_NOT_SUPPORTED_YET
 ER_NET_PACKET_TOO_LARGE = 1153
 ER_UNKNOWN = 1105  # ER_UNKNOWN_ERROR
+ER_CONNECTION_KILLED = 1927
 
 
 class Closed(Exception):
@@ -118,6 +119,7 @@ class MySQLSession:
         self.param_counts: dict[int, int] = {}  # statement id -> its parameter count
         self.upstream_types: dict[int, bytes] = {}  # statement id -> the parameter types the server last saw
         self.busy = False
+        self.next_seq = 1  # the sequence id of the next packet of the reply being relayed
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -128,6 +130,9 @@ class MySQLSession:
                 await self._commands()
         except Closed as exc:
             reason = str(exc)
+            if self.busy and exc.args and str(exc.args[0]).startswith("upstream"):
+                # The server went away mid-command: the client gets an error in place of the rest of the reply.
+                self._send_error(ER_CONNECTION_KILLED, "70100", f"cacheproxy: {reason}", self.next_seq)
         except CodecError as exc:
             reason = f"protocol error: {exc}"
             self._send_error(ER_NET_PACKET_TOO_LARGE if "over the limit" in str(exc) else ER_UNKNOWN, "08S01", str(exc))
@@ -204,6 +209,7 @@ class MySQLSession:
             self.busy = False
             packet = await self.client.read()
             self.busy = True
+            self.next_seq = 1
             if not packet.payload:
                 raise Closed("empty command packet")
             command = packet.payload[0]
@@ -233,24 +239,31 @@ class MySQLSession:
         if reply == Reply.NONE:
             return tracker, None
         captured: list[bytes] | None = [] if capture else None
+        size = 0
+        limit = self.server.engine.max_entry_size if self.server.engine is not None else 0
         while True:
             batch = await self.upstream.read_batch()
             out: list[bytes] = []
             step = "more"
             for index, item in enumerate(batch):
                 out.append(item.raw)
+                self.next_seq = item.last_seq + 1
                 step = tracker.feed(item.payload)
                 if step != "more":
                     self.upstream.pending = batch[index + 1 :] + self.upstream.pending
                     break
             if captured is not None:
                 captured += out
+                size += sum(map(len, out))
+                if size > limit:  # too big to be stored: stop holding a copy of it
+                    captured = None
             if step == "done":
                 if before_end is not None:
                     before_end(tracker)
                 self.client.write(b"".join(out))
                 return tracker, b"".join(captured) if captured is not None else None
             self.client.write(b"".join(out))
+            await self.client.writer.drain()  # a slow client slows the relay rather than filling the proxy's memory
             if step == "client":
                 await self._client_turn(tracker)
 

@@ -337,6 +337,24 @@ def test_upstream_killed_mid_result(myproxy: ProxyThread, mariadb: MariaDB, mydb
     assert rows(via(myproxy, mydb), "SELECT 2") == ((2,),)
 
 
+def test_upstream_gone_while_rows_stream_gives_an_error_packet(myproxy: ProxyThread, mariadb: MariaDB,
+                                                               mydb: str) -> None:  # fmt: skip
+    """The server's connection dies while the proxy relays a long result: the client gets an ERR packet (not a
+    dropped connection), and the proxy keeps serving others."""
+    conn = via(myproxy, mydb, cursorclass=pymysql.cursors.SSCursor)
+    victim = conn.thread_id()
+    cur = conn.cursor()
+    cur.execute("SELECT seq, REPEAT('x', 200) FROM seq_1_to_3000000")
+    assert cur.fetchone() is not None
+    with mariadb.root_connect() as root, root.cursor() as kill:
+        kill.execute(f"KILL {victim}")
+    with pytest.raises(pymysql.err.OperationalError) as lost:
+        while cur.fetchone() is not None:
+            pass
+    assert lost.value.args[0] == 1927, lost.value.args  # ER_CONNECTION_KILLED, not 2013 (lost connection)
+    assert rows(via(myproxy, mydb), "SELECT 2") == ((2,),)
+
+
 def test_oversized_packet_to_the_proxy_itself(mariadb: MariaDB, mydb: str) -> None:
     config = proxy_config(mariadb.url(mydb), limits={"max_message_size": "64KiB"})
     with ProxyThread.from_mapping(config) as proxy:
