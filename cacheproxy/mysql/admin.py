@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING
 
 from cacheproxy.cache.entry import WHOLE_DATABASE, base_table
 from cacheproxy.mysql import codec
 from cacheproxy.mysql.codec import Capability
+from cacheproxy.mysql.interfaces import FrontEnd
 from cacheproxy.mysql.state import SessionState
-
-if TYPE_CHECKING:
-    from cacheproxy.mysql.server import MySQLServer
 
 _PREFIX = re.compile(rb"\s*cacheproxy\b", re.IGNORECASE)
 USAGE = "CACHEPROXY EXPLAIN <query> | SHOW STATS | SHOW CACHES [n] | INVALIDATE TABLE <name> | FLUSH"
@@ -30,7 +27,7 @@ def is_admin_command(sql: bytes) -> bool:
     return _PREFIX.match(sql) is not None
 
 
-async def run_admin(server: MySQLServer, state: SessionState, sql: bytes) -> bytes:
+async def run_admin(server: FrontEnd, state: SessionState, sql: bytes) -> bytes:
     """The reply (wire bytes, sequence ids from 1) to one CACHEPROXY command."""
     text = sql.decode(errors="replace").strip().rstrip(";")
     words = text.split()
@@ -65,7 +62,7 @@ def _err(code: int, sqlstate: str, message: str) -> bytes:
     return codec.encode_packet(1, codec.err_payload(code, sqlstate, message))
 
 
-async def _explain(server: MySQLServer, state: SessionState, sql: bytes) -> Rows:
+async def _explain(server: FrontEnd, state: SessionState, sql: bytes) -> Rows:
     info = server.analyze(sql)
     plan = await server.cache_plan(state, info, sql=sql)
     if plan is None:
@@ -95,7 +92,7 @@ async def _explain(server: MySQLServer, state: SessionState, sql: bytes) -> Rows
     return [(k.encode(), v.encode()) for k, v in rows]
 
 
-def _stats(server: MySQLServer) -> Rows:
+def _stats(server: FrontEnd) -> Rows:
     rows: list[tuple[str, str | None]] = [("client_connections", str(server.client_count))]
     if server.engine is None:
         rows.append(("cache_enabled", "false"))
@@ -107,7 +104,7 @@ def _stats(server: MySQLServer) -> Rows:
     return [(k.encode(), None if v is None else v.encode()) for k, v in rows]
 
 
-def _caches(server: MySQLServer, limit: int) -> Rows:
+def _caches(server: FrontEnd, limit: int) -> Rows:
     if server.engine is None:
         return []
     now = time.monotonic()

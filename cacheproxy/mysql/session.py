@@ -15,17 +15,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from cacheproxy.analysis.mysql import MyInfo
 from cacheproxy.cache.entry import database_id
 from cacheproxy.mysql import codec
 from cacheproxy.mysql.admin import is_admin_command, run_admin
 from cacheproxy.mysql.codec import Capability, CodecError, Command, Packet, PacketReader, Reply, ResponseTracker
+from cacheproxy.mysql.interfaces import FrontEnd
 from cacheproxy.mysql.state import SessionState
-
-if TYPE_CHECKING:
-    from cacheproxy.mysql.server import MySQLServer
 
 log = logging.getLogger("cacheproxy.mysql.session")
 
@@ -108,7 +105,7 @@ class Stream:
 class MySQLSession:
     """A client connection and its upstream connection, from greeting to COM_QUIT or a disconnect."""
 
-    def __init__(self, server: MySQLServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: FrontEnd, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.client = Stream(reader, writer, "client", server.max_packet)
         self.upstream: Stream | None = None
