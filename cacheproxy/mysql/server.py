@@ -19,6 +19,7 @@ from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import database_id
 from cacheproxy.cache.keys import execute_key, query_key
 from cacheproxy.config import Config
+from cacheproxy.mysql import codec
 from cacheproxy.mysql.binlog import BinlogFeed, Invalidation
 from cacheproxy.mysql.catalog import Catalog, TableId, load_catalog
 from cacheproxy.mysql.session import MySQLSession, table_ids
@@ -117,7 +118,12 @@ class MySQLServer:
             self._forget_plans()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.accepting:
+        if not self.accepting or len(self._live) >= self._config.limits.max_client_connections:
+            # MySQL's own answer to one connection too many: ERR 1040 in place of the greeting.
+            why = "too many clients" if self.accepting else "shutting down"
+            self.metrics.client_refused(why)
+            with contextlib.suppress(OSError):
+                writer.write(codec.encode_packet(0, codec.err_payload(1040, "08004", f"cacheproxy: {why}")))
             writer.close()
             return
         with contextlib.suppress(OSError):

@@ -18,6 +18,7 @@ import pymysql
 import pytest
 
 from cacheproxy.mysql import codec
+from tests.support.cachetest import eventually
 from tests.support.mariadb import PASSWORD, USER, MariaDB
 from tests.support.proxy import ProxyThread, proxy_config
 
@@ -363,3 +364,16 @@ def test_oversized_packet_to_the_proxy_itself(mariadb: MariaDB, mydb: str) -> No
             rows(conn, "SELECT %s", ("y" * 100_000,))
         assert rows(via(proxy, mydb), "SELECT 3") == ((3,),)
     assert codec.MAX_PAYLOAD == 0xFFFFFF
+
+
+def test_too_many_clients_get_error_1040(mariadb: MariaDB, mydb: str) -> None:
+    config = proxy_config(mariadb.url(mydb), limits={"max_client_connections": 2})
+    with ProxyThread.from_mapping(config) as proxy:
+        first, second = via(proxy, mydb), via(proxy, mydb)
+        with pytest.raises(pymysql.err.OperationalError) as refused:
+            via(proxy, mydb)
+        assert refused.value.args[0] == 1040
+        first.close()
+        assert eventually(lambda: proxy.app.proxy.client_count == 1)  # type: ignore[union-attr]
+        assert rows(via(proxy, mydb), "SELECT 5") == ((5,),)
+        assert rows(second, "SELECT 6") == ((6,),)
