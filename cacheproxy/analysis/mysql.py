@@ -444,6 +444,8 @@ class MyInfo:
     # What a write does to the cache beyond its tables:
     invalidate_databases: frozenset[str] = frozenset()  # DDL: these databases' entries (plus the current one)
     invalidate_all: bool = False  # unknown effects (CALL, GRANT, ...): every entry
+    # Calls a function that may be a stored one, which may write (invalidation.unknown_writes decides).
+    calls_unknown: bool = False
 
 
 def _tokens(sql: str) -> list[Token]:
@@ -489,7 +491,9 @@ def analyze_mysql(sql: str) -> MyInfo:
         use_database=None,
         sets=any(p.sets or p.use_database or p.temp_created for p in parts),
         invalidate_databases=frozenset().union(*(p.invalidate_databases for p in parts)),
-        invalidate_all=any(p.invalidate_all for p in parts),
+        # DDL inside a multi-statement query may name tables of any database unqualified: drop everything.
+        invalidate_all=any(p.invalidate_all or p.kind == Kind.DDL for p in parts),
+        calls_unknown=any(p.calls_unknown for p in parts),
     )
 
 
@@ -533,10 +537,11 @@ def _runs_statement(tokens: list[Token]) -> bool:
 
 def _read(sql: str, tokens: list[Token]) -> MyInfo:
     reason = _read_reason(tokens)
+    unknown = reason is not None and reason.startswith("calls ")
     try:
         tree = sqlglot.parse_one(sql, read=_DIALECT)
     except SqlglotError:
-        return MyInfo(Kind.READ, 1, reason=reason or "could not parse")
+        return MyInfo(Kind.READ, 1, reason=reason or "could not parse", calls_unknown=unknown)
     if not isinstance(tree, exp.Query):  # WITH ... UPDATE/DELETE (MySQL 8)
         return MyInfo(Kind.WRITE, 1, writes=_tables(tree), reason="a data-modifying statement")
     reads = _tables(tree)
@@ -544,7 +549,7 @@ def _read(sql: str, tokens: list[Token]) -> MyInfo:
         system = sorted({db for db, _ in reads if db in SYSTEM_SCHEMAS})
         if system:
             reason = f"reads the system schema {system[0]}"
-    return MyInfo(Kind.READ, 1, reads=reads, cacheable=reason is None, reason=reason)
+    return MyInfo(Kind.READ, 1, reads=reads, cacheable=reason is None, reason=reason, calls_unknown=unknown)
 
 
 def _tables(tree: exp.Expr) -> frozenset[MyTable]:

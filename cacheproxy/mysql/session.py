@@ -346,6 +346,10 @@ class MySQLSession:
             if state.database:
                 databases.add(state.database.lower())
             self.server.invalidate_databases(databases, "ddl")
+        # A stored function may write: as for PostgreSQL, the database's entries go (unknown_writes: ignore keeps
+        # them, for applications whose functions only read).
+        if info.calls_unknown and state.database and self.server.config.invalidation.unknown_writes != "ignore":
+            state.pending_databases.add(state.database.lower())
         if info.writes:
             self.server.note_writes(state, info.writes)
         tables, databases = state.take_pending()

@@ -377,3 +377,15 @@ def test_too_many_clients_get_error_1040(mariadb: MariaDB, mydb: str) -> None:
         assert eventually(lambda: proxy.app.proxy.client_count == 1)  # type: ignore[union-attr]
         assert rows(via(proxy, mydb), "SELECT 5") == ((5,),)
         assert rows(second, "SELECT 6") == ((6,),)
+
+
+def test_a_stored_function_that_writes_invalidates_its_database(myproxy: ProxyThread, mariadb: MariaDB, mydb: str,
+                                                                items: None) -> None:  # fmt: skip
+    with mariadb.connect(mydb) as d, d.cursor() as cur:
+        cur.execute("CREATE FUNCTION rename_item(i INT) RETURNS INT DETERMINISTIC MODIFIES SQL DATA "
+                    "BEGIN UPDATE items SET name = 'renamed' WHERE id = i; RETURN 1; END")  # fmt: skip
+    conn = via(myproxy, mydb)
+    for _ in range(2):
+        assert rows(conn, "SELECT name FROM items WHERE id = 1") == (("apple",),)
+    assert rows(conn, "SELECT rename_item(1)") == ((1,),)
+    assert rows(conn, "SELECT name FROM items WHERE id = 1") == (("renamed",),)

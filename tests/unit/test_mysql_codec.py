@@ -183,3 +183,9 @@ def test_writes_ddl_and_session_statements() -> None:
     assert analyze_mysql("ROLLBACK").rollback and not analyze_mysql("ROLLBACK TO SAVEPOINT s").rollback
     multi = analyze_mysql("SET @a = 1; SELECT 1")
     assert multi.statement_count == 2 and multi.sets and multi.kind == Kind.OTHER
+
+
+def test_stored_function_calls_and_ddl_in_several_statements() -> None:
+    assert analyze_mysql("SELECT my_func(a) FROM t").calls_unknown
+    assert not analyze_mysql("SELECT NOW()").calls_unknown
+    assert analyze_mysql("SELECT 1; DROP TABLE t").invalidate_all
