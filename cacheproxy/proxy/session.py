@@ -40,6 +40,7 @@ from cacheproxy.protocol.startup import (
     read_length,
 )
 from cacheproxy.proxy.admin_console import is_admin_command
+from cacheproxy.proxy.auth_source import AuthSource
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.interfaces import ConsoleSession
@@ -52,7 +53,9 @@ from cacheproxy.proxy.streams import (
     read_message,
     read_upstream_message,
 )
+from cacheproxy.proxy.terminating_auth import AUTHENTICATION_OK, authenticate_client
 from cacheproxy.proxy.transaction import TransactionTracker
+from cacheproxy.proxy.upstream_login import UpstreamLogin, UpstreamRefused
 from cacheproxy.upstream import connection_lost_error, open_upstream
 
 log = logging.getLogger("cacheproxy.session")
@@ -94,6 +97,9 @@ class SessionServer(Protocol):
 
     @property
     def admin_console(self) -> AdminConsole: ...
+
+    @property
+    def auth(self) -> AuthSource: ...
 
     def admit(self, session: Session) -> None: ...
 
@@ -137,6 +143,8 @@ class Session:
         self.process_id = 0
         self.secret_key = 0
         self.upstream_key: tuple[int, bytes] | None = None
+        # auth.mode terminate: how to log in upstream as this client again, at any time (upstream_login.py).
+        self.upstream_login: UpstreamLogin | None = None
         self.parameters: dict[str, str] = {}
         # The transaction and settings state (its `status` changes only at ReadyForQuery, in `on_ready`).
         self.transaction = TransactionTracker(session_id, parameters=self.parameters)
@@ -332,6 +340,9 @@ class Session:
             return request
 
     async def _authenticate(self, startup: StartupMessage) -> None:
+        if self.server.config.auth.mode == "terminate":
+            await self._authenticate_terminating(startup)
+            return
         self._set_phase(Phase.AUTHENTICATING, "upstream connect")
         up_reader, up_writer = await open_upstream(self.server.config.upstream)
         self.server.metrics.upstream_opened()
@@ -354,6 +365,22 @@ class Session:
                 client.write(encode(bytes((msg_type,)), body))
             else:
                 raise ProtocolViolation(f"unexpected message {chr(msg_type)!r} from upstream during authentication")
+        await self._finish_startup(up_reader)
+
+    async def _authenticate_terminating(self, startup: StartupMessage) -> None:
+        """auth.mode terminate: authenticate the client here, then log in upstream as it (terminating_auth.py)."""
+        self._set_phase(Phase.AUTHENTICATING, "client authentication (auth.mode: terminate)")
+        login = await authenticate_client(self._client_reader, self._client_writer, startup, self.server.auth)
+        self.upstream_login = login
+        up_reader, up_writer = await open_upstream(self.server.config.upstream)
+        self.server.metrics.upstream_opened()
+        self._up_reader, self._up_writer = up_reader, up_writer
+        try:
+            notices = await login.authenticate(up_reader, up_writer)
+        except UpstreamRefused as exc:
+            self._client_writer.write(encode(b"E", exc.body))
+            raise SessionEnd("upstream refused: " + exc.message) from exc
+        self._client_writer.write(AUTHENTICATION_OK + b"".join(notices))
         await self._finish_startup(up_reader)
 
     async def _relay_auth_reply(self) -> None:
