@@ -25,7 +25,7 @@ from struct import Struct
 
 import scramp
 
-from cacheproxy.errors import PROTOCOL_VIOLATION, ProtocolViolation, ProxyError
+from cacheproxy.errors import ProtocolViolation, ProxyError
 from cacheproxy.protocol.client_auth import AUTH_MD5, AUTH_SASL_CONTINUE, SCRAM_SHA_256, ScramKeys
 from cacheproxy.protocol.framing import encode
 from cacheproxy.protocol.messages import AUTH_SASL_FINAL, authentication_sasl
@@ -105,7 +105,7 @@ class ServerAuth:
         if not sep or len(rest) < 4:
             raise ProtocolViolation("malformed SASLInitialResponse")
         if mechanism.decode("utf-8", "replace") != SCRAM_SHA_256:
-            raise ProxyError(PROTOCOL_VIOLATION, "client selected an invalid SASL authentication mechanism")
+            raise ProtocolViolation("client selected an invalid SASL authentication mechanism")
         (length,) = _INT32.unpack_from(rest)
         client_first = rest[4 : 4 + length] if length >= 0 else b""
         self._scram_verifier = self._known_scram_verifier()
