@@ -21,6 +21,7 @@ import asyncpg
 from cacheproxy.config import Config
 from cacheproxy.errors import CONNECTION_FAILURE, UpstreamError
 from cacheproxy.protocol.verifiers import PlainPassword, Verifier, parse_userlist, parse_verifier
+from cacheproxy.proxy.offline import LoginMemory
 from cacheproxy.upstream import control_connection
 
 log = logging.getLogger("cacheproxy.auth")
@@ -36,6 +37,7 @@ class AuthSource:
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._last_known: dict[str, Verifier | None] = {}  # role -> what auth.query last said
+        self.logins = LoginMemory()  # what the server sent each login: replayed to offline sessions
 
     async def verifier(self, user: str) -> Verifier | None:
         """The role's verifier; None when it has none (no such role, or no password): its login must fail."""

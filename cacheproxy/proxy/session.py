@@ -45,6 +45,7 @@ from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.interfaces import ConsoleSession
 from cacheproxy.proxy.link import Link
+from cacheproxy.proxy.offline import OfflineRelay, offline_startup
 from cacheproxy.proxy.streams import (
     MAX_STARTUP_MESSAGE,
     client_auth_request,
@@ -164,6 +165,7 @@ class Session:
         self._idle_timeout = server.config.limits.idle_client_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
         self._caching: CachingRelay | None = None
+        self._offline: OfflineRelay | None = None  # stale-if-error: no upstream, answered from the cache alone
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -250,6 +252,8 @@ class Session:
         except TimeoutError as exc:
             raise ProxyError(QUERY_CANCELED, f"canceling authentication due to timeout ({timeout:g}s)") from exc
         self._set_phase(Phase.READY, "authenticated")
+        if self._offline is not None:
+            return await self._offline.run()
         return await self._relay()
 
     def request_close(self, reason: str) -> None:
@@ -372,7 +376,12 @@ class Session:
         self._set_phase(Phase.AUTHENTICATING, "client authentication (auth.mode: terminate)")
         login = await authenticate_client(self._client_reader, self._client_writer, startup, self.server.auth)
         self.upstream_login = login
-        up_reader, up_writer = await open_upstream(self.server.config.upstream)
+        try:
+            up_reader, up_writer = await open_upstream(self.server.config.upstream)
+        except UpstreamError as exc:
+            if self._go_offline(startup, exc):
+                return
+            raise
         self.server.metrics.upstream_opened()
         self._up_reader, self._up_writer = up_reader, up_writer
         try:
@@ -382,6 +391,25 @@ class Session:
             raise SessionEnd("upstream refused: " + exc.message) from exc
         self._client_writer.write(AUTHENTICATION_OK + b"".join(notices))
         await self._finish_startup(up_reader)
+        self.server.auth.logins.remember(startup, self.parameters)
+
+    def _go_offline(self, startup: StartupMessage, exc: UpstreamError) -> bool:
+        """The upstream cannot be reached: serve this authenticated client from the cache alone (offline.py), if
+        the cache is on and a login like this one was seen before (its ParameterStatus values are replayed)."""
+        remembered = self.server.auth.logins.recall(startup)
+        service = self.server.cache
+        if service is None or remembered is None:
+            return False
+        log.warning("session %d: %s; serving it from the cache only (stale_if_error)", self.id, exc.message)
+        self.parameters.update(remembered)
+        self.process_id, self.secret_key = self.server.issue_key(self, 0)
+        self._client_writer.write(AUTHENTICATION_OK + offline_startup(remembered, self.process_id, self.secret_key))
+        self._offline = OfflineRelay(
+            self._client_reader, self._client_writer, service, self.transaction, database=self.database,
+            user=self.user, max_message_size=self.server.config.limits.max_message_size,
+            admin_command=self.admin_command,
+        )  # fmt: skip
+        return True
 
     async def _relay_auth_reply(self) -> None:
         """Forward the client's one reply (password, SASL or GSS response) to an authentication request."""
