@@ -21,9 +21,9 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from functools import cache
 from struct import Struct
-
-import scramp
+from typing import Any
 
 from cacheproxy.errors import ProtocolViolation, ProxyError
 from cacheproxy.protocol.client_auth import AUTH_MD5, AUTH_SASL_CONTINUE, SCRAM_SHA_256, ScramKeys
@@ -33,7 +33,6 @@ from cacheproxy.protocol.verifiers import Md5Verifier, PlainPassword, ScramVerif
 
 INVALID_PASSWORD = "28P01"
 _INT32 = Struct("!i")
-_MECHANISM = scramp.ScramMechanism(SCRAM_SHA_256)
 
 
 class AuthenticationFailed(ProxyError):
@@ -62,7 +61,7 @@ class ServerAuth:
         self.user = user
         self._verifier = verifier
         self._nonce = nonce
-        self._scram: scramp.core.ScramServer | None = None
+        self._scram: Any = None  # scramp's ScramServer, once the client chose SCRAM
         self._scram_verifier: ScramVerifier | None = None
         self._md5_salt = b""
         self.done = False
@@ -109,7 +108,8 @@ class ServerAuth:
         (length,) = _INT32.unpack_from(rest)
         client_first = rest[4 : 4 + length] if length >= 0 else b""
         self._scram_verifier = self._known_scram_verifier()
-        server = _MECHANISM.make_server(self._auth_fn, s_nonce=self._nonce)
+        scramp = _scramp()
+        server = scramp.ScramMechanism(SCRAM_SHA_256).make_server(self._auth_fn, s_nonce=self._nonce)
         try:
             text = client_first.decode("utf-8")
             gs2_end = text.find(",", text.find(",") + 1) + 1
@@ -134,7 +134,7 @@ class ServerAuth:
             raise ProtocolViolation("malformed SCRAM message: not UTF-8") from exc
         try:
             server.set_client_final(client_final)
-        except scramp.ScramException as exc:
+        except _scramp().ScramException as exc:
             raise AuthenticationFailed(self.user, str(exc)) from exc
         if self._verifier is None:  # the mock exchange of an unknown user: no proof can match, but be sure
             raise AuthenticationFailed(self.user, "no such user")
@@ -161,6 +161,15 @@ class ServerAuth:
         verifier = self._scram_verifier
         assert verifier is not None
         return verifier.salt, verifier.stored_key, verifier.server_key, verifier.iterations
+
+
+@cache
+def _scramp() -> Any:
+    """scramp, imported at the first SCRAM exchange: it costs ~0.15 s of start-up (asn1crypto), which only
+    auth.mode terminate needs."""
+    import scramp
+
+    return scramp
 
 
 def recover_client_key(verifier: ScramVerifier, client_first_bare: str, server_first: str, client_final: str) -> bytes:
