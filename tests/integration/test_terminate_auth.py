@@ -205,3 +205,20 @@ def test_upstream_login_opens_a_new_connection_as_the_client_later(
             assert dict(result.parameters)["session_authorization"] == name
             assert result.backend_key[0] > 0
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_clear_password_in_the_file_logs_in_where_the_server_wants_cleartext(
+    pg: PgCluster, start_proxy: Start, dbname: str, tmp_path: Path
+) -> None:
+    """carol_pw's pg_hba.conf line is `password` (cleartext): SCRAM keys cannot answer it, a clear password in
+    auth.file can (the client still authenticates to the proxy by SCRAM)."""
+    userlist = tmp_path / "userlist.txt"
+    userlist.write_text(f'"{pg.PW_USER}" "{pg.PW_PASSWORD}"\n')
+    proxy = _terminating(start_proxy, file=str(userlist))
+    dsn = pg.dsn(user=pg.PW_USER, password=pg.PW_PASSWORD, dbname=dbname, port=proxy.port)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (pg.PW_USER,)
+    # Without the file, only its SCRAM verifier is known: the upstream login fails, saying why.
+    bare = _terminating(start_proxy)
+    with pytest.raises(psycopg.OperationalError, match="holds only SCRAM keys"):
+        psycopg.connect(pg.dsn(user=pg.PW_USER, password=pg.PW_PASSWORD, dbname=dbname, port=bare.port))
