@@ -395,10 +395,12 @@ class Session:
 
     def _go_offline(self, startup: StartupMessage, exc: UpstreamError) -> bool:
         """The upstream cannot be reached: serve this authenticated client from the cache alone (offline.py), if
-        the cache is on and a login like this one was seen before (its ParameterStatus values are replayed)."""
+        the cache is on, a rule has stale_if_error (else the client is refused as before) and a login like this one
+        was seen before (its ParameterStatus values are replayed)."""
         remembered = self.server.auth.logins.recall(startup)
         service = self.server.cache
-        if service is None or remembered is None:
+        stale_rules = any(rule.stale_if_error for rule in self.server.config.rules)
+        if service is None or remembered is None or not stale_rules:
             return False
         log.warning("session %d: %s; serving it from the cache only (stale_if_error)", self.id, exc.message)
         self.parameters.update(remembered)

@@ -170,3 +170,16 @@ def test_relay_mode_cannot_serve_without_the_upstream(own_pg: PgCluster) -> None
         with pytest.raises(psycopg.OperationalError, match="could not connect to upstream"):
             psycopg.connect(dsn)
         assert _stale_served(proxy) == 0
+
+
+def test_terminate_mode_without_stale_rules_refuses_as_before(own_pg: PgCluster) -> None:
+    """No rule has stale_if_error: a client connecting while the upstream is down is refused at once, as in relay
+    mode (no session that could only fail every query)."""
+    config = proxy_config(own_pg.url(dbname="postgres", connect_timeout=2), auth={"mode": "terminate"})
+    with ProxyThread.from_mapping(config) as proxy:
+        dsn = _dsn(own_pg, proxy)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert _read(conn, STALE_QUERY) == [(1, "one")]
+        own_pg.stop("fast")
+        with pytest.raises(psycopg.OperationalError, match="could not connect to upstream"):
+            psycopg.connect(dsn)
