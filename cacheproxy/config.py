@@ -31,6 +31,7 @@ import yaml
 __all__ = [
     "Address",
     "AdminConfig",
+    "AuthConfig",
     "CacheConfig",
     "Config",
     "ConfigError",
@@ -826,6 +827,24 @@ class TLSConfig(_Section):
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig(_Section):
+    """Client authentication. ``mode``: ``relay`` (the default: the client authenticates with the upstream through
+    the proxy) or ``terminate`` (the proxy authenticates the client itself, against a verifier from ``file``, a
+    PgBouncer userlist.txt, or from ``query``, run on the database as ``user``; it then logs in upstream with the
+    SCRAM keys the client's own exchange yields, so no password is stored). ``user``: the role that runs the
+    query (default: the upstream URL's user; another role needs its password in ``file``)."""
+
+    mode: str = setting("relay", choice("relay", "terminate"))
+    file: str | None = setting(None, optional(STRING))
+    query: str = setting("SELECT usename, passwd FROM pg_shadow WHERE usename=$1", STRING)
+    user: str | None = setting(None, optional(STRING))
+
+    def validate(self) -> None:
+        if self.file is not None and not os.path.isfile(self.file):
+            raise ConfigError(f"no such file: {self.file}", key="file")
+
+
+@dataclass(frozen=True, slots=True)
 class Rule(_Section):
     """A per-table caching rule. ``tables`` holds names or globs exactly as written (no case folding)."""
 
@@ -833,6 +852,9 @@ class Rule(_Section):
     ttl: float | None = setting(None, optional(duration(positive=True)))
     strategy: str = setting("lazy", choice("lazy", "write_through", "none"))
     in_transaction: str = setting("until_write", choice("never", "until_write", "always"))
+    # Stale-if-error: while the upstream cannot be reached, results expired less than this long ago are served
+    # (with a NOTICE). None (the default): nothing stale is ever served.
+    stale_if_error: float | None = setting(None, optional(duration(positive=True)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -850,6 +872,7 @@ class Config(_Section):
     tls: TLSConfig = section(TLSConfig)
     invalidation: InvalidationConfig = section(InvalidationConfig)
     write_through: WriteThroughConfig = section(WriteThroughConfig)
+    auth: AuthConfig = section(AuthConfig)
     rules: tuple[Rule, ...] = setting((), RULES)
     source: str | None = None  # not a key
 

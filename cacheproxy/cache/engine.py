@@ -115,6 +115,10 @@ class CacheEngine:
         """The live entry for `key`, or None. The returned entry's `value` is the stored bytes object itself."""
         return self._shards[hash(key) & self._mask].get(key, now, count_miss=count_miss, count_hit=count_hit)
 
+    def get_stale(self, key: Hashable, now: float) -> Entry | None:
+        """Stale-if-error: the entry for `key`, live or expired within its stale window (see Shard.get_stale)."""
+        return self._shards[hash(key) & self._mask].get_stale(key, now)
+
     def count(self, key: Hashable, entry: Entry | None) -> None:
         """Count an uncounted lookup of `key` now that its outcome is known: served from `entry`, or (None) sent
         upstream. Hits and misses then say what reached the server."""
@@ -143,12 +147,16 @@ class CacheEngine:
         query: str = "",
         rule: str | None = None,
         generations: tuple[int, ...] | None = None,
+        stale_for: float = 0.0,
     ) -> bool:
         """Store `value` (not copied) under `key` for `ttl` seconds. False, counted as `rejected`, when: ttl is not
         positive, the entry's accounted size exceeds max_entry_size or the shard's budget, or `generations` (from
         `generations(tables)` before the query went upstream) no longer matches: the result may predate a write."""
         index = hash(key) & self._mask
         entry = self._admit(key, value, tables, ttl, now, query, rule, generations)
+        if entry is not None and stale_for > 0:
+            entry.stale_for = stale_for
+            entry.stale_until = entry.expires_at + stale_for
         if entry is not None and self._shards[index].put(entry, now):
             return True
         self._rejected[index] += 1
@@ -204,6 +212,12 @@ class CacheEngine:
         for table in [table for table in self._holders if table[0] == database]:
             del self._holders[table]
         return sum(shard.invalidate_database(database, dropped) for shard in self._shards)
+
+    def expire_database(self, database: str, now: float) -> int:
+        """Its invalidation feed was lost: like `invalidate_database` (fills in flight are refused), except that
+        entries with a stale-if-error window expire now and are kept for it. Returns the number removed."""
+        self._db_generations[database] = self._db_generations.get(database, 0) + 1
+        return sum(shard.expire_database(database, now) for shard in self._shards)
 
     def flush(self) -> int:
         """Remove everything and bump the global generation (refusing every fill in flight)."""

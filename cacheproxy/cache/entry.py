@@ -92,6 +92,8 @@ class Entry:
         "query",
         "rule",
         "size",
+        "stale_for",
+        "stale_until",
         "tables",
         "value",
     )
@@ -105,6 +107,8 @@ class Entry:
     hits: int
     query: str
     rule: str | None
+    stale_for: float
+    stale_until: float
     _prev: Entry
     _next: Entry
 
@@ -118,6 +122,7 @@ class Entry:
         expires_at: float,
         query: str = "",
         rule: str | None = None,
+        stale_for: float = 0.0,
     ) -> None:
         self.key = key
         self.value = value
@@ -129,11 +134,26 @@ class Entry:
         self.hits = 0
         self.query = query
         self.rule = rule
+        # Stale-if-error (opt-in per rule): kept this long past its expiry, served then only while the upstream
+        # cannot be reached (get_stale); never by `get`.
+        self.stale_for = stale_for
+        self.stale_until = expires_at + stale_for
         # _prev / _next stay unset until a Shard links the entry.
 
     def expired(self, now: float) -> bool:
         """True once `now` has reached the entry's expiry time (an entry with expires_at == now is expired)."""
         return now >= self.expires_at
+
+    def gone(self, now: float) -> bool:
+        """Expired and past its stale-if-error window: nothing may serve it any more (the shard drops it)."""
+        return now >= self.stale_until
+
+    def expire(self, now: float) -> None:
+        """Expire the entry now (if later), its stale window counted from now: its freshness can no longer be
+        vouched for (the invalidation feed was lost), but stale-if-error may still serve it."""
+        if now < self.expires_at:
+            self.expires_at = now
+        self.stale_until = min(self.stale_until, now + self.stale_for)
 
     def ttl_left(self, now: float) -> float:
         """Seconds until expiry (0.0 once expired); for operators."""

@@ -2,9 +2,10 @@
 
 Rules (sans-IO: time is the `now` argument, monotonic seconds; nothing here reads a clock):
 
-- An entry is expired once `now >= expires_at`. `get` removes an expired entry it meets (an expiration and a miss);
-  `sweep` removes expired entries it visits; `put` counts an LRU victim that had already expired as an expiration,
-  not an eviction.
+- An entry is expired once `now >= expires_at`; `get` never returns one. An entry with a stale-if-error window
+  (`stale_for`) is kept until `stale_until` (expires_at + stale_for): only `get_stale` returns it then. `get` removes
+  an expired entry past that window it meets (an expiration and a miss); `sweep` removes those it visits; `put`
+  counts an LRU victim that had already expired as an expiration, not an eviction.
 - `bytes` is always the sum of the live entries' `size` and never exceeds `max_bytes`.
 - The index maps each TableId to the keys of the live entries that depend on it; a table with no live dependents
   has no index key.
@@ -85,8 +86,9 @@ class Shard:
                 self.misses += 1
             return None
         if now >= entry.expires_at:
-            self._drop(entry)
-            self.expirations += 1
+            if now >= entry.stale_until:  # (kept while stale-if-error may still serve it)
+                self._drop(entry)
+                self.expirations += 1
             if count_miss:
                 self.misses += 1
             return None
@@ -106,6 +108,36 @@ class Shard:
             entry.hits += 1
             self.hits += 1
         return entry
+
+    def get_stale(self, key: Hashable, now: float) -> Entry | None:
+        """Stale-if-error only (the upstream cannot be reached): the entry for `key` if it is live or expired less
+        than its `stale_for` ago. Counts nothing and leaves the LRU order alone (the caller counts stale serves)."""
+        entry = self._entries.get(key)
+        if entry is None or now >= entry.stale_until:
+            return None
+        return entry
+
+    def expire_database(self, database: str, now: float) -> int:
+        """The database's invalidation feed was lost: its entries expire now. Those without a stale-if-error window
+        are removed (counted as invalidations), the others kept for their window (`Entry.expire`). Returns how many
+        were removed."""
+        doomed: list[Entry] = []
+        entries = self._entries
+        seen: set[Hashable] = set()
+        for table in [table for table in self._index if table[0] == database]:
+            for key in self._index.get(table, ()):
+                if key in seen:
+                    continue
+                seen.add(key)
+                entry = entries[key]
+                if entry.stale_for > 0:
+                    entry.expire(now)
+                else:
+                    doomed.append(entry)
+        for entry in doomed:
+            self._drop(entry)
+        self.invalidations += len(doomed)
+        return len(doomed)
 
     def count(self, entry: Entry | None) -> None:
         """Count a lookup made with `count_hit=False` / `count_miss=False` once its outcome is known: a hit of
@@ -220,7 +252,7 @@ class Shard:
             if node is root:
                 node = root._next  # wrap: a new pass (the shard is not empty: len() bounds the loop)
             nxt = node._next
-            if now >= node.expires_at:
+            if now >= node.stale_until:
                 self._drop(node)
                 removed += 1
             node = nxt

@@ -22,6 +22,11 @@ class CacheTier(Protocol):
         """The live entry for `key`, or None. Counted as a hit or miss unless told not to (`count` does it later)."""
         ...
 
+    def get_stale(self, key: Hashable, now: float) -> Entry | None:
+        """Stale-if-error, while the upstream cannot be reached: the entry if live or expired within its
+        `stale_for` window; counts nothing. Never used while the upstream answers."""
+        ...
+
     def count(self, key: Hashable, entry: Entry | None) -> None:
         """Count an uncounted lookup of `key` once its outcome is known: served from `entry`, or (None) sent
         upstream."""
@@ -42,6 +47,7 @@ class CacheTier(Protocol):
         query: str = "",
         rule: str | None = None,
         generations: tuple[int, ...] | None = None,
+        stale_for: float = 0.0,
     ) -> bool:
         """Store a result that depends on `tables`; False when refused (too big, expired, or stale: generations)."""
         ...
@@ -52,4 +58,9 @@ class CacheTier(Protocol):
 
     def invalidate_database(self, database: str, dropped: list[Entry] | None = None) -> int:
         """Drop every entry of `database`; how many."""
+        ...
+
+    def expire_database(self, database: str, now: float) -> int:
+        """Its invalidation feed was lost: every entry of `database` expires now; those with a stale-if-error
+        window are kept for it, the rest dropped (how many)."""
         ...

@@ -134,6 +134,7 @@ class Metrics:
         # Invalidation across proxies (feeds/bus.py, feeds/replication.py) and write-through refreshes.
         self._bus_messages = dict.fromkeys(BUS_DIRECTIONS, 0)
         self._bus_disconnects = 0
+        self._stale_served = 0
         self._blind: set[str] = set()
         self._refreshes = dict.fromkeys(REFRESH_RESULTS, 0)
         self._replication_lag: Callable[[], float] | None = None
@@ -244,6 +245,10 @@ class Metrics:
             self._blind.add(database)
         else:
             self._blind.discard(database)
+
+    def stale_served(self) -> None:
+        """A cached result served while the upstream could not be reached (stale-if-error)."""
+        self._stale_served += 1
 
     def refreshed(self, result: str) -> None:
         """A write-through refresh ended (`result` in REFRESH_RESULTS)."""
@@ -411,6 +416,11 @@ def _invalidation_families(m: Metrics) -> Iterator[Metric]:
         "cacheproxy_invalidation_blind_databases",
         "Databases whose cached results are not served now: their invalidation feed is down.",
         value=len(m._blind),
+    )
+    yield CounterMetricFamily(
+        "cacheproxy_stale_served",
+        "Cached results served while the upstream could not be reached (stale_if_error).",
+        value=m._stale_served,
     )
     yield _by_label("cacheproxy_write_through_refreshes", "Write-through refreshes, by result.", "result", m._refreshes)
     if m._replication_lag is not None:

@@ -1,7 +1,7 @@
 """Per-table rules from the configuration: the first rule whose pattern matches a table decides for it.
 
-A query over several tables takes the shortest TTL among them, the strictest `in_transaction`, and `strategy: none`
-on any of them wins.
+A query over several tables takes the shortest TTL among them, the strictest `in_transaction`, the shortest
+`stale_if_error` (none if any table has none), and `strategy: none` on any of them wins.
 Patterns follow SQL identifier rules: unquoted parts fold to lower case, "quoted" parts are exact; `*` and `?`
 are globs; a pattern without a schema matches the table name in every schema.
 """
@@ -26,6 +26,7 @@ class Decision:
     rule: str  # "rules[2] (public.*)" or "cache.default_ttl"
     reason: str | None = None
     in_transaction: str = "until_write"  # the strictest of the tables' rules
+    stale_if_error: float = 0.0  # the shortest of the tables' windows (0: no stale serving)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +86,12 @@ class RuleSet:
     def decide(self, tables: Iterable[tuple[str, str]]) -> Decision:
         ttl, source, strategy = self.default_ttl, "cache.default_ttl", "lazy"
         in_transaction = "always"
+        stale: float | None = None
         first = True
         for schema, name in sorted(tables):
             found = self.match(schema, name)
             table_ttl, label, table_in_transaction = self.default_ttl, "cache.default_ttl", "until_write"
+            table_stale = 0.0
             if found is not None:
                 index, rule = found
                 label = f"rules[{index}] ({', '.join(rule.tables)})"
@@ -99,8 +102,10 @@ class RuleSet:
                 if rule.strategy == "write_through":
                     strategy = "write_through"
                 table_in_transaction = rule.in_transaction
+                table_stale = rule.stale_if_error or 0.0
+            stale = table_stale if stale is None else min(stale, table_stale)
             if _STRICTNESS[table_in_transaction] < _STRICTNESS[in_transaction]:
                 in_transaction = table_in_transaction
             if first or table_ttl < ttl:
                 ttl, source, first = table_ttl, label, False
-        return Decision(True, ttl, strategy, source, in_transaction=in_transaction)
+        return Decision(True, ttl, strategy, source, in_transaction=in_transaction, stale_if_error=stale or 0.0)

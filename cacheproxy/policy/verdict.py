@@ -26,6 +26,7 @@ class ReadVerdict:
     rule: str = ""
     strategy: str = "lazy"
     in_transaction: str = "until_write"  # may it be served inside a transaction block (see config.Rule)
+    stale_if_error: float = 0.0  # served this long past expiry while the upstream cannot be reached (0: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,14 @@ def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict
     if not decision.cacheable:
         return ReadVerdict(False, decision.reason, rule=decision.rule)
     return ReadVerdict(
-        True, None, frozenset(depends), decision.ttl, decision.rule, decision.strategy, decision.in_transaction
+        True,
+        None,
+        frozenset(depends),
+        decision.ttl,
+        decision.rule,
+        decision.strategy,
+        decision.in_transaction,
+        decision.stale_if_error,
     )
 
 

@@ -1,6 +1,8 @@
 """The client side of PostgreSQL authentication (sans-IO): cleartext, MD5 and SCRAM-SHA-256.
 
-The proxy's own upstream connections log in with these; client sessions never do (their exchange is relayed).
+The proxy's own upstream connections log in with these; so do client sessions in `auth.mode: terminate`, with the
+SCRAM keys or md5 verifier their own exchange with the proxy yielded (pass-through: `ScramKeys`); in relay mode the
+client's exchange is relayed instead.
 `ClientAuth.receive(body)` takes the body of each Authentication ('R') message and returns the bytes to send back;
 no sockets, no clock. Formats: PostgreSQL docs, "Message Formats" and "SASL Authentication"; SCRAM: RFC 5802 and
 RFC 7677 as PostgreSQL does it: no channel binding (gs2 header ``n,,``), the user name left empty in the
@@ -18,6 +20,7 @@ import hmac
 import secrets
 import stringprep
 import unicodedata
+from dataclasses import dataclass
 from enum import Enum
 from struct import Struct
 
@@ -79,14 +82,30 @@ class ScramState(Enum):
     VERIFIED = 3
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class ScramKeys:
+    """SCRAM pass-through: what a client's own exchange with the proxy yields (server_auth.py). ClientKey and
+    ServerKey are enough to log in as that client wherever the server stores the same verifier (same salt and
+    iteration count), without the password. repr=False: keys are password-equivalent for SCRAM."""
+
+    salt: bytes
+    iterations: int
+    client_key: bytes
+    server_key: bytes
+
+
 class ScramClient:
     """One SCRAM-SHA-256 exchange: `client_first()`, `client_final(server_first)`, `verify(server_final)`.
 
-    `nonce` is for tests (the RFC's vectors); by default 18 random bytes, base64-encoded as libpq does.
+    `nonce` is for tests (the RFC's vectors); by default 18 random bytes, base64-encoded as libpq does. With `keys`
+    instead of a password (pass-through), the server's salt and iteration count must be those the keys came from.
     """
 
-    def __init__(self, password: str, *, user: str = "", nonce: str | None = None) -> None:
+    def __init__(
+        self, password: str, *, user: str = "", nonce: str | None = None, keys: ScramKeys | None = None
+    ) -> None:
         self._password = saslprep(password)
+        self._keys = keys
         self._client_nonce = nonce if nonce is not None else base64.b64encode(secrets.token_bytes(18)).decode()
         self._first_bare = f"n={_sasl_name(user)},r={self._client_nonce}"
         self._server_signature = b""
@@ -109,16 +128,30 @@ class ScramClient:
             salt = base64.b64decode(salt_b64, validate=True)
         except ValueError as exc:
             raise _protocol_error("invalid SCRAM server-first-message: the salt is not base64") from exc
-        # PBKDF2 is deliberately slow (4096 iterations by default: a few ms); control connections are rare.
-        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt, int(iterations))
-        client_key = _hmac(salted, b"Client Key")
+        client_key, server_key = self._keys_for(salt, int(iterations))
         without_proof = f"c={base64.b64encode(_GS2_HEADER.encode()).decode()},r={nonce}"
         auth_message = f"{self._first_bare},{text},{without_proof}".encode()
         client_signature = _hmac(hashlib.sha256(client_key).digest(), auth_message)
         proof = bytes(a ^ b for a, b in zip(client_key, client_signature, strict=True))
-        self._server_signature = _hmac(_hmac(salted, b"Server Key"), auth_message)
+        self._server_signature = _hmac(server_key, auth_message)
         self.state = ScramState.SENT_FINAL
         return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+    def _keys_for(self, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+        """(ClientKey, ServerKey) for the server's salt and iteration count."""
+        keys = self._keys
+        if keys is not None:
+            if (keys.salt, keys.iterations) != (salt, iterations):
+                raise UpstreamError(
+                    "SCRAM pass-through failed: the server's verifier for this role is not the one the client was "
+                    "authenticated against (another salt or iteration count: was the password changed, or does "
+                    "auth.file hold another verifier?)",
+                    sqlstate=INVALID_AUTHORIZATION_SPECIFICATION,
+                )
+            return keys.client_key, keys.server_key
+        # PBKDF2 is deliberately slow (4096 iterations by default: a few ms); control connections are rare.
+        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt, iterations)
+        return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
 
     def verify(self, server_final: bytes) -> None:
         """Check the server-final-message; raises unless it carries the signature only the password can give."""
@@ -218,9 +251,19 @@ class ClientAuth:
     server's signature has been verified (mutual authentication).
     """
 
-    def __init__(self, user: str, password: str | None, *, scram_nonce: str | None = None) -> None:
+    def __init__(
+        self,
+        user: str,
+        password: str | None,
+        *,
+        scram_nonce: str | None = None,
+        scram_keys: ScramKeys | None = None,
+        md5_digest: str | None = None,
+    ) -> None:
         self._user = user
         self._password = password
+        self._scram_keys = scram_keys  # pass-through: log in by SCRAM with these instead of a password
+        self._md5_digest = md5_digest  # an md5 verifier ("md5" + md5(password + user)): md5 needs no more
         self._scram_nonce = scram_nonce
         self._scram: ScramClient | None = None
         self.done = False
@@ -241,7 +284,10 @@ class ClientAuth:
             self.method = "md5"
             if len(body) != 8:
                 raise _protocol_error("invalid AuthenticationMD5Password: the salt is not 4 bytes")
-            return password_message(md5_password(self._user, self._need_password(), bytes(body[4:8])))
+            salt = bytes(body[4:8])
+            if self._md5_digest is not None and self._password is None:
+                return password_message("md5" + hashlib.md5(self._md5_digest[3:].encode() + salt).hexdigest())
+            return password_message(md5_password(self._user, self._need_password(), salt))
         if code == AUTH_SASL:
             return self._on_sasl(body)
         if code == AUTH_SASL_CONTINUE:
@@ -271,7 +317,10 @@ class ClientAuth:
                 sqlstate=INVALID_AUTHORIZATION_SPECIFICATION,
             )
         self.method = "scram-sha-256"
-        self._scram = ScramClient(self._need_password(), nonce=self._scram_nonce)
+        if self._scram_keys is not None and self._password is None:
+            self._scram = ScramClient("", nonce=self._scram_nonce, keys=self._scram_keys)
+        else:
+            self._scram = ScramClient(self._need_password(), nonce=self._scram_nonce)
         return sasl_initial_response(SCRAM_SHA_256, self._scram.client_first())
 
     def _scram_in_progress(self) -> ScramClient:
@@ -280,6 +329,15 @@ class ClientAuth:
         return self._scram
 
     def _need_password(self) -> str:
+        if self._password is None and (self._scram_keys is not None or self._md5_digest is not None):
+            held = "SCRAM keys" if self._scram_keys is not None else "an md5 verifier"
+            raise UpstreamError(
+                f'the server requested {self.method} authentication for user "{self._user}", but the proxy holds '
+                f"only {held} for it (auth.mode: terminate): let the server use "
+                f"{'scram-sha-256' if self._scram_keys is not None else 'md5'} for the proxy, or put the password in "
+                "clear in auth.file",
+                sqlstate=INVALID_AUTHORIZATION_SPECIFICATION,
+            )
         if self._password is None:
             raise UpstreamError(
                 f'the server requested password authentication for user "{self._user}", but no password is set',

@@ -395,8 +395,9 @@ class CacheService:
             if self._loading is not None:
                 self._loading.append((database, Invalidation(everything=True)))
             self._set_down(database, feed, f"down ({reason})")
-            # Drop what is cached and refuse fills in flight (their generations change).
-            self.engine.invalidate_database(database)
+            # Drop what is cached and refuse fills in flight (their generations change); entries of rules with
+            # stale_if_error expire instead, kept for their window (served only while the upstream is unreachable).
+            self.engine.expire_database(database, self.clock())
 
     def role_settings_changed(self, database: str) -> None:
         """ALTER ROLE/USER/DATABASE ... SET/RESET: sessions opened from now on start with other settings

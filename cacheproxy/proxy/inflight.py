@@ -322,7 +322,8 @@ class InFlight:
     def fill(self, key: CacheKey, classified: Classified, tables: frozenset[TableId], sql: bytes, leader: bool) -> Fill:
         verdict = classified.verdict
         return Fill(key, tables, self._tier.generations(tables), verdict.ttl, sql.decode("utf-8", "replace"),
-                    verdict.rule, leader, deferred=self.tx.status is not IDLE)  # fmt: skip
+                    verdict.rule, leader, deferred=self.tx.status is not IDLE,
+                    stale_for=verdict.stale_if_error)  # fmt: skip
 
     def probe_isolation(self, out: list[bytes]) -> None:
         """Ask the server the isolation level of the transaction a BEGIN just opened, pipelined behind it: no round
@@ -445,7 +446,7 @@ class InFlight:
                 service.begin_fill(key)
                 self.leading.add(key)
             fill = Fill(key, entry.tables, self._tier.generations(entry.tables), classified.verdict.ttl, entry.query,
-                        entry.rule or "", leader)  # fmt: skip
+                        entry.rule or "", leader, stale_for=classified.verdict.stale_if_error)  # fmt: skip
             messages, requests = write_through.refresh_requests(key, Capture(service.max_entry_size, fill))
             out += messages
             for pending in requests:
@@ -501,7 +502,8 @@ class InFlight:
         """Store a captured result, unless one of its tables was invalidated since its request was sent (the
         generations taken then no longer match): by this session's transaction or by anyone else."""
         return self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
-                              query=fill.query, rule=fill.rule, generations=fill.generations)  # fmt: skip
+                              query=fill.query, rule=fill.rule, generations=fill.generations,
+                              stale_for=fill.stale_for)  # fmt: skip
 
     def release_fill(self, capture: Capture) -> None:
         """Give up the single-flight slot of a fill this session leads (waiters then look up, or go upstream)."""

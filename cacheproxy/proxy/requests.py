@@ -34,6 +34,7 @@ class Fill:
     rule: str
     leader: bool  # this session registered the single-flight entry for the key
     deferred: bool = False  # read inside a transaction block: stored only if that transaction commits
+    stale_for: float = 0.0  # the rule's stale_if_error window
 
 
 @dataclass(slots=True)

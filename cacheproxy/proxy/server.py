@@ -15,6 +15,7 @@ from cacheproxy.config import Config
 from cacheproxy.errors import CANNOT_CONNECT_NOW, OBJECT_NOT_IN_PREREQUISITE_STATE, TOO_MANY_CONNECTIONS, ProxyError
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.proxy.admin_console import AdminConsole
+from cacheproxy.proxy.auth_source import AuthSource
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.session import Session
 from cacheproxy.upstream import READ_LIMIT, send_cancel
@@ -46,6 +47,7 @@ class ProxyServer:
         self.snapshot = snapshot  # App.snapshot_now, for CACHEPROXY SNAPSHOT
         self.admin_console = AdminConsole(self)
         self.tls_context = server_tls_context(config)
+        self.auth = AuthSource(lambda: self.config)  # verifiers for auth.mode terminate
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
         self._live: dict[Session, asyncio.Task[None]] = {}  # every connection's session, admitted or not
@@ -175,6 +177,7 @@ class ProxyServer:
                 _, pending = await asyncio.wait(pending, timeout=5.0)
                 for task in pending:
                     task.cancel()
+        await self.auth.close()
         if self._server is not None:
             await self._server.wait_closed()
         log.info("shutdown complete")

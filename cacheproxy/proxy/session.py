@@ -40,10 +40,12 @@ from cacheproxy.protocol.startup import (
     read_length,
 )
 from cacheproxy.proxy.admin_console import is_admin_command
+from cacheproxy.proxy.auth_source import AuthSource
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.interfaces import ConsoleSession
 from cacheproxy.proxy.link import Link
+from cacheproxy.proxy.offline import OfflineRelay, offline_startup
 from cacheproxy.proxy.streams import (
     MAX_STARTUP_MESSAGE,
     client_auth_request,
@@ -52,7 +54,9 @@ from cacheproxy.proxy.streams import (
     read_message,
     read_upstream_message,
 )
+from cacheproxy.proxy.terminating_auth import AUTHENTICATION_OK, authenticate_client
 from cacheproxy.proxy.transaction import TransactionTracker
+from cacheproxy.proxy.upstream_login import UpstreamLogin, UpstreamRefused
 from cacheproxy.upstream import connection_lost_error, open_upstream
 
 log = logging.getLogger("cacheproxy.session")
@@ -94,6 +98,9 @@ class SessionServer(Protocol):
 
     @property
     def admin_console(self) -> AdminConsole: ...
+
+    @property
+    def auth(self) -> AuthSource: ...
 
     def admit(self, session: Session) -> None: ...
 
@@ -137,6 +144,8 @@ class Session:
         self.process_id = 0
         self.secret_key = 0
         self.upstream_key: tuple[int, bytes] | None = None
+        # auth.mode terminate: how to log in upstream as this client again, at any time (upstream_login.py).
+        self.upstream_login: UpstreamLogin | None = None
         self.parameters: dict[str, str] = {}
         # The transaction and settings state (its `status` changes only at ReadyForQuery, in `on_ready`).
         self.transaction = TransactionTracker(session_id, parameters=self.parameters)
@@ -156,6 +165,7 @@ class Session:
         self._idle_timeout = server.config.limits.idle_client_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
         self._caching: CachingRelay | None = None
+        self._offline: OfflineRelay | None = None  # stale-if-error: no upstream, answered from the cache alone
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -242,6 +252,8 @@ class Session:
         except TimeoutError as exc:
             raise ProxyError(QUERY_CANCELED, f"canceling authentication due to timeout ({timeout:g}s)") from exc
         self._set_phase(Phase.READY, "authenticated")
+        if self._offline is not None:
+            return await self._offline.run()
         return await self._relay()
 
     def request_close(self, reason: str) -> None:
@@ -332,6 +344,9 @@ class Session:
             return request
 
     async def _authenticate(self, startup: StartupMessage) -> None:
+        if self.server.config.auth.mode == "terminate":
+            await self._authenticate_terminating(startup)
+            return
         self._set_phase(Phase.AUTHENTICATING, "upstream connect")
         up_reader, up_writer = await open_upstream(self.server.config.upstream)
         self.server.metrics.upstream_opened()
@@ -355,6 +370,48 @@ class Session:
             else:
                 raise ProtocolViolation(f"unexpected message {chr(msg_type)!r} from upstream during authentication")
         await self._finish_startup(up_reader)
+
+    async def _authenticate_terminating(self, startup: StartupMessage) -> None:
+        """auth.mode terminate: authenticate the client here, then log in upstream as it (terminating_auth.py)."""
+        self._set_phase(Phase.AUTHENTICATING, "client authentication (auth.mode: terminate)")
+        login = await authenticate_client(self._client_reader, self._client_writer, startup, self.server.auth)
+        self.upstream_login = login
+        try:
+            up_reader, up_writer = await open_upstream(self.server.config.upstream)
+        except UpstreamError as exc:
+            if self._go_offline(startup, exc):
+                return
+            raise
+        self.server.metrics.upstream_opened()
+        self._up_reader, self._up_writer = up_reader, up_writer
+        try:
+            notices = await login.authenticate(up_reader, up_writer)
+        except UpstreamRefused as exc:
+            self._client_writer.write(encode(b"E", exc.body))
+            raise SessionEnd("upstream refused: " + exc.message) from exc
+        self._client_writer.write(AUTHENTICATION_OK + b"".join(notices))
+        await self._finish_startup(up_reader)
+        self.server.auth.logins.remember(startup, self.parameters)
+
+    def _go_offline(self, startup: StartupMessage, exc: UpstreamError) -> bool:
+        """The upstream cannot be reached: serve this authenticated client from the cache alone (offline.py), if
+        the cache is on, a rule has stale_if_error (else the client is refused as before) and a login like this one
+        was seen before (its ParameterStatus values are replayed)."""
+        remembered = self.server.auth.logins.recall(startup)
+        service = self.server.cache
+        stale_rules = any(rule.stale_if_error for rule in self.server.config.rules)
+        if service is None or remembered is None or not stale_rules:
+            return False
+        log.warning("session %d: %s; serving it from the cache only (stale_if_error)", self.id, exc.message)
+        self.parameters.update(remembered)
+        self.process_id, self.secret_key = self.server.issue_key(self, 0)
+        self._client_writer.write(AUTHENTICATION_OK + offline_startup(remembered, self.process_id, self.secret_key))
+        self._offline = OfflineRelay(
+            self._client_reader, self._client_writer, service, self.transaction, database=self.database,
+            user=self.user, max_message_size=self.server.config.limits.max_message_size,
+            admin_command=self.admin_command,
+        )  # fmt: skip
+        return True
 
     async def _relay_auth_reply(self) -> None:
         """Forward the client's one reply (password, SASL or GSS response) to an authentication request."""
