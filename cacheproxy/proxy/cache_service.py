@@ -287,6 +287,17 @@ class CacheService:
             return catalog
         return asyncio.gather(catalog, feed, return_exceptions=True)
 
+    def feed_health(self) -> dict[str, dict[str, str]]:
+        """Per database followed now, each invalidation feed's state: "up", or why not (for the status page)."""
+        feeds = ["bus"] if self.bus is not None else []
+        if self.config.invalidation.replication:
+            feeds.append("replication")
+        databases = set(self._sessions) | set(self._down) | {database for database, _ in self._fed}
+        return {
+            database: {feed: self._down.get(database, {}).get(feed, "up") for feed in feeds}
+            for database in sorted(databases)
+        }
+
     def stalls(self) -> dict[str, str]:
         """Databases whose replication slot creation is taking long, and why (for /readyz)."""
         return {db: listener.stalled for db, listener in self._replication.items() if listener.stalled is not None}
