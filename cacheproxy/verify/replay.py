@@ -133,7 +133,7 @@ def rerun(key: QueryKey | ExecuteKey, state: SessionState, timeout_ms: int) -> R
 
     query(b"BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY")
     query(f"SET ROLE {quote_ident(key.user)}".encode())
-    segments += _set_configs(parts, _SET_STARTUP, state.startup)
+    segments += _set_configs(parts, _SET_STARTUP, startup_settings(dict(state.startup)))
     for setting in state.set_history:
         query(setting)
     reported = [(name, value) for name, value in state.reported if name in SETTABLE_REPORTED]
