@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,9 +62,11 @@ class SessionSettings(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """A sampled hit, waiting for its check."""
+    """A sampled hit, waiting for its check: its entry's key and creation time (not the entry: the queue must not
+    keep evicted results alive), and its session's state."""
 
-    entry: Entry
+    key: Hashable
+    created_at: float
     state: SessionState
 
 
@@ -140,7 +142,7 @@ class Verifier:
         state = SessionState(
             tuple(session.startup.items()), tuple(session.parameters.items()), tuple(session.set_history)
         )
-        self._queue.append(Sample(entry, state))
+        self._queue.append(Sample(entry.key, entry.created_at, state))
         self._wake.set()
 
     def counting(
@@ -207,20 +209,19 @@ class Verifier:
                 raise
             except Exception as exc:  # a bug or a lost connection must not stop verification
                 outcome = "error"
-                self._note_error(sample.entry, f"{type(exc).__name__}: {exc}")
+                self._note_error(sample.key, f"{type(exc).__name__}: {exc}")
             self.checks[outcome] += 1
 
     async def _check(self, sample: Sample) -> str:
-        entry = sample.entry
-        key = entry.key
+        key = sample.key
         if not isinstance(key, QueryKey | ExecuteKey):
             return "skipped"
         text = key.sql.decode("utf-8", "replace")
         order = ordering(text)
         if not order.ordered and (order.limited or (isinstance(key, ExecuteKey) and key.max_rows > 0)):
             return "skipped"  # which rows come back is up to the plan: nothing to compare with
-        live = self._tier.get(key, self._clock(), count_miss=False, count_hit=False)
-        if live is None or live.value != entry.value:
+        entry = self._tier.get(key, self._clock(), count_miss=False, count_hit=False)
+        if entry is None or entry.created_at != sample.created_at:
             return "skipped"  # invalidated, expired or replaced since the hit: nothing served is left to check
         tables = entry.tables
         before = self._tier.generations(tables)
@@ -230,7 +231,7 @@ class Verifier:
             data = await conn.request(plan.payload)
         reply = read_reply(data, plan)
         if reply.error is not None:
-            self._note_error(entry, reply.error)
+            self._note_error(key, reply.error)
             return "error"
         verdict = compare(cached_rows(entry.value), data_rows(reply.statement), ordered=order.ordered)
         if verdict is Verdict.MATCH:
@@ -277,8 +278,8 @@ class Verifier:
         if self.config.on_mismatch == "bypass":
             self._bypass(key.database, statement, entry)
 
-    def _note_error(self, entry: Entry, why: str) -> None:
-        database = getattr(entry.key, "database", "?")
+    def _note_error(self, key: Hashable, why: str) -> None:
+        database = getattr(key, "database", "?")
         if database not in self._errors_logged:  # once per database: a setting that cannot be reproduced repeats
             self._errors_logged.add(database)
             log.warning("verify: a check in database %r could not run: %s", database, why)
