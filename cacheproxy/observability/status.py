@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from cacheproxy.analysis.fingerprint import fingerprint
 from cacheproxy.cache.entry import Entry
 from cacheproxy.observability.metrics import QUERY_OUTCOMES, Metrics
 
@@ -35,6 +36,7 @@ TOP = 10
 # most one walk every _TOP_EVERY seconds.
 _TOP_WALK_FREE = 10_000
 _TOP_EVERY = 5.0
+_FINGERPRINT_MEMO = 50_000
 _STATIC = {
     "/": ("status.html", "text/html; charset=utf-8"),
     "/static/uplot.min.js": ("uplot.min.js", "text/javascript; charset=utf-8"),
@@ -91,6 +93,7 @@ class StatusPage:
         self.series = Series(RATES, GAUGES)
         self._feeds: dict[str, Callable[[], object]] = {}
         self._top: tuple[float, list[dict[str, object]]] = (0.0, [])
+        self._fingerprints: dict[str, str] = {}  # statement text -> its fingerprint (bounded: _FINGERPRINT_MEMO)
         self._task: asyncio.Task[None] | None = None
         if service is not None:
             self.add_feed("invalidation", service.feed_health)
@@ -189,7 +192,7 @@ class StatusPage:
             return self._top[1]
         groups: dict[str, list[int]] = {}
         for entry in engine.entries():
-            cell = groups.setdefault(_statement(entry), [0, 0, 0])
+            cell = groups.setdefault(self._statement(entry), [0, 0, 0])
             cell[0] += entry.hits
             cell[1] += 1
             cell[2] += entry.size
@@ -199,6 +202,20 @@ class StatusPage:
         ]
         self._top = (now, rows)
         return rows
+
+    def _statement(self, entry: Entry) -> str:
+        """The entry's statement as its fingerprint: literals are values the page must not show (it has no login),
+        and the variants of one statement add up."""
+        text = entry.query
+        if not text:
+            sql = getattr(entry.key, "sql", None)
+            text = sql.decode("utf-8", "replace") if isinstance(sql, bytes) else ""
+        found = self._fingerprints.get(text)
+        if found is None:
+            if len(self._fingerprints) >= _FINGERPRINT_MEMO:
+                self._fingerprints.clear()
+            found = self._fingerprints[text] = fingerprint(text)[:300]
+        return found
 
     def _catalog_health(self) -> dict[str, object]:
         assert self._service is not None
@@ -222,13 +239,6 @@ class StatusPage:
             return 200, body, content_type
 
         return route
-
-
-def _statement(entry: Entry) -> str:
-    key = entry.key
-    sql = getattr(key, "sql", None)
-    text = entry.query or (sql.decode("utf-8", "replace") if isinstance(sql, bytes) else "")
-    return " ".join(text.split())[:300]
 
 
 def _safe(state: Callable[[], object]) -> object:
