@@ -121,6 +121,7 @@ class Verifier:
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
         self.mismatches: dict[str, int] = {}  # table -> count
         self.settling = 0  # checks waiting out `settle` after a different answer (tests watch it)
+        self._checking = False
         self._logged: set[tuple[str, str]] = set()  # (database, fingerprint) whose mismatch was logged
         self._errors_logged: set[str] = set()
         self.last_mismatch: dict[str, object] | None = None  # for the status page
@@ -203,6 +204,7 @@ class Verifier:
                     await self._close_all()  # idle: do not hold connections (a DROP DATABASE elsewhere needs that)
                     continue
             sample = self._queue.popleft()
+            self._checking = True
             try:
                 outcome = await self._check(sample)
             except asyncio.CancelledError:
@@ -210,7 +212,13 @@ class Verifier:
             except Exception as exc:  # a bug or a lost connection must not stop verification
                 outcome = "error"
                 self._note_error(sample.key, f"{type(exc).__name__}: {exc}")
+            finally:
+                self._checking = False
             self.checks[outcome] += 1
+
+    def idle(self) -> bool:
+        """No sampled hit is waiting or being checked."""
+        return not self._queue and not self._checking
 
     async def _check(self, sample: Sample) -> str:
         key = sample.key

@@ -153,7 +153,7 @@ def test_a_write_through_the_proxy_racing_a_check_is_not_a_mismatch(
             writer.execute("UPDATE t SET v = %s WHERE id = 1", (f"v{n}",))
             for _ in range(3):
                 assert conn.execute(sql).fetchall() == [(f"v{n}",)]
-        wait_until(lambda: not verifier.summary()["queued"] and verifier.settling == 0, "the checks")
+        wait_until(verifier.idle, "the checks")
     assert verifier.checks["mismatch"] == 0 and not verifier.mismatches, verifier.checks
     assert verifier.checks["match"] >= 1
 
@@ -168,7 +168,7 @@ def test_checks_stay_within_per_second(pg: PgCluster, dbname: str, start_proxy: 
         for _ in range(60):
             conn.execute(sql)
         elapsed = time.monotonic() - started
-        wait_until(lambda: not verifier.summary()["queued"], "the queue to drain")
+        wait_until(verifier.idle, "the checks")
     accepted = _checked(verifier)
     assert verifier.dropped["rate"] == 60 - accepted
     # A bucket of 2 checks, refilled at 2 a second: that many at most, however fast the hits came.
