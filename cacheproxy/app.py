@@ -17,6 +17,7 @@ from cacheproxy.errors import CONFIG_FILE_ERROR, ProxyError, UpstreamError
 from cacheproxy.observability import logs
 from cacheproxy.observability.admin_http import AdminServer
 from cacheproxy.observability.metrics import Metrics
+from cacheproxy.observability.status import StatusPage
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
 from cacheproxy.snapshot import SnapshotFailed, load_snapshot, rules_fingerprint, write_snapshot
@@ -70,6 +71,9 @@ class App:
             else None
         )
         self._ready_cache: tuple[float, tuple[bool, str]] | None = None
+        self.status = StatusPage(self.metrics, self.cache)
+        if self.admin is not None:
+            self.admin.add_routes(self.status.routes())
 
     @property
     def port(self) -> int:
@@ -84,6 +88,7 @@ class App:
         if self.cache is not None and self.config.snapshot.path is not None:
             self._snapshotter = asyncio.get_running_loop().create_task(self._snapshot_forever(), name="snapshots")
         if self.admin is not None:
+            self.status.start()
             await self.admin.start()
 
     async def ready(self) -> tuple[bool, str]:
@@ -135,6 +140,7 @@ class App:
             await self.cache.stop()
         if self.admin is not None:
             await self.admin.stop()
+        await self.status.stop()
 
     # -- snapshots (cacheproxy/snapshot) ------------------------------------------------------------------------
 

@@ -797,6 +797,25 @@ class WriteThroughConfig(_Section):
 
 
 @dataclass(frozen=True, slots=True)
+class VerifyConfig(_Section):
+    """Shadow verification (cacheproxy/verify): ``sample`` is the share of cache hits (0 to 1; 0 = off) re-run
+    against PostgreSQL in the background and compared with what the cache served, at most ``per_second`` checks a
+    second and ``queue`` waiting; ``on_mismatch``: ``log`` only, or ``bypass`` (also stop serving that statement from
+    the cache until a reload). A mismatch is counted only if its entry's tables are still not invalidated ``settle``
+    after the check (a racing write's invalidation may arrive that late)."""
+
+    sample: float = setting(0.0, number(positive=False))
+    per_second: float = setting(10.0, number(positive=True))
+    on_mismatch: str = setting("log", choice("log", "bypass"))
+    queue: int = setting(100, integer(1, 100_000))
+    settle: float = setting(1.0, duration(positive=False))
+
+    def validate(self) -> None:
+        if self.sample > 1:
+            raise ConfigError(f"must be from 0 to 1, got {self.sample:g}", key="sample")
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotConfig(_Section):
     """Optional persistence of the cache to a file, every ``interval`` seconds and at shutdown."""
 
@@ -873,6 +892,7 @@ class Config(_Section):
     invalidation: InvalidationConfig = section(InvalidationConfig)
     write_through: WriteThroughConfig = section(WriteThroughConfig)
     auth: AuthConfig = section(AuthConfig)
+    verify: VerifyConfig = section(VerifyConfig)
     rules: tuple[Rule, ...] = setting((), RULES)
     source: str | None = None  # not a key
 

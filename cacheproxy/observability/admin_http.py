@@ -1,4 +1,5 @@
-"""The admin HTTP endpoint: /metrics, /healthz, /readyz and /stats over a minimal HTTP/1.1 server.
+"""The admin HTTP endpoint: /metrics, /healthz, /readyz, /stats (and the routes added, such as the status page's
+`/` and `/status.json`) over a minimal HTTP/1.1 server.
 
 Deliberately small: one request per connection (every response says `Connection: close`), GET and HEAD only, no
 request body read, the request line and headers limited to 8 KiB and to `read_timeout` seconds. The parser
@@ -138,6 +139,10 @@ class AdminServer:
             "/readyz": self._readyz_route,
             "/stats": self._stats_route,
         }
+
+    def add_routes(self, routes: dict[str, Callable[[], Awaitable[tuple[int, bytes, str]]]]) -> None:
+        """More routes (the status page's: observability/status.py); each returns (status, body, content type)."""
+        self._routes.update(routes)
 
     @property
     def port(self) -> int:

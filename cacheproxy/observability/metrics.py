@@ -283,6 +283,15 @@ class Metrics:
     def uptime(self) -> float:
         return self._clock() - self._started
 
+    def status_counts(self) -> dict[str, object]:
+        """For the status page (observability/status.py): per outcome the (count, seconds) of request cycles, per
+        table [hits, misses], the replication lag (None when off)."""
+        return {
+            "durations": {outcome: (sum(h.counts), h.sum) for outcome, h in self._durations.items()},
+            "tables": {table: list(cell) for table, cell in self._tables.items()},
+            "replication_lag": self._replication_lag() if self._replication_lag is not None else None,
+        }
+
     def render(self) -> tuple[bytes, str]:
         """(body, content type) in the Prometheus text format 0.0.4."""
         return generate_latest(self.registry), CONTENT_TYPE

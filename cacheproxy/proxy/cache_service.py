@@ -17,13 +17,15 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from cacheproxy.analysis.analyzer import Analyzer, analyze_head
+from cacheproxy.analysis.fingerprint import fingerprint
 from cacheproxy.analysis.strings import backslash_quotes
 from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
-from cacheproxy.cache.entry import Entry, TableId, base_table
+from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, TableId, base_table
 from cacheproxy.cache.tier import CacheTier
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import Config
@@ -33,7 +35,8 @@ from cacheproxy.feeds.replication import ReplicationListener
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify
 from cacheproxy.policy.rules import RuleSet
-from cacheproxy.policy.verdict import WriteScope
+from cacheproxy.policy.verdict import ReadVerdict, WriteScope
+from cacheproxy.verify.verifier import Verifier, bypass_reason
 
 log = logging.getLogger("cacheproxy.cache")
 
@@ -97,6 +100,10 @@ class CacheService:
         self._sessions: dict[str, int] = {}  # database -> client sessions using the cache now
         self._idle_timers: dict[str, asyncio.TimerHandle] = {}
         self._releasing: dict[str, asyncio.Task[None]] = {}
+        # Shadow verification (cacheproxy/verify): statements it found served wrong, (database, fingerprint) -> why.
+        self.bypassed: dict[tuple[str, str], str] = {}
+        self.verifier = Verifier(config.verify, config.upstream, self.tier, bypass=self.bypass, clock=self.clock)
+        self.metrics.registry.register(self.verifier)
         if invalidation.replication:
             self.metrics.set_replication_lag_source(
                 lambda: float(sum(listener.lag_bytes for listener in self._replication.values()))
@@ -124,11 +131,27 @@ class CacheService:
                 info = self.analyzer.analyze(text, backslash_quotes(strings))
         # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
         found = classify(sql, info, catalog, self.rules, points=not strings)
+        if self.bypassed and found.verdict.cacheable:
+            found = self._unless_bypassed(database, sql, found)
         if len(sql) <= _MEMO_MAX_STATEMENT:  # long statements are rare repeats, and would pin their text here
             self._memo[memo_key] = found
             if len(self._memo) > _CLASSIFY_MEMO:
                 self._memo.popitem(last=False)
         return found
+
+    def _unless_bypassed(self, database: str, sql: bytes, found: Classified) -> Classified:
+        why = self.bypassed.get((database, fingerprint(sql.decode("utf-8", "replace"))))
+        return found if why is None else replace(found, verdict=ReadVerdict(False, why))
+
+    def bypass(self, database: str, statement: str, entry: Entry) -> None:
+        """Shadow verification found `entry` wrong (`verify.on_mismatch: bypass`): its statement (by fingerprint) is
+        not served from the cache until a reload, and what depends on its tables is dropped (their invalidations
+        were evidently missed)."""
+        self.bypassed[(database, statement)] = bypass_reason(statement)
+        self._memo.clear()  # verdicts memoized before now would still serve it
+        tables = [table for table in entry.tables if table[1] != WHOLE_DATABASE]
+        if tables:
+            self.engine.invalidate_tables(tables)
 
     def apply_config(self, config: Config) -> int:
         """Swap in reloaded rules and limits; drop the entries of tables whose rule is now `none`."""
@@ -137,6 +160,8 @@ class CacheService:
         self.write_through = any(rule.strategy == "write_through" for rule in config.rules)
         self.max_entry_size = config.cache.max_entry_size
         self._memo.clear()  # verdicts were judged under the old rules
+        self.bypassed.clear()
+        self.verifier.apply_config(config.verify)
         doomed: set[TableId] = set()
         for entry in self.engine.entries():
             for table in entry.tables:
@@ -262,6 +287,17 @@ class CacheService:
             return catalog
         return asyncio.gather(catalog, feed, return_exceptions=True)
 
+    def feed_health(self) -> dict[str, dict[str, str]]:
+        """Per database followed now, each invalidation feed's state: "up", or why not (for the status page)."""
+        feeds = ["bus"] if self.bus is not None else []
+        if self.config.invalidation.replication:
+            feeds.append("replication")
+        databases = set(self._sessions) | set(self._down) | {database for database, _ in self._fed}
+        return {
+            database: {feed: self._down.get(database, {}).get(feed, "up") for feed in feeds}
+            for database in sorted(databases)
+        }
+
     def stalls(self) -> dict[str, str]:
         """Databases whose replication slot creation is taking long, and why (for /readyz)."""
         return {db: listener.stalled for db, listener in self._replication.items() if listener.stalled is not None}
@@ -300,7 +336,11 @@ class CacheService:
         running = self._releasing.get(database)
         if running is not None:
             return running
-        watched = (self.bus is not None and self.bus.watching(database)) or database in self._replication
+        watched = (
+            (self.bus is not None and self.bus.watching(database))
+            or database in self._replication
+            or self.verifier.connected(database)
+        )
         if not watched:
             return None
         task = asyncio.get_running_loop().create_task(self._release(database, why), name=f"release-{database}")
@@ -321,6 +361,7 @@ class CacheService:
             self._set_down(database, "replication", "closed")
         if self.bus is not None:
             await self.bus.unwatch(database)
+        await self.verifier.release(database)
         if listener is not None:
             await listener.stop()
         self.engine.invalidate_database(database)
@@ -465,6 +506,7 @@ class CacheService:
 
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="cache-sweeper")
+        self.verifier.start()
 
     async def stop(self) -> None:
         for timer in self._idle_timers.values():
@@ -475,6 +517,7 @@ class CacheService:
         if self.bus is not None:
             await self.bus.stop()
         await asyncio.gather(*(listener.stop() for listener in self._replication.values()), return_exceptions=True)
+        await self.verifier.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -23,6 +23,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Hashable
+from random import random
 
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
@@ -95,8 +96,11 @@ class CachingRelay:
         self._cache_use = self.inflight.cache_use
         self._queue = self.inflight.queue
         self.on_upstream_data = self.inflight.on_upstream_data
-        # Lookups.count: a hit or miss is counted once its outcome is known.
-        self.count: Callable[[Hashable, Entry | None], None] = self._tier.count
+        # Lookups.count: a hit or miss is counted once its outcome is known (and, with verification on, sampled).
+        self._verify = service.verifier
+        self.count: Callable[[Hashable, Entry | None], None] = (
+            self._verify.counting(self._tier.count, self.tx) if self._verify.rate else self._tier.count
+        )
         self._client_framer = Framer(limits.max_message_size)
         self._max_batch_bytes = limits.max_pipeline_bytes
         self._inbox: deque[tuple[int, bytes]] = deque()
@@ -225,6 +229,8 @@ class CachingRelay:
             if entry is not None:
                 self._write_client(entry.value + self.tx.status.ready)
                 self.service.observe_hit(classified.verdict.tables)
+                if self._verify.rate and random() < self._verify.rate:  # shadow verification (verify/verifier.py)
+                    self._verify.offer(entry, self.tx)
                 return True
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
