@@ -143,6 +143,7 @@ class UpstreamHosts:
         self._rng = rng or random.Random()
         self._listeners: list[FailoverListener] = []
         self._resolving: asyncio.Task[HostState | None] | None = None
+        self._checking: tuple[float, asyncio.Task[HostState | None]] | None = None
         self._suspect = False
         self._monitor: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -210,6 +211,14 @@ class UpstreamHosts:
         if self._resolving is None or self._resolving.done():
             self._resolving = asyncio.get_running_loop().create_task(self._resolve())
         return await asyncio.shield(self._resolving)
+
+    async def check_current(self, since: float) -> HostState | None:
+        """Probe the chosen host with a probe started at or after `since` (time.monotonic()), shared by every caller
+        that accepts it: what it is now (None: it does not answer)."""
+        if self._checking is None or self._checking[0] < since:
+            task = asyncio.get_running_loop().create_task(self._probe(self.address))
+            self._checking = (time.monotonic(), task)
+        return await asyncio.shield(self._checking[1])
 
     async def _resolve(self) -> HostState | None:
         order = try_order(self.cfg.hosts, self.cfg.load_balance_hosts, self._rng)

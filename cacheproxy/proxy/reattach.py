@@ -201,6 +201,23 @@ def shutdown_fatal(data: bytes) -> bool:
     return fields.get("V") in ("FATAL", "PANIC") and fields.get("C") in _SHUTDOWN_CODES
 
 
+def trailing_shutdown_fatal(data: bytes) -> int | None:
+    """Where a server-shutdown FATAL that ends `data` starts (None: `data` does not end with one). The server sends
+    it last, often in one write with output it had buffered (a RowDescription), so it is looked for at the end."""
+    if data[-1] != 0:  # an ErrorResponse ends with its field list's terminator; most reads end with 'Z' or mid-row
+        return None
+    floor = max(0, len(data) - 1024)
+    mark = data.rfind(b"C57P0", floor)
+    if mark < 0:
+        return None
+    start = data.rfind(b"E", floor, mark)
+    while start >= 0:
+        if shutdown_fatal(data[start:]):
+            return start
+        start = data.rfind(b"E", floor, start)
+    return None
+
+
 class LostTransaction:
     """Answers the client's next request cycle after its transaction block was lost: 40001 (or, for a ROLLBACK,
     just ROLLBACK), then ReadyForQuery idle. Sans-IO: `feed` returns (bytes for the client, bytes left for the
@@ -251,12 +268,16 @@ class Survival:
         self.lost_transaction: LostTransaction | None = None
         self.running = False
 
-    def withhold(self, data: bytes) -> bool:
-        """Keep a server-shutdown FATAL from the client for now (`lost` decides whether it is relayed)."""
-        if self.withheld is None and shutdown_fatal(data):
-            self.withheld = data
-            return True
-        return False
+    def withhold(self, data: bytes) -> bytes:
+        """Keep a server-shutdown FATAL that ends `data` from the client for now (`lost` decides whether it is
+        relayed); returns the rest of `data`, to relay as usual."""
+        if self.withheld is not None:
+            return data
+        start = trailing_shutdown_fatal(data)
+        if start is None:
+            return data
+        self.withheld = data[start:]
+        return data[:start]
 
     def lost(self, reason: str) -> str | None:
         """The upstream connection is gone: None when a re-attach was started, else why not."""
@@ -280,7 +301,7 @@ class Survival:
         in_block = session.transaction.status is not IDLE
         started = time.monotonic()
         try:
-            if self.withheld is not None and await self._deliberate():
+            if self.withheld is not None and await self._deliberate(started):
                 # The server is up and the same: this backend alone was terminated (pg_terminate_backend).
                 session.write_client(self.withheld)
                 session.end("upstream closed the connection after a FATAL error")
@@ -328,11 +349,12 @@ class Survival:
         session.resume_client()
         session.feed_client(unsent)
 
-    async def _deliberate(self) -> bool:
-        """After a 57P01: is the same server still up (a terminated backend, not a server going down)?"""
+    async def _deliberate(self, since: float) -> bool:
+        """After a 57P01: is the same server still up (a terminated backend, not a server going down)? Asked with a
+        probe started after the loss (one made before it would say yes)."""
         before = self.hosts.current
-        chosen = await self.hosts.resolve()
-        return chosen is not None and before is not None and chosen == before
+        now = await self.hosts.check_current(since)
+        return now is not None and before is not None and now == before
 
     async def _login(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         session = self.session

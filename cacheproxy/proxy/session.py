@@ -483,8 +483,10 @@ class Session:
 
     def _on_upstream_data(self, data: bytes) -> None:
         """Upstream -> client. Tracks ReadyForQuery (transaction status), ParameterStatus and FATAL errors."""
-        if data[:1] == b"E" and self._survival is not None and self._survival.withhold(data):
-            return  # a server going down: the client learns it only if the session cannot re-attach
+        if data[-1] == 0 and self._survival is not None:
+            data = self._survival.withhold(data)  # a server going down: told only if the session cannot re-attach
+            if not data:
+                return
         if self._caching is not None:
             self._guarded(self._caching.on_upstream_data, data)
             self._after_upstream_data()
