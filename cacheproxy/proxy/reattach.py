@@ -4,10 +4,11 @@ When a session's upstream connection is lost (the primary stopped, crashed, or f
 open if its state can be rebuilt, and logs in again on the host the proxy chooses (cacheproxy/upstream_hosts.py),
 within `failover.wait`, at most `failover.reattach_concurrency` sessions at a time. What is replayed: the
 StartupMessage (user, database, startup parameters), every SET/RESET applied since (SET ROLE and SET SESSION
-AUTHORIZATION included: the TransactionTracker's set_history, the same record the cache keys use), and the named
+AUTHORIZATION included: the TransactionTracker's set_history, the same record the cache keys use), the named
 prepared statements (marked as not existing upstream: the relay re-Parses each before its next use, as it does for
-the statements it answered locally). The client sees a delay, and ParameterStatus for what the new server reports
-differently.
+the statements it answered locally), and the LISTEN/UNLISTEN statements (proxy/listens.py). Notifications sent
+while the session was between servers are lost, as they are for any reconnecting listener. The client sees a delay,
+and ParameterStatus for what the new server reports differently.
 
 What the client is told, by the state the loss found the session in:
 - idle outside a transaction block: nothing;
@@ -19,7 +20,7 @@ What the client is told, by the state the loss found the session in:
 What cannot be rebuilt ends the session with FATAL 08006, as before: no cache relay (cache.enabled: false: the
 session's state is not tracked), settings the proxy could not follow (TransactionTracker.uncertain), temporary
 tables, statements prepared with SQL PREPARE (their text is not known), a COPY or an unsynced extended batch in
-flight, LISTEN (channels are not tracked yet), and a server that asks for a password (below).
+flight, LISTEN sent together with other statements in one Query, and a server that asks for a password (below).
 
 Re-authentication. In `auth.mode: relay` (the default) the proxy never holds credentials: the new login works when
 the server lets the user in without a password (trust, peer-mapped certificates), and otherwise the session ends
@@ -45,6 +46,7 @@ from cacheproxy.protocol.messages import IDLE
 from cacheproxy.protocol.replies import Op, Pending
 from cacheproxy.protocol.startup import StartupMessage
 from cacheproxy.proxy.caching import CachingRelay
+from cacheproxy.proxy.listens import Listens
 from cacheproxy.proxy.requests import Request
 from cacheproxy.proxy.streams import read_upstream_message
 from cacheproxy.proxy.transaction import TransactionTracker
@@ -96,6 +98,7 @@ class SurvivingSession(Protocol):
     transaction: TransactionTracker
     upstream_key: tuple[int, bytes] | None
     upstream_login: UpstreamLogin | None
+    listens: Listens
 
     @property
     def relaying(self) -> bool: ...
@@ -168,6 +171,8 @@ def why_not(session: SurvivingSession, relay: RelayState | None) -> str | None:
         return f"its settings are not known ({tx.uncertain})"
     if tx.temp_tables:
         return "it created temporary tables"
+    if session.listens.unknown:
+        return "it sent LISTEN together with other statements"
     if relay.sql_prepared:
         return "it has statements prepared with SQL PREPARE"
     if relay.unsynced:
@@ -407,8 +412,9 @@ class Survival:
                 return
 
     async def _replay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """The SET/RESET history, in order, one Query each (a SET ROLE after a SET of its settings, as it was)."""
-        for sql in self.session.transaction.set_history:
+        """The SET/RESET history, in order, one Query each (a SET ROLE after a SET of its settings, as it was), then
+        the LISTEN/UNLISTEN statements."""
+        for sql in [*self.session.transaction.set_history, *self.session.listens.statements]:
             writer.write(encode(b"Q", sql + b"\x00"))
             await self._until_ready(reader)
 

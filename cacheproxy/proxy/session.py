@@ -44,6 +44,7 @@ from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.interfaces import ConsoleSession
 from cacheproxy.proxy.link import Link
+from cacheproxy.proxy.listens import Listens
 from cacheproxy.proxy.reattach import RelayState, Survival, UpstreamLogin, relay_state, successor
 from cacheproxy.proxy.streams import (
     MAX_STARTUP_MESSAGE,
@@ -166,6 +167,7 @@ class Session:
         # hook is for a terminating auth mode (None: the new server must let the user in without a password).
         self._survival: Survival | None = None
         self.upstream_login: UpstreamLogin | None = None
+        self.listens = Listens()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 

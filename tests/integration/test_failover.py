@@ -192,10 +192,10 @@ def test_a_transaction_lost_in_a_failover_is_told_once_and_rollback_is_answered(
     primary, replica = pair
     proxy = start_proxy(upstream=_both(primary, replica))
     with RawConn(proxy.host, proxy.port) as told, RawConn(proxy.host, proxy.port) as rolling_back:
-        for conn in (told, rolling_back):
+        for row, conn in enumerate((told, rolling_back), 50):
             conn.startup("postgres")
             conn.query("BEGIN")
-            conn.query("INSERT INTO items VALUES (50, 'lost with its transaction')")
+            conn.query(f"INSERT INTO items VALUES ({row}, 'lost with its transaction')")
         primary.stop("fast")
         replica.promote()
         reply = told.query("COMMIT")
