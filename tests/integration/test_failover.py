@@ -191,13 +191,23 @@ def test_a_transaction_lost_in_a_failover_is_told_once_and_rollback_is_answered(
 ) -> None:
     primary, replica = pair
     proxy = start_proxy(upstream=_both(primary, replica))
-    with RawConn(proxy.host, proxy.port) as told, RawConn(proxy.host, proxy.port) as rolling_back:
+    with (
+        RawConn(proxy.host, proxy.port) as told,
+        RawConn(proxy.host, proxy.port) as rolling_back,
+        RawConn(proxy.host, proxy.port) as listener,
+    ):
         for row, conn in enumerate((told, rolling_back), 50):
             conn.startup("postgres")
             conn.query("BEGIN")
             conn.query(f"INSERT INTO items VALUES ({row}, 'lost with its transaction')")
+        listener.startup("postgres")
+        listener.query('LISTEN "Jobs"')
         primary.stop("fast")
         replica.promote()
+        # The listener's channel was listened to again on the new primary.
+        assert eventually(lambda: data_rows(listener.query("SELECT 1")) == [[b"1"]], 30)
+        replica.psql("NOTIFY \"Jobs\", 'after the failover'")
+        assert any(msg[0] == "A" and b"after the failover" in msg[1] for msg in listener.query("SELECT 2"))
         reply = told.query("COMMIT")
         errors = [msg for msg in reply if msg[0] == "E"]
         assert len(errors) == 1 and b"40001" in errors[0][1] and b"failed over" in errors[0][1]
