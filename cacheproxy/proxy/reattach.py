@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ SERIALIZATION_FAILURE = "40001"
 _SHUTDOWN_CODES = frozenset(("57P01", "57P02", "57P03"))
 _CYCLE_OPS = frozenset((Op.QUERY, Op.SYNC, Op.FUNCTION_CALL))
 _RUNS = frozenset((Op.QUERY, Op.EXECUTE, Op.FUNCTION_CALL))
-_NO_REPLY_AUTH = frozenset((m.AUTH_OK, m.AUTH_SASL_FINAL))
+_WORD = re.compile(rb"[\s(]*([A-Za-z]+)")
 LOST_IN_FLIGHT = (
     "the database failed over (or its server was lost) while this statement ran; its outcome is unknown "
     "(it may have committed): it was not run again"
@@ -182,18 +183,36 @@ def why_not(session: SurvivingSession, relay: RelayState | None) -> str | None:
     return None
 
 
-def in_flight(pending: Sequence[Pending]) -> tuple[int, bool]:
-    """(request cycles the client waits for, whether any of them may have written)."""
+def in_flight(pending: Sequence[Pending], in_block: bool) -> tuple[int, str, str]:
+    """What the client waits for and is told: (request cycles, SQLSTATE, message). A COMMIT in flight may have
+    committed (08006, outcome unknown); a transaction block open, or opened by the request in flight, was lost
+    (40001); outside one, a statement that may write has an unknown outcome, a read can simply be run again."""
     cycles = 0
-    unknown = False
+    writes = commits = begins = False
     for p in pending:
         if p.quiet:
             continue
         if p.op in _CYCLE_OPS:
             cycles += 1
-        if p.op in _RUNS and not (isinstance(p.on_done, Request) and p.on_done.kind == "read" and not p.on_done.scope):
-            unknown = True
-    return cycles, unknown
+        if p.op not in _RUNS:
+            continue
+        request = p.on_done if isinstance(p.on_done, Request) else None
+        if request is None or request.kind != "read" or request.scope:
+            writes = True
+        if request is not None and request.kind == "tx":
+            word = _first_word(request.sql)
+            commits = commits or word in (b"commit", b"end", b"prepare")
+            begins = begins or word in (b"begin", b"start")
+    if commits:
+        return cycles, CONNECTION_FAILURE, LOST_IN_FLIGHT
+    if in_block or begins:
+        return cycles, SERIALIZATION_FAILURE, LOST_TRANSACTION
+    return cycles, CONNECTION_FAILURE, LOST_IN_FLIGHT if writes else LOST_READ
+
+
+def _first_word(sql: bytes) -> bytes:
+    match = _WORD.match(sql)
+    return match[1].lower() if match else b""
 
 
 def shutdown_fatal(data: bytes) -> bool:
@@ -302,8 +321,8 @@ class Survival:
         session = self.session
         relay = session.relay_state()
         assert relay is not None
-        cycles, unknown = in_flight(relay.pending)
         in_block = session.transaction.status is not IDLE
+        cycles, code, message = in_flight(relay.pending, in_block)
         started = time.monotonic()
         try:
             if self.withheld is not None and await self._deliberate(started):
@@ -345,7 +364,7 @@ class Survival:
             writer.close()
             return
         unsent = session.adopt_upstream(reader, writer)
-        self._tell_client(cycles, unknown, in_block)
+        self._tell_client(cycles, code, message, in_block)
         log.info(
             "session %d: re-attached to %s after %.3fs (%d requests in flight, %s)",
             session.id, chosen.describe(), time.monotonic() - started, cycles,
@@ -418,12 +437,10 @@ class Survival:
             writer.write(encode(b"Q", sql + b"\x00"))
             await self._until_ready(reader)
 
-    def _tell_client(self, cycles: int, unknown: bool, in_block: bool) -> None:
+    def _tell_client(self, cycles: int, code: str, message: str, in_block: bool) -> None:
         session = self.session
         tx = session.transaction
         if cycles:
-            message = LOST_TRANSACTION if in_block else (LOST_IN_FLIGHT if unknown else LOST_READ)
-            code = SERIALIZATION_FAILURE if in_block else CONNECTION_FAILURE
             error = m.error_response("ERROR", code, message)
             session.write_client((error + m.ready_for_query(b"I")) * cycles)
             tx.on_error()  # (so that nothing of it counts as committed)

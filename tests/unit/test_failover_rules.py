@@ -125,21 +125,38 @@ def test_a_shutdown_fatal_is_found_alone_or_after_buffered_output() -> None:
     assert trailing_shutdown_fatal(encode(b"D", b"\x00\x01\x00\x00\x00\x05C57P0")) is None
 
 
-def _request(kind: str) -> Request:
-    return Request(None, kind, "bypass", 0.0, b"")
+def _request(kind: str, sql: bytes = b"") -> Request:
+    return Request(None, kind, "bypass", 0.0, sql)
 
 
-def test_in_flight_counts_cycles_and_whether_a_write_may_have_run() -> None:
-    read = [Pending(Op.QUERY, on_done=_request("read"))]
-    assert in_flight(read) == (1, False)
-    write = [Pending(Op.QUERY, on_done=_request("write"))]
-    assert in_flight(write) == (1, True)
-    extended = [Pending(Op.PARSE), Pending(Op.BIND), Pending(Op.EXECUTE, on_done=_request("read")), Pending(Op.SYNC)]
-    assert in_flight(extended) == (1, False)
-    own = [Pending(Op.QUERY, quiet=True)]  # a write-through refresh of the proxy's own
-    assert in_flight(own) == (0, False)
-    unknown = [Pending(Op.FUNCTION_CALL)]
-    assert in_flight(unknown) == (1, True)
+def _query(kind: str, sql: bytes = b"") -> list[Pending]:
+    return [Pending(Op.QUERY, on_done=_request(kind, sql))]
+
+
+@pytest.mark.parametrize(
+    ("pending", "in_block", "told"),
+    [
+        (_query("read"), False, (1, "08006", "run it again")),
+        (_query("write"), False, (1, "08006", "outcome is unknown")),
+        (_query("write"), True, (1, "40001", "transaction in progress was lost")),
+        (_query("tx", b"BEGIN"), False, (1, "40001", "transaction in progress was lost")),
+        (_query("tx", b"commit"), True, (1, "08006", "outcome is unknown")),
+        (_query("tx", b" END;"), True, (1, "08006", "outcome is unknown")),
+        (_query("tx", b"ROLLBACK"), True, (1, "40001", "transaction in progress was lost")),
+        # the extended protocol: one cycle per Sync; the proxy's own quiet requests are not the client's
+        (
+            [Pending(Op.PARSE), Pending(Op.BIND), Pending(Op.EXECUTE, on_done=_request("read")), Pending(Op.SYNC)],
+            False,
+            (1, "08006", "run it again"),
+        ),
+        ([Pending(Op.QUERY, quiet=True)], False, (0, "08006", "run it again")),
+        ([Pending(Op.FUNCTION_CALL)], False, (1, "08006", "outcome is unknown")),
+        (_query("read") + _query("write"), False, (2, "08006", "outcome is unknown")),
+    ],
+)
+def test_in_flight_says_what_was_lost(pending: list[Pending], in_block: bool, told: tuple[int, str, str]) -> None:
+    cycles, code, message = in_flight(pending, in_block)
+    assert (cycles, code) == told[:2] and told[2] in message
 
 
 def test_lost_transaction_answers_the_next_cycle_with_40001_then_passes_the_rest() -> None:
