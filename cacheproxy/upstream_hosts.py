@@ -167,12 +167,17 @@ class UpstreamHosts:
     # -- lifecycle --------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Choose a host before the first client arrives (one that answers; a failure is logged, not fatal)."""
+        """Choose a host before the first client arrives (one that answers; a failure is logged, not fatal). With
+        one host there is nothing to choose: it is probed in the background (to know its identity)."""
         self.logins = asyncio.Semaphore(self.settings.reattach_concurrency)
         self._wake = asyncio.Event()
-        chosen = await self.resolve()
-        if chosen is None and self.multi_host:
-            log.warning("no upstream host passes target_session_attrs=%s yet", self.cfg.target_session_attrs)
+        if self.multi_host:
+            chosen = await self.resolve()
+            if chosen is None:
+                log.warning("no upstream host passes target_session_attrs=%s yet", self.cfg.target_session_attrs)
+        else:
+            self._suspect = True  # (probed at once by the watch below)
+            self._wake.set()
         self._monitor = asyncio.get_running_loop().create_task(self._watch(), name="upstream-hosts")
 
     async def stop(self) -> None:
