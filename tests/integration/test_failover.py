@@ -270,3 +270,31 @@ def test_hundreds_of_sessions_reattach_with_bounded_concurrency(start_proxy: Cal
                 conn.close()
     finally:
         cluster.cleanup()
+
+
+def test_a_failover_during_a_snapshot_load_keeps_nothing_the_load_put(
+    pg: PgCluster, start_proxy: Callable[..., ProxyThread]
+) -> None:
+    """The snapshot's entries are put while its load runs; a failover then must drop them, including the ones put
+    after it (a put does not check generations): CacheService.loaded() flushes again."""
+    proxy = start_proxy(cache={"default_ttl": "1h"})
+    assert proxy.app is not None and proxy.app.cache is not None
+    cache = proxy.app.cache
+
+    def fill() -> int:
+        with _psycopg(proxy) as conn:
+            for _ in range(2):
+                conn.execute("SELECT 'from the snapshot' AS failover_load")
+        return len(cache.engine)
+
+    proxy.call(cache.follow([]))  # the load begins (what the feeds say is kept for loaded())
+    assert fill() >= 1
+    proxy.call(cache.failed_over("a test failover"))
+    assert len(cache.engine) == 0
+    assert fill() >= 1  # put after the failover by the load still running
+
+    async def loaded() -> None:
+        cache.loaded()
+
+    proxy.call(loaded())
+    assert len(cache.engine) == 0
