@@ -45,9 +45,9 @@ from cacheproxy.upstream import choose_address, control_connection, upstream_add
 log = logging.getLogger("cacheproxy.failover")
 
 # What a probe reads (one round trip). The timeline of a primary is the one it writes WAL on now (the first eight
-# hex digits of its current WAL file name); a standby's is its last checkpoint's. Both functions on pg_control need
-# no more than pg_monitor; a role without it still gets the role test (identity unknown: only a change of host is
-# then seen as a failover).
+# hex digits of its current WAL file name); a standby's is its last checkpoint's. PostgreSQL 15 lets any role call
+# these; where a server restricts them, the role test alone runs (identity unknown: only a change of host is then
+# seen as a failover).
 _PROBE = """
 SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on',
        (SELECT system_identifier::text FROM pg_control_system()),
