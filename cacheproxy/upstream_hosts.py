@@ -226,8 +226,16 @@ class UpstreamHosts:
         return await asyncio.shield(self._checking[1])
 
     async def _resolve(self) -> HostState | None:
-        order = try_order(self.cfg.hosts, self.cfg.load_balance_hosts, self._rng)
         target = self.cfg.target_session_attrs
+        if self.cfg.load_balance_hosts == "random" and self.current is not None:
+            # Balanced: the host chosen stays chosen while it passes (a new draw each probe would look like a
+            # failover every time); for libpq, each connection draws, but these probes are not connections.
+            state = await self._probe(self.current.address)
+            if state is not None and passes(state, target) and (target != "prefer-standby" or state.in_recovery):
+                self._suspect = False
+                self._chose(state)
+                return state
+        order = try_order(self.cfg.hosts, self.cfg.load_balance_hosts, self._rng)
         seen: list[HostState] = []
         for address in order:
             state = await self._probe(address)

@@ -3,6 +3,7 @@ its upstream tells its client (cacheproxy/upstream_hosts.py, cacheproxy/proxy/re
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -13,7 +14,7 @@ from cacheproxy.protocol.framing import encode, split_messages
 from cacheproxy.protocol.replies import Op, Pending
 from cacheproxy.proxy.reattach import LostTransaction, in_flight, shutdown_fatal, trailing_shutdown_fatal
 from cacheproxy.proxy.requests import Request
-from cacheproxy.upstream_hosts import HostState, choose, failover_reason, passes, try_order
+from cacheproxy.upstream_hosts import HostState, UpstreamHosts, choose, failover_reason, passes, try_order
 
 # -- the URL --------------------------------------------------------------------------------------------------------
 
@@ -180,3 +181,54 @@ def test_lost_transaction_answers_an_extended_batch_once_and_a_rollback_as_such(
     assert [t for t, _ in split_messages(reply)] == [m.ERROR_RESPONSE, m.READY_FOR_QUERY] and done and rest == b""
     reply, rest, done = LostTransaction().feed(encode(b"Q", b"ROLLBACK;\x00"))
     assert [t for t, _ in split_messages(reply)] == [m.COMMAND_COMPLETE, m.READY_FOR_QUERY] and done
+
+
+# -- UpstreamHosts' choices, with probes answered from a table (no sockets) ----------------------------------------
+
+
+class _Probed(UpstreamHosts):
+    def __init__(self, url: str, answers: dict[int, HostState | None], seed: int = 0) -> None:
+        super().__init__(UpstreamConfig.from_url(url), FailoverConfig(), rng=random.Random(seed))
+        self.answers = answers
+        self.probed: list[int] = []
+        self.seen: list[str] = []
+        self.on_failover(lambda before, after, why: self.seen.append(why))
+
+    async def _probe(self, address: tuple[str, int]) -> HostState | None:
+        self.probed.append(address[1])
+        return self.answers[address[1]]
+
+
+def test_resolve_takes_the_first_host_that_passes_and_notices_a_promotion() -> None:
+    answers: dict[int, HostState | None] = {1: _state(1), 2: _state(2, standby=True)}
+    hosts = _Probed("postgres://h:1,h:2/db?target_session_attrs=read-write", answers)
+
+    async def scenario() -> None:
+        assert await hosts.resolve() == answers[1]
+        assert hosts.probed == [1] and hosts.failovers == 0  # libpq stops at the first that passes
+        answers[1] = None  # the primary is gone; the standby is not promoted yet
+        assert await hosts.resolve() is None
+        assert hosts.current == _state(1) and hosts.address == ("h", 1)
+        answers[2] = _state(2, timeline=2)  # promoted
+        assert await hosts.resolve() == answers[2]
+        assert hosts.failovers == 1 and hosts.address == ("h", 2) and "moved from h:1" in hosts.seen[0]
+        assert await hosts.resolve() == answers[2] and hosts.failovers == 1  # noticed once
+
+    asyncio.run(scenario())
+
+
+def test_a_balanced_choice_stays_while_it_passes() -> None:
+    answers: dict[int, HostState | None] = {port: _state(port, standby=True) for port in (1, 2, 3, 4)}
+    hosts = _Probed("postgres://h:1,h:2,h:3,h:4/db?target_session_attrs=standby&load_balance_hosts=random", answers)
+
+    async def scenario() -> None:
+        first = await hosts.resolve()
+        assert first is not None
+        for _ in range(10):
+            assert await hosts.resolve() == first
+        assert hosts.failovers == 0
+        answers[first.port] = None
+        second = await hosts.resolve()
+        assert second is not None and second.port != first.port and hosts.failovers == 1
+
+    asyncio.run(scenario())
