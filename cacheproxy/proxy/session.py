@@ -596,7 +596,13 @@ class Session:
 
     def _on_upstream_closed(self, exc: Exception | None) -> None:
         survival = self._survival
-        if survival is not None and self.relaying and not self._client_terminated and not self._close_requested:
+        if (
+            survival is not None
+            and self.relaying
+            and not self._upstream_fatal  # the client was already told the session ends (57P05, 25P03...)
+            and not self._client_terminated
+            and not self._close_requested
+        ):
             why = survival.lost(f"session {self.id} lost its connection")
             if why is None:
                 self._up_link.detach()
