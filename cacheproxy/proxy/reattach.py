@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from cacheproxy.errors import CONNECTION_FAILURE, ProtocolViolation, ProxyError, UpstreamError
+from cacheproxy.errors import CANNOT_CONNECT_NOW, CONNECTION_FAILURE, ProtocolViolation, ProxyError, UpstreamError
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, encode
 from cacheproxy.protocol.messages import IDLE
@@ -52,7 +52,7 @@ from cacheproxy.proxy.requests import Request
 from cacheproxy.proxy.streams import read_upstream_message
 from cacheproxy.proxy.transaction import TransactionTracker
 from cacheproxy.upstream import open_upstream
-from cacheproxy.upstream_hosts import UpstreamHosts
+from cacheproxy.upstream_hosts import HostState, UpstreamHosts
 
 log = logging.getLogger("cacheproxy.reattach")
 
@@ -330,32 +330,17 @@ class Survival:
                 session.write_client(self.withheld)
                 session.end("upstream closed the connection after a FATAL error")
                 return
-            deadline = started + self.hosts.settings.wait
-            chosen = await self.hosts.wait_for_server(deadline)
-            if chosen is None:
-                raise UpstreamError(
-                    f"lost connection to the upstream server; no server answered within failover.wait "
-                    f"({self.hosts.settings.wait:g}s)",
-                    sqlstate=CONNECTION_FAILURE,
-                )
-            with await self.hosts.login_slot():
-                left = max(deadline - time.monotonic(), 1.0)
-                async with asyncio.timeout(left):
-                    reader, writer = await self._login()
-                    try:
-                        await self._replay(reader, writer)
-                    except BaseException:
-                        writer.close()
-                        raise
-        except TimeoutError:
-            session.fail(UpstreamError("lost connection to the upstream server; re-attaching timed out",
-                                       sqlstate=CONNECTION_FAILURE))  # fmt: skip
-            return
+            reader, writer, chosen = await self._attach(started + self.hosts.settings.wait)
         except ProxyError as exc:
             if exc.sqlstate != CONNECTION_FAILURE:
                 exc = UpstreamError(f"lost connection to the upstream server; re-attach failed: {exc.message}",
                                     sqlstate=CONNECTION_FAILURE)  # fmt: skip
             session.fail(exc)
+            return
+        except Exception as exc:  # a bug must not leave the client paused forever
+            log.exception("session %d: re-attach failed", session.id)
+            session.fail(UpstreamError(f"lost connection to the upstream server; re-attach failed: {exc}",
+                                       sqlstate=CONNECTION_FAILURE))  # fmt: skip
             return
         finally:
             self.running = False
@@ -373,6 +358,37 @@ class Survival:
         session.resume_client()
         session.feed_client(unsent)
 
+    async def _attach(self, deadline: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, HostState]:
+        """Log in on the chosen server and replay the state; a server not ready yet (refused, starting up, gone
+        again) is tried again until `deadline`."""
+        while True:
+            chosen = await self.hosts.wait_for_server(deadline)
+            if chosen is None:
+                raise UpstreamError(
+                    f"lost connection to the upstream server; no server answered within failover.wait "
+                    f"({self.hosts.settings.wait:g}s)",
+                    sqlstate=CONNECTION_FAILURE,
+                )
+            try:
+                with await self.hosts.login_slot():
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
+                        reader, writer = await self._login()
+                        try:
+                            await self._replay(reader, writer)
+                        except BaseException:
+                            writer.close()
+                            raise
+                return reader, writer, chosen
+            except (_NotReady, OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise UpstreamError(
+                        f"lost connection to the upstream server; re-attaching failed until failover.wait "
+                        f"({self.hosts.settings.wait:g}s): {exc or exc.__class__.__name__}",
+                        sqlstate=CONNECTION_FAILURE,
+                    ) from exc
+                self.hosts.suspect(f"session {self.session.id} could not log in: {exc or exc.__class__.__name__}")
+                await asyncio.sleep(0.1)
+
     async def _deliberate(self, since: float) -> bool:
         """After a 57P01: is the same server still up (a terminated backend, not a server going down)? Asked with a
         probe started after the loss (one made before it would say yes)."""
@@ -383,7 +399,10 @@ class Survival:
     async def _login(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         session = self.session
         assert session.startup is not None
-        reader, writer = await open_upstream(self.hosts.cfg)
+        try:
+            reader, writer = await open_upstream(self.hosts.cfg)
+        except UpstreamError as exc:
+            raise _NotReady(exc.message) from exc
         try:
             writer.write(session.startup.raw)
             while True:
@@ -400,6 +419,8 @@ class Survival:
                     await session.upstream_login.login(reader, writer, session.startup.parameters, bytes(body))
                     break
                 if msg_type == m.ERROR_RESPONSE:
+                    if m.decode_error_fields(body).get("C") == CANNOT_CONNECT_NOW:  # starting up, shutting down
+                        raise _NotReady(_message(body))
                     raise UpstreamError("the server refused the login: " + _message(body), sqlstate=CONNECTION_FAILURE)
                 if msg_type not in (m.NOTICE_RESPONSE, m.NEGOTIATE_PROTOCOL_VERSION):
                     raise ProtocolViolation(f"unexpected message {chr(msg_type)!r} from upstream during login")
@@ -462,6 +483,10 @@ class Survival:
             tx.on_error()
             tx.on_ready(b"I")
         return rest or None
+
+
+class _NotReady(Exception):
+    """The chosen server cannot take the login yet (refused, starting up, shutting down): try again."""
 
 
 def _message(body: bytes) -> str:
