@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import ConfigError, FailoverConfig, UpstreamConfig, build_config
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import encode, split_messages
@@ -232,3 +233,11 @@ def test_a_balanced_choice_stays_while_it_passes() -> None:
         assert second is not None and second.port != first.port and hosts.failovers == 1
 
     asyncio.run(scenario())
+
+
+def test_sql_datetime_keywords_write_nothing() -> None:
+    """pgbench's INSERT ... CURRENT_TIMESTAMP must not make its session's settings unknown (it could then not
+    re-attach after a failover), nor invalidate the whole database."""
+    catalog = Catalog("db", 1, {}, {}, {}, {}, frozenset(), frozenset({"now"}))
+    assert not catalog.may_write("current_timestamp") and not catalog.may_write("localtime")
+    assert not catalog.may_write("now") and catalog.may_write("my_function")
