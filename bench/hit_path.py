@@ -21,6 +21,7 @@ from cacheproxy.config import build_config
 from cacheproxy.protocol.framing import encode
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
+from cacheproxy.proxy.listens import Listens
 from cacheproxy.proxy.transaction import TransactionTracker
 
 _ROUNDS, _HITS = 7, 20_000
@@ -53,6 +54,7 @@ class _Session:
         self.startup_parameters: Mapping[str, str] = {"user": "u", "database": "db"}
         self.parameters: dict[str, str] = {"TimeZone": "UTC"}
         self.transaction = TransactionTracker(1, self.startup_parameters, self.parameters)
+        self.listens = Listens()
 
     def note_parameter(self, body: bytes) -> None: ...
     def note_error(self, body: bytes) -> None: ...

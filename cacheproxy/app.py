@@ -22,6 +22,7 @@ from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
 from cacheproxy.snapshot import SnapshotFailed, load_snapshot, rules_fingerprint, write_snapshot
 from cacheproxy.upstream import open_upstream
+from cacheproxy.upstream_hosts import FailoverCollector, HostState, UpstreamHosts
 
 if TYPE_CHECKING:
     from cacheproxy.mysql.server import MySQLServer
@@ -34,7 +35,16 @@ _READY_TTL = 1.0
 _SNAPSHOT_RECHECK = 5.0
 # Settings that only a restart can change: a reload keeps their old values and says so.
 _GC_THRESHOLD = 50_000
-_RESTART_ONLY = ("listen", "upstream", "admin.listen", "tls", "cache.enabled", "cache.max_memory", "cache.shards")
+_RESTART_ONLY = (
+    "listen",
+    "upstream",
+    "admin.listen",
+    "tls",
+    "cache.enabled",
+    "cache.max_memory",
+    "cache.shards",
+    "failover.reattach_concurrency",
+)
 
 
 class App:
@@ -62,6 +72,15 @@ class App:
                 snapshot=self.snapshot_now if self.cache is not None else None,
             )
         )
+        # Which upstream host connections go to, and failovers (upstream_hosts.py); sessions re-attach through it.
+        # PostgreSQL only: the MySQL front end has one upstream host and no failover handling.
+        self.hosts: UpstreamHosts | None = None
+        if isinstance(self.proxy, ProxyServer):
+            self.hosts = UpstreamHosts(config.upstream, config.failover)
+            self.hosts.on_failover(self._failed_over)
+            self.proxy.failover = self.hosts
+            self.metrics.registry.register(FailoverCollector(self.hosts))
+        self._failover_tasks: set[asyncio.Task[None]] = set()
         self._snapshot_lock = asyncio.Lock()
         self._snapshotter: asyncio.Task[None] | None = None
         admin = config.admin.listen
@@ -81,6 +100,8 @@ class App:
 
     async def start(self) -> None:
         log.info("upstream %s", self.config.upstream.masked_url())
+        if self.hosts is not None:
+            await self.hosts.start()
         if self.cache is not None:
             self.cache.start()
             await self._load_snapshot()
@@ -136,11 +157,21 @@ class App:
         if self.cache is not None and self.config.snapshot.path is not None:
             with contextlib.suppress(SnapshotFailed):  # logged; the previous snapshot stays
                 await self.snapshot_now()
+        if self.hosts is not None:
+            await self.hosts.stop()
         if self.cache is not None:
             await self.cache.stop()
         if self.admin is not None:
             await self.admin.stop()
         await self.status.stop()
+
+    def _failed_over(self, before: HostState | None, after: HostState, why: str) -> None:
+        """upstream_hosts.py saw another server: the cache drops what it holds and its feeds reattach."""
+        if self.cache is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.cache.failed_over(why), name="failed-over")
+        self._failover_tasks.add(task)
+        task.add_done_callback(self._failover_tasks.discard)
 
     # -- snapshots (cacheproxy/snapshot) ------------------------------------------------------------------------
 
@@ -220,6 +251,8 @@ class App:
         ]
         self.config = new
         self.proxy.config = new
+        if self.hosts is not None:
+            self.hosts.settings = new.failover
         dropped = self.cache.apply_config(new) if self.cache is not None else 0
         if (new.logging.level, new.logging.format) != (old.logging.level, old.logging.format):
             logs.configure(new.logging.level, new.logging.format)

@@ -35,6 +35,7 @@ __all__ = [
     "CacheConfig",
     "Config",
     "ConfigError",
+    "FailoverConfig",
     "InvalidationConfig",
     "Kind",
     "LimitsConfig",
@@ -61,6 +62,9 @@ GiB: Final = 1024 * MiB
 TiB: Final = 1024 * GiB
 
 SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# libpq's target_session_attrs and load_balance_hosts values (libpq-connect, Parameter Key Words).
+TARGET_SESSION_ATTRS: Final = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS: Final = ("disable", "random")
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_UPSTREAM_PORT: Final = 5432
 DEFAULT_MYSQL_PORT: Final = 3306
@@ -133,6 +137,11 @@ class UpstreamConfig:
     # Which front end the proxy runs: "postgres" (postgres://, postgresql://), or "mysql" / "mariadb" (mysql://,
     # mariadb://: the MySQL protocol, cacheproxy/mysql).
     kind: str = "postgres"
+    # Every host of a multi-host URL (`host`/`port` are the first), tried in order as libpq does (see
+    # cacheproxy/upstream_hosts.py); one host for a plain URL.
+    hosts: tuple[tuple[str, int], ...] = ()
+    target_session_attrs: str = "any"
+    load_balance_hosts: str = "disable"
 
     @property
     def is_mysql(self) -> bool:
@@ -155,7 +164,8 @@ class UpstreamConfig:
             f"UpstreamConfig(url={self.masked_url()!r}, host={self.host!r}, port={self.port}, "
             f"database={self.database!r}, user={self.user!r}, sslmode={self.sslmode!r}, "
             f"sslrootcert={self.sslrootcert!r}, sslcert={self.sslcert!r}, sslkey={self.sslkey!r}, "
-            f"connect_timeout={self.connect_timeout!r})"
+            f"connect_timeout={self.connect_timeout!r}, hosts={self.hosts!r}, "
+            f"target_session_attrs={self.target_session_attrs!r}, load_balance_hosts={self.load_balance_hosts!r})"
         )
 
 
@@ -375,7 +385,15 @@ def _parse_port(text: str, *, minimum: int) -> int:
     return int(text)
 
 
-_URL_PARAMS: Final = ("sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout")
+_URL_PARAMS: Final = (
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "connect_timeout",
+    "target_session_attrs",
+    "load_balance_hosts",
+)
 _URL_TAIL = re.compile(r"(?P<hostport>[^/?]*)(?:/(?P<path>[^?]*))?(?:\?(?P<query>.*))?", re.DOTALL)
 
 
@@ -403,13 +421,19 @@ def _parse_upstream_url(url: str, default_connect_timeout: float) -> UpstreamCon
     match = _URL_TAIL.fullmatch(tail)
     assert match is not None  # every group is optional and the last one takes the rest
     user, colon, password = userinfo.partition(":")
-    host, port = _upstream_host_port(match.group("hostport"))
-    if scheme in MYSQL_SCHEMES and not _has_port(match.group("hostport")):
-        port = DEFAULT_MYSQL_PORT
+    default_port = DEFAULT_MYSQL_PORT if scheme in MYSQL_SCHEMES else DEFAULT_UPSTREAM_PORT
+    hosts = _upstream_hosts(match.group("hostport"), default_port)
+    host, port = hosts[0]
     params = _url_params(match.group("query") or "")
     sslmode = params.get("sslmode", "prefer")
     if sslmode not in SSLMODES:
         raise ValueError(f"unknown sslmode {sslmode!r} (allowed: {', '.join(SSLMODES)})")
+    target = params.get("target_session_attrs", "any")
+    if target not in TARGET_SESSION_ATTRS:
+        raise ValueError(f"unknown target_session_attrs {target!r} (allowed: {', '.join(TARGET_SESSION_ATTRS)})")
+    balance = params.get("load_balance_hosts", "disable")
+    if balance not in LOAD_BALANCE_HOSTS:
+        raise ValueError(f"unknown load_balance_hosts {balance!r} (allowed: {', '.join(LOAD_BALANCE_HOSTS)})")
     timeout = params.get("connect_timeout")
     return UpstreamConfig(
         url=url,
@@ -424,18 +448,24 @@ def _parse_upstream_url(url: str, default_connect_timeout: float) -> UpstreamCon
         sslkey=params.get("sslkey"),
         connect_timeout=default_connect_timeout if timeout is None else _libpq_connect_timeout(timeout),
         kind="postgres" if scheme.startswith("postgres") else scheme,
+        hosts=hosts,
+        target_session_attrs=target,
+        load_balance_hosts=balance,
     )
 
 
-def _has_port(hostport: str) -> bool:
-    return _split_host_port(hostport)[1] is not None
+def _upstream_hosts(hostports: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    """libpq's multi-host form ``h1:p1,h2:p2`` (libpq-connect, Specifying Multiple Hosts): each host may have its
+    own port; one without a port gets `default_port` (5432, or 3306 for MySQL)."""
+    hosts = tuple(_upstream_host_port(item, default_port) for item in hostports.split(","))
+    if len(set(hosts)) != len(hosts):
+        raise ValueError("a host is given twice in the upstream URL")
+    return hosts
 
 
-def _upstream_host_port(hostport: str) -> tuple[str, int]:
-    if "," in hostport:
-        raise ValueError("multiple hosts are not supported; give one host")
+def _upstream_host_port(hostport: str, default_port: int) -> tuple[str, int]:
     host, port = _split_host_port(hostport)
-    return unquote(host) or DEFAULT_HOST, DEFAULT_UPSTREAM_PORT if port is None else _parse_port(port, minimum=1)
+    return unquote(host) or DEFAULT_HOST, default_port if port is None else _parse_port(port, minimum=1)
 
 
 def _url_params(query: str) -> dict[str, str]:
@@ -828,6 +858,22 @@ class SnapshotConfig(_Section):
 
 
 @dataclass(frozen=True, slots=True)
+class FailoverConfig(_Section):
+    """What the proxy does when its upstream goes away (cacheproxy/upstream_hosts.py, cacheproxy/proxy/reattach.py).
+
+    ``wait``: how long a session that lost its upstream waits for a server to answer again (the same host, or the
+    next one of a multi-host URL that passes target_session_attrs) before it ends with 08006; 0 = never wait (the
+    session ends at once, as without this feature). ``reattach_concurrency``: how many sessions log in again at the
+    same time (the rest queue: no thundering herd on the new primary). ``check_interval``: how often the proxy
+    probes the chosen host of a multi-host URL (a standby promoted, a primary that became read-only).
+    """
+
+    wait: float = setting(30.0, duration(positive=False))
+    reattach_concurrency: int = setting(16, integer(1, 1024))
+    check_interval: float = setting(2.0, duration(positive=True))
+
+
+@dataclass(frozen=True, slots=True)
 class TLSConfig(_Section):
     """TLS towards clients. ``mode``: disable (SSLRequest answered 'N'), allow (TLS when the client asks),
     require (plaintext clients are refused). ``cert`` and ``key`` are PEM files, required unless disabled."""
@@ -893,6 +939,7 @@ class Config(_Section):
     write_through: WriteThroughConfig = section(WriteThroughConfig)
     auth: AuthConfig = section(AuthConfig)
     verify: VerifyConfig = section(VerifyConfig)
+    failover: FailoverConfig = section(FailoverConfig)
     rules: tuple[Rule, ...] = setting((), RULES)
     source: str | None = None  # not a key
 

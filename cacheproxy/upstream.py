@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from dataclasses import replace
 
 import asyncpg
 
@@ -17,13 +18,33 @@ log = logging.getLogger("cacheproxy.upstream")
 # Large enough that a busy result streams in few reads; the StreamReader's own buffer limit is twice this.
 READ_LIMIT = 256 * 1024
 
+# The host that connections to a multi-host upstream go to now, by its host list: chosen (and changed at a
+# failover) by cacheproxy/upstream_hosts.py; a plain dict, so that every connection, wherever it is opened (sessions,
+# feeds, snapshots), follows the one choice without being handed an object.
+_chosen: dict[tuple[tuple[str, int], ...], tuple[str, int]] = {}
 
-async def open_upstream(cfg: UpstreamConfig) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a connection to the upstream, negotiated to TLS as `cfg.sslmode` asks (libpq's semantics).
+
+def upstream_address(cfg: UpstreamConfig) -> tuple[str, int]:
+    """Where a new connection to `cfg` goes: the host chosen for it, else its first one."""
+    return _chosen.get(cfg.hosts, (cfg.host, cfg.port))
+
+
+def choose_address(cfg: UpstreamConfig, address: tuple[str, int]) -> None:
+    _chosen[cfg.hosts] = address
+
+
+async def open_upstream(
+    cfg: UpstreamConfig, address: tuple[str, int] | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection to the upstream (`address`, else the chosen host), negotiated to TLS as `cfg.sslmode` asks
+    (libpq's semantics).
 
     `allow` is treated as `disable`: libpq retries with TLS only after a plaintext attempt fails, and a proxy cannot
     replay an authentication exchange that the client already took part in.
     """
+    host, port = address or upstream_address(cfg)
+    if (host, port) != (cfg.host, cfg.port):
+        cfg = replace(cfg, host=host, port=port)
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(cfg.host, cfg.port, limit=READ_LIMIT), timeout=cfg.connect_timeout
@@ -86,9 +107,15 @@ def client_ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext:
     return context
 
 
-async def control_connection(cfg: UpstreamConfig, database: str, purpose: str) -> asyncpg.Connection:
+async def control_connection(
+    cfg: UpstreamConfig, database: str, purpose: str, address: tuple[str, int] | None = None
+) -> asyncpg.Connection:
     """The proxy's own asyncpg connection (catalog reads, snapshot evidence), as the upstream URL's user, with the
-    same sslmode as client sessions; `purpose` shows in pg_stat_activity as application_name cacheproxy-<purpose>."""
+    same sslmode as client sessions; `purpose` shows in pg_stat_activity as application_name cacheproxy-<purpose>.
+    It goes to `address`, else to the chosen host."""
+    host, port = address or upstream_address(cfg)
+    if (host, port) != (cfg.host, cfg.port):
+        cfg = replace(cfg, host=host, port=port)
     ssl_arg: ssl.SSLContext | str | bool = False
     if cfg.sslmode == "prefer":
         ssl_arg = "prefer"

@@ -53,6 +53,9 @@ SQL_CONSTRUCTS = frozenset(
         "current_database",
     }
 )
+# SQL's niladic datetime keywords (CURRENT_TIMESTAMP, ...): the analyzer reports them as calls (a result that reads
+# them changes with time), but they are no pg_proc function and run no code: they write nothing, set nothing.
+SQL_VALUE_FUNCTIONS = frozenset({"current_date", "current_time", "current_timestamp", "localtime", "localtimestamp"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +135,9 @@ class Catalog:
 
     def may_write(self, function: str) -> bool:
         """A call whose side effects the proxy cannot see: any function not built in (nor immutable)."""
-        return not (function in self.system_functions or self.function_is_immutable(function))
+        return not (
+            function in self.system_functions or function in SQL_VALUE_FUNCTIONS or self.function_is_immutable(function)
+        )
 
     def write_closure(self, names: Iterable[str]) -> set[str]:
         """Tables whose contents a write to `names` may change: themselves, their inheritance family, cascades.

@@ -85,6 +85,36 @@ class PgCluster:
             raise
         return cluster
 
+    def start_replica(self) -> PgCluster:
+        """A streaming replica of this running cluster: pg_basebackup -R (standby.signal, primary_conninfo) into a
+        fresh temp dir, started on its own free port. Always `cleanup()` it too."""
+        root = Path(tempfile.mkdtemp(prefix="cacheproxy-pg-replica-", dir=self.base_dir.parent))
+        root.chmod(0o755)
+        if os.geteuid() == 0:
+            shutil.chown(root, _SERVER_USER, _SERVER_USER)
+        replica = type(self)(root, port=0, bindir=self.bindir)
+        try:
+            proc = replica._run_as_server(
+                [
+                    replica._bin("pg_basebackup"),
+                    *("-h", self.host, "-p", str(self.port), "-U", self.SUPERUSER),
+                    *("-D", str(replica.datadir), "-R", "-X", "stream", "--no-sync", "-c", "fast"),
+                ]
+            )
+            if proc.returncode != 0:
+                raise PgClusterError(f"pg_basebackup failed: {proc.stderr.strip()}")
+            replica._start_on_free_port()  # (rewrites the copied settings: its own port and socket directory)
+        except BaseException:
+            replica.cleanup()
+            raise
+        return replica
+
+    def promote(self) -> None:
+        """pg_ctl promote, waiting until the server accepts writes."""
+        proc = self._run_as_server([self._bin("pg_ctl"), "-w", "-t", "30", "-D", str(self.datadir), "promote"])
+        if proc.returncode != 0:
+            raise PgClusterError(f"pg_ctl promote failed: {proc.stderr.strip()}\n{self.log_tail(20)}")
+
     def start_server(self) -> None:
         """Start the (stopped) server again, same data directory and same port."""
         log_offset = self._log_size()

@@ -38,6 +38,12 @@ class Framer:
         """Bytes held for a message not yet complete."""
         return len(self._buf)
 
+    def take_partial(self) -> bytes:
+        """The bytes of a message not complete yet, removed (to hand them to another framer)."""
+        partial = bytes(self._buf)
+        self._buf.clear()
+        return partial
+
     def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
         if self._buf:
             self._buf += data

@@ -370,6 +370,23 @@ class CacheService:
             self.blind.pop(database, None)
             self.metrics.database_blind(database, False)
 
+    async def failed_over(self, why: str) -> None:
+        """The upstream failed over (cacheproxy/upstream_hosts.py). Everything cached is dropped: an asynchronous
+        standby may have lost the old primary's last commits, so nothing filled before can be trusted. The feeds are
+        restarted (one may still reach the old server, when a standby was promoted while it runs): they reattach to
+        the chosen host, and a feed coming back reads its gap as "everything changed" (see `_feed_state`)."""
+        removed = self.engine.flush()
+        if self._loading is not None:  # a snapshot is being loaded: what it puts from now on is dropped too
+            self._loading.append(("", Invalidation(everything=True)))
+        log.warning("the upstream failed over (%s): %d cached results dropped", why, removed)
+        databases = set(self._sessions) | set(self._replication) | set(self._down)
+        releases = [task for task in (self.release(db, "the upstream failed over") for db in databases) if task]
+        if releases:
+            await asyncio.gather(*releases, return_exceptions=True)
+        for database in databases:
+            if self._sessions.get(database):
+                self.watch(database)
+
     async def follow(self, databases: list[str], timeout: float = 5.0) -> set[str]:
         """Start the feeds of `databases` and wait (up to `timeout`) until they are up; the databases that are
         followed then (a restored snapshot keeps only their entries: see snapshot.store.load_snapshot)."""
@@ -387,7 +404,9 @@ class CacheService:
         check generations, and the evidence was read before those writes)."""
         replay, self._loading = self._loading or [], None
         for database, invalidation in replay:
-            if invalidation.everything:
+            if not database:  # the upstream failed over meanwhile (see failed_over)
+                self.engine.flush()
+            elif invalidation.everything:
                 self.engine.invalidate_database(database)
             else:
                 self.engine.invalidate_tables([(database, base_table(name)) for name in invalidation.tables])

@@ -123,6 +123,15 @@ class CachingRelay:
         """The session ended (see InFlight.close)."""
         self.inflight.close()
 
+    def take_held(self) -> bytes:
+        """The client's bytes not forwarded yet: a held batch, the inbox, a message not complete. Taken: a successor
+        relay on a new upstream is fed them (cacheproxy/proxy/reattach.py)."""
+        held = [message for _, message in (*self._batch, *self._inbox)]
+        held.append(self._client_framer.take_partial())
+        self._batch, self._batch_bytes = [], 0
+        self._inbox.clear()
+        return b"".join(held)
+
     # -- client -> upstream ----------------------------------------------------------------------------------
 
     def on_client_data(self, data: bytes) -> None:

@@ -125,6 +125,8 @@ class InFlight:
         service = self.service
         catalog = service.last_catalog(self.database)
         changes_state = self.tx.on_statement(info, idle=idle, catalog=catalog)
+        if info.kind is Kind.OTHER:
+            self.session.listens.note(sql)  # LISTEN/UNLISTEN: replayed if the session re-attaches (reattach.py)
         for statement in info.statements or (info,):
             if statement.prepares is not None:
                 self.registry.prepared_in_sql(statement.prepares)

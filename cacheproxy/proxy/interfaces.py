@@ -8,6 +8,7 @@ from typing import Protocol
 
 from cacheproxy.config import Config
 from cacheproxy.proxy.cache_service import CacheService
+from cacheproxy.proxy.listens import Listens
 from cacheproxy.proxy.transaction import TransactionTracker
 
 
@@ -33,6 +34,11 @@ class RelayHost(Protocol):
 
     @property
     def transaction(self) -> TransactionTracker: ...
+
+    @property
+    def listens(self) -> Listens:
+        """The session's LISTEN/UNLISTEN statements (for a re-attach after a failover)."""
+        ...
 
     def note_parameter(self, body: bytes) -> None: ...
 

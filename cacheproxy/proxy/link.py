@@ -41,6 +41,13 @@ class Link(asyncio.Protocol):
         transport.set_protocol(link)
         return link
 
+    def detach(self) -> None:
+        """The session gave this transport up (it lost it, and re-attaches elsewhere): its events go nowhere now."""
+        self._on_data = _ignore
+        self._on_closed = _ignore
+        self.peer = None
+        self.on_drained = None
+
     def data_received(self, data: bytes) -> None:
         self._on_data(data)
 
@@ -64,3 +71,7 @@ class Link(asyncio.Protocol):
             self.transport.resume_reading()
         if self.on_drained is not None:
             self.on_drained()
+
+
+def _ignore(_: object) -> None:
+    return None

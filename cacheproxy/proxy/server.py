@@ -19,6 +19,7 @@ from cacheproxy.proxy.auth_source import AuthSource
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.session import Session
 from cacheproxy.upstream import READ_LIMIT, send_cancel
+from cacheproxy.upstream_hosts import UpstreamHosts
 
 log = logging.getLogger("cacheproxy.server")
 
@@ -45,6 +46,7 @@ class ProxyServer:
         self.metrics = metrics if metrics is not None else (cache.metrics if cache is not None else Metrics())
         self._reload = reload
         self.snapshot = snapshot  # App.snapshot_now, for CACHEPROXY SNAPSHOT
+        self.failover: UpstreamHosts | None = None  # set by App: sessions re-attach through it (proxy/reattach.py)
         self.admin_console = AdminConsole(self)
         self.tls_context = server_tls_context(config)
         self.auth = AuthSource(lambda: self.config)  # verifiers for auth.mode terminate

@@ -45,7 +45,9 @@ from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.interfaces import ConsoleSession
 from cacheproxy.proxy.link import Link
+from cacheproxy.proxy.listens import Listens
 from cacheproxy.proxy.offline import OfflineRelay, offline_startup
+from cacheproxy.proxy.reattach import RelayState, Survival, relay_state, successor
 from cacheproxy.proxy.streams import (
     MAX_STARTUP_MESSAGE,
     client_auth_request,
@@ -58,6 +60,7 @@ from cacheproxy.proxy.terminating_auth import AUTHENTICATION_OK, authenticate_cl
 from cacheproxy.proxy.transaction import TransactionTracker
 from cacheproxy.proxy.upstream_login import UpstreamLogin, UpstreamRefused
 from cacheproxy.upstream import connection_lost_error, open_upstream
+from cacheproxy.upstream_hosts import UpstreamHosts
 
 log = logging.getLogger("cacheproxy.session")
 
@@ -101,6 +104,9 @@ class SessionServer(Protocol):
 
     @property
     def auth(self) -> AuthSource: ...
+
+    @property
+    def failover(self) -> UpstreamHosts | None: ...
 
     def admit(self, session: Session) -> None: ...
 
@@ -167,6 +173,10 @@ class Session:
         self._caching: CachingRelay | None = None
         self._offline: OfflineRelay | None = None  # stale-if-error: no upstream, answered from the cache alone
         self._tasks: set[asyncio.Task[None]] = set()
+        # Failover (proxy/reattach.py): re-attaches this session elsewhere when its upstream is lost, logging in
+        # with `upstream_login` (auth.mode terminate; None: the new server must let the user in without a password).
+        self._survival: Survival | None = None
+        self.listens = Listens()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -467,6 +477,9 @@ class Session:
             self._caching = CachingRelay(
                 self, service, self.server.config.limits, up_transport.write, client_transport.write
             )
+        hosts = self.server.failover
+        if self._caching is not None and hosts is not None and hosts.settings.wait > 0:
+            self._survival = Survival(self, hosts)
         client_transport.resume_reading()  # a StreamReader may have paused it on a full buffer
         up_transport.resume_reading()
         if upstream_early:
@@ -492,6 +505,11 @@ class Session:
     def _on_client_data(self, data: bytes) -> None:
         """Client -> upstream. Counts request cycles so that `idle` is known without parsing results."""
         self._cancel_idle_timer()
+        if self._survival is not None and self._survival.lost_transaction is not None:
+            rest = self._survival.client_data(data)  # its transaction was lost in a failover: tell it first
+            if rest is None:
+                return
+            data = rest
         if self._caching is not None:
             self._guarded(self._caching.on_client_data, data)
             if self._caching.terminated:
@@ -523,6 +541,10 @@ class Session:
 
     def _on_upstream_data(self, data: bytes) -> None:
         """Upstream -> client. Tracks ReadyForQuery (transaction status), ParameterStatus and FATAL errors."""
+        if data[-1] == 0 and self._survival is not None:
+            data = self._survival.withhold(data)  # a server going down: told only if the session cannot re-attach
+            if not data:
+                return
         if self._caching is not None:
             self._guarded(self._caching.on_upstream_data, data)
             self._after_upstream_data()
@@ -594,6 +616,8 @@ class Session:
         self._client_writer.transport.pause_reading()  # type: ignore[attr-defined]
 
     def resume_client(self) -> None:
+        if self._survival is not None and self._survival.running:
+            return  # re-attaching: the client is resumed once the new upstream is ready
         if not self._client_writer.transport.is_closing():
             self._client_writer.transport.resume_reading()  # type: ignore[attr-defined]
 
@@ -627,10 +651,77 @@ class Session:
         self._end_relay("client disconnected" if exc else "client closed the connection")
 
     def _on_upstream_closed(self, exc: Exception | None) -> None:
+        survival = self._survival
+        if (
+            survival is not None
+            and self.relaying
+            and not self._upstream_fatal  # the client was already told the session ends (57P05, 25P03...)
+            and not self._client_terminated
+            and not self._close_requested
+        ):
+            why = survival.lost(f"session {self.id} lost its connection")
+            if why is None:
+                self._up_link.detach()
+                self.spawn(survival.run())
+                return
+            log.info("session %d: cannot re-attach to a new upstream: %s", self.id, why)
+            if survival.withheld is not None:
+                self._client_writer.transport.write(survival.withheld)
+                self._upstream_fatal = True
         if self._upstream_fatal:
             self._end_relay(SessionEnd("upstream closed the connection after a FATAL error"))
         else:
             self._end_relay(connection_lost_error())
+
+    # -- failover (proxy/reattach.SurvivingSession) ------------------------------------------------------------
+
+    @property
+    def relaying(self) -> bool:
+        """The relay has not ended (a client gone, a close decided)."""
+        return self._relay_end is not None and not self._relay_end.done()
+
+    def relay_state(self) -> RelayState | None:
+        return relay_state(self._caching) if self._caching is not None else None
+
+    def write_client(self, data: bytes) -> None:
+        if not self._client_writer.transport.is_closing():
+            self._client_writer.transport.write(data)
+
+    def feed_client(self, data: bytes) -> None:
+        """Client bytes the old relay held, dispatched as if they had just arrived."""
+        if data and self._relay_end is not None and not self._relay_end.done():
+            self._on_client_data(data)
+
+    def adopt_upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        """Relay through a new upstream connection (logged in, state replayed) with a new caching relay; returns
+        the client's bytes the old relay held (to feed once the client was told what it lost)."""
+        assert self._caching is not None and self.server.cache is not None
+        metrics = self.server.metrics
+        metrics.upstream_closed()
+        metrics.upstream_opened()
+        self._up_reader, self._up_writer = reader, writer
+        self._upstream_fatal = False
+        early = drain_stream_buffer(reader)
+        up_transport = cast(asyncio.Transport, writer.transport)
+        client_transport = cast(asyncio.Transport, self._client_writer.transport)
+        self._up_link = Link.take_over(up_transport, self._on_upstream_data, self._on_upstream_closed)
+        self._up_link.peer = client_transport
+        self._client_link.peer = up_transport
+        old = self._caching
+        self._caching = CachingRelay(
+            self, self.server.cache, self.server.config.limits, up_transport.write, client_transport.write
+        )
+        unsent = successor(old, self._caching)
+        up_transport.resume_reading()
+        if early:
+            self._on_upstream_data(early)
+        return unsent
+
+    def fail(self, error: ProxyError) -> None:
+        self._end_relay(error)
+
+    def end(self, reason: str) -> None:
+        self._end_relay(SessionEnd(reason))
 
     def _up_writer_transport(self) -> asyncio.WriteTransport:
         assert self._up_writer is not None

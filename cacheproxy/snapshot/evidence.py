@@ -42,7 +42,9 @@ ORDER BY 1, 2
 _DATABASE = "SELECT oid::bigint FROM pg_database WHERE datname = current_database()"
 _CLUSTER = """
 SELECT system_identifier::text,
-       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
+       CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint())
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END
 FROM pg_control_system()
 """
 _QUERY_TIMEOUT = 30.0
@@ -52,6 +54,9 @@ _QUERY_TIMEOUT = 30.0
 class Cluster:
     system_identifier: str
     wal_lsn: str | None
+    # The WAL timeline: a promoted standby keeps the system identifier but starts a new timeline, so a snapshot
+    # written before a failover is recognized (and refused) after it.
+    timeline: int | None = None
 
 
 async def connect(upstream: UpstreamConfig, database: str) -> asyncpg.Connection:
@@ -64,7 +69,7 @@ async def read_cluster(upstream: UpstreamConfig, database: str) -> Cluster:
         row = await conn.fetchrow(_CLUSTER, timeout=_QUERY_TIMEOUT)
     finally:
         await conn.close()
-    return Cluster(str(row[0]), row[1])
+    return Cluster(str(row[0]), row[1], row[2])
 
 
 async def read_database(upstream: UpstreamConfig, database: str) -> dict[str, object]:

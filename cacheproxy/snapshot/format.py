@@ -78,6 +78,7 @@ class Header:
     wal_lsn: str | None
     rules: str
     databases: dict[str, Any]
+    timeline: int | None = None  # the upstream's WAL timeline when written (absent in older files)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,7 @@ def encode_header(header: Header) -> bytes:
             "wal_lsn": header.wal_lsn,
             "rules": header.rules,
             "databases": header.databases,
+            "timeline": header.timeline,
         }
     )
     body = _HEAD.pack(header.version, len(meta)) + meta
@@ -297,6 +299,7 @@ class SnapshotDecoder:
                 wal_lsn=meta["wal_lsn"],
                 rules=str(meta["rules"]),
                 databases=dict(meta["databases"]),
+                timeline=meta.get("timeline"),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise SnapshotCorrupt(f"header metadata unreadable: {exc}") from exc

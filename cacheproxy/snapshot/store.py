@@ -103,7 +103,7 @@ async def write_snapshot(
             known[database] = await evidence.read_database(upstream, database)
         except evidence.ERRORS as exc:  # its entries are left out: without evidence they could not be trusted
             log.warning("snapshot: database %r left out, its evidence cannot be read: %s", database, _describe(exc))
-    header = Header(VERSION, time.time(), cluster.system_identifier, cluster.wal_lsn, rules, known)
+    header = Header(VERSION, time.time(), cluster.system_identifier, cluster.wal_lsn, rules, known, cluster.timeline)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         written, skipped, size = await _write_file(tmp, header, engine, set(known), clock)
@@ -242,6 +242,12 @@ async def _load(
             raise SnapshotCorrupt(
                 f"taken from another cluster (system identifier {header.system_identifier}, "
                 f"the upstream is {cluster.system_identifier})"
+            )
+        if header.timeline is not None and cluster.timeline is not None and header.timeline != cluster.timeline:
+            # A failover happened since (a promoted standby): it may have lost commits the entries were read from.
+            raise SnapshotCorrupt(
+                f"written before a failover (on timeline {header.timeline}, the upstream is on timeline "
+                f"{cluster.timeline})"
             )
         if header.rules != rules:
             log.warning("snapshot: the rules changed since %s was written; its entries are not loaded", path)

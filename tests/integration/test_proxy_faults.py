@@ -52,7 +52,8 @@ def test_upstream_down_at_connect_gives_08001(pg: PgCluster, start_proxy: Callab
 
 
 def test_upstream_restart(pg: PgCluster, start_proxy: Callable[..., ProxyThread]) -> None:
-    proxy = start_proxy()
+    # failover.wait 0: the session does not wait for a server to come back (tests/integration/test_failover.py).
+    proxy = start_proxy(failover={"wait": 0})
     with psycopg.connect(pg.dsn(port=proxy.port), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
         pg.stop()
@@ -92,7 +93,8 @@ def faulty(pg: PgCluster) -> Iterator[FaultyLink]:
 def test_upstream_cut_mid_result_gives_08006(
     pg: PgCluster, faulty: FaultyLink, start_proxy: Callable[..., ProxyThread]
 ) -> None:
-    proxy = start_proxy(upstream=pg.url(port=faulty.port))
+    # failover.wait 0: the session ends (with it, an ERROR and a re-attach: tests/integration/test_failover.py).
+    proxy = start_proxy(upstream=pg.url(port=faulty.port), failover={"wait": 0})
     direct_proxy = start_proxy()
     with RawConn(proxy.host, proxy.port) as victim, RawConn(direct_proxy.host, direct_proxy.port) as other:
         victim.startup("postgres")
