@@ -21,10 +21,6 @@ import asyncpg
 import psycopg
 import pytest
 
-from cacheproxy.errors import UpstreamError
-from cacheproxy.protocol import messages as m
-from cacheproxy.protocol.framing import encode
-from cacheproxy.proxy.streams import read_upstream_message
 from tests.support.cachetest import eventually
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
@@ -304,46 +300,27 @@ def test_a_failover_during_a_snapshot_load_keeps_nothing_the_load_put(
     assert len(cache.engine) == 0
 
 
-class _CleartextLogin:
-    """An UpstreamLogin (proxy/reattach.py) that answers AuthenticationCleartextPassword: the shape of the hook a
-    terminating auth mode fills."""
-
-    def __init__(self, password: str) -> None:
-        self.password = password
-        self.calls = 0
-
-    async def login(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, startup_params: object, request: bytes
-    ) -> None:
-        self.calls += 1
-        assert m.auth_code(request) == 3  # AuthenticationCleartextPassword
-        writer.write(encode(b"p", self.password.encode() + b"\x00"))
-        msg_type, body = await read_upstream_message(reader)
-        if msg_type != m.AUTHENTICATION or m.auth_code(body) != m.AUTH_OK:
-            raise UpstreamError("login refused")
-
-
-def test_reattach_needs_a_password_the_proxy_does_not_hold_unless_a_login_hook_gives_it(
+def test_reattach_needs_a_password_the_proxy_does_not_hold_unless_auth_terminates(
     start_proxy: Callable[..., ProxyThread],
 ) -> None:
+    """auth.mode relay holds no credential: a SCRAM user's session cannot log in again after the server restarts.
+    auth.mode terminate logs in again with the SCRAM keys of the client's own exchange (proxy/upstream_login.py)."""
     cluster = PgCluster.start()
     try:
-        proxy = start_proxy(upstream=cluster.url())
-        assert proxy.app is not None
-        scram = psycopg.connect(cluster.dsn(PgCluster.SCRAM_USER, PgCluster.SCRAM_PASSWORD, port=proxy.port),
-                                autocommit=True)  # fmt: skip
-        cleartext = psycopg.connect(cluster.dsn(PgCluster.PW_USER, PgCluster.PW_PASSWORD, port=proxy.port),
-                                    autocommit=True)  # fmt: skip
-        hook = _CleartextLogin(PgCluster.PW_PASSWORD)
-        sessions = {s.user: s for s in proxy.app.proxy._live}
-        sessions[PgCluster.PW_USER].upstream_login = hook
+        relay = start_proxy(upstream=cluster.url())
+        terminate = start_proxy(upstream=cluster.url(), auth={"mode": "terminate"})
+        relayed = psycopg.connect(cluster.dsn(PgCluster.SCRAM_USER, PgCluster.SCRAM_PASSWORD, port=relay.port),
+                                  autocommit=True)  # fmt: skip
+        terminated = psycopg.connect(cluster.dsn(PgCluster.SCRAM_USER, PgCluster.SCRAM_PASSWORD, port=terminate.port),
+                                     autocommit=True)  # fmt: skip
+        terminated.execute("SET application_name = 'survivor'")
         cluster.stop("fast")
         cluster.start_server()
         with pytest.raises(psycopg.OperationalError, match="asks for a password"):
-            scram.execute("SELECT 1")
-        assert cleartext.execute("SELECT current_user").fetchone() == (PgCluster.PW_USER,)
-        assert hook.calls == 1
-        scram.close()
-        cleartext.close()
+            relayed.execute("SELECT 1")
+        row = terminated.execute("SELECT current_user, current_setting('application_name')").fetchone()
+        assert row == (PgCluster.SCRAM_USER, "survivor")
+        relayed.close()
+        terminated.close()
     finally:
         cluster.cleanup()
