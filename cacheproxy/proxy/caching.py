@@ -24,6 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Hashable
 
+from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry
@@ -104,6 +105,7 @@ class CachingRelay:
         self._batch_bytes = 0
         self._waiting = False
         self._waited = False  # the message at the inbox head already waited once: do not wait again
+        self._found: list[StatementStats | None] = []  # the statements `result` found in the batch being answered
         self.terminated = False
         self._released = False  # the message at the inbox head (a DROP DATABASE) already waited for a release
         service.attach(self.database)
@@ -224,7 +226,7 @@ class CachingRelay:
             entry = self._tier.get(key, started, count_miss=False)
             if entry is not None:
                 self._write_client(entry.value + self.tx.status.ready)
-                self.service.observe_hit(classified.verdict.tables)
+                self.service.observe_hit(classified.verdict.tables, classified.stats)
                 return True
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
@@ -238,7 +240,8 @@ class CachingRelay:
             if self._statement_only_here(classified, out):
                 return True
             scope, changes_state = self.inflight.before_send(classified, sql, idle=not self.tracker.pending)
-        request = Request(scope, KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
+        request = Request(scope, KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql,
+                          stats=classified.stats)  # fmt: skip
         if changes_state:
             request.changes_state = True
             request.discards_all = info.session is not None and info.session.op == "discard_all"
@@ -379,6 +382,7 @@ class CachingRelay:
         # lives until the Sync, and is kept here until then (bound upstream if a forwarded message needs it).
         batch = self._batch
         idle = self.tx.status is IDLE
+        self._found.clear()
         if use == ANSWER and (batch[-1][0] == m.SYNC or idle or all(t != m.BIND for t, _ in batch)):
             try:
                 hot = local_answers.answer_hot(batch, self._statements, self.tx.status.ready, idle, self)
@@ -399,6 +403,9 @@ class CachingRelay:
                 executes = sum(1 for msg_type, _ in batch if msg_type == m.EXECUTE)
                 for _ in range(executes):
                     self.service.observe_hit(())
+                for stats in self._found:  # the advisor's per-statement hits
+                    if stats is not None:
+                        stats.hits += 1
                 batch.clear()
                 self._batch_bytes = 0
                 return True
@@ -410,6 +417,7 @@ class CachingRelay:
         fit in the server's output buffer (8 kB), which it would not send before a Sync or Flush."""
         if self._cache_use() != ANSWER:
             return False
+        self._found.clear()
         try:
             answer = local_answers.answer_batch(
                 self._batch, self.registry, self.tx.status.ready, self.tx.status is IDLE, self, dry_run=True
@@ -447,7 +455,10 @@ class CachingRelay:
             return None  # a write, or a read not served here
         key = keys.execute_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), statement.query,
                                statement.param_types, arguments, max_rows)  # fmt: skip
-        return self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
+        entry = self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
+        if entry is not None:
+            self._found.append(classified.stats)  # a hit for the advisor, if the batch is answered here
+        return entry
 
     def fill_in_flight(self, statement: Statement, arguments: bytes, max_rows: int) -> bool:
         """After a miss: wait (once) when another session is filling that very key."""
