@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import fields, replace
 
+from cacheproxy.advice.report import current_advice
 from cacheproxy.config import Config, ConfigError
 from cacheproxy.errors import CONFIG_FILE_ERROR, ProxyError, UpstreamError
 from cacheproxy.observability import logs
@@ -54,7 +55,9 @@ class App:
         self._snapshotter: asyncio.Task[None] | None = None
         admin = config.admin.listen
         self.admin = (
-            AdminServer(admin.host, admin.port, metrics=self.metrics, ready=self.ready, stats=self.stats)
+            AdminServer(
+                admin.host, admin.port, metrics=self.metrics, ready=self.ready, stats=self.stats, advice=self.advice
+            )
             if admin is not None
             else None
         )
@@ -105,6 +108,12 @@ class App:
         summary["upstream"] = self.config.upstream.masked_url()
         summary["rules"] = len(self.config.rules)
         return summary
+
+    def advice(self) -> dict[str, object]:
+        """/advice: the rule advisor's ranking and suggested rules for what this proxy has seen (cacheproxy/advice)."""
+        if self.cache is None:
+            return {"error": "the cache is disabled (cache.enabled: false)"}
+        return current_advice(self.cache.workload, self.cache.clock())
 
     async def stop(self, reason: str = "the proxy is shutting down") -> None:
         """Stop accepting, let in-flight work finish up to `shutdown.timeout`, then close everything."""

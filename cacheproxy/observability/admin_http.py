@@ -123,6 +123,7 @@ class AdminServer:
         ready: Callable[[], Awaitable[tuple[bool, str]]],
         stats: Callable[[], dict[str, object]],
         read_timeout: float = READ_TIMEOUT,
+        advice: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -138,6 +139,8 @@ class AdminServer:
             "/readyz": self._readyz_route,
             "/stats": self._stats_route,
         }
+        if advice is not None:  # the rule advisor's advice as JSON (cacheproxy/advice)
+            self._routes["/advice"] = lambda: _json_route(advice)
 
     @property
     def port(self) -> int:
@@ -242,6 +245,10 @@ class AdminServer:
 
     async def _stats_route(self) -> tuple[int, bytes, str]:
         return 200, orjson.dumps(self._stats()), _JSON
+
+
+async def _json_route(source: Callable[[], dict[str, object]]) -> tuple[int, bytes, str]:
+    return 200, orjson.dumps(source()), _JSON
 
 
 async def _read_head(reader: asyncio.StreamReader) -> bytes | BadRequest | None:

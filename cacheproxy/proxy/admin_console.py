@@ -12,6 +12,8 @@ import logging
 import re
 from collections.abc import Sequence
 
+from cacheproxy.advice.advisor import advise
+from cacheproxy.advice.report import CONSOLE_COLUMNS, console_rows
 from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, base_table
 from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, ProxyError
 from cacheproxy.policy.rules import parse_pattern
@@ -24,7 +26,7 @@ log = logging.getLogger("cacheproxy.admin")
 _PREFIX = re.compile(rb"^\s*cacheproxy\b", re.IGNORECASE)
 USAGE = (
     "CACHEPROXY SHOW STATS | SHOW CACHES [n] | SHOW RULES | EXPLAIN <query> | INVALIDATE TABLE <name> | FLUSH | RELOAD"
-    " | SNAPSHOT"
+    " | SNAPSHOT | SHOW ADVICE | RESET ADVICE"
 )
 
 
@@ -80,6 +82,14 @@ class AdminConsole:
             return m.command_complete(f"RELOAD {self._server.reload()}")
         if command == "SNAPSHOT":
             return self._snapshot()
+        if command == "SHOW ADVICE":  # the rule advisor (cacheproxy/advice)
+            service = self._cache()
+            rows = console_rows(advise(service.workload.observed(service.clock())))
+            return _table(CONSOLE_COLUMNS, rows, "SHOW")
+        if command == "RESET ADVICE":  # start observing afresh
+            service = self._cache()
+            service.workload.reset(service.clock())
+            return m.command_complete("RESET ADVICE")
         raise ProxyError(SYNTAX_ERROR, f"unknown CACHEPROXY command; use {USAGE}", severity="ERROR")
 
     def _snapshot(self) -> bytes:
