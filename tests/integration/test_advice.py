@@ -101,11 +101,13 @@ def test_advice_ranks_a_synthetic_workload(pg: PgCluster, dbname: str, tmp_path:
 def test_reset_advice_starts_afresh(pg: PgCluster, dbname: str) -> None:
     _setup(pg, dbname)
     data = proxy_config(pg.url(), admin={"users": ["postgres"]})
-    with ProxyThread.from_mapping(data) as proxy:
-        with psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn:
-            conn.execute("SELECT name FROM lookup WHERE id = 1").fetchall()
-            before = [r for r in conn.execute("CACHEPROXY SHOW ADVICE").fetchall() if r[0] == "statement"]
-            assert any("lookup" in r[1] for r in before)
-            assert conn.execute("CACHEPROXY RESET ADVICE").statusmessage == "RESET ADVICE"
-            after = [r for r in conn.execute("CACHEPROXY SHOW ADVICE").fetchall() if r[0] == "statement"]
-            assert not any("lookup" in r[1] for r in after)
+    with (
+        ProxyThread.from_mapping(data) as proxy,
+        psycopg.connect(pg.dsn(dbname=dbname, port=proxy.port), autocommit=True) as conn,
+    ):
+        conn.execute("SELECT name FROM lookup WHERE id = 1").fetchall()
+        before = [r for r in conn.execute("CACHEPROXY SHOW ADVICE").fetchall() if r[0] == "statement"]
+        assert any("lookup" in r[1] for r in before)
+        assert conn.execute("CACHEPROXY RESET ADVICE").statusmessage == "RESET ADVICE"
+        after = [r for r in conn.execute("CACHEPROXY SHOW ADVICE").fetchall() if r[0] == "statement"]
+        assert not any("lookup" in r[1] for r in after)
