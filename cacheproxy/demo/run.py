@@ -19,6 +19,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -169,8 +170,8 @@ async def _write_then_read(direct: asyncpg.Connection, via: asyncpg.Connection, 
     fresh = [tuple(r) for r in after] == [tuple(r) for r in truth]
     old = next(r["revenue"] for r in before if r["category"] == "c3")
     new = next(r["revenue"] for r in after if r["category"] == "c3")
-    print(f"   next read through the proxy: {miss * 1e3:.2f} ms (a miss, run by PostgreSQL): c3 revenue {old} -> {new}; "
-          f"fresh (same as direct): {'yes' if fresh else 'NO'}")  # fmt: skip
+    print(f"   next read through the proxy: {miss * 1e3:.2f} ms (a miss, run by PostgreSQL): c3 revenue {old} -> "
+          f"{new}; fresh (same as direct): {'yes' if fresh else 'NO'}")  # fmt: skip
     print(f"   the read after it: {hit * 1e3:.3f} ms (a hit again)")
     return fresh and old != new
 
@@ -224,13 +225,13 @@ def _report_proxy(admin_port: int) -> None:
     print("   " + advice.get("rules_yaml", "").rstrip("\n").replace("\n", "\n   "))
     print(f"\nWhile it runs, a proxy shows this at {base}/metrics (Prometheus), {base}/stats, {base}/advice and")
     print(
-        f"{base}/readyz, and to admin.users over SQL: CACHEPROXY SHOW STATS | SHOW CACHES | SHOW ADVICE | EXPLAIN <q>."
+        f"{base}/readyz, and to admin.users over SQL: CACHEPROXY SHOW STATS | SHOW CACHES | SHOW ADVICE | EXPLAIN <q>"
     )
     print("Before deploying it: `cacheproxy advise --upstream postgres://...` reads the same from pg_stat_statements.")
     print(f"Next: `cacheproxy check-config --config {_DEFAULT_CONFIG}`, the rules in configs/, README.md.")
 
 
-def _get_json(url: str) -> dict[str, object]:
+def _get_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=5) as reply:
         found = json.loads(reply.read())
     if not isinstance(found, dict):
