@@ -215,6 +215,8 @@ def _table(database: str, table: str, row: list[float], writes: int) -> TableAdv
         strategy = "none"
         shown = f", hit ratio {ratio:.0%}" if ratio is not None else ""
         advice = f"written too often: {writes} writes for {reads} reads{shown}; each write drops its results"
+    elif lookups >= REUSE_MIN and (ratio or 0.0) < REUSE_RATIO:
+        advice = f"its results are rarely reused (hit ratio {ratio or 0.0:.0%}): see its statements"
     elif reads >= HOT_READS and 0 < writes <= RARE_WRITES * reads:
         strategy, ttl = "write_through", LONG_TTL
         advice = f"hot and rarely written ({writes} writes for {reads} reads): write-through keeps it warm"
