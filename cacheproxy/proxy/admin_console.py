@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from cacheproxy.advice.advisor import advise
 from cacheproxy.advice.report import CONSOLE_COLUMNS, console_rows
 from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, base_table
+from cacheproxy.config import Rule
 from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, ProxyError
 from cacheproxy.policy.rules import parse_pattern
 from cacheproxy.protocol import messages as m
@@ -130,7 +131,7 @@ class AdminConsole:
     def _rules(self) -> list[list[str | None]]:
         config = self._server.config
         rows: list[list[str | None]] = [
-            [str(i), ", ".join(r.tables), f"{r.ttl if r.ttl is not None else config.cache.default_ttl:g}s", r.strategy,
+            [str(i), _named(r), f"{r.ttl if r.ttl is not None else config.cache.default_ttl:g}s", r.strategy,
              r.in_transaction]
             for i, r in enumerate(config.rules)
         ]  # fmt: skip
@@ -146,6 +147,13 @@ class AdminConsole:
              f"{now - e.created_at:.1f}", f"{max(0.0, e.expires_at - now):.1f}", e.rule]
             for e in entries
         ]  # fmt: skip
+
+
+def _named(rule: Rule) -> str:
+    """What a rule names: its tables, or its statements (a statement rule)."""
+    if rule.tables:
+        return ", ".join(rule.tables)
+    return ", ".join([f"fingerprint {text}" for text in rule.fingerprints] + [f"queryid {q}" for q in rule.queryids])
 
 
 def _tables(entry: Entry) -> set[str]:

@@ -56,6 +56,8 @@ def test_fingerprint_rules_change_ttl_or_turn_caching_off(pg: PgCluster, dbname:
         assert explained["rule"].startswith("rules[1] (fingerprint ")
         explained = _explain(conn, other_sql)
         assert explained["ttl"] == "30s" and explained["rule"] == "rules[2] (items)"
+        shown = conn.execute("CACHEPROXY SHOW RULES").fetchall()
+        assert shown[0][1] == f"fingerprint {statement_id(off_sql)}" and shown[0][3] == "none"
         ages = {row[0]: row for row in conn.execute("CACHEPROXY SHOW CACHES 50").fetchall()}
         assert float(next(r for q, r in ages.items() if longer in q)[5]) > 60  # TTL left: the statement's 7m
 

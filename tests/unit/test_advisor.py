@@ -17,8 +17,18 @@ from cacheproxy.policy.rules import RuleSet
 _URL = "postgres://u@127.0.0.1/db"
 
 
-def _read(text: str, tables: tuple[str, ...], *, hits: int, misses: int, mean: float, bypasses: int = 0,
-          cacheable: bool = True, reason: str | None = None, rule: str = "cache.default_ttl") -> StatementSample:  # fmt: skip
+def _read(
+    text: str,
+    tables: tuple[str, ...],
+    *,
+    hits: int,
+    misses: int,
+    mean: float,
+    bypasses: int = 0,
+    cacheable: bool = True,
+    reason: str | None = None,
+    rule: str = "cache.default_ttl",
+) -> StatementSample:
     runs = misses + bypasses
     return StatementSample("db", statement_id(text), loose(fingerprint(text)), "read", tables, cacheable, reason, rule,
                            60.0, "lazy", hits, misses, bypasses, runs * mean, runs)  # fmt: skip
@@ -41,8 +51,11 @@ def test_statement_ids_ignore_literals_parameters_spacing_and_semicolons() -> No
     # pg_stat_statements shows constants as $n: the same id as the text the application sent.
     assert statement_id("SELECT name FROM lookup WHERE id = $1") == statement_id("SELECT name FROM lookup WHERE id = 1")
     # Case and spacing around operators are kept, as pg_stat_statements keeps the text it first saw.
-    assert statement_id("select 1") != statement_id("SELECT 1") != statement_id("SELECT 1+1") != statement_id(
-        "SELECT 1 + 1"
+    assert (
+        statement_id("select 1")
+        != statement_id("SELECT 1")
+        != statement_id("SELECT 1+1")
+        != statement_id("SELECT 1 + 1")
     )
 
 
@@ -117,8 +130,9 @@ def test_a_hot_never_written_table_gets_a_long_ttl_and_quoted_names() -> None:
 
 
 def test_what_a_rule_keeps_out_and_what_cannot_be_cached() -> None:
+    why = "rule says strategy none for public.prices"
     kept_out = _read("SELECT * FROM prices", ("prices",), hits=0, misses=0, bypasses=100, mean=0.01,
-                     cacheable=False, reason="rule says strategy none for public.prices", rule="rules[0] (prices)")  # fmt: skip
+                     cacheable=False, reason=why, rule="rules[0] (prices)")  # fmt: skip
     volatile = _read("SELECT random() FROM t", ("t",), hits=0, misses=0, bypasses=100, mean=0.02, cacheable=False,
                      reason="calls random(), which is not immutable")  # fmt: skip
     advice = advise(_observed(kept_out, volatile, writes={"prices": 10}))
@@ -143,7 +157,8 @@ def test_statement_rules_win_over_table_rules() -> None:
     ruleset = RuleSet(rules, 60.0)
     assert not ruleset.decide([("public", "t")]).cacheable
     decision = ruleset.decide([("public", "t")], statement_id(sql))
-    assert decision.cacheable and decision.ttl == 600.0 and decision.rule == f"rules[1] (fingerprint {statement_id(sql)})"
+    assert decision.cacheable and decision.ttl == 600.0
+    assert decision.rule == f"rules[1] (fingerprint {statement_id(sql)})"
     over_u = ruleset.decide([("public", "u")], statement_id(sql))
     assert over_u.ttl == 600.0 and over_u.in_transaction == "never"  # the stricter of the two
     by_queryid = ruleset.decide([("public", "u")], "0" * 16, 42)
