@@ -12,7 +12,7 @@ from tests.support.pgcluster import PgCluster
 def test_advise_says_when_pg_stat_statements_is_not_preloaded() -> None:
     cluster = PgCluster.start()
     try:
-        cluster.psql("ALTER SYSTEM SET shared_preload_libraries = ''")
+        cluster.psql("ALTER SYSTEM SET shared_preload_libraries = 'plpgsql'")
         cluster.restart()
         result = subprocess.run([sys.executable, "-m", "cacheproxy", "advise", "--upstream", cluster.url()],
                                 capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
