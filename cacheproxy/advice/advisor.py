@@ -214,15 +214,17 @@ def _table(database: str, table: str, row: list[float], writes: int) -> TableAdv
     if heavy:
         strategy = "none"
         shown = f", hit ratio {ratio:.0%}" if ratio is not None else ""
-        advice = f"written too often: {writes} writes for {reads} reads{shown}; each write drops its results"
+        advice = (
+            f"written too often: {_n(writes, 'write')} for {_n(reads, 'read')}{shown}; each write drops its results"
+        )
     elif lookups >= REUSE_MIN and (ratio or 0.0) < REUSE_RATIO:
         advice = f"its results are rarely reused (hit ratio {ratio or 0.0:.0%}): see its statements"
     elif reads >= HOT_READS and 0 < writes <= RARE_WRITES * reads:
         strategy, ttl = "write_through", LONG_TTL
-        advice = f"hot and rarely written ({writes} writes for {reads} reads): write-through keeps it warm"
+        advice = f"hot and rarely written ({_n(writes, 'write')} for {_n(reads, 'read')}): write-through keeps it warm"
     elif reads >= HOT_READS and writes == 0:
         strategy, ttl = "lazy", LONG_TTL
-        advice = f"hot and not written while observed ({reads} reads): a longer TTL"
+        advice = f"hot and not written while observed ({_n(reads, 'read')}): a longer TTL"
     elif reads < MIN_READS:
         advice = "too few reads to say"
     else:
@@ -269,6 +271,10 @@ def _pattern(table: str) -> str:
     if table == table.lower() and all(c.isalnum() or c in "_$" for c in table):
         return table
     return '"' + table.replace('"', '""') + '"'
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _short(text: str, limit: int = 80) -> str:
