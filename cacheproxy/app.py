@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING
 
+from cacheproxy.advice.report import current_advice
 from cacheproxy.config import Config, ConfigError, UpstreamConfig
 from cacheproxy.errors import CONFIG_FILE_ERROR, ProxyError, UpstreamError
 from cacheproxy.observability import logs
@@ -85,7 +86,9 @@ class App:
         self._snapshotter: asyncio.Task[None] | None = None
         admin = config.admin.listen
         self.admin = (
-            AdminServer(admin.host, admin.port, metrics=self.metrics, ready=self.ready, stats=self.stats)
+            AdminServer(
+                admin.host, admin.port, metrics=self.metrics, ready=self.ready, stats=self.stats, advice=self.advice
+            )
             if admin is not None
             else None
         )
@@ -146,6 +149,12 @@ class App:
         summary["upstream"] = self.config.upstream.masked_url()
         summary["rules"] = len(self.config.rules)
         return summary
+
+    def advice(self) -> dict[str, object]:
+        """/advice: the rule advisor's ranking and suggested rules for what this proxy has seen (cacheproxy/advice)."""
+        if self.cache is None:
+            return {"error": "the cache is disabled (cache.enabled: false)"}
+        return current_advice(self.cache.workload, self.cache.clock())
 
     async def stop(self, reason: str = "the proxy is shutting down") -> None:
         """Stop accepting, let in-flight work finish up to `shutdown.timeout`, then close everything."""

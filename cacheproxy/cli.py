@@ -1,4 +1,4 @@
-"""The `cacheproxy` command line: run, check-config, demo, snapshot inspect."""
+"""The `cacheproxy` command line: run, check-config, demo, advise, snapshot inspect."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start a throwaway PostgreSQL and the proxy, run a short workload")
     demo.add_argument("--queries", type=int, default=2000, help="queries per target (default 2000)")
     demo.add_argument("--config", "-c", help="YAML configuration for the proxy (rules, cache)")
+    advise = commands.add_parser(
+        "advise", help="suggest caching rules from the database's pg_stat_statements, before deploying the proxy"
+    )
+    advise.add_argument("--upstream", help="the database as a postgres:// URL (default: CACHEPROXY_UPSTREAM)")
+    advise.add_argument("--json", action="store_true", help="print the advice as JSON (as GET /advice does)")
     snapshot = commands.add_parser("snapshot", help="snapshot files").add_subparsers(dest="action", required=True)
     inspect = snapshot.add_parser("inspect", help="show a snapshot's header, entries per table, sizes and validity")
     inspect.add_argument("path", help="the snapshot file")
@@ -58,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.queries, args.config)
     if args.command == "snapshot":
         return _inspect_snapshot(args.path)
+    if args.command == "advise":
+        from cacheproxy.advice.cli import advise_command
+
+        return advise_command(args.upstream or os.environ.get("CACHEPROXY_UPSTREAM"), json_output=args.json)
     try:
         config = _load(args)
     except ConfigError as exc:

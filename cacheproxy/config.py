@@ -671,12 +671,40 @@ def _table(value: object) -> str:
 
 def _rule(value: object) -> Rule:
     if not isinstance(value, Mapping):
-        raise ValueError(f"must be a mapping with at least 'tables', got {_type(value)}")
+        raise ValueError(f"must be a mapping with 'tables' (or 'fingerprints', 'queryids'), got {_type(value)}")
     return _read(Rule, value)
 
 
-TABLES: Final = items(Kind(_table), "table names", required=True)
-RULES: Final = items(Kind(_rule, lambda rule: _render(rule)), "rules")
+_TABLE_LIST: Final = items(Kind(_table), "table names")
+# A lone string stands for a list of one; empty is allowed here (a statement rule), Rule.validate says when not.
+TABLES: Final = Kind(lambda value: _TABLE_LIST.parse([value] if isinstance(value, str) else value), _TABLE_LIST.show)
+
+
+def _show_rule(rule: Rule) -> dict[str, object]:
+    # A table rule renders as before statement rules existed; a statement rule without its empty `tables`.
+    shown = _render(rule)
+    for name in ("tables", "fingerprints", "queryids"):
+        if not shown[name]:
+            del shown[name]
+    return shown
+
+
+RULES: Final = items(Kind(_rule, lambda rule: _show_rule(rule)), "rules")
+
+
+# --- statement rules (issue 17): a rule may name statements instead of tables ----------------------
+
+
+def _statement_text(value: object) -> str:
+    # A fingerprint id as the proxy shows it (16 hex digits), or the statement's SQL (fingerprinted by the rules).
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a fingerprint (16 hex digits, as CACHEPROXY SHOW ADVICE shows) or SQL text, got "
+                         f"{_show(value)}")  # fmt: skip
+    return value.strip()
+
+
+FINGERPRINTS: Final = items(Kind(_statement_text), "statement fingerprints")
+QUERYIDS: Final = items(integer(-(2**63), 2**63 - 1), "pg_stat_statements queryids")
 
 
 # --- the keys -------------------------------------------------------------------------------------
@@ -911,15 +939,33 @@ class AuthConfig(_Section):
 
 @dataclass(frozen=True, slots=True)
 class Rule(_Section):
-    """A per-table caching rule. ``tables`` holds names or globs exactly as written (no case folding)."""
+    """A caching rule for tables, or for statements. ``tables`` holds names or globs exactly as written (no case
+    folding); ``fingerprints`` and ``queryids`` name statements instead (a rule names one kind or the other)."""
 
-    tables: tuple[str, ...] = field(metadata=_spec(TABLES))
+    tables: tuple[str, ...] = setting((), TABLES)
     ttl: float | None = setting(None, optional(duration(positive=True)))
     strategy: str = setting("lazy", choice("lazy", "write_through", "none"))
     in_transaction: str = setting("until_write", choice("never", "until_write", "always"))
+    fingerprints: tuple[str, ...] = setting((), FINGERPRINTS)
+    queryids: tuple[int, ...] = setting((), QUERYIDS)
     # Stale-if-error: while the upstream cannot be reached, results expired less than this long ago are served
     # (with a NOTICE). None (the default): nothing stale is ever served.
     stale_if_error: float | None = setting(None, optional(duration(positive=True)))
+
+    def validate(self) -> None:
+        statements = bool(self.fingerprints or self.queryids)
+        if not self.tables and not statements:
+            raise ConfigError(
+                f"must be a non-empty list of table names (or name statements with fingerprints or queryids), "
+                f"got {list(self.tables)}",
+                key="tables",
+            )
+        if self.tables and statements:
+            raise ConfigError("a rule names tables or statements, not both: make it two rules", key="tables")
+
+    @property
+    def names_statements(self) -> bool:
+        return bool(self.fingerprints or self.queryids)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -148,10 +148,12 @@ class Analyzer:
     def __len__(self) -> int:
         return len(self._memo)
 
-    def analyze(self, sql: str, backslash_quotes: bool = False) -> QueryInfo:
+    def analyze(self, sql: str, backslash_quotes: bool = False, *, key: str | None = None) -> QueryInfo:
+        """`key`: `fingerprint(sql)`, when the caller has it already."""
         if backslash_quotes:  # rare; the fingerprint lexes strings the standard way: not memoized
             return analyze(sql, backslash_quotes)
-        key = fingerprint(sql)
+        if key is None:
+            key = fingerprint(sql)
         info = self._memo.get(key)
         if info is not None:
             self._memo.move_to_end(key)

@@ -88,6 +88,9 @@ class Catalog:
     # Code a statement may run without naming it as a call (issue 14, item 2), from `with_hidden_code`. For each: the
     # name it is written by, and whether it may write (a function outside pg_catalog that is not immutable).
     hidden: HiddenCode = field(default_factory=lambda: HiddenCode())
+    # Statement fingerprint id -> pg_stat_statements queryid, for the queryids the rules name (read with the catalog:
+    # feeds/catalog_loader.py), so that those rules apply to the statements they name.
+    queryids: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(

@@ -140,6 +140,11 @@ class PgCluster:
         self.stop(mode)
         self.start_server()
 
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id (its backends are its children), or None when it is not running."""
+        return self._read_postmaster_pid()
+
     def is_running(self) -> bool:
         """Whether the postmaster we started is alive."""
         pid = self._read_postmaster_pid()

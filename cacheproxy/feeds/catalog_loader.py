@@ -8,6 +8,7 @@ cached, and a database whose catalog cannot be read is not cached at all (logged
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from cacheproxy.advice.queryids import read_queryids
 from cacheproxy.catalog.model import Catalog, HiddenCode, Relation
 from cacheproxy.config import UpstreamConfig
 from cacheproxy.upstream import control_connection
@@ -187,6 +189,8 @@ class CatalogLoader:
         self._stale: set[str] = set()
         self._ddl_epochs: dict[str, int] = {}  # bumped by mark_stale: a load that started before is not fresh
         self._versions = 0
+        # The pg_stat_statements queryids the rules name: resolved to statement ids with each load (issue 17).
+        self.queryids: frozenset[int] = frozenset()
 
     def get(self, database: str) -> Catalog | None:
         """The catalog to decide with, or None (not loaded yet, stale after DDL, or unreadable)."""
@@ -197,6 +201,10 @@ class CatalogLoader:
     def last_known(self, database: str) -> Catalog | None:
         """The newest catalog even if stale: for invalidation, where an older picture is still a useful superset."""
         return self._catalogs.get(database)
+
+    def loaded(self) -> list[str]:
+        """The databases whose catalog has been read."""
+        return list(self._catalogs)
 
     def ensure(self, database: str) -> asyncio.Task[Catalog | None] | None:
         """Start loading `database` if needed; return the task to wait on, or None when nothing is pending."""
@@ -281,11 +289,13 @@ class CatalogLoader:
                 hidden = hidden_code(
                     await conn.fetch(_HIDDEN_CODE), await conn.fetch(_WRITING_VIEWS), await conn.fetch(_COLUMNS)
                 )
+            queryids = await read_queryids(conn, database, self.queryids) if self.queryids else {}
         finally:
             await conn.close()
         self._versions += 1
         catalog = self._build(database, relations, inherits, cascades, functions)
-        return catalog.with_primary_keys((r[0], r[1], r[2]) for r in primary_keys).with_hidden_code(hidden)
+        catalog = catalog.with_primary_keys((r[0], r[1], r[2]) for r in primary_keys).with_hidden_code(hidden)
+        return dataclasses.replace(catalog, queryids=queryids) if queryids else catalog
 
     def _build(
         self,

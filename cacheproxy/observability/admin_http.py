@@ -124,6 +124,7 @@ class AdminServer:
         ready: Callable[[], Awaitable[tuple[bool, str]]],
         stats: Callable[[], dict[str, object]],
         read_timeout: float = READ_TIMEOUT,
+        advice: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -139,6 +140,8 @@ class AdminServer:
             "/readyz": self._readyz_route,
             "/stats": self._stats_route,
         }
+        if advice is not None:  # the rule advisor's advice as JSON (cacheproxy/advice)
+            self._routes["/advice"] = lambda: _json_route(advice)
 
     def add_routes(self, routes: dict[str, Callable[[], Awaitable[tuple[int, bytes, str]]]]) -> None:
         """More routes (the status page's: observability/status.py); each returns (status, body, content type)."""
@@ -247,6 +250,10 @@ class AdminServer:
 
     async def _stats_route(self) -> tuple[int, bytes, str]:
         return 200, orjson.dumps(self._stats()), _JSON
+
+
+async def _json_route(source: Callable[[], dict[str, object]]) -> tuple[int, bytes, str]:
+    return 200, orjson.dumps(source()), _JSON
 
 
 async def _read_head(reader: asyncio.StreamReader) -> bytes | BadRequest | None:

@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind, QueryInfo
 from cacheproxy.analysis.points import Operand, Point, read_point, write_point
 from cacheproxy.cache.entry import TableId, any_row, database_id, row_id
@@ -38,18 +39,30 @@ class Classified:
     catalog_version: int
     point: Point | None = None
     point_tables: frozenset[str] = frozenset()
+    statement: str | None = None  # its fingerprint id (advice/statements.py), as rules and advice name it
+    # Its counters for the advisor (advice/workload.py), shared by every text of its fingerprint: a hit adds one.
+    stats: StatementStats | None = None
 
 
 def classify(
-    sql: bytes, info: QueryInfo, catalog: Catalog | None, rules: RuleSet, *, points: bool = True
+    sql: bytes,
+    info: QueryInfo,
+    catalog: Catalog | None,
+    rules: RuleSet,
+    *,
+    points: bool = True,
+    statement: str | None = None,
+    stats: StatementStats | None = None,
 ) -> Classified:
     """Judge `info` (the analysis of `sql`) under `catalog` (None: not loaded, nothing is cacheable) and `rules`.
-    `points`: look for row-level points (read from `sql` as UTF-8 with standard strings)."""
-    verdict = judge_read(info, catalog, rules) if catalog is not None else NO_CATALOG
+    `points`: look for row-level points (read from `sql` as UTF-8 with standard strings); `statement`: its
+    fingerprint id, for statement rules; `stats`: its advisor counters, carried along."""
+    verdict = judge_read(info, catalog, rules, statement) if catalog is not None else NO_CATALOG
     version = catalog.version if catalog is not None else -1
     if not points:
-        return Classified(info, verdict, version)
-    return Classified(info, verdict, version, *_points(sql, info, verdict, catalog))
+        return Classified(info, verdict, version, statement=statement, stats=stats)
+    point, point_tables = _points(sql, info, verdict, catalog)
+    return Classified(info, verdict, version, point, point_tables, statement, stats)
 
 
 def _points(

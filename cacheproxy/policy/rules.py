@@ -1,7 +1,10 @@
-"""Per-table rules from the configuration: the first rule whose pattern matches a table decides for it.
+"""Rules from the configuration: per table (the first rule whose pattern matches a table decides for it) and per
+statement (a rule naming the statement's fingerprint id or pg_stat_statements queryid).
 
 A query over several tables takes the shortest TTL among them, the strictest `in_transaction`, the shortest
-`stale_if_error` (none if any table has none), and `strategy: none` on any of them wins.
+`stale_if_error` (none if any table has none), and `strategy: none` on any of them wins. A statement rule wins over
+all of that: its strategy, its TTL and `stale_if_error` (or, when it sets none, the tables'), and the stricter of its
+`in_transaction` and the tables'.
 Patterns follow SQL identifier rules: unquoted parts fold to lower case, "quoted" parts are exact; `*` and `?`
 are globs; a pattern without a schema matches the table name in every schema.
 """
@@ -13,6 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cacheproxy.advice.statements import statement_id
 from cacheproxy.config import Rule
 
 
@@ -74,6 +78,25 @@ class RuleSet:
         self.rules = rules
         self.default_ttl = default_ttl
         self._compiled = [[_compile(t) for t in rule.tables] for rule in rules]
+        # Statement id / queryid -> the first rule naming it.
+        self._statements: dict[str, int] = {}
+        self._queryids: dict[int, int] = {}
+        for index, rule in enumerate(rules):
+            for text in rule.fingerprints:
+                self._statements.setdefault(statement_id(text), index)
+            for queryid in rule.queryids:
+                self._queryids.setdefault(queryid, index)
+        self.queryids = frozenset(self._queryids)  # what the catalog loader looks up in pg_stat_statements
+
+    def statement_rule(self, statement: str | None, queryid: int | None = None) -> tuple[int, Rule, str] | None:
+        """The rule naming this statement (by fingerprint id first, then queryid): (index, rule, how it is named)."""
+        index = self._statements.get(statement) if statement is not None else None
+        if index is not None:
+            return index, self.rules[index], f"fingerprint {statement}"
+        index = self._queryids.get(queryid) if queryid is not None else None
+        if index is not None:
+            return index, self.rules[index], f"queryid {queryid}"
+        return None
 
     def match(self, schema: str, name: str) -> tuple[int, Rule] | None:
         """The first rule (index, rule) with a pattern matching the table, or None."""
@@ -83,7 +106,29 @@ class RuleSet:
                     return index, self.rules[index]
         return None
 
-    def decide(self, tables: Iterable[tuple[str, str]]) -> Decision:
+    def decide(
+        self, tables: Iterable[tuple[str, str]], statement: str | None = None, queryid: int | None = None
+    ) -> Decision:
+        """The decision for a result over `tables`; `statement` (its fingerprint id) and `queryid` (its
+        pg_stat_statements id, when the catalog knows it) pick a statement rule, which wins."""
+        by_tables = self._decide_tables(tables)
+        if not self._statements and not self._queryids:
+            return by_tables
+        found = self.statement_rule(statement, queryid)
+        if found is None:
+            return by_tables
+        index, rule, named = found
+        label = f"rules[{index}] ({named})"
+        if rule.strategy == "none":
+            return Decision(False, 0.0, "none", label, f"rule says strategy none for statement {statement}")
+        ttl = rule.ttl if rule.ttl is not None else (by_tables.ttl if by_tables.cacheable else self.default_ttl)
+        in_transaction = rule.in_transaction
+        if by_tables.cacheable and _STRICTNESS[by_tables.in_transaction] < _STRICTNESS[in_transaction]:
+            in_transaction = by_tables.in_transaction
+        stale = rule.stale_if_error if rule.stale_if_error is not None else by_tables.stale_if_error
+        return Decision(True, ttl, rule.strategy, label, in_transaction=in_transaction, stale_if_error=stale)
+
+    def _decide_tables(self, tables: Iterable[tuple[str, str]]) -> Decision:
         ttl, source, strategy = self.default_ttl, "cache.default_ttl", "lazy"
         in_transaction = "always"
         stale: float | None = None

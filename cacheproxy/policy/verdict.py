@@ -47,7 +47,8 @@ class WriteScope:
 NOTHING = WriteScope(frozenset(), False)
 
 
-def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict:
+def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet, statement: str | None = None) -> ReadVerdict:
+    """`statement`: the statement's fingerprint id (advice/statements.py), for the rules that name statements."""
     if info.kind is not Kind.READ:
         return ReadVerdict(False, info.reason or f"not a read ({info.kind.name.lower()})")
     if not info.cacheable:
@@ -78,7 +79,8 @@ def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet) -> ReadVerdict
     for column in sorted(info.time_casts):
         if not _time_safe(column, qualified, catalog):
             return ReadVerdict(False, f"casts {column} to a date/time type, and it may hold text such as 'now'")
-    decision = rules.decide(qualified)
+    queryid = catalog.queryids.get(statement) if statement is not None and catalog.queryids else None
+    decision = rules.decide(qualified, statement, queryid)
     if not decision.cacheable:
         return ReadVerdict(False, decision.reason, rule=decision.rule)
     return ReadVerdict(

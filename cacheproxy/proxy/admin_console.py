@@ -12,7 +12,10 @@ import logging
 import re
 from collections.abc import Sequence
 
+from cacheproxy.advice.advisor import advise
+from cacheproxy.advice.report import CONSOLE_COLUMNS, console_rows
 from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, base_table
+from cacheproxy.config import Rule
 from cacheproxy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, ProxyError
 from cacheproxy.policy.rules import parse_pattern
 from cacheproxy.protocol import messages as m
@@ -24,7 +27,7 @@ log = logging.getLogger("cacheproxy.admin")
 _PREFIX = re.compile(rb"^\s*cacheproxy\b", re.IGNORECASE)
 USAGE = (
     "CACHEPROXY SHOW STATS | SHOW CACHES [n] | SHOW RULES | EXPLAIN <query> | INVALIDATE TABLE <name> | FLUSH | RELOAD"
-    " | SNAPSHOT"
+    " | SNAPSHOT | SHOW ADVICE | RESET ADVICE"
 )
 
 
@@ -80,6 +83,14 @@ class AdminConsole:
             return m.command_complete(f"RELOAD {self._server.reload()}")
         if command == "SNAPSHOT":
             return self._snapshot()
+        if command == "SHOW ADVICE":  # the rule advisor (cacheproxy/advice)
+            service = self._cache()
+            rows = console_rows(advise(service.workload.observed(service.clock())))
+            return _table(CONSOLE_COLUMNS, rows, "SHOW")
+        if command == "RESET ADVICE":  # start observing afresh
+            service = self._cache()
+            service.workload.reset(service.clock())
+            return m.command_complete("RESET ADVICE")
         raise ProxyError(SYNTAX_ERROR, f"unknown CACHEPROXY command; use {USAGE}", severity="ERROR")
 
     def _snapshot(self) -> bytes:
@@ -120,7 +131,7 @@ class AdminConsole:
     def _rules(self) -> list[list[str | None]]:
         config = self._server.config
         rows: list[list[str | None]] = [
-            [str(i), ", ".join(r.tables), f"{r.ttl if r.ttl is not None else config.cache.default_ttl:g}s", r.strategy,
+            [str(i), _named(r), f"{r.ttl if r.ttl is not None else config.cache.default_ttl:g}s", r.strategy,
              r.in_transaction]
             for i, r in enumerate(config.rules)
         ]  # fmt: skip
@@ -136,6 +147,13 @@ class AdminConsole:
              f"{now - e.created_at:.1f}", f"{max(0.0, e.expires_at - now):.1f}", e.rule]
             for e in entries
         ]  # fmt: skip
+
+
+def _named(rule: Rule) -> str:
+    """What a rule names: its tables, or its statements (a statement rule)."""
+    if rule.tables:
+        return ", ".join(rule.tables)
+    return ", ".join([f"fingerprint {text}" for text in rule.fingerprints] + [f"queryid {q}" for q in rule.queryids])
 
 
 def _tables(entry: Entry) -> set[str]:

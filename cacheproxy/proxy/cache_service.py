@@ -20,6 +20,8 @@ from collections.abc import Hashable, Iterable
 from dataclasses import replace
 from typing import Any
 
+from cacheproxy.advice.statements import id_of, loose
+from cacheproxy.advice.workload import StatementStats, Workload
 from cacheproxy.analysis.analyzer import Analyzer, analyze_head
 from cacheproxy.analysis.fingerprint import fingerprint
 from cacheproxy.analysis.strings import backslash_quotes
@@ -60,9 +62,11 @@ class CacheService:
         self.analyzer = Analyzer(cache.analysis_cache_size)
         self.rules = RuleSet(config.rules, cache.default_ttl)
         self.catalogs = CatalogLoader(config.upstream, self.metrics.catalog_loaded)
+        self.catalogs.queryids = self.rules.queryids
         self.metrics.set_stats_source(self.engine.stats)
         self.max_entry_size = cache.max_entry_size
         self.clock = time.monotonic
+        self.workload = Workload(self.clock())  # per statement and table, for the advisor (cacheproxy/advice)
         # Exact statement text -> classification, per database: the hot path's one dict lookup.
         self._memo: OrderedDict[tuple[str, bytes, str], Classified] = OrderedDict()
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
@@ -120,19 +124,30 @@ class CacheService:
         if found is not None and found.catalog_version == version:
             self._memo.move_to_end(memo_key)
             return found
+        fingerprinted: str | None = None
         if len(sql) > MAX_ANALYZED_BYTES:
             head = sql[:1024].decode("utf-8", "replace")
             info = analyze_head(head, f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed")
+            fingerprinted = fingerprint(head)
         else:
             text = sql.decode("utf-8", "replace") if not strings else decode_sql(sql, strings)
             if text is None:
                 info = analyze_head("", "statement in a client encoding the proxy cannot decode", unknown=True)
             else:
-                info = self.analyzer.analyze(text, backslash_quotes(strings))
+                fingerprinted = fingerprint(text)
+                info = self.analyzer.analyze(text, backslash_quotes(strings), key=fingerprinted)
+        statement: str | None = None
+        stats: StatementStats | None = None
+        if fingerprinted is not None:
+            statement = id_of(fingerprinted)
+            stats = self.workload.statement(database, statement, loose(fingerprinted), _KINDS.get(info.kind.value,
+                                                                                                 "other"))  # fmt: skip
         # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
-        found = classify(sql, info, catalog, self.rules, points=not strings)
+        found = classify(sql, info, catalog, self.rules, points=not strings, statement=statement, stats=stats)
         if self.bypassed and found.verdict.cacheable:
             found = self._unless_bypassed(database, sql, found)
+        if stats is not None:
+            _describe(stats, found)
         if len(sql) <= _MEMO_MAX_STATEMENT:  # long statements are rare repeats, and would pin their text here
             self._memo[memo_key] = found
             if len(self._memo) > _CLASSIFY_MEMO:
@@ -160,6 +175,12 @@ class CacheService:
         self.write_through = any(rule.strategy == "write_through" for rule in config.rules)
         self.max_entry_size = config.cache.max_entry_size
         self._memo.clear()  # verdicts were judged under the old rules
+        if self.catalogs.queryids != self.rules.queryids:
+            # Rules naming other queryids: look them up again (statements are judged by the current catalog
+            # meanwhile).
+            self.catalogs.queryids = self.rules.queryids
+            for database in self.catalogs.loaded():
+                self.catalogs.reload(database)
         self.bypassed.clear()
         self.verifier.apply_config(config.verify)
         doomed: set[TableId] = set()
@@ -173,9 +194,12 @@ class CacheService:
 
     # -- observation -----------------------------------------------------------------------------------------
 
-    def observe_hit(self, tables: Iterable[str]) -> None:
-        """A read answered from the cache (its time is not measured: it is the cost of one write)."""
+    def observe_hit(self, tables: Iterable[str], stats: StatementStats | None = None) -> None:
+        """A read answered from the cache (its time is not measured: it is the cost of one write); `stats`: its
+        statement's advisor counters."""
         self.metrics.hit()
+        if stats is not None:
+            stats.hits += 1
         for table in tables:
             self.metrics.table_hit(table)
 
@@ -183,9 +207,14 @@ class CacheService:
         for table in tables:
             self.metrics.table_miss(table)
 
-    def observe(self, kind: str, outcome: str, seconds: float, sql: bytes = b"") -> None:
-        """One query done: counted by kind and outcome; logged when slower than `logging.slow_query`."""
+    def observe(
+        self, kind: str, outcome: str, seconds: float, sql: bytes = b"", stats: StatementStats | None = None
+    ) -> None:
+        """One query done: counted by kind and outcome (and, with `stats`, for its statement's advice); logged when
+        slower than `logging.slow_query`."""
         self.metrics.query(kind, outcome, seconds)
+        if stats is not None:
+            stats.completed(outcome, seconds)
         slow = self.config.logging.slow_query
         if slow is not None and seconds >= slow:
             text = sql[:500].decode("utf-8", "replace")
@@ -212,9 +241,12 @@ class CacheService:
             if counted:
                 self.database_flushes += 1
                 self.metrics.database_invalidated(scope.code)
+                self.workload.database_written(database)
             log.debug("database %r invalidated (%s): %d entries", database, scope.why, removed_count)
         elif scope.tables:
             self.engine.invalidate_tables([(database, name) for name in scope.tables], dropped)
+            if counted:
+                self.workload.written(database, {base_table(name) for name in scope.tables})
 
     def ignores(self, scope: WriteScope) -> bool:
         """`invalidation.unknown_writes: ignore`: statements whose writes cannot be known invalidate nothing."""
@@ -256,7 +288,9 @@ class CacheService:
             self._loading.append((database, invalidation))
         if invalidation.everything:
             self.engine.invalidate_database(database)
+            self.workload.database_written(database)
         elif invalidation.tables:
+            self.workload.written(database, {base_table(name) for name in invalidation.tables})
             # A row id ("t\x00<bucket>") is applied as such only where this proxy's entries of `t` carry row ids
             # too: its current catalog gives `t` a point key (a change of that needs DDL, which drops everything).
             # Otherwise, or without a catalog, the whole table.
@@ -550,3 +584,21 @@ class CacheService:
                 self.engine.sweep(self.clock(), _SWEEP_CHECKS)
             except Exception:  # a sweeper bug must not stop expiry forever, nor the proxy
                 log.exception("cache sweep failed")
+
+
+_KINDS = {"transaction": "tx"}  # analysis.model.Kind values -> the metrics' kind labels (the rest are the same)
+
+
+def _describe(stats: StatementStats, classified: Classified) -> None:
+    """What the advisor shows of a statement, from its latest classification (rules and catalog may change)."""
+    info, verdict = classified.info, classified.verdict
+    stats.kind = _KINDS.get(info.kind.value, info.kind.value)
+    if verdict.cacheable:
+        stats.tables = tuple(sorted(verdict.tables))
+    else:
+        stats.tables = tuple(sorted({name for _, name in (info.reads | info.writes) if name}))
+    stats.cacheable = verdict.cacheable and info.statement_count == 1
+    stats.reason = verdict.reason if not verdict.cacheable else None
+    stats.rule = verdict.rule
+    stats.ttl = verdict.ttl
+    stats.strategy = verdict.strategy if verdict.cacheable else "none"

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from random import random
 
+from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry
@@ -108,6 +109,10 @@ class CachingRelay:
         self._batch_bytes = 0
         self._waiting = False
         self._waited = False  # the message at the inbox head already waited once: do not wait again
+        # The statements `result` found in the batch being answered (their advisor hits, if it is answered here):
+        # the first in a slot, any others in a list (no call on the hot path: one Execute).
+        self._found: StatementStats | None = None
+        self._found_more: list[StatementStats | None] = []
         self.terminated = False
         self._released = False  # the message at the inbox head (a DROP DATABASE) already waited for a release
         service.attach(self.database)
@@ -237,7 +242,7 @@ class CachingRelay:
             entry = self._tier.get(key, started, count_miss=False)
             if entry is not None:
                 self._write_client(entry.value + self.tx.status.ready)
-                self.service.observe_hit(classified.verdict.tables)
+                self.service.observe_hit(classified.verdict.tables, classified.stats)
                 if self._verify.rate and random() < self._verify.rate:  # shadow verification (verify/verifier.py)
                     self._verify.offer(entry, self.tx)
                 return True
@@ -253,7 +258,8 @@ class CachingRelay:
             if self._statement_only_here(classified, out):
                 return True
             scope, changes_state = self.inflight.before_send(classified, sql, idle=not self.tracker.pending)
-        request = Request(scope, KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql)
+        request = Request(scope, KIND_LABELS[info.kind], "miss" if capture else "bypass", started, sql,
+                          stats=classified.stats)  # fmt: skip
         if changes_state:
             request.changes_state = True
             request.discards_all = info.session is not None and info.session.op == "discard_all"
@@ -394,6 +400,9 @@ class CachingRelay:
         # lives until the Sync, and is kept here until then (bound upstream if a forwarded message needs it).
         batch = self._batch
         idle = self.tx.status is IDLE
+        self._found = None
+        if self._found_more:
+            self._found_more.clear()
         if use == ANSWER and (batch[-1][0] == m.SYNC or idle or all(t != m.BIND for t, _ in batch)):
             try:
                 hot = local_answers.answer_hot(batch, self._statements, self.tx.status.ready, idle, self)
@@ -414,6 +423,13 @@ class CachingRelay:
                 executes = sum(1 for msg_type, _ in batch if msg_type == m.EXECUTE)
                 for _ in range(executes):
                     self.service.observe_hit(())
+                found = self._found  # the advisor's per-statement hits
+                if found is not None:
+                    found.hits += 1
+                if self._found_more:
+                    for stats in self._found_more:
+                        if stats is not None:
+                            stats.hits += 1
                 batch.clear()
                 self._batch_bytes = 0
                 return True
@@ -425,6 +441,9 @@ class CachingRelay:
         fit in the server's output buffer (8 kB), which it would not send before a Sync or Flush."""
         if self._cache_use() != ANSWER:
             return False
+        self._found = None
+        if self._found_more:
+            self._found_more.clear()
         try:
             answer = local_answers.answer_batch(
                 self._batch, self.registry, self.tx.status.ready, self.tx.status is IDLE, self, dry_run=True
@@ -462,7 +481,13 @@ class CachingRelay:
             return None  # a write, or a read not served here
         key = keys.execute_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), statement.query,
                                statement.param_types, arguments, max_rows)  # fmt: skip
-        return self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
+        entry = self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
+        if entry is not None:  # a hit for the advisor, if the batch is answered here
+            if self._found is None:
+                self._found = classified.stats
+            else:
+                self._found_more.append(classified.stats)
+        return entry
 
     def fill_in_flight(self, statement: Statement, arguments: bytes, max_rows: int) -> bool:
         """After a miss: wait (once) when another session is filling that very key."""

@@ -34,6 +34,7 @@ def explain_rows(
         ("reads", ", ".join(sorted(f"{s}.{n}" if s else n for s, n in info.reads))),
         ("depends_on", ", ".join(sorted(verdict.tables))),
         ("row_level", _row_level(classified)),
+        ("statement", classified.statement or ""),  # the fingerprint id a statement rule names it by
         ("rule", verdict.rule),
         ("ttl", f"{verdict.ttl:g}s" if verdict.cacheable else ""),
         ("strategy", verdict.strategy if verdict.cacheable else ""),

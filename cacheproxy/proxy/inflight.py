@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.lexer import names_time_word
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
@@ -282,9 +283,11 @@ class InFlight:
         on_done: WriteScope | None = None
         changes_state = discards_all = copy_from = False
         kind = "other"
+        stats: StatementStats | None = None
         if portal is not None and portal.statement.query:
             classified = self.service.classify(self.database, portal.statement.query, self.tx.strings)
             info = classified.info
+            stats = classified.stats
             copy_from = info.copy_from_stdin
             # Not after a write earlier in this batch (its reads see it uncommitted), nor a further Execute of a portal
             # (it continues the result where the last one stopped).
@@ -316,7 +319,7 @@ class InFlight:
             self.tx.sent_write()
         executed.add(execute.portal)
         query = portal.statement.query if portal is not None else b"<unknown portal>"
-        request = Request(on_done, kind, "miss" if capture else "bypass", self.service.clock(), query)
+        request = Request(on_done, kind, "miss" if capture else "bypass", self.service.clock(), query, stats=stats)
         request.changes_state, request.discards_all = changes_state, discards_all
         self.queue(Pending(Op.EXECUTE, capture=capture, on_done=request, copy_from=copy_from))
         out.append(message)
@@ -478,7 +481,9 @@ class InFlight:
                 self.after_write(request.scope)
             if request.changes_state and not pending.seen_error:
                 self.tx.state_changed(request.sql, discards_all=request.discards_all)
-            self.service.observe(request.kind, request.outcome, self.service.clock() - request.started, request.sql)
+            self.service.observe(
+                request.kind, request.outcome, self.service.clock() - request.started, request.sql, request.stats
+            )
         capture = pending.capture
         if isinstance(request, Described) and capture is not None:
             usable = not capture.failed and not pending.seen_error

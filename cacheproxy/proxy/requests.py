@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache.entry import TableId
 from cacheproxy.cache.keys import CacheKey
@@ -49,6 +50,7 @@ class Request:
     sql: bytes
     changes_state: bool = False  # a SET/RESET/DISCARD to record if it succeeds
     discards_all: bool = False  # ... and it is DISCARD ALL
+    stats: StatementStats | None = None  # its statement's advisor counters (advice/workload.py)
 
 
 @dataclass(slots=True)
