@@ -92,6 +92,7 @@ class Entry:
         "query",
         "rule",
         "size",
+        "stamp",
         "tables",
         "value",
     )
@@ -105,6 +106,7 @@ class Entry:
     hits: int
     query: str
     rule: str | None
+    stamp: object  # what a tier that checks generations at each hit keeps with the entry (workers/engine.py)
     _prev: Entry
     _next: Entry
 
@@ -129,6 +131,7 @@ class Entry:
         self.hits = 0
         self.query = query
         self.rule = rule
+        self.stamp = None
         # _prev / _next stay unset until a Shard links the entry.
 
     def expired(self, now: float) -> bool:
