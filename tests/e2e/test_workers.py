@@ -21,6 +21,7 @@ from psycopg import errors
 
 import cacheproxy
 from tests.e2e.helpers import CliProxy, Target, free_port, wait_active
+from tests.integration.test_consistency import _check, _create_kv_and_sequence, _run
 from tests.support.pgcluster import PgCluster
 
 WORKERS = {"workers": 2}
@@ -260,3 +261,20 @@ def test_metrics_sum_the_workers(
     per_worker = [samples[f'cacheproxy_worker_client_connections{{worker="{i}"}}'] for i in range(2)]
     assert per_worker == [len(by_worker[0]), len(by_worker[1])]
     assert samples[f'cacheproxy_info{{version="{cacheproxy.__version__}"}}'] == 1
+
+
+def test_no_stale_reads_under_concurrent_writes_across_workers(
+    pg: PgCluster, dbname: str, start_cli_proxy: Callable[..., CliProxy]
+) -> None:
+    """tests/integration/test_consistency.py's run (3 writers, 4 readers, simple / extended / in-transaction reads,
+    commits and rollbacks, for 6 s) through the two workers of one proxy: zero tolerance for a read older than a
+    write acknowledged before the read was sent, whichever worker each connection landed on."""
+    _create_kv_and_sequence(pg, dbname)
+    admin_port = free_port()
+    proxy = _start(start_cli_proxy, admin={**ADMIN, "listen": f"127.0.0.1:{admin_port}"}, cache={"default_ttl": "10m"})
+    summary = _check(_run(pg, dbname, [proxy], seed=7))  # type: ignore[list-item]
+    samples = _scrape(admin_port)
+    print(f"consistency across 2 workers: {summary}, hits {samples['cacheproxy_cache_hits_total']}")
+    assert summary["reads"] > 100 and summary["commits"] > 20 and summary["rollbacks"] > 0  # type: ignore[operator]
+    assert summary["cross_proxy_lagging_reads"] == 0
+    assert samples["cacheproxy_cache_hits_total"] > 0
