@@ -67,9 +67,9 @@ class SharedCacheEngine(CacheEngine):
         return entry
 
     def generations(self, tables: Iterable[TableId]) -> tuple[int, ...]:
-        """The shared stamp as a tuple: its sum, then the counter indices it reads."""
+        """The shared stamp as a tuple: the changes counter, the sum, then the counter indices it reads."""
         stamp = self._gens.stamp(tables)
-        return (stamp.total, *stamp.cells)
+        return (stamp.checked, stamp.total, *stamp.cells)
 
     def _admit(
         self,
@@ -83,12 +83,15 @@ class SharedCacheEngine(CacheEngine):
         generations: tuple[int, ...] | None,
     ) -> Entry | None:
         current = self.generations(tables)
-        if generations is not None and generations != current:
+        # (the changes counter, first, may have moved for other slots: only the sum over these slots must match)
+        if generations is not None and generations[1:] != current[1:]:
             return None
         entry = super()._admit(key, value, tables, ttl, now, query, rule, None)
         if entry is not None:
-            # Without `generations` (a snapshot being loaded), the entry is valid as of now.
-            entry.stamp = Stamp(current[1:], current[0])
+            # Without `generations` (a snapshot being loaded), the entry is valid as of now. Its stamp is the one
+            # taken before the query went upstream, which still matches.
+            taken = generations if generations is not None else current
+            entry.stamp = Stamp(taken[2:], taken[1], taken[0])
         return entry
 
     # -- invalidation: shared first, then this worker's memory, then the others' (asynchronously) -------------

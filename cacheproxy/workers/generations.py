@@ -32,22 +32,29 @@ from __future__ import annotations
 import mmap
 import zlib
 from collections.abc import Iterable
-from typing import NamedTuple
 
 from cacheproxy.cache.entry import TableId, database_id
 
 WORD = 8  # bytes per counter
 GLOBAL_SLOT = 0
+# Bumped after every other bump: while it has not moved since an entry was last checked, nothing was invalidated
+# anywhere, and the entry's own slots need not be read (a hit on a host with no writes reads N counters, not 4N).
+CHANGES_SLOT = 1
+FIRST_HASHED_SLOT = 2
 DEFAULT_SLOTS = 1 << 17  # 1 MiB per worker: collisions stay rare for about 10^4 hot dependency ids
 _SLOT_MEMO = 100_000  # dependency id -> slot indices, for the ids seen most; cleared whole when full
 
 
-class Stamp(NamedTuple):
+class Stamp:
     """What an entry was filled under: the counter indices to read (every worker's column of every slot it
-    depends on) and their sum then."""
+    depends on) and their sum then; and the changes counter when it was last found valid."""
 
-    cells: tuple[int, ...]
-    total: int
+    __slots__ = ("cells", "checked", "total")
+
+    def __init__(self, cells: tuple[int, ...], total: int, checked: int) -> None:
+        self.cells = cells
+        self.total = total
+        self.checked = checked
 
 
 def mapping_size(slots: int, writers: int) -> int:
@@ -62,11 +69,11 @@ def new_mapping(slots: int, writers: int) -> mmap.mmap:
 class SharedGenerations:
     """The counters as seen by one writer (worker `writer` of `writers`). Sans-IO: the buffer is given."""
 
-    __slots__ = ("_mask", "_memo", "_view", "slots", "writer", "writers")
+    __slots__ = ("_changes", "_mask", "_memo", "_view", "slots", "writer", "writers")
 
     def __init__(self, buffer: mmap.mmap | bytearray, *, slots: int, writers: int, writer: int) -> None:
-        if slots < 2 or slots & (slots - 1):
-            raise ValueError(f"slots must be a power of two >= 2, got {slots}")
+        if slots < 4 or slots & (slots - 1):
+            raise ValueError(f"slots must be a power of two >= 4, got {slots}")
         if not 0 <= writer < writers:
             raise ValueError(f"writer {writer} is not one of {writers}")
         if len(buffer) < mapping_size(slots, writers):
@@ -77,14 +84,17 @@ class SharedGenerations:
         self.writer = writer
         self._mask = slots - 1
         self._memo: dict[TableId, int] = {}
+        self._changes = tuple(range(CHANGES_SLOT * writers, CHANGES_SLOT * writers + writers))
 
     def slot(self, table: TableId) -> int:
-        """The slot of a dependency id (never the global slot)."""
+        """The slot of a dependency id (never the global or the changes slot)."""
         found = self._memo.get(table)
         if found is not None:
             return found
         data = f"{table[0]}\x00{table[1]}".encode("utf-8", "surrogateescape")
-        found = zlib.crc32(data) & self._mask or 1
+        found = zlib.crc32(data) & self._mask
+        if found < FIRST_HASHED_SLOT:
+            found += FIRST_HASHED_SLOT
         if len(self._memo) >= _SLOT_MEMO:
             self._memo.clear()
         self._memo[table] = found
@@ -100,14 +110,22 @@ class SharedGenerations:
 
     def stamp(self, tables: Iterable[TableId]) -> Stamp:
         """Take before the query goes upstream (and keep with the entry)."""
+        view = self._view
+        checked = sum(map(view.__getitem__, self._changes))  # first: a bump after this read is seen below or later
         writers = self.writers
         cells = tuple(slot * writers + column for slot in self.slots_of(tables) for column in range(writers))
-        view = self._view
-        return Stamp(cells, sum(map(view.__getitem__, cells)))
+        return Stamp(cells, sum(map(view.__getitem__, cells)), checked)
 
     def valid(self, stamp: Stamp) -> bool:
         """True when nothing `stamp` watches was bumped since it was taken."""
-        return sum(map(self._view.__getitem__, stamp.cells)) == stamp.total
+        view = self._view
+        changes = sum(map(view.__getitem__, self._changes))
+        if changes == stamp.checked:
+            return True
+        if sum(map(view.__getitem__, stamp.cells)) != stamp.total:
+            return False
+        stamp.checked = changes
+        return True
 
     def bump(self, tables: Iterable[TableId]) -> None:
         """Invalidate these dependency ids (a database's own id invalidates all of the database)."""
@@ -116,9 +134,17 @@ class SharedGenerations:
         for slot in {self.slot(table) for table in tables}:
             cell = slot * writers + column
             view[cell] += 1
+        self._changed()
 
     def bump_all(self) -> None:
         cell = GLOBAL_SLOT * self.writers + self.writer
+        self._view[cell] += 1
+        self._changed()
+
+    def _changed(self) -> None:
+        # After the slots: a reader that sees this counter unmoved may serve, as the bump is not complete yet
+        # (its writer has not released the reply that it protects).
+        cell = CHANGES_SLOT * self.writers + self.writer
         self._view[cell] += 1
 
     def generation(self, table: TableId) -> int:

@@ -79,11 +79,23 @@ def test_a_row_write_spares_other_buckets_but_not_the_table_s_other_reads() -> N
 
 
 def test_collisions_only_cost_misses() -> None:
-    """With two slots, every table shares one: a bump of any invalidates all (never the other way round)."""
-    a, b = _pair(slots=2)
-    stamps = [a.stamp([("db", f"t{i}")]) for i in range(20)]
-    b.bump([("db", "t0")])
-    assert not any(a.valid(stamp) for stamp in stamps)
+    """With 4 slots, tables share the two hashed ones: a bump invalidates every table of its slot, never less."""
+    a, b = _pair(slots=4)
+    tables = [("db", f"t{i}") for i in range(20)]
+    stamps = [a.stamp([table]) for table in tables]
+    b.bump([tables[0]])
+    assert [a.valid(stamp) for stamp in stamps] == [a.slot(tables[0]) not in a.slots_of([t]) for t in tables]
+    assert not a.valid(stamps[0])
+    assert {a.slot(table) for table in tables} == {2, 3}
+
+
+def test_an_unmoved_changes_counter_skips_the_slots() -> None:
+    a, b = _pair()
+    stamp = a.stamp([T])
+    a.bump([U])  # elsewhere: the changes counter moves, the full check finds T unchanged and remembers
+    assert a.valid(stamp) or a.slot(U) == a.slot(T)
+    b.bump([T])
+    assert not a.valid(stamp) and not a.valid(stamp)
 
 
 def test_counters_never_go_back_so_no_old_stamp_matches_again() -> None:
