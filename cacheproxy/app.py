@@ -29,8 +29,8 @@ _READY_TTL = 1.0
 _SNAPSHOT_RECHECK = 5.0
 # Settings that only a restart can change: a reload keeps their old values and says so.
 _GC_THRESHOLD = 50_000
-_RESTART_ONLY = ("listen", "upstream", "admin.listen", "tls", "cache.enabled", "cache.max_memory", "cache.shards")
-_RESTART_ONLY += ("server.workers",)  # the supervisor forks the workers once
+_RESTART_ONLY: tuple[str, ...] = ("listen", "upstream", "admin.listen", "tls", "cache.enabled", "cache.max_memory",
+                                  "cache.shards", "server.workers")  # fmt: skip
 
 
 class App:
