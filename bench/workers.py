@@ -77,7 +77,8 @@ def compare(bench: Bench, count: int, stoppers: list[Callable[[], None]]) -> Non
             for target in (direct, *hits):
                 _show(round_no, _measure(bench, "workers-hot", target, mode, hot_script, args.clients, args.seconds))
     mix = ["-f", f"{bench.scripts / 'hot.sql'}@9", "-f", f"{bench.scripts / 'write.sql'}@1"]
-    for target in lazy:  # reach the steady state of fills and invalidations before measuring
+    for target in lazy:  # every worker sees every key, then the steady state of fills and invalidations is reached
+        _warm_up(bench, target, args.mix_mode, hot_script, HOT_KEYS)
         _pgbench(bench.env, _run_args(target.port, args.mix_mode, args.clients, args.seconds, mix))
     for round_no in range(1, args.rounds + 1):
         for target in (direct, *lazy):

@@ -62,6 +62,8 @@ class WorkerApp(App):
         self.channel = PeerChannel(context.directory, index, count, self._on_peer_message, self._on_peer_request)
         self._outbox: list[Dropped] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.engine: SharedCacheEngine | None = None
         if self.cache is not None:
             cache = config.cache
@@ -106,6 +108,7 @@ class WorkerApp(App):
         log.info("worker %d of %d ready (pid %d)", self.index, self.context.count, os.getpid())
 
     async def stop(self, reason: str = "the proxy is shutting down") -> None:
+        self._stopping = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -124,9 +127,13 @@ class WorkerApp(App):
     # -- snapshots: worker 0 writes; every worker loads the file when it starts -----------------------------------
 
     async def snapshot_now(self) -> str:
-        if self.index != 0:
+        """Worker 0 writes; another worker asks it to (CACHEPROXY SNAPSHOT), except at its own shutdown."""
+        if self.index == 0:
+            return await super().snapshot_now()
+        if self._stopping or self.config.snapshot.path is None or not self.channel.send(0, {"k": "snapshot"}):
             raise SnapshotFailed(f"snapshots are written by worker 0 (this is worker {self.index})")
-        return await super().snapshot_now()
+        log.info("worker %d: asked worker 0 to write a snapshot", self.index)
+        return "asked worker 0"
 
     async def _snapshot_forever(self) -> None:
         if self.index == 0:
@@ -165,10 +172,18 @@ class WorkerApp(App):
         elif kind == "cancel":
             assert isinstance(self.proxy, WorkerProxyServer)
             self.proxy.cancel_from_peer(int(message["p"]), int(message["s"]))
+        elif kind == "snapshot" and self.index == 0 and not self._stopping:
+            task = asyncio.get_running_loop().create_task(self._snapshot_quietly())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif kind == "reload":
             log.info("worker %d: reloading the configuration (asked by worker %s)", self.index, message.get("from"))
             with contextlib.suppress(ProxyError):  # logged; the running configuration stays
                 self.reload()
+
+    async def _snapshot_quietly(self) -> None:
+        with contextlib.suppress(SnapshotFailed):  # logged and counted by snapshot_now
+            await self.snapshot_now()
 
     async def _on_peer_request(self, request: str) -> bytes:
         if request == "metrics":

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -278,3 +279,33 @@ def test_no_stale_reads_under_concurrent_writes_across_workers(
     assert summary["reads"] > 100 and summary["commits"] > 20 and summary["rollbacks"] > 0  # type: ignore[operator]
     assert summary["cross_proxy_lagging_reads"] == 0
     assert samples["cacheproxy_cache_hits_total"] > 0
+
+
+def test_snapshot_written_by_worker_0_warms_every_worker(
+    pg: PgCluster, dbname: str, start_cli_proxy: Callable[..., CliProxy], spread: Spread, tmp_path: Path
+) -> None:
+    pg.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 20);", dbname=dbname)
+    snapshot = {"path": str(tmp_path / "cache.snap")}
+    proxy = _start(start_cli_proxy, snapshot=snapshot)
+    by_worker = spread(proxy, 1)
+    for conns in by_worker.values():
+        for key in range(1, 21):
+            assert conns[0].execute("SELECT id FROM t WHERE id = %s", (key,)).fetchone() == (key,)
+    by_worker[1][0].execute("CACHEPROXY SNAPSHOT")  # on worker 1: worker 0 writes it
+    proxy.wait_for_log("worker 1: asked worker 0 to write a snapshot")
+    proxy.wait_for_log("snapshot written to")
+    for conns in by_worker.values():
+        conns[0].close()
+    assert proxy.stop() == 0
+    admin_port = free_port()
+    again = _start(start_cli_proxy, snapshot=snapshot, admin={**ADMIN, "listen": f"127.0.0.1:{admin_port}"})
+    assert _scrape(admin_port)["cacheproxy_snapshot_entries_loaded_total"] >= 2 * 20  # every worker loaded it
+    with ExitStack() as stack:
+        conns = [stack.enter_context(_connect(again, pg, dbname)) for _ in range(8)]
+        assert {_worker(conn) for conn in conns} == {0, 1}
+        for conn in conns:
+            for key in range(1, 21):
+                assert conn.execute("SELECT id FROM t WHERE id = %s", (key,)).fetchone() == (key,)
+    samples = _scrape(admin_port)
+    assert samples["cacheproxy_cache_misses_total"] == 0
+    assert samples["cacheproxy_cache_hits_total"] == 8 * 20
