@@ -51,6 +51,13 @@ def reserve_listen(config: Config) -> tuple[Config, socket.socket]:
     family, kind, proto, _, address = socket.getaddrinfo(
         listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    # First without SO_REUSEPORT: a port another process holds, even one of its own SO_REUSEPORT group (another
+    # cacheproxy with workers), must refuse the start as it does for a single process, not be silently shared.
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        probe.listen(1)
+        address = (address[0], probe.getsockname()[1], *address[2:])
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

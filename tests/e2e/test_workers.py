@@ -10,6 +10,9 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,7 +24,7 @@ import pytest
 from psycopg import errors
 
 import cacheproxy
-from tests.e2e.helpers import CliProxy, Target, free_port, wait_active
+from tests.e2e.helpers import REPO_ROOT, CliProxy, Target, free_port, proxy_env, wait_active
 from tests.integration.test_consistency import _check, _create_kv_and_sequence, _run
 from tests.support.pgcluster import PgCluster
 
@@ -309,3 +312,33 @@ def test_snapshot_written_by_worker_0_warms_every_worker(
     samples = _scrape(admin_port)
     assert samples["cacheproxy_cache_misses_total"] == 0
     assert samples["cacheproxy_cache_hits_total"] == 8 * 20
+
+
+def test_port_in_use_exits_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "workers.yaml"
+        config.write_text(f"listen: 127.0.0.1:{port}\nupstream: postgres://u@127.0.0.1:1/d\nserver:\n  workers: 2\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "cacheproxy", "run", "--config", str(config), "--admin-listen", "off"],
+            capture_output=True, text=True, timeout=60, env=proxy_env(), cwd=REPO_ROOT,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "cannot start" in result.stderr and "address already in use" in result.stderr.lower()
+
+
+def test_a_second_proxy_with_workers_cannot_share_the_port(
+    start_cli_proxy: Callable[..., CliProxy], tmp_path: Path
+) -> None:
+    proxy = _start(start_cli_proxy)
+    config = tmp_path / "second.yaml"
+    config.write_text(f"listen: 127.0.0.1:{proxy.port}\nupstream: postgres://u@127.0.0.1:1/d\nserver:\n  workers: 2\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "cacheproxy", "run", "--config", str(config), "--admin-listen", "off"],
+        capture_output=True, text=True, timeout=60, env=proxy_env(), cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "address already in use" in result.stderr.lower()
