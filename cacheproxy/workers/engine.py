@@ -14,7 +14,6 @@ entry found stale at a hit is dropped then.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
-from typing import cast
 
 from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import Entry, TableId, database_id
@@ -27,7 +26,7 @@ Dropped = tuple[str, str, tuple[str, ...]]
 class SharedCacheEngine(CacheEngine):
     """A CacheEngine whose generations are the host's shared ones (see the module docstring)."""
 
-    __slots__ = ("_gens", "_notify", "stale_hits")
+    __slots__ = ("_changes", "_gens", "_notify", "stale_hits")
 
     def __init__(
         self,
@@ -40,6 +39,7 @@ class SharedCacheEngine(CacheEngine):
     ) -> None:
         super().__init__(max_memory=max_memory, max_entry_size=max_entry_size, shards=shards)
         self._gens = generations
+        self._changes = generations.changes
         self._notify = notify
         self.stale_hits = 0  # entries found invalidated (by another worker) at a lookup, and dropped then
 
@@ -50,12 +50,14 @@ class SharedCacheEngine(CacheEngine):
     # -- lookups and fills --------------------------------------------------------------------------------------
 
     def get(self, key: Hashable, now: float, *, count_miss: bool = True, count_hit: bool = True) -> Entry | None:
-        shard = self.shard_for(key)
+        # The hot path: while the host's changes counter has not moved since the entry was last found valid,
+        # nothing was invalidated anywhere and its slots are not read (valid() does the rest).
+        shard = self._shards[hash(key) & self._mask]
         entry = shard.get(key, now, count_miss=count_miss, count_hit=False)
         if entry is None:
             return None
-        stamp = entry.stamp
-        if stamp is not None and not self._gens.valid(cast(Stamp, stamp)):
+        stamp: Stamp | None = entry.stamp  # type: ignore[assignment]
+        if stamp is not None and sum(self._changes) != stamp.checked and not self._gens.valid(stamp):
             shard.remove(key)
             shard.invalidations += 1
             self.stale_hits += 1
@@ -63,7 +65,8 @@ class SharedCacheEngine(CacheEngine):
                 shard.misses += 1
             return None
         if count_hit:
-            shard.count(entry)
+            entry.hits += 1
+            shard.hits += 1
         return entry
 
     def generations(self, tables: Iterable[TableId]) -> tuple[int, ...]:
