@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import mmap
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from operator import itemgetter
 
 from cacheproxy.cache.entry import TableId, database_id
 
@@ -49,12 +50,22 @@ class Stamp:
     """What an entry was filled under: the counter indices to read (every worker's column of every slot it
     depends on) and their sum then; and the changes counter when it was last found valid."""
 
-    __slots__ = ("cells", "checked", "total")
+    __slots__ = ("cells", "checked", "read", "total")
 
     def __init__(self, cells: tuple[int, ...], total: int, checked: int) -> None:
         self.cells = cells
         self.total = total
         self.checked = checked
+        self.read = _reader(cells)  # the counters' values in one C call (itemgetter), not one call per counter
+
+
+def _reader(cells: tuple[int, ...]) -> Callable[[memoryview], tuple[int, ...]]:
+    """itemgetter over `cells`, always returning a tuple (itemgetter of one item returns the item itself)."""
+    if len(cells) == 1:
+        cell = cells[0]
+        return lambda view: (view[cell],)
+    getter: Callable[[memoryview], tuple[int, ...]] = itemgetter(*cells)
+    return getter
 
 
 def mapping_size(slots: int, writers: int) -> int:
@@ -69,7 +80,7 @@ def new_mapping(slots: int, writers: int) -> mmap.mmap:
 class SharedGenerations:
     """The counters as seen by one writer (worker `writer` of `writers`). Sans-IO: the buffer is given."""
 
-    __slots__ = ("_changes", "_mask", "_memo", "_view", "slots", "writer", "writers")
+    __slots__ = ("_changes", "_mask", "_memo", "_read_changes", "_view", "slots", "writer", "writers")
 
     def __init__(self, buffer: mmap.mmap | bytearray, *, slots: int, writers: int, writer: int) -> None:
         if slots < 4 or slots & (slots - 1):
@@ -85,6 +96,7 @@ class SharedGenerations:
         self._mask = slots - 1
         self._memo: dict[TableId, int] = {}
         self._changes = tuple(range(CHANGES_SLOT * writers, CHANGES_SLOT * writers + writers))
+        self._read_changes = _reader(self._changes)
 
     def slot(self, table: TableId) -> int:
         """The slot of a dependency id (never the global or the changes slot)."""
@@ -111,10 +123,12 @@ class SharedGenerations:
     def stamp(self, tables: Iterable[TableId]) -> Stamp:
         """Take before the query goes upstream (and keep with the entry)."""
         view = self._view
-        checked = sum(map(view.__getitem__, self._changes))  # first: a bump after this read is seen below or later
+        checked = sum(self._read_changes(view))  # first: a bump after this read is seen below or later
         writers = self.writers
         cells = tuple(slot * writers + column for slot in self.slots_of(tables) for column in range(writers))
-        return Stamp(cells, sum(map(view.__getitem__, cells)), checked)
+        stamp = Stamp(cells, 0, checked)
+        stamp.total = sum(stamp.read(view))
+        return stamp
 
     @property
     def changes(self) -> memoryview:
@@ -125,10 +139,10 @@ class SharedGenerations:
     def valid(self, stamp: Stamp) -> bool:
         """True when nothing `stamp` watches was bumped since it was taken."""
         view = self._view
-        changes = sum(map(view.__getitem__, self._changes))
+        changes = sum(self._read_changes(view))
         if changes == stamp.checked:
             return True
-        if sum(map(view.__getitem__, stamp.cells)) != stamp.total:
+        if sum(stamp.read(view)) != stamp.total:
             return False
         stamp.checked = changes
         return True
