@@ -67,7 +67,8 @@ class WorkerApp(App):
         self.engine: SharedCacheEngine | None = None
         if self.cache is not None:
             cache = config.cache
-            generations = SharedGenerations(context.generations, slots=context.slots, writers=count, writer=index)
+            # (one column more than workers: the supervisor's, see supervisor._reap)
+            generations = SharedGenerations(context.generations, slots=context.slots, writers=count + 1, writer=index)
             # cache.max_memory is the host's budget: each worker gets its share.
             self.engine = SharedCacheEngine(
                 max_memory=max(cache.max_memory // count, cache.shards),

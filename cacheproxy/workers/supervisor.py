@@ -34,7 +34,7 @@ from dataclasses import replace
 
 from cacheproxy.config import Address, Config
 from cacheproxy.workers.control import Field, WorkerTable, new_table
-from cacheproxy.workers.generations import DEFAULT_SLOTS, new_mapping
+from cacheproxy.workers.generations import DEFAULT_SLOTS, SharedGenerations, new_mapping
 
 log = logging.getLogger("cacheproxy.workers")
 
@@ -81,7 +81,9 @@ class Supervisor:
         self.count = count
         self.directory = directory
         self.slots = DEFAULT_SLOTS
-        self.generations = new_mapping(self.slots, count)
+        # One column per worker, and one for the supervisor itself (see _reap).
+        self.generations = new_mapping(self.slots, count + 1)
+        self._own = SharedGenerations(self.generations, slots=self.slots, writers=count + 1, writer=count)
         self.table_buffer = new_table(count)
         self.table = WorkerTable(self.table_buffer, count)
         self.pid = os.getpid()
@@ -162,6 +164,10 @@ class Supervisor:
             self.table.set(index, Field.CLIENTS, 0)
             if self._stopping:
                 continue
+            # A worker that died may have had a COMMIT on its way: committed upstream, but its last invalidation
+            # (the one after the commit) never made. Entries the others filled since its first one would then
+            # outlive the write: invalidate everything, once, to be exact (every worker refills).
+            self._own.bump_all()
             if not self._ever_ready:
                 self._failures += 1
             lived = time.monotonic() - self._started[index]

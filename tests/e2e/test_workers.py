@@ -53,6 +53,11 @@ def _worker(conn: Conn) -> int:
     return int(str(rows["worker"]))
 
 
+def _stat(conn: Conn, name: str) -> int:
+    """A counter of CACHEPROXY SHOW STATS: the answering worker's own."""
+    return int(str(dict(conn.execute("CACHEPROXY SHOW STATS").fetchall())[name]))
+
+
 def _workers(conn: Conn) -> list[tuple[object, ...]]:
     return conn.execute("CACHEPROXY SHOW WORKERS").fetchall()
 
@@ -172,6 +177,8 @@ def test_killed_worker_is_restarted(
     proxy = _start(start_cli_proxy)
     by_worker = spread(proxy, 1)
     survivor = by_worker[0][0]
+    for _ in range(2):  # cached on the survivor
+        survivor.execute("SELECT v FROM kv WHERE k = 1").fetchone()
     victim = int(str(_workers(survivor)[1][1]))
     os.kill(victim, signal.SIGKILL)
     proxy.wait_for_log(f"worker 1 (pid {victim}) was killed by SIGKILL", timeout=10)
@@ -184,6 +191,10 @@ def test_killed_worker_is_restarted(
         assert time.monotonic() < deadline, rows
         time.sleep(0.1)
     assert survivor.execute("select 1").fetchone() == (1,)
+    # The dead worker may have died between a COMMIT and its invalidation: the supervisor invalidated everything.
+    misses = _stat(survivor, "misses")
+    survivor.execute("SELECT v FROM kv WHERE k = 1").fetchone()
+    assert _stat(survivor, "misses") == misses + 1
     # The restarted worker serves, and read-your-writes holds across the restart.
     with ExitStack() as stack:
         fresh = [stack.enter_context(_connect(proxy, pg, dbname)) for _ in range(12)]
