@@ -40,7 +40,7 @@ Spread = Callable[[CliProxy, int], dict[int, list[Conn]]]
 def _start(start_cli_proxy: Callable[..., CliProxy], **sections: object) -> CliProxy:
     proxy = start_cli_proxy(server=WORKERS, **{"admin": ADMIN, "invalidation": NO_BUS, **sections})
     for index in range(2):
-        proxy.wait_for_log(f"worker {index} of 2 ready", timeout=20)
+        proxy.wait_for_log(f"worker {index} of 2 ready", timeout=40)
     return proxy
 
 
