@@ -13,6 +13,8 @@ import math
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import orjson
+
 from cacheproxy.observability.admin_http import AdminServer
 from cacheproxy.observability.metrics import CONTENT_TYPE
 from cacheproxy.workers.control import WorkerTable
@@ -77,7 +79,7 @@ def worker_families(table: WorkerTable, reporting: int) -> str:
 
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum /stats summaries: numbers add up, lists are joined (unique, sorted), other values are the first's."""
-    merged = _merge([part for part in parts])
+    merged = _merge(parts)
     assert isinstance(merged, dict)
     cache = merged.get("cache")
     if isinstance(cache, dict):
@@ -130,8 +132,6 @@ class WorkersAdminServer(AdminServer):
         return 200, body.encode(), CONTENT_TYPE
 
     async def _stats_route(self) -> tuple[int, bytes, str]:
-        import orjson
-
         answers = await self._gather("stats")
         merged = merge_stats([orjson.loads(answer) for answer in answers])
         merged["workers"] = [

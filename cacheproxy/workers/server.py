@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -124,8 +125,6 @@ class WorkerAdminConsole(AdminConsole):
         return rows + super()._stats()
 
     def _workers(self) -> list[list[str | None]]:
-        import time
-
         now_ms = int(time.time() * 1000)
         return [
             [str(row.index), str(row.pid), str(row.restarts), str(row.clients), str(row.clients_total),
