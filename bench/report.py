@@ -151,6 +151,8 @@ SECTION_TITLES = {
     "single": "Single client (-c 1): per-transaction latency from pgbench --log",
     "expensive": "Expensive read: an aggregate with a join over pgbench_accounts",
     "mix": "90/10 read/write mix on the hot keys (reads as above; writes UPDATE pgbench_accounts)",
+    "workers-hot": "Hot reads with 1 and with N worker processes (server.workers)",
+    "workers-mix": "90/10 mix with 1 and with N worker processes (server.workers, lazy rule)",
 }
 
 CSV_COLUMNS = (

@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         _hot_and_single(bench, targets)
         _expensive(bench, targets["direct"], targets["cacheproxy hits"])
         _mix(bench, targets)
+        if args.workers:
+            from bench.workers import compare  # (bench.workers builds on this module)
+
+            compare(bench, args.workers, stoppers)
         _memory_notes(bench, targets)
         if args.profile:
             _profile(bench, targets["cacheproxy hits"], Path(args.profile))
@@ -146,6 +150,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default="bench/results", help="where latest.md and latest.csv go")
     parser.add_argument("--profile", metavar="DIR", help="also profile the hit path with py-spy into DIR")
+    parser.add_argument(
+        "--workers", type=int, default=0, metavar="N", help="also compare cacheproxy with 1 and N worker processes"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds, args.single_seconds = 1, 2, 2

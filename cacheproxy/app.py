@@ -45,6 +45,7 @@ _RESTART_ONLY = (
     "cache.max_memory",
     "cache.shards",
     "failover.reattach_concurrency",
+    "server.workers",
 )
 
 

@@ -93,6 +93,11 @@ def _inspect_snapshot(path: str) -> int:
 
 
 def _run(config: Config, load_config: Callable[[], Config]) -> int:
+    workers = config.server.worker_count(os.cpu_count())
+    if workers > 1:
+        from cacheproxy.workers.supervisor import run_supervisor
+
+        return run_supervisor(config, load_config, workers)
     from cacheproxy.app import App, new_event_loop
 
     async def serve() -> None:

@@ -968,6 +968,37 @@ class Rule(_Section):
         return bool(self.fingerprints or self.queryids)
 
 
+# --- server.workers (cacheproxy/workers): several processes serving one listen address ---------------
+
+MAX_WORKERS: Final = 64
+# `auto` never starts more than this many workers: past it, the shared invalidation channel and the per-worker
+# caches cost more than the cores give (and a sidecar's pod rarely has more).
+AUTO_WORKERS_CAP: Final = 8
+
+
+def _workers(value: object) -> int:
+    """A worker count, or `auto` (stored as 0: resolved to the CPU count when the proxy starts)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    return integer(1, MAX_WORKERS).parse(value)
+
+
+WORKERS: Final = Kind(_workers, lambda value: "auto" if value == 0 else value)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig(_Section):
+    """How the proxy uses the host's cores."""
+
+    workers: int = setting(1, WORKERS)  # 0: auto
+
+    def worker_count(self, cpus: int | None) -> int:
+        """The number of worker processes to run: `workers`, or for auto the CPU count capped at 8."""
+        if self.workers:
+            return self.workers
+        return max(1, min(cpus or 1, AUTO_WORKERS_CAP))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config(_Section):
     """The whole, validated configuration. ``source`` is the file it was read from, if any."""
@@ -986,6 +1017,7 @@ class Config(_Section):
     auth: AuthConfig = section(AuthConfig)
     verify: VerifyConfig = section(VerifyConfig)
     failover: FailoverConfig = section(FailoverConfig)
+    server: ServerConfig = section(ServerConfig)
     rules: tuple[Rule, ...] = setting((), RULES)
     source: str | None = None  # not a key
 

@@ -94,6 +94,7 @@ class Entry:
         "size",
         "stale_for",
         "stale_until",
+        "stamp",
         "tables",
         "value",
     )
@@ -109,6 +110,7 @@ class Entry:
     rule: str | None
     stale_for: float
     stale_until: float
+    stamp: object  # what a tier that checks generations at each hit keeps with the entry (workers/engine.py)
     _prev: Entry
     _next: Entry
 
@@ -138,6 +140,7 @@ class Entry:
         # cannot be reached (get_stale); never by `get`.
         self.stale_for = stale_for
         self.stale_until = expires_at + stale_for
+        self.stamp = None
         # _prev / _next stay unset until a Shard links the entry.
 
     def expired(self, now: float) -> bool:

@@ -113,6 +113,13 @@ class CacheService:
                 lambda: float(sum(listener.lag_bytes for listener in self._replication.values()))
             )
 
+    def use_engine(self, engine: CacheEngine) -> None:
+        """Serve from `engine` instead (before the service starts): a worker's, whose generations are shared with
+        the other workers of the host (cacheproxy/workers)."""
+        self.engine = engine
+        self.tier = engine
+        self.metrics.set_stats_source(engine.stats)
+
     # -- classification --------------------------------------------------------------------------------------
 
     def classify(self, database: str, sql: bytes, strings: str = "") -> Classified:

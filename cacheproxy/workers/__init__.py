@@ -1,0 +1,1 @@
+"""Several worker processes serving one listen address, with one cache and invalidation (see supervisor.py)."""
