@@ -68,6 +68,7 @@ class App:
         log.info("upstream %s", self.config.upstream.masked_url())
         if self.cache is not None:
             self.cache.start()
+            await self.cache.start_shared()
             await self._load_snapshot()
         await self.proxy.start()
         if self.cache is not None and self.config.snapshot.path is not None:
@@ -104,6 +105,8 @@ class App:
         summary = self.metrics.snapshot()
         summary["upstream"] = self.config.upstream.masked_url()
         summary["rules"] = len(self.config.rules)
+        if self.cache is not None and self.cache.shared is not None:
+            summary["shared_tier"] = self.cache.shared.stats()
         return summary
 
     async def stop(self, reason: str = "the proxy is shutting down") -> None:

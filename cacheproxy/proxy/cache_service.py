@@ -23,7 +23,8 @@ from cacheproxy.analysis.analyzer import Analyzer, analyze_head
 from cacheproxy.analysis.strings import backslash_quotes
 from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
-from cacheproxy.cache.entry import Entry, TableId, base_table
+from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, TableId, base_table
+from cacheproxy.cache.shared_tier import SharedTier
 from cacheproxy.cache.tier import CacheTier
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import Config
@@ -31,6 +32,7 @@ from cacheproxy.feeds.bus import Invalidation, InvalidationBus
 from cacheproxy.feeds.catalog_loader import CatalogLoader
 from cacheproxy.feeds.replication import ReplicationListener
 from cacheproxy.observability.metrics import Metrics
+from cacheproxy.observability.shared_metrics import SharedCollector
 from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify
 from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import WriteScope
@@ -57,6 +59,10 @@ class CacheService:
         self.analyzer = Analyzer(cache.analysis_cache_size)
         self.rules = RuleSet(config.rules, cache.default_ttl)
         self.catalogs = CatalogLoader(config.upstream, self.metrics.catalog_loaded)
+        # The shared tier behind this one (Redis / Valkey), when configured: see shared_tier.py.
+        self.shared = SharedTier(cache.shared, self.tier, time.monotonic) if cache.shared.url else None
+        if self.shared is not None:
+            self.metrics.registry.register(SharedCollector(self.shared))
         self.metrics.set_stats_source(self.engine.stats)
         self.max_entry_size = cache.max_entry_size
         self.clock = time.monotonic
@@ -224,6 +230,29 @@ class CacheService:
         if merged.tables or merged.everything or merged.settings:
             self.bus.publish(database, merged)
 
+    def bump_shared(self, database: str, scopes: Iterable[WriteScope]) -> asyncio.Task[Any] | None:
+        """Committed writes of this proxy's session are about to be acknowledged: bump their generations in the
+        shared tier (the task to wait for first; None when there is nothing to wait for)."""
+        if self.shared is None:
+            return None
+        names: set[str] = set()
+        everything = False
+        for scope in scopes:
+            if not self.ignores(scope):
+                everything = everything or scope.everything
+                names.update(scope.tables)
+        if not names and not everything:
+            return None
+        return self.shared.bump(database, names, everything=everything)
+
+    def flush_shared(self, database: str | None = None) -> None:
+        """CACHEPROXY FLUSH (every database this proxy has served) or a database's invalidation, in the shared tier:
+        bumping a database's own generation makes every entry of it stale (no KEYS, no FLUSHALL)."""
+        if self.shared is None:
+            return
+        for name in [database] if database is not None else sorted(set(self._sessions) | set(self._down)):
+            self.shared.bump(name, (WHOLE_DATABASE,))
+
     def apply_remote(self, database: str, invalidation: Invalidation) -> None:
         """Another proxy's clients (or, with replication on, anyone) committed a write."""
         self.metrics.bus_message("received")
@@ -368,7 +397,10 @@ class CacheService:
 
     def _replicated(self, database: str, tables: frozenset[tuple[str, str]], _lsn: int) -> None:
         """A transaction committed anywhere (this proxy's own included: invalidating twice is merely safe)."""
-        self.apply_remote(database, Invalidation(frozenset(name for _, name in tables)))
+        names = frozenset(name for _, name in tables)
+        self.apply_remote(database, Invalidation(names))
+        if self.shared is not None:  # writes that bypass every sidecar: nobody else bumps them
+            self.shared.bump(database, names)
 
     def _set_down(self, database: str, feed: str, reason: str | None) -> None:
         """Record why `feed` of `database` is not up (None: it is up); `blind` is derived here, and only here."""
@@ -389,6 +421,8 @@ class CacheService:
             if (database, feed) in self._fed:
                 # Back after a loss: whatever was committed meanwhile is unknown.
                 self.engine.invalidate_database(database)
+                if feed == "replication" and self.shared is not None:  # (writes no sidecar bumped may be among it)
+                    self.shared.bump(database, (), everything=True)
             self._fed.add((database, feed))
             self._set_down(database, feed, None)
         else:
@@ -465,6 +499,20 @@ class CacheService:
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="cache-sweeper")
 
+    async def start_shared(self) -> None:
+        """Connect the shared tier, if any, and learn its namespace (the upstream cluster's system identifier)."""
+        if self.shared is None:
+            return
+        upstream = self.config.upstream
+
+        async def system_id() -> str:
+            from cacheproxy.snapshot.evidence import read_cluster  # (asyncpg control connection, as snapshots do)
+
+            async with asyncio.timeout(10.0):
+                return (await read_cluster(upstream, upstream.database or "postgres")).system_identifier
+
+        await self.shared.start(system_id)
+
     async def stop(self) -> None:
         for timer in self._idle_timers.values():
             timer.cancel()
@@ -479,6 +527,8 @@ class CacheService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.catalogs.close()
+        if self.shared is not None:
+            await self.shared.close()
 
     async def _sweep_forever(self) -> None:
         while True:

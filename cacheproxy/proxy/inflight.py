@@ -69,6 +69,10 @@ class InFlight:
         self.leading: set[CacheKey] = set()  # keys whose single-flight slot this session holds
         self.stale: list[Entry] = []  # entries this session's writes removed: refreshed once committed
         self.drained: asyncio.Future[None] | None = None  # set when nothing is pending any more (someone waits)
+        # Shared tier (cache/shared_tier.py): generation bumps of committed writes not yet made, and the client's
+        # bytes held until they are (a commit is acknowledged only once every sidecar would see it).
+        self._bumps: list[asyncio.Task[object]] = []
+        self._held: list[bytes] | None = None
 
     def cache_use(self) -> int:
         """The one decision of whether this session may use the cache now (per statement, `tx.may_read` adds what
@@ -109,6 +113,7 @@ class InFlight:
             for scope in unknown:
                 self.service.invalidate(self.database, scope, counted=False)
             self.service.publish(self.database, unknown)
+            self.service.bump_shared(self.database, unknown)
             self.tx.writes.clear()
 
     # -- before a request goes upstream -----------------------------------------------------------------------
@@ -396,11 +401,30 @@ class InFlight:
             if not self.drained.done():
                 self.drained.set_result(None)
             self.drained = None
-        if pieces is None:
-            self._write_client(region)
+        data = region if pieces is None else b"".join((*pieces, region[last:]))
+        if self._held is None and not self._bumps:
+            self._write_client(data)
         else:
-            pieces.append(region[last:])
-            self._write_client(b"".join(pieces))
+            self.write_client(data)
+
+    def write_client(self, data: bytes) -> None:
+        """Write to the client, after what is held (with a shared tier, every client write goes through here)."""
+        if self._held is None and self._bumps:
+            self._held = []
+            self.session.spawn(self._release_held())
+        if self._held is None:
+            self._write_client(data)
+        else:
+            self._held.append(data)
+
+    async def _release_held(self) -> None:
+        """Acknowledge (write what is held) once the generation bumps are made, or their time is up: the tier is
+        then away, and its breaker open (shared_tier.py says what that leaves open)."""
+        while self._bumps:
+            bumps, self._bumps = self._bumps, []
+            await asyncio.wait(bumps, timeout=self.service.config.cache.shared.timeout)
+        held, self._held = self._held or [], None
+        self._write_client(b"".join(held))
 
     def _transaction_ended(self, end: TxEnd) -> None:
         """A transaction ended (the tracker says how): invalidate again what it wrote, so that no entry filled by
@@ -414,6 +438,9 @@ class InFlight:
             service.after_write(self.database, scope)  # the committed schema, as other sessions now see it
         if end.writes:
             service.publish(self.database, end.writes)
+            bump = service.bump_shared(self.database, end.writes)
+            if bump is not None:
+                self._bumps.append(bump)
         for fill, value in end.fills:
             self.store(fill, value)
         if self.stale:
@@ -500,8 +527,12 @@ class InFlight:
     def store(self, fill: Fill, value: bytes) -> bool:
         """Store a captured result, unless one of its tables was invalidated since its request was sent (the
         generations taken then no longer match): by this session's transaction or by anyone else."""
-        return self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
-                              query=fill.query, rule=fill.rule, generations=fill.generations)  # fmt: skip
+        stored = self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
+                                query=fill.query, rule=fill.rule, generations=fill.generations)  # fmt: skip
+        shared = self.service.shared
+        if stored and shared is not None:
+            shared.fill(fill.key, value, fill.tables, fill.ttl, fill.query, fill.rule)
+        return stored
 
     def release_fill(self, capture: Capture) -> None:
         """Give up the single-flight slot of a fill this session leads (waiters then look up, or go upstream)."""
