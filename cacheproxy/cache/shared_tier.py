@@ -43,6 +43,7 @@ log = logging.getLogger("cacheproxy.shared")
 
 _T = TypeVar("_T")
 _MAX_REMEMBERED = 100_000  # fill stamps and strict-mode stamps kept (oldest forgotten: a forgotten one only misses)
+_CONNECT_BUDGET = 5.0  # seconds for the first connection at start
 _LOCK_POLL = 0.01  # seconds between looks while another sidecar fills the same key
 # Call latency histogram buckets (seconds): a round trip on a LAN is ~0.1-1 ms.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -71,6 +72,15 @@ class SharedCounters:
         self.latency_sum += seconds
 
 
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """The generations of an entry's dependencies, read before its query went upstream."""
+
+    namespace: Namespace
+    names: tuple[str, ...]
+    generations: tuple[bytes, ...]
+
+
 class SharedTier:
     """The shared tier of one proxy process (see the module docstring)."""
 
@@ -85,8 +95,8 @@ class SharedTier:
         self._client: Any = None
         self._system_id: str | None = config.namespace
         self._namespaces: dict[str, Namespace] = {}
-        # key -> (names, generations) read before its query went upstream: the stamp its fill carries.
-        self._pending: OrderedDict[Hashable, tuple[Namespace, tuple[str, ...], tuple[bytes, ...]]] = OrderedDict()
+        # key -> the generations its last lookup read (taken by the Fill of the query that goes upstream next).
+        self._pending: OrderedDict[Hashable, Stamp] = OrderedDict()
         # strict: key -> the generations its in-process entry is known to be current for.
         self._stamps: OrderedDict[Hashable, tuple[bytes, ...]] = OrderedDict()
         self._open_until: float | None = None  # the breaker: open until then (None: closed)
@@ -118,6 +128,13 @@ class SharedTier:
                             "cache.shared.namespace", exc)  # fmt: skip
                 return
         log.info("shared tier %s (%s, namespace %s)", _masked(url), self.config.consistency, self._system_id)
+        # A first connection now (TLS and AUTH take longer than a call's timeout): a fresh sidecar's first reads
+        # then hit. A tier that is away is only a warning: the breaker opens, and a probe retries later.
+        try:
+            async with asyncio.timeout(_CONNECT_BUDGET):
+                await self._client.ping()
+        except Exception as exc:
+            self._failed(exc)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -198,7 +215,7 @@ class SharedTier:
             if found is not None and self._put_local(key, tables, found, local_generations):
                 self.counters.hits += 1
                 return True
-        self._remember(self._pending, key, (ns, names, tuple(current)))
+        self._remember(self._pending, key, Stamp(ns, names, tuple(current)))
         return False
 
     async def _create_generations(self, keys: list[bytes], current: list[bytes | None]) -> list[bytes] | None:
@@ -253,14 +270,18 @@ class SharedTier:
 
     # -- writes -----------------------------------------------------------------------------------------------
 
+    def take(self, key: Hashable) -> Stamp | None:
+        """The generations a lookup of `key` read, for the query that now goes upstream (taken once). Whichever
+        lookup read them, it was before this moment, hence before the query: an entry stamped with them is never
+        newer than its stamp (older is harmless: it only misses)."""
+        return self._pending.pop(key, None)
+
     def fill(self, key: Hashable, value: bytes, tables: frozenset[TableId], ttl: float, query: str,
-             rule: str | None) -> None:  # fmt: skip
-        """A result read from PostgreSQL was stored in process: store it here too, stamped with the generations its
-        lookup read before the query went upstream (none read: not stored here)."""
-        pending = self._pending.pop(key, None)
-        if pending is None or not self.available:
+             rule: str | None, stamp: object) -> None:  # fmt: skip
+        """A result read from PostgreSQL was stored in process: store it here too, stamped with `stamp` (`take`)."""
+        if not isinstance(stamp, Stamp) or not self.available:
             return
-        ns, names, generations = pending
+        ns, names, generations = stamp.namespace, stamp.names, stamp.generations
         if names != dependency_names(tables):
             return  # its dependencies were judged differently (a catalog change meanwhile): not worth the risk
         self._remember(self._stamps, key, generations)

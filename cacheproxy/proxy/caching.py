@@ -238,7 +238,7 @@ class CachingRelay:
                 self._write_client(entry.value + self.tx.status.ready)
                 self.service.observe_hit(classified.verdict.tables)
                 return True
-            if self._shared is not None and self._ask_shared(key, dependencies(self.database, classified)):
+            if self._shared is not None and self._ask_shared(key, dependencies(self.database, classified), entry):
                 return False  # dispatched again once the shared tier answered (a hit is then in process)
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
@@ -368,13 +368,13 @@ class CachingRelay:
         self.count(key, entry)
         return True
 
-    def _ask_shared(self, key: Hashable, tables: frozenset[TableId]) -> bool:
-        """After an in-process miss (strict: or an unconfirmed hit): ask the shared tier, once per key per message.
-        True when the session now waits for its answer."""
+    def _ask_shared(self, key: Hashable, tables: frozenset[TableId], entry: Entry | None) -> bool:
+        """After an in-process miss (strict: or an unconfirmed hit, `entry`): ask the shared tier, once per key per
+        message. True when the session now waits for its answer."""
         assert self._shared is not None
         if key in self._asked:
             return False
-        task = self._asked[key] = self._shared.lookup(self.database, key, tables, local=self._strict)
+        task = self._asked[key] = self._shared.lookup(self.database, key, tables, local=entry is not None)
         if task is None:
             return False  # the tier is away: the in-process tier alone
         self._wait_for(task, self._shared_wait, counts=False)
@@ -503,7 +503,8 @@ class CachingRelay:
         if self._shared is not None:
             classified = self.service.classify(self.database, statement.query, self.tx.strings)
             tables = dependencies(self.database, classified, arguments, key_types(statement), fe.bind_parameter)
-            if self._ask_shared(key, tables):
+            entry = self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
+            if self._ask_shared(key, tables, entry):
                 return True
         if self._waited:
             return False

@@ -326,8 +326,11 @@ class InFlight:
 
     def fill(self, key: CacheKey, classified: Classified, tables: frozenset[TableId], sql: bytes, leader: bool) -> Fill:
         verdict = classified.verdict
-        return Fill(key, tables, self._tier.generations(tables), verdict.ttl, sql.decode("utf-8", "replace"),
+        fill = Fill(key, tables, self._tier.generations(tables), verdict.ttl, sql.decode("utf-8", "replace"),
                     verdict.rule, leader, deferred=self.tx.status is not IDLE)  # fmt: skip
+        if self.service.shared is not None:  # taken now, as the query goes upstream (see SharedTier.take)
+            fill.shared = self.service.shared.take(key)
+        return fill
 
     def probe_isolation(self, out: list[bytes]) -> None:
         """Ask the server the isolation level of the transaction a BEGIN just opened, pipelined behind it: no round
@@ -530,8 +533,8 @@ class InFlight:
         stored = self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
                                 query=fill.query, rule=fill.rule, generations=fill.generations)  # fmt: skip
         shared = self.service.shared
-        if stored and shared is not None:
-            shared.fill(fill.key, value, fill.tables, fill.ttl, fill.query, fill.rule)
+        if stored and shared is not None and fill.shared is not None:
+            shared.fill(fill.key, value, fill.tables, fill.ttl, fill.query, fill.rule, fill.shared)
         return stored
 
     def release_fill(self, capture: Capture) -> None:

@@ -34,6 +34,8 @@ class Fill:
     rule: str
     leader: bool  # this session registered the single-flight entry for the key
     deferred: bool = False  # read inside a transaction block: stored only if that transaction commits
+    # The shared tier's generations read before the query went upstream (cache/shared_tier.py `Stamp`), if any.
+    shared: object = None
 
 
 @dataclass(slots=True)

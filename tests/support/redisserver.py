@@ -28,6 +28,7 @@ class RedisServer:
         if self.binary is None:
             raise RuntimeError("redis-server is not installed (.ci/setup installs it)")
         self.dir = directory or Path(tempfile.mkdtemp(prefix="cp-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls = tls
         self.extra = extra
