@@ -44,6 +44,9 @@ log = logging.getLogger("cacheproxy.shared")
 _T = TypeVar("_T")
 _MAX_REMEMBERED = 100_000  # fill stamps and strict-mode stamps kept (oldest forgotten: a forgotten one only misses)
 _CONNECT_BUDGET = 5.0  # seconds for the first connection at start
+# Failed lookups or fills in a row that open the breaker: one late reply (an event loop busy with a burst of analysis
+# can time out a fast tier) is not an outage. A failed bump opens it at once: its owed value must be made first.
+_FAILURES_TO_OPEN = 3
 _LOCK_POLL = 0.01  # seconds between looks while another sidecar fills the same key
 # Call latency histogram buckets (seconds): a round trip on a LAN is ~0.1-1 ms.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -100,6 +103,7 @@ class SharedTier:
         # strict: key -> the generations its in-process entry is known to be current for.
         self._stamps: OrderedDict[Hashable, tuple[bytes, ...]] = OrderedDict()
         self._open_until: float | None = None  # the breaker: open until then (None: closed)
+        self._failures = 0  # calls failed in a row
         self._probe: asyncio.Task[None] | None = None
         self._owed: dict[bytes, bytes] = {}  # generation key -> value: bumps not made while the tier was away
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -242,9 +246,13 @@ class SharedTier:
         fill. The lock expires by itself: a holder that never fills (an error, a result too big) costs one wait."""
         wait = self.config.lock_wait
         lock_ms = max(1, int(wait * 1000))
-        taken = await self._call(lambda: self._client.set(ns.lock_key(key), b"1", nx=True, px=lock_ms))
+
+        async def take() -> bool:
+            return bool(await self._client.set(ns.lock_key(key), b"1", nx=True, px=lock_ms))
+
+        taken = await self._call(take)
         if taken is None or taken:
-            return None
+            return None  # (the tier failed, or this sidecar fills it)
         deadline = self._clock() + wait
         while self._clock() < deadline:
             await asyncio.sleep(_LOCK_POLL)
@@ -317,15 +325,15 @@ class SharedTier:
         self.counters.bumps += 1
 
         async def bump() -> None:
-            if await self._call(lambda: self._client.mset(values)) is None:
+            if await self._call(lambda: self._client.mset(values), opens=True) is None:
                 self._owed.update(values)
 
         return self._spawn(bump())
 
     # -- faults -----------------------------------------------------------------------------------------------
 
-    async def _call(self, make: Callable[[], Awaitable[_T]]) -> _T | None:
-        """One bounded call; None (and the breaker opens) on any failure."""
+    async def _call(self, make: Callable[[], Awaitable[_T]], *, opens: bool = False) -> _T | None:
+        """One bounded call; None on any failure, which opens the breaker when `opens` or after a few in a row."""
         started = self._clock()
         try:
             async with asyncio.timeout(self._timeout):
@@ -333,14 +341,19 @@ class SharedTier:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # redis errors, OSError, TimeoutError, TLS errors: all mean "the tier is away"
-            self._failed(exc)
+            self._failed(exc, opens=opens)
             return None
+        self._failures = 0
         self.counters.observe(self._clock() - started)
         return result
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, *, opens: bool = True) -> None:
         self.counters.errors += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
+        self._failures += 1
+        if not opens and self._failures < _FAILURES_TO_OPEN:
+            log.info("shared tier call failed (%s)", self.last_error)
+            return
         if self._open_until is None:
             self.counters.breaker_opened += 1
             log.warning("shared tier unavailable (%s): going on with the in-process tier alone for %.1fs",
@@ -351,10 +364,10 @@ class SharedTier:
         """After a cooldown: one probe, which first makes the bumps owed; the tier is used again only then."""
         try:
             owed = dict(self._owed)
-            ok = await self._call(lambda: self._client.ping())
+            ok = await self._call(lambda: self._client.ping(), opens=True)
             if ok is not None and owed:
                 fresh = {key: new_generation(secrets.randbits(63)) for key in owed}
-                ok = await self._call(lambda: self._client.mset(fresh))
+                ok = await self._call(lambda: self._client.mset(fresh), opens=True)
             if ok is None:
                 return  # (_call reopened the breaker)
             for key in owed:

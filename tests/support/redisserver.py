@@ -78,6 +78,11 @@ class RedisServer:
         path = self.dir / "redis.log"
         return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
 
+    def version(self) -> str:
+        assert self.binary is not None
+        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True).stdout
+        return next((part[2:] for part in out.split() if part.startswith("v=")), out.strip())
+
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
