@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from cacheproxy.cache.entry import TableId
+from cacheproxy.cache.entry import Entry, TableId
 from cacheproxy.cache.generations import (
     Namespace,
     Outcome,
@@ -43,7 +43,8 @@ log = logging.getLogger("cacheproxy.shared")
 
 _T = TypeVar("_T")
 _MAX_REMEMBERED = 100_000  # fill stamps and strict-mode stamps kept (oldest forgotten: a forgotten one only misses)
-_CONNECT_BUDGET = 5.0  # seconds for the first connection at start
+_CONNECT_BUDGET = 5.0  # seconds for the first connections at start
+_WARM_CONNECTIONS = 4  # opened at start (concurrent calls each take a connection of the pool)
 # Failed lookups or fills in a row that open the breaker: one late reply (an event loop busy with a burst of analysis
 # can time out a fast tier) is not an outage. A failed bump opens it at once: its owed value must be made first.
 _FAILURES_TO_OPEN = 3
@@ -136,7 +137,7 @@ class SharedTier:
         # then hit. A tier that is away is only a warning: the breaker opens, and a probe retries later.
         try:
             async with asyncio.timeout(_CONNECT_BUDGET):
-                await self._client.ping()
+                await asyncio.gather(*(self._client.ping() for _ in range(_WARM_CONNECTIONS)))
         except Exception as exc:
             self._failed(exc)
 
@@ -176,35 +177,41 @@ class SharedTier:
 
     def lookup(
         self, database: str, key: Hashable, tables: frozenset[TableId], *, local: bool
-    ) -> asyncio.Task[bool] | None:
+    ) -> asyncio.Task[Entry | None] | None:
         """After an in-process miss (or, strict, before serving an in-process hit: `local`): a task whose result is
-        True when the in-process tier now holds an entry for `key` that may be served. None: the tier is away."""
+        the in-process entry of `key` that may be served now (None: none). None: the tier is away."""
         if not self.available:
             return None
         return self._spawn(self._lookup(self.namespace(database), key, tables, local))
 
-    def verified(self, key: Hashable, task: asyncio.Task[bool] | None) -> bool:
-        """Strict: whether an in-process hit may be served (its lookup said so, or the tier is away)."""
+    def verified(self, entry: Entry, task: asyncio.Task[Entry | None] | None) -> bool:
+        """Strict: whether the in-process `entry` may be served: it is the very entry its lookup (`task`) confirmed
+        (not one another session put since), or the tier is away."""
         if task is None:
             return not self.available
-        return task.done() and not task.cancelled() and task.exception() is None and task.result()
+        return task.done() and not task.cancelled() and task.exception() is None and task.result() is entry
 
-    async def _lookup(self, ns: Namespace, key: Hashable, tables: frozenset[TableId], local: bool) -> bool:
+    async def _lookup(self, ns: Namespace, key: Hashable, tables: frozenset[TableId], local: bool) -> Entry | None:
         names = dependency_names(tables)
         entry_key = ns.entry_key(key)
         generation_keys = [ns.generation_key(name) for name in names]
         local_generations = self._local.generations(tables)  # guards the in-process put against a bus invalidation
         reply = await self._call(lambda: self._client.mget([entry_key, *generation_keys]))
         if reply is None:
-            return False
+            return None
         current = reply[1:]
         if local and None not in current and self._stamps.get(key) == tuple(current):
-            self.counters.validated += 1
-            return True
+            # (the stamp is that of the in-process entry now: every in-process put of `key` sets or drops it)
+            held = self._local.get(key, self._clock(), count_miss=False, count_hit=False)
+            if held is not None:
+                self.counters.validated += 1
+                return held
         outcome, found = judge(reply[0], names, current, time.time())
-        if outcome is Outcome.HIT and found is not None and self._put_local(key, tables, found, local_generations):
-            self.counters.hits += 1
-            return True
+        if outcome is Outcome.HIT and found is not None:
+            held = self._put_local(key, tables, found, local_generations)
+            if held is not None:
+                self.counters.hits += 1
+                return held
         self._stamps.pop(key, None)
         self.counters.misses += 1
         if outcome is Outcome.STALE:
@@ -212,15 +219,16 @@ class SharedTier:
         if outcome is Outcome.CHANGED:
             created = await self._create_generations(generation_keys, current)
             if created is None:
-                return False
+                return None
             current = created
         elif self.config.lock_wait > 0:
             found = await self._wait_for_other_fill(ns, key, entry_key, generation_keys, names)
-            if found is not None and self._put_local(key, tables, found, local_generations):
+            held = self._put_local(key, tables, found, local_generations) if found is not None else None
+            if held is not None:
                 self.counters.hits += 1
-                return True
+                return held
         self._remember(self._pending, key, Stamp(ns, names, tuple(current)))
-        return False
+        return None
 
     async def _create_generations(self, keys: list[bytes], current: list[bytes | None]) -> list[bytes] | None:
         """Missing generation keys get a fresh value (unless another sidecar made one first): a fill needs them."""
@@ -230,9 +238,10 @@ class SharedTier:
             for key, value in zip(keys, current, strict=True):
                 if value is None:
                     pipe.set(key, new_generation(secrets.randbits(63)), nx=True)
-            pipe.mget(keys)
+            for key in keys:  # (GETs, not an MGET: a cluster pipeline refuses multi-key commands)
+                pipe.get(key)
             replies: list[Any] = await pipe.execute()
-            return list(replies[-1])
+            return list(replies[-len(keys) :])
 
         values = await self._call(create)
         if values is None or any(value is None for value in values):
@@ -268,13 +277,16 @@ class SharedTier:
 
     def _put_local(
         self, key: Hashable, tables: frozenset[TableId], found: SharedEntry, local_generations: tuple[int, ...]
-    ) -> bool:
+    ) -> Entry | None:
+        """A shared hit into the in-process tier, stamped; the entry put, or None (refused: a bus invalidation
+        since the lookup began, or too big)."""
         ttl = found.expires_at - time.time()
-        stored = self._local.put(key, found.value, tables=tables, ttl=ttl, now=self._clock(), query=found.query,
-                                 rule=found.rule, generations=local_generations)  # fmt: skip
-        if stored:
-            self._remember(self._stamps, key, found.generations)
-        return stored
+        now = self._clock()
+        if not self._local.put(key, found.value, tables=tables, ttl=ttl, now=now, query=found.query, rule=found.rule,
+                               generations=local_generations):  # fmt: skip
+            return None
+        self._remember(self._stamps, key, found.generations)
+        return self._local.get(key, now, count_miss=False, count_hit=False)
 
     # -- writes -----------------------------------------------------------------------------------------------
 
@@ -286,11 +298,15 @@ class SharedTier:
 
     def fill(self, key: Hashable, value: bytes, tables: frozenset[TableId], ttl: float, query: str,
              rule: str | None, stamp: object) -> None:  # fmt: skip
-        """A result read from PostgreSQL was stored in process: store it here too, stamped with `stamp` (`take`)."""
+        """A result read from PostgreSQL was stored in process (called for every such store): store it here too,
+        stamped with `stamp` (`take`). Without one, the in-process entry has no stamp (strict: not served unchecked).
+        """
         if not isinstance(stamp, Stamp) or not self.available:
+            self._stamps.pop(key, None)
             return
         ns, names, generations = stamp.namespace, stamp.names, stamp.generations
         if names != dependency_names(tables):
+            self._stamps.pop(key, None)
             return  # its dependencies were judged differently (a catalog change meanwhile): not worth the risk
         self._remember(self._stamps, key, generations)
         entry = SharedEntry(value, names, generations, time.time() + ttl, query, rule)

@@ -102,7 +102,7 @@ class CachingRelay:
         # before serving an in-process hit too), at most once per key per client message (`_asked`).
         self._shared = service.shared
         self._strict = self._shared is not None and self._shared.strict
-        self._asked: dict[Hashable, asyncio.Task[bool] | None] = {}
+        self._asked: dict[Hashable, asyncio.Task[Entry | None] | None] = {}
         if self._shared is not None:
             shared = self._shared.config
             self._shared_wait = 2 * shared.timeout + shared.lock_wait
@@ -363,7 +363,7 @@ class CachingRelay:
     def _verified(self, key: Hashable, entry: Entry) -> bool:
         """strict: an in-process hit is served only once the shared generations confirmed it (counted then)."""
         assert self._shared is not None
-        if not self._shared.verified(key, self._asked.get(key)) or (key not in self._asked and self._shared.available):
+        if not self._shared.verified(entry, self._asked.get(key)):
             return False
         self.count(key, entry)
         return True
@@ -382,7 +382,7 @@ class CachingRelay:
 
     def _wait_for(
         self,
-        awaitable: asyncio.Future[object] | asyncio.Task[object] | asyncio.Future[None] | asyncio.Task[bool],
+        awaitable: asyncio.Future[object] | asyncio.Task[object] | asyncio.Future[None] | asyncio.Task[Entry | None],
         timeout: float,
         *,
         counts: bool = True,
@@ -490,9 +490,7 @@ class CachingRelay:
         entry = self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
         if entry is not None and self._strict:
             assert self._shared is not None
-            if not self._shared.verified(key, self._asked.get(key)) or (
-                key not in self._asked and self._shared.available
-            ):
+            if not self._shared.verified(entry, self._asked.get(key)):
                 return None  # not confirmed yet: `fill_in_flight` asks the shared tier
         return entry
 

@@ -533,7 +533,7 @@ class InFlight:
         stored = self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
                                 query=fill.query, rule=fill.rule, generations=fill.generations)  # fmt: skip
         shared = self.service.shared
-        if stored and shared is not None and fill.shared is not None:
+        if stored and shared is not None:
             shared.fill(fill.key, value, fill.tables, fill.ttl, fill.query, fill.rule, fill.shared)
         return stored
 

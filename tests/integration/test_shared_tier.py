@@ -18,7 +18,7 @@ from cacheproxy.cache.generations import Namespace
 from tests.support.cachetest import connect_via, create_items, new_marker, upstream_calls, wait_until
 from tests.support.pgcluster import PgCluster
 from tests.support.proxy import ProxyThread
-from tests.support.redisserver import RedisServer
+from tests.support.redisserver import RedisCluster, RedisServer
 from tests.support.tls import self_signed
 
 Sidecars = Callable[..., list[ProxyThread]]
@@ -260,8 +260,9 @@ def test_tls_with_verification(pg: PgCluster, dbname: str, sidecars: Sidecars, t
     try:
         verified = f"rediss://127.0.0.1:{server.port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
         untrusted = f"rediss://127.0.0.1:{server.port}/0?ssl_cert_reqs=required&ssl_ca_certs={other}"
-        a, b = sidecars(2, url=verified)
-        (wrong_ca,) = sidecars(1, url=untrusted)
+        # (a TLS handshake on a loaded 2-core CI machine can take longer than the other tests' 200 ms)
+        a, b = sidecars(2, url=verified, timeout="2s")
+        (wrong_ca,) = sidecars(1, url=untrusted, timeout="2s")
         marker = new_marker()
         for proxy in (a, b, wrong_ca):
             with connect_via(pg, dbname, proxy) as conn:
@@ -330,3 +331,25 @@ def test_an_unreachable_tier_costs_no_client_error(pg: PgCluster, dbname: str, s
         assert conn.execute(f"SELECT note AS {marker} FROM items WHERE id = 1").fetchall() == [("x",)]
     assert upstream_calls(pg, marker) <= 3  # the in-process tier alone still hit
     assert int(str(_shared(proxy)["errors"])) > 0
+
+
+def test_a_redis_cluster_of_three_masters(pg: PgCluster, dbname: str, sidecars: Sidecars, tmp_path: Path) -> None:
+    """cache.shared.cluster: an entry and its generation keys share a slot (one hash tag per database), so the
+    lookup's MGET and the bump's MSET are single-slot commands, whichever master owns the slot."""
+    pg.psql("CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); INSERT INTO kv VALUES (1, 0)", dbname=dbname)
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    try:
+        a, b = sidecars(2, url=cluster.url, cluster=True, consistency="strict", bus=False)
+        marker = new_marker()
+        read = f"SELECT v AS {marker} FROM kv WHERE k = 1"
+        with connect_via(pg, dbname, a) as ca, connect_via(pg, dbname, b) as cb:
+            assert ca.execute(read).fetchone() == (0,)
+            assert cb.execute(read).fetchone() == (0,)
+            assert upstream_calls(pg, marker) == 1, (_shared(a), _shared(b))
+            for value in range(1, 4):
+                (ca if value % 2 else cb).execute("UPDATE kv SET v = %s WHERE k = 1", (value,))
+                assert ca.execute(read).fetchone() == (value,)
+                assert cb.execute(read).fetchone() == (value,)
+        assert _shared(b)["errors"] == 0 and int(str(_shared(b)["hits"])) >= 1
+    finally:
+        cluster.stop()

@@ -42,6 +42,7 @@ class RedisServer:
             "appendonly no",
             "protected-mode no",
             "maxmemory 64mb",
+            f"cluster-config-file {self.dir / 'nodes.conf'}",
             "maxmemory-policy allkeys-lru",
             f"logfile {self.dir / 'redis.log'}",
         ]
@@ -89,3 +90,43 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port)
+
+
+class RedisCluster:
+    """A Redis Cluster of `masters` redis-servers (no replicas), made with `redis-cli --cluster create`."""
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        self.nodes = [
+            # (the bus port is given: the default, port + 10000, may be taken or above 65535)
+            RedisServer(
+                directory / f"node{i}",
+                ("cluster-enabled yes", "cluster-node-timeout 2000", f"cluster-port {free_port()}"),
+            )
+            for i in range(masters)
+        ]
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli") or shutil.which("valkey-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed")
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        client = redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+        deadline = time.monotonic() + 20
+        while client.cluster_info().get("cluster_state") != "ok":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not become ok")
+            time.sleep(0.1)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
