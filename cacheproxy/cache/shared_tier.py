@@ -217,7 +217,7 @@ class SharedTier:
         if outcome is Outcome.STALE:
             self.counters.stale += 1
         if outcome is Outcome.CHANGED:
-            created = await self._create_generations(generation_keys, current)
+            created = await self._create_generations(generation_keys, current, ns.lock_key(key))
             if created is None:
                 return None
             current = created
@@ -230,11 +230,16 @@ class SharedTier:
         self._remember(self._pending, key, Stamp(ns, names, tuple(current)))
         return None
 
-    async def _create_generations(self, keys: list[bytes], current: list[bytes | None]) -> list[bytes] | None:
-        """Missing generation keys get a fresh value (unless another sidecar made one first): a fill needs them."""
+    async def _create_generations(
+        self, keys: list[bytes], current: list[bytes | None], lock: bytes
+    ) -> list[bytes] | None:
+        """Missing generation keys get a fresh value (unless another sidecar made one first): a fill needs them.
+        The fill lock is taken in the same round trip (a first read of a key is where stampedes happen)."""
 
         async def create() -> list[bytes | None]:
             pipe = self._client.pipeline(transaction=False)
+            if self.config.lock_wait > 0:
+                pipe.set(lock, b"1", nx=True, px=max(1, int(self.config.lock_wait * 1000)))
             for key, value in zip(keys, current, strict=True):
                 if value is None:
                     pipe.set(key, new_generation(secrets.randbits(63)), nx=True)
