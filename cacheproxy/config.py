@@ -726,7 +726,12 @@ def _mask_password(url: str) -> str:
     return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
 
 
-SECRET_URL: Final = Kind(_string, _mask_password)
+def _url_or_off(value: object) -> str | None:
+    """A URL; null or "" is off (so that `url: ${SHARED_URL:-}` turns it off where the variable is unset)."""
+    return None if value is None or value == "" else _string(value)
+
+
+SECRET_URL_OR_OFF: Final = Kind(_url_or_off, lambda value: None if value is None else _mask_password(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -734,14 +739,14 @@ class SharedCacheConfig(_Section):
     """The optional shared tier (Redis / Valkey) behind the in-process cache (cache/shared.py).
 
     ``url``: ``redis://`` or ``rediss://`` (user and password for ACLs; TLS options as redis-py URL parameters, such
-    as ``ssl_ca_certs``), None = off. ``cluster``: a Redis Cluster. ``consistency``: ``bounded`` serves in-process
+    as ``ssl_ca_certs``), null or "" = off. ``cluster``: a Redis Cluster. ``consistency``: ``bounded`` serves in-process
     hits as they are (stale across sidecars for at most the invalidation bus delay), ``strict`` checks each against
     the shared generations first. ``timeout``: per call; slower calls open the circuit breaker for ``cooldown``.
     ``namespace``: overrides the cluster's system identifier in keys (when the proxy's user cannot read it).
     ``compress_above``: values larger than this are stored zstd-compressed. ``lock_wait``: how long a miss waits for
     another sidecar's fill of the same key (single flight across sidecars; 0 = never)."""
 
-    url: str | None = setting(None, optional(SECRET_URL))
+    url: str | None = setting(None, SECRET_URL_OR_OFF)
     cluster: bool = setting(False, BOOLEAN)
     consistency: str = setting("bounded", choice("bounded", "strict"))
     timeout: float = setting(0.25, duration(positive=True))
