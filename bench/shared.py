@@ -5,8 +5,9 @@
     python3 -m bench.shared --fresh-seconds 30 --seconds 10 --keys 10000
 
 It starts a private PostgreSQL (`pgbench -i`), a private redis-server, and cacheproxy processes, all on 127.0.0.1:
-1. read-heavy: pgbench on four sidecars at once (reads of `--keys` hot accounts, -M prepared), without the shared
-   tier, then with it: the queries that reached PostgreSQL (pg_stat_statements), and the transactions served.
+1. read-heavy: pgbench on four sidecars at once (`--transactions` reads per client of `--keys` hot accounts,
+   -M prepared), without the shared tier, then with it: the queries that reached PostgreSQL (pg_stat_statements),
+   and the time the same work took.
 2. a fresh sidecar, started after that run, alone for `--fresh-seconds`: its hit rate (1 - queries that reached
    PostgreSQL / transactions), without and with the shared tier (warm from step 1).
 3. latency of one read, from one client (psycopg, the same query text): direct to PostgreSQL, through a sidecar on
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Shared tier benchmark ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"machine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}; "
-        f"{SIDECARS} sidecars x {args.clients} pgbench clients, {args.seconds:g} s; {args.keys} hot keys; "
+        f"{SIDECARS} sidecars x {args.clients} pgbench clients x {args.transactions} reads; {args.keys} hot keys; "
         f"fresh sidecar {args.fresh_seconds:g} s; redis-server {tier.version()}",
         "",
     ]
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m bench.shared", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--seconds", type=float, default=10.0, help="the read-heavy run on four sidecars")
+    parser.add_argument("--transactions", type=int, default=2500, help="reads per pgbench client on four sidecars")
     parser.add_argument("--fresh-seconds", type=float, default=30.0, help="the fresh sidecar's measured start")
     parser.add_argument("--keys", type=int, default=10_000, help="hot accounts read")
     parser.add_argument("--clients", type=int, default=4, help="pgbench clients per sidecar")
@@ -86,7 +87,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.fresh_seconds, args.keys, args.samples = 3.0, 3.0, 2000, 150
+        args.transactions, args.fresh_seconds, args.keys, args.samples = 300, 3.0, 2000, 150
     return args
 
 
@@ -129,44 +130,52 @@ def _sidecars(
 def _read_heavy(
     args: argparse.Namespace, cluster: PgCluster, tier: RedisServer, workdir: Path, script: Path
 ) -> list[str]:
-    rows: list[tuple[str, int, int, int, float]] = []
+    rows: list[tuple[str, int, int, float, int, float]] = []
     for label, url in (("in-process only", None), ("with the shared tier", tier.url)):
         with _sidecars(cluster, workdir, SIDECARS, shared=url) as ports:
             _reset(cluster)
-            runs = _pgbench_all(cluster, ports, script, args.clients, args.seconds)  # all four at once
+            started = time.monotonic()
+            runs = _pgbench_all(cluster, ports, script, args.clients, None, args.transactions)  # all four at once
+            took = time.monotonic() - started
             served = sum(_transactions(run) for run in runs)
             upstream = _upstream_reads(cluster)
-            print(f"{label}: {served} reads served, {upstream} reached PostgreSQL", flush=True)
+            print(f"{label}: {served} reads served in {took:.1f} s, {upstream} reached PostgreSQL", flush=True)
             with _sidecars(cluster, workdir, 1, shared=url) as (fresh,):
                 _reset(cluster)
-                (run,) = _pgbench_all(cluster, [fresh], script, args.clients, args.fresh_seconds)
+                (run,) = _pgbench_all(cluster, [fresh], script, args.clients, args.fresh_seconds, None)
                 fresh_served = _transactions(run)
                 fresh_upstream = _upstream_reads(cluster)
             hit_rate = 1 - fresh_upstream / fresh_served if fresh_served else 0.0
             print(f"{label}: fresh sidecar {fresh_served} reads, hit rate {hit_rate:.1%}", flush=True)
-            rows.append((label, served, upstream, fresh_served, hit_rate))
+            rows.append((label, served, upstream, took, fresh_served, hit_rate))
     lines = [
         f"## Read-heavy, {SIDECARS} sidecars, then a fresh sidecar for its first {args.fresh_seconds:g} s",
         "",
-        "| | reads served | reached PostgreSQL | share | fresh sidecar: reads | fresh sidecar: hit rate |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| | reads | reached PostgreSQL | share | took (s) | fresh sidecar: reads | fresh sidecar: hit rate |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, served, upstream, fresh_served, hit_rate in rows:
+    for label, served, upstream, took, fresh_served, hit_rate in rows:
         share = upstream / served if served else 0.0
-        lines.append(f"| {label} | {served} | {upstream} | {share:.1%} | {fresh_served} | {hit_rate:.1%} |")
+        lines.append(
+            f"| {label} | {served} | {upstream} | {share:.1%} | {took:.1f} | {fresh_served} | {hit_rate:.1%} |"
+        )
     return [*lines, ""]
 
 
-def _pgbench_all(cluster: PgCluster, ports: list[int], script: Path, clients: int, seconds: float) -> list[str]:
+def _pgbench_all(
+    cluster: PgCluster, ports: list[int], script: Path, clients: int, seconds: float | None, transactions: int | None
+) -> list[str]:
+    """pgbench on every port at once: for `seconds`, or `transactions` per client."""
+    length = ["-T", str(max(1, round(seconds)))] if seconds is not None else ["-t", str(transactions)]
     procs = []
     for port in ports:
         command = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-n", "-M", "prepared", "-c", str(clients),
-                   "-j", "1", "-T", str(max(1, round(seconds))), "-f", str(script), "postgres"]  # fmt: skip
+                   "-j", "1", *length, "-f", str(script), "postgres"]  # fmt: skip
         pipe = subprocess.PIPE
         procs.append(subprocess.Popen(command, env=cluster.env(), stdout=pipe, stderr=pipe, text=True))
     outs = []
     for proc in procs:
-        out, err = proc.communicate(timeout=seconds + 120)
+        out, err = proc.communicate(timeout=(seconds or 0) + 600)
         if proc.returncode != 0:
             raise SystemExit(f"pgbench failed: {err}")
         outs.append(out)

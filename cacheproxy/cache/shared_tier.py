@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from cacheproxy.cache.entry import Entry, TableId
+from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, TableId
 from cacheproxy.cache.generations import (
     Namespace,
     Outcome,
@@ -327,16 +327,20 @@ class SharedTier:
         self.counters.fills += 1
         self._spawn(self._call(store))
 
-    def bump(self, database: str, names: Iterable[str], *, everything: bool = False) -> asyncio.Task[Any] | None:
+    def bump(
+        self, database: str, names: Iterable[str], *, everything: bool = False, read: Iterable[str] = ()
+    ) -> asyncio.Task[dict[str, bytes | None] | None] | None:
         """Writes to `names` of `database` (or, `everything`, to anything in it) are about to be acknowledged: give
         their generations fresh values. The task to wait for before acknowledging; None when the tier is away (the
-        bumps are owed: made before the tier is used again)."""
+        bumps are owed: made before the tier is used again). In the same round trip, after the bumps, the current
+        generations of `read` (the task's result: for write-through refreshes sent once it is done; None when the
+        call failed)."""
         ns = self.namespace(database) if self._system_id is not None else None
         if ns is None:
             return None
         targets = {ns.generation_key(name) for name in names}
         if everything:
-            targets.add(ns.generation_key("\x00"))
+            targets.add(ns.generation_key(WHOLE_DATABASE))
         if not targets:
             return None
         values = {target: new_generation(secrets.randbits(63)) for target in targets}
@@ -344,12 +348,33 @@ class SharedTier:
             self._owed.update(values)
             return None
         self.counters.bumps += 1
+        wanted = sorted(set(read))
 
-        async def bump() -> None:
-            if await self._call(lambda: self._client.mset(values), opens=True) is None:
+        async def bump_and_read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for target, value in values.items():  # (SETs, not an MSET: a cluster pipeline refuses multi-key ones)
+                pipe.set(target, value)
+            for name in wanted:
+                pipe.get(ns.generation_key(name))
+            replies: list[Any] = await pipe.execute()
+            return replies
+
+        async def bump() -> dict[str, bytes | None] | None:
+            replies = await self._call(bump_and_read, opens=True)
+            if replies is None:
                 self._owed.update(values)
+                return None
+            return dict(zip(wanted, replies[len(values) :], strict=True))
 
         return self._spawn(bump())
+
+    def stamp(self, database: str, tables: frozenset[TableId], generations: dict[str, bytes | None]) -> Stamp | None:
+        """The stamp of a query sent after `generations` were read (by `bump`), or None if one is missing."""
+        names = dependency_names(tables)
+        values = [generations.get(name) for name in names]
+        if self._system_id is None or any(value is None for value in values):
+            return None
+        return Stamp(self.namespace(database), names, tuple(v for v in values if v is not None))
 
     # -- faults -----------------------------------------------------------------------------------------------
 

@@ -230,9 +230,12 @@ class CacheService:
         if merged.tables or merged.everything or merged.settings:
             self.bus.publish(database, merged)
 
-    def bump_shared(self, database: str, scopes: Iterable[WriteScope]) -> asyncio.Task[Any] | None:
+    def bump_shared(
+        self, database: str, scopes: Iterable[WriteScope], read: Iterable[str] = ()
+    ) -> asyncio.Task[Any] | None:
         """Committed writes of this proxy's session are about to be acknowledged: bump their generations in the
-        shared tier (the task to wait for first; None when there is nothing to wait for)."""
+        shared tier (the task to wait for first; None when there is nothing to wait for). `read`: see
+        SharedTier.bump."""
         if self.shared is None:
             return None
         names: set[str] = set()
@@ -243,7 +246,7 @@ class CacheService:
                 names.update(scope.tables)
         if not names and not everything:
             return None
-        return self.shared.bump(database, names, everything=everything)
+        return self.shared.bump(database, names, everything=everything, read=read)
 
     def flush_shared(self, database: str | None = None) -> None:
         """CACHEPROXY FLUSH (every database this proxy has served) or a database's invalidation, in the shared tier:

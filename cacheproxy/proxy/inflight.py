@@ -17,6 +17,7 @@ from cacheproxy.analysis.lexer import names_time_word
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry, TableId
+from cacheproxy.cache.generations import dependency_names
 from cacheproxy.cache.keys import CacheKey
 from cacheproxy.policy.classify import Classified, dependencies, row_scope, shape_dependencies
 from cacheproxy.policy.verdict import WriteScope, write_scope
@@ -73,6 +74,8 @@ class InFlight:
         # bytes held until they are (a commit is acknowledged only once every sidecar would see it).
         self._bumps: list[asyncio.Task[object]] = []
         self._held: list[bytes] | None = None
+        # Write-through refreshes waiting for a bump, which also reads the generations they are stamped with.
+        self._refreshing: tuple[asyncio.Task[object], list[Entry]] | None = None
 
     def cache_use(self) -> int:
         """The one decision of whether this session may use the cache now (per statement, `tx.may_read` adds what
@@ -426,6 +429,13 @@ class InFlight:
         while self._bumps:
             bumps, self._bumps = self._bumps, []
             await asyncio.wait(bumps, timeout=self.service.config.cache.shared.timeout)
+        if self._refreshing is not None:  # before the acknowledgement: the client's next read waits for them
+            bump, stale = self._refreshing
+            self._refreshing = None
+            read = bump.result() if bump.done() and not bump.cancelled() and bump.exception() is None else None
+            generations = read if isinstance(read, dict) else None
+            if not self.tracker.pending:
+                self.session.run_guarded(lambda: self._refresh(stale, generations))
         held, self._held = self._held or [], None
         self._write_client(b"".join(held))
 
@@ -439,28 +449,40 @@ class InFlight:
         for scope in end.writes:
             service.invalidate(self.database, scope, counted=False, removed=self.stale)
             service.after_write(self.database, scope)  # the committed schema, as other sessions now see it
+        refresh = bool(self.stale) and end.committed and not end.chained and not self.tracker.pending
+        bump = None
         if end.writes:
             service.publish(self.database, end.writes)
-            bump = service.bump_shared(self.database, end.writes)
+            bump = service.bump_shared(self.database, end.writes, self._refresh_names() if refresh else ())
             if bump is not None:
                 self._bumps.append(bump)
         for fill, value in end.fills:
             self.store(fill, value)
         if self.stale:
-            if end.committed and not end.chained and not self.tracker.pending:
-                self._refresh()
+            if refresh and bump is not None:
+                self._refreshing = (bump, list(self.stale))  # sent once the bump read their generations
+            elif refresh:
+                self._refresh(self.stale)
             self.stale.clear()
         self.registry.transaction_ended()
 
-    def _refresh(self) -> None:
+    def _refresh_names(self) -> set[str]:
+        """The generation names of the entries write-through may refresh (read by the bump, for their stamps)."""
+        names: set[str] = set()
+        for entry in write_through.candidates(self.stale, self.database, self.user, self.tx.state_digest()):
+            names.update(dependency_names(entry.tables))
+        return names
+
+    def _refresh(self, stale: list[Entry], generations: dict[str, bytes | None] | None = None) -> None:
         """Write-through (write_through.py): run again, hottest first, within `write_through.concurrency` and the
-        budget, the results of `write_through` tables that this session's committed writes removed."""
+        budget, the results of `write_through` tables that this session's committed writes removed (`stale`). With
+        `generations` (read after the commit's bump, before these are sent), their results fill the shared tier."""
         service = self.service
         if self.cache_use() != ANSWER:
             return
         out: list[bytes] = []
         budget = service.refresh_concurrency
-        for entry in write_through.candidates(self.stale, self.database, self.user, self.tx.state_digest()):
+        for entry in write_through.candidates(stale, self.database, self.user, self.tx.state_digest()):
             key = entry.key
             assert isinstance(key, keys.QueryKey | keys.ExecuteKey)
             classified = service.classify(self.database, key.sql, self.tx.strings)
@@ -476,6 +498,8 @@ class InFlight:
                 self.leading.add(key)
             fill = Fill(key, entry.tables, self._tier.generations(entry.tables), classified.verdict.ttl, entry.query,
                         entry.rule or "", leader)  # fmt: skip
+            if generations is not None and service.shared is not None:
+                fill.shared = service.shared.stamp(self.database, entry.tables, generations)
             messages, requests = write_through.refresh_requests(key, Capture(service.max_entry_size, fill))
             out += messages
             for pending in requests:

@@ -353,3 +353,27 @@ def test_a_redis_cluster_of_three_masters(pg: PgCluster, dbname: str, sidecars: 
         assert _shared(b)["errors"] == 0 and int(str(_shared(b)["hits"])) >= 1
     finally:
         cluster.stop()
+
+
+def test_write_through_refreshes_fill_the_shared_tier(
+    pg: PgCluster, dbname: str, start_proxy: Callable[..., ProxyThread], tier: RedisServer
+) -> None:
+    """A committed write through one sidecar refreshes a `write_through` result and stores it in the shared tier
+    too, stamped with the generations read right after its bump: another sidecar's next read hits it."""
+    pg.psql("CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); INSERT INTO kv VALUES (1, 0)", dbname=dbname)
+    rules = [{"tables": ["kv"], "strategy": "write_through"}]
+    shared = {"shared": {"url": tier.url, "timeout": "1s"}}
+    a = start_proxy(cache=shared, rules=rules)
+    marker = new_marker()
+    read = f"SELECT v AS {marker} FROM kv WHERE k = 1"
+    with connect_via(pg, dbname, a) as conn:
+        assert conn.execute(read).fetchone() == (0,)
+        conn.execute("UPDATE kv SET v = 7 WHERE k = 1")
+        wait_until(lambda: upstream_calls(pg, marker) == 2, "the write-through refresh")
+        assert conn.execute(read).fetchone() == (7,)
+    wait_until(lambda: int(str(_shared(a)["fills"])) == 2, "the refresh's shared fill")
+    b = start_proxy(cache=shared, rules=rules)
+    with connect_via(pg, dbname, b) as conn:
+        assert conn.execute(read).fetchone() == (7,)
+    assert upstream_calls(pg, marker) == 2
+    assert _shared(b)["hits"] == 1
