@@ -453,7 +453,8 @@ class InFlight:
         bump = None
         if end.writes:
             service.publish(self.database, end.writes)
-            bump = service.bump_shared(self.database, end.writes, self._refresh_names() if refresh else ())
+            read = self._refresh_names() if refresh and service.shared is not None else ()
+            bump = service.bump_shared(self.database, end.writes, read)
             if bump is not None:
                 self._bumps.append(bump)
         for fill, value in end.fills:
