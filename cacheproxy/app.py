@@ -29,7 +29,8 @@ _READY_TTL = 1.0
 _SNAPSHOT_RECHECK = 5.0
 # Settings that only a restart can change: a reload keeps their old values and says so.
 _GC_THRESHOLD = 50_000
-_RESTART_ONLY = ("listen", "upstream", "admin.listen", "tls", "cache.enabled", "cache.max_memory", "cache.shards")
+_RESTART_ONLY = ("listen", "upstream", "admin.listen", "tls", "cache.enabled", "cache.max_memory", "cache.shards",
+                 "cache.shared")  # fmt: skip
 
 
 class App:
@@ -196,7 +197,7 @@ class App:
         new = replace(new, listen=old.listen, upstream=old.upstream, tls=old.tls,
                       admin=replace(new.admin, listen=old.admin.listen),
                       cache=replace(new.cache, enabled=old.cache.enabled, max_memory=old.cache.max_memory,
-                                    shards=old.cache.shards))  # fmt: skip
+                                    shards=old.cache.shards, shared=old.cache.shared))  # fmt: skip
         changed = [
             f.name for f in fields(Config) if getattr(old, f.name) != getattr(new, f.name) and f.name != "source"
         ]
