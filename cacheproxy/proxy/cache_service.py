@@ -264,17 +264,30 @@ class CacheService:
         if invalidation.everything:
             self.engine.invalidate_database(database)
         elif invalidation.tables:
-            # A row id ("t\x00<bucket>") is applied as such only where this proxy's entries of `t` carry row ids
-            # too: its current catalog gives `t` a point key (a change of that needs DDL, which drops everything).
-            # Otherwise, or without a catalog, the whole table.
-            catalog = self.catalogs.get(database)
-            points = catalog.point_columns if catalog is not None else {}
-            names = {name if base_table(name) in points else base_table(name) for name in invalidation.tables}
-            self.engine.invalidate_tables([(database, name) for name in names])
+            self._drop_names(database, invalidation.tables)
         if invalidation.ddl:
             self.after_ddl(database)
         if invalidation.settings:
             self.settings_epoch += 1
+
+    def _drop_names(self, database: str, names: Iterable[str]) -> None:
+        """A row id ("t\x00<bucket>") is applied as such only where this proxy's entries of `t` carry row ids too:
+        its current catalog gives `t` a point key (a change of that needs DDL, which drops everything). Otherwise,
+        or without a catalog, the whole table."""
+        catalog = self.catalogs.get(database)
+        points = catalog.point_columns if catalog is not None else {}
+        found = {name if base_table(name) in points else base_table(name) for name in names}
+        self.engine.invalidate_tables([(database, name) for name in found])
+
+    def settle(self, database: str, scopes: Iterable[WriteScope]) -> None:
+        """A commit's shared bump is made (or gave up): invalidate in process again, and only now tell the other
+        proxies. A lookup that read the generations before the bump landed may have put a shared entry older than
+        the write into an in-process tier after the first invalidation (its guard was taken after it); this one
+        removes it, here and, by the bus, at every other proxy."""
+        scopes = list(scopes)
+        for scope in scopes:
+            self.invalidate(database, scope, counted=False)
+        self.publish(database, scopes)
 
     def watch(self, database: str) -> asyncio.Future[Any] | None:
         """A session of `database` starts: load its catalog and listen to its invalidations, if not yet. Returns
@@ -403,7 +416,9 @@ class CacheService:
         names = frozenset(name for _, name in tables)
         self.apply_remote(database, Invalidation(names))
         if self.shared is not None:  # writes that bypass every sidecar: nobody else bumps them
-            self.shared.bump(database, names)
+            bump = self.shared.bump(database, names)
+            if bump is not None:  # (again once it is made: see settle)
+                bump.add_done_callback(lambda _: self._drop_names(database, names))
 
     def _set_down(self, database: str, feed: str, reason: str | None) -> None:
         """Record why `feed` of `database` is not up (None: it is up); `blind` is derived here, and only here."""

@@ -11,7 +11,7 @@ conditions are about what is in flight.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from cacheproxy.analysis.lexer import names_time_word
 from cacheproxy.analysis.model import Kind
@@ -115,8 +115,7 @@ class InFlight:
         if unknown:
             for scope in unknown:
                 self.service.invalidate(self.database, scope, counted=False)
-            self.service.publish(self.database, unknown)
-            self.service.bump_shared(self.database, unknown)
+            self._bump_then_publish(unknown)
             self.tx.writes.clear()
 
     # -- before a request goes upstream -----------------------------------------------------------------------
@@ -452,9 +451,8 @@ class InFlight:
         refresh = bool(self.stale) and end.committed and not end.chained and not self.tracker.pending
         bump = None
         if end.writes:
-            service.publish(self.database, end.writes)
             read = self._refresh_names() if refresh and service.shared is not None else ()
-            bump = service.bump_shared(self.database, end.writes, read)
+            bump = self._bump_then_publish(list(end.writes), read)
             if bump is not None:
                 self._bumps.append(bump)
         for fill, value in end.fills:
@@ -466,6 +464,18 @@ class InFlight:
                 self._refresh(self.stale)
             self.stale.clear()
         self.registry.transaction_ended()
+
+    def _bump_then_publish(self, writes: list[WriteScope], read: Iterable[str] = ()) -> asyncio.Task[object] | None:
+        """Tell the other proxies what committed writes invalidated: at once without a shared tier; with one, once
+        their generations are bumped there (CacheService.settle says why). The bump task, if any."""
+        service = self.service
+        bump = service.bump_shared(self.database, writes, read)
+        if bump is None:
+            service.publish(self.database, writes)
+        else:
+            database = self.database
+            bump.add_done_callback(lambda _: service.settle(database, writes))
+        return bump
 
     def _refresh_names(self) -> set[str]:
         """The generation names of the entries write-through may refresh (read by the bump, for their stamps)."""
