@@ -46,6 +46,7 @@ _RESTART_ONLY = (
     "cache.shards",
     "failover.reattach_concurrency",
     "server.workers",
+    "cache.shared",
 )
 
 
@@ -108,6 +109,7 @@ class App:
             await self.hosts.start()
         if self.cache is not None:
             self.cache.start()
+            await self.cache.start_shared()
             await self._load_snapshot()
         await self.proxy.start()
         if self.cache is not None and self.config.snapshot.path is not None:
@@ -149,6 +151,8 @@ class App:
         summary = self.metrics.snapshot()
         summary["upstream"] = self.config.upstream.masked_url()
         summary["rules"] = len(self.config.rules)
+        if self.cache is not None and self.cache.shared is not None:
+            summary["shared_tier"] = self.cache.shared.stats()
         return summary
 
     def advice(self) -> dict[str, object]:
@@ -255,7 +259,7 @@ class App:
         new = replace(new, listen=old.listen, upstream=old.upstream, tls=old.tls,
                       admin=replace(new.admin, listen=old.admin.listen),
                       cache=replace(new.cache, enabled=old.cache.enabled, max_memory=old.cache.max_memory,
-                                    shards=old.cache.shards))  # fmt: skip
+                                    shards=old.cache.shards, shared=old.cache.shared))  # fmt: skip
         changed = [
             f.name for f in fields(Config) if getattr(old, f.name) != getattr(new, f.name) and f.name != "source"
         ]

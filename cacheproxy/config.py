@@ -41,6 +41,7 @@ __all__ = [
     "LimitsConfig",
     "LoggingConfig",
     "Rule",
+    "SharedCacheConfig",
     "ShutdownConfig",
     "SnapshotConfig",
     "TLSConfig",
@@ -791,6 +792,49 @@ class LoggingConfig(_Section):
     slow_query: float | None = setting(None, optional(duration(positive=False)))
 
 
+def _mask_password(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host`` (rendered configs never show a password)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
+
+
+def _url_or_off(value: object) -> str | None:
+    """A URL; null or "" is off (so that `url: ${SHARED_URL:-}` turns it off where the variable is unset)."""
+    return None if value is None or value == "" else _string(value)
+
+
+SECRET_URL_OR_OFF: Final = Kind(_url_or_off, lambda value: None if value is None else _mask_password(value))
+
+
+@dataclass(frozen=True, slots=True)
+class SharedCacheConfig(_Section):
+    """The optional shared tier (Redis / Valkey) behind the in-process cache (cache/shared.py).
+
+    ``url``: ``redis://`` or ``rediss://`` (user and password for ACLs; TLS options as redis-py URL parameters, such
+    as ``ssl_ca_certs``), null or "" = off. ``cluster``: a Redis Cluster. ``consistency``: ``bounded`` serves in-process
+    hits as they are (stale across sidecars for at most the invalidation bus delay), ``strict`` checks each against
+    the shared generations first. ``timeout``: per call; slower calls open the circuit breaker for ``cooldown``.
+    ``namespace``: overrides the cluster's system identifier in keys (when the proxy's user cannot read it).
+    ``compress_above``: values larger than this are stored zstd-compressed. ``lock_wait``: how long a miss waits for
+    another sidecar's fill of the same key (single flight across sidecars; 0 = never)."""
+
+    url: str | None = setting(None, SECRET_URL_OR_OFF)
+    cluster: bool = setting(False, BOOLEAN)
+    consistency: str = setting("bounded", choice("bounded", "strict"))
+    timeout: float = setting(0.25, duration(positive=True))
+    cooldown: float = setting(5.0, duration(positive=True))
+    namespace: str | None = setting(None, optional(STRING))
+    compress_above: int = setting(4 * KiB, size(0))
+    lock_wait: float = setting(0.5, duration(positive=False))
+
+    def validate(self) -> None:
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "valkey://", "valkeys://")):
+            raise ConfigError(f"must be a redis:// or rediss:// URL, got {self.url.split(':', 1)[0]}:...", key="url")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig(_Section):
     """The result cache: memory budget, sharding and the TTL used when a rule does not give one."""
@@ -801,6 +845,7 @@ class CacheConfig(_Section):
     shards: int = setting(16, integer(1, 4096))
     default_ttl: float = setting(60.0, duration(positive=True))
     analysis_cache_size: int = setting(10000, integer(0))
+    shared: SharedCacheConfig = section(SharedCacheConfig)
 
     def validate(self) -> None:
         if self.shards & (self.shards - 1):

@@ -1,10 +1,12 @@
 """CacheTier: the interface the request path stores and looks up results through (the seam for a shared tier).
 
-Today one tier exists: `CacheEngine`, in process memory. The next is a shared one (Redis / Valkey) that several
-sidecars fill and read together; it plugs in here, behind the same operations, without the relay knowing which
-tier answers. Keys are cache.keys NamedTuples (stable across processes: a shared tier may encode them as a
-snapshot does); `generations` is the fill-race guard (cache/engine.py explains it), which a shared tier must give
-the same meaning across processes.
+The request path's tier is `CacheEngine`, in process memory. The shared tier (shared_tier.py: Redis / Valkey,
+filled and read by every sidecar) sits behind it rather than behind this Protocol, because its lookups are awaited:
+on an in-process miss the relay waits for `SharedTier.lookup`, which puts a shared hit into this tier, and the
+request is dispatched again and served from here; stores here are passed on to it. Keys are cache.keys NamedTuples
+(stable across processes: the shared tier digests them, as a snapshot writes them); `generations` is the in-process
+fill-race guard (cache/engine.py explains it), which the shared tier gives across processes with generation keys
+(cache/generations.py).
 """
 
 from __future__ import annotations

@@ -76,9 +76,13 @@ class AdminConsole:
             except ValueError as exc:
                 raise ProxyError(SYNTAX_ERROR, str(exc), severity="ERROR") from exc
             removed = service.engine.invalidate_tables([(session.database, name)])
+            if service.shared is not None:
+                service.shared.bump(session.database, (name,))
             return m.command_complete(f"INVALIDATE {removed}")
         if command == "FLUSH":
-            return m.command_complete(f"FLUSH {self._cache().engine.flush()}")
+            service = self._cache()
+            service.flush_shared()
+            return m.command_complete(f"FLUSH {service.engine.flush()}")
         if command == "RELOAD":
             return m.command_complete(f"RELOAD {self._server.reload()}")
         if command == "SNAPSHOT":
@@ -126,6 +130,9 @@ class AdminConsole:
         rows.append(["database_invalidations", str(service.database_flushes)])
         rows.append(["analysis_memo_hits", str(service.analyzer.memo_hits)])
         rows.append(["analysis_memo_misses", str(service.analyzer.memo_misses)])
+        if service.shared is not None:
+            rows += [[f"shared_{name}", None if value is None else str(value)]
+                     for name, value in service.shared.stats().items()]  # fmt: skip
         return rows
 
     def _rules(self) -> list[list[str | None]]:

@@ -28,6 +28,7 @@ from cacheproxy.analysis.strings import backslash_quotes
 from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, TableId, base_table
+from cacheproxy.cache.shared_tier import SharedTier
 from cacheproxy.cache.tier import CacheTier
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import Config
@@ -35,6 +36,7 @@ from cacheproxy.feeds.bus import Invalidation, InvalidationBus
 from cacheproxy.feeds.catalog_loader import CatalogLoader
 from cacheproxy.feeds.replication import ReplicationListener
 from cacheproxy.observability.metrics import Metrics
+from cacheproxy.observability.shared_metrics import SharedCollector
 from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify
 from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope
@@ -63,6 +65,10 @@ class CacheService:
         self.rules = RuleSet(config.rules, cache.default_ttl)
         self.catalogs = CatalogLoader(config.upstream, self.metrics.catalog_loaded)
         self.catalogs.queryids = self.rules.queryids
+        # The shared tier behind this one (Redis / Valkey), when configured: see shared_tier.py.
+        self.shared = SharedTier(cache.shared, self.tier, time.monotonic) if cache.shared.url else None
+        if self.shared is not None:
+            self.metrics.registry.register(SharedCollector(self.shared))
         self.metrics.set_stats_source(self.engine.stats)
         self.max_entry_size = cache.max_entry_size
         self.clock = time.monotonic
@@ -119,6 +125,9 @@ class CacheService:
         self.engine = engine
         self.tier = engine
         self.metrics.set_stats_source(engine.stats)
+        self.verifier.use_tier(engine)
+        if self.shared is not None:
+            self.shared.use_tier(engine)
 
     # -- classification --------------------------------------------------------------------------------------
 
@@ -288,6 +297,32 @@ class CacheService:
         if merged.tables or merged.everything or merged.settings:
             self.bus.publish(database, merged)
 
+    def bump_shared(
+        self, database: str, scopes: Iterable[WriteScope], read: Iterable[str] = ()
+    ) -> asyncio.Task[Any] | None:
+        """Committed writes of this proxy's session are about to be acknowledged: bump their generations in the
+        shared tier (the task to wait for first; None when there is nothing to wait for). `read`: see
+        SharedTier.bump."""
+        if self.shared is None:
+            return None
+        names: set[str] = set()
+        everything = False
+        for scope in scopes:
+            if not self.ignores(scope):
+                everything = everything or scope.everything
+                names.update(scope.tables)
+        if not names and not everything:
+            return None
+        return self.shared.bump(database, names, everything=everything, read=read)
+
+    def flush_shared(self, database: str | None = None) -> None:
+        """CACHEPROXY FLUSH (every database this proxy has served) or a database's invalidation, in the shared tier:
+        bumping a database's own generation makes every entry of it stale (no KEYS, no FLUSHALL)."""
+        if self.shared is None:
+            return
+        for name in [database] if database is not None else sorted(set(self._sessions) | set(self._down)):
+            self.shared.bump(name, (WHOLE_DATABASE,))
+
     def apply_remote(self, database: str, invalidation: Invalidation) -> None:
         """Another proxy's clients (or, with replication on, anyone) committed a write."""
         self.metrics.bus_message("received")
@@ -298,17 +333,30 @@ class CacheService:
             self.workload.database_written(database)
         elif invalidation.tables:
             self.workload.written(database, {base_table(name) for name in invalidation.tables})
-            # A row id ("t\x00<bucket>") is applied as such only where this proxy's entries of `t` carry row ids
-            # too: its current catalog gives `t` a point key (a change of that needs DDL, which drops everything).
-            # Otherwise, or without a catalog, the whole table.
-            catalog = self.catalogs.get(database)
-            points = catalog.point_columns if catalog is not None else {}
-            names = {name if base_table(name) in points else base_table(name) for name in invalidation.tables}
-            self.engine.invalidate_tables([(database, name) for name in names])
+            self._drop_names(database, invalidation.tables)
         if invalidation.ddl:
             self.after_ddl(database)
         if invalidation.settings:
             self.settings_epoch += 1
+
+    def _drop_names(self, database: str, names: Iterable[str]) -> None:
+        """A row id ("t\x00<bucket>") is applied as such only where this proxy's entries of `t` carry row ids too:
+        its current catalog gives `t` a point key (a change of that needs DDL, which drops everything). Otherwise,
+        or without a catalog, the whole table."""
+        catalog = self.catalogs.get(database)
+        points = catalog.point_columns if catalog is not None else {}
+        found = {name if base_table(name) in points else base_table(name) for name in names}
+        self.engine.invalidate_tables([(database, name) for name in found])
+
+    def settle(self, database: str, scopes: Iterable[WriteScope]) -> None:
+        """A commit's shared bump is made (or gave up): invalidate in process again, and only now tell the other
+        proxies. A lookup that read the generations before the bump landed may have put a shared entry older than
+        the write into an in-process tier after the first invalidation (its guard was taken after it); this one
+        removes it, here and, by the bus, at every other proxy."""
+        scopes = list(scopes)
+        for scope in scopes:
+            self.invalidate(database, scope, counted=False)
+        self.publish(database, scopes)
 
     def watch(self, database: str) -> asyncio.Future[Any] | None:
         """A session of `database` starts: load its catalog and listen to its invalidations, if not yet. Returns
@@ -469,7 +517,12 @@ class CacheService:
 
     def _replicated(self, database: str, tables: frozenset[tuple[str, str]], _lsn: int) -> None:
         """A transaction committed anywhere (this proxy's own included: invalidating twice is merely safe)."""
-        self.apply_remote(database, Invalidation(frozenset(name for _, name in tables)))
+        names = frozenset(name for _, name in tables)
+        self.apply_remote(database, Invalidation(names))
+        if self.shared is not None:  # writes that bypass every sidecar: nobody else bumps them
+            bump = self.shared.bump(database, names)
+            if bump is not None:  # (again once it is made: see settle)
+                bump.add_done_callback(lambda _: self._drop_names(database, names))
 
     def _set_down(self, database: str, feed: str, reason: str | None) -> None:
         """Record why `feed` of `database` is not up (None: it is up); `blind` is derived here, and only here."""
@@ -490,6 +543,8 @@ class CacheService:
             if (database, feed) in self._fed:
                 # Back after a loss: whatever was committed meanwhile is unknown.
                 self.engine.invalidate_database(database)
+                if feed == "replication" and self.shared is not None:  # (writes no sidecar bumped may be among it)
+                    self.shared.bump(database, (), everything=True)
             self._fed.add((database, feed))
             self._set_down(database, feed, None)
         else:
@@ -568,6 +623,20 @@ class CacheService:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="cache-sweeper")
         self.verifier.start()
 
+    async def start_shared(self) -> None:
+        """Connect the shared tier, if any, and learn its namespace (the upstream cluster's system identifier)."""
+        if self.shared is None:
+            return
+        upstream = self.config.upstream
+
+        async def system_id() -> str:
+            from cacheproxy.snapshot.evidence import read_cluster  # (asyncpg control connection, as snapshots do)
+
+            async with asyncio.timeout(10.0):
+                return (await read_cluster(upstream, upstream.database or "postgres")).system_identifier
+
+        await self.shared.start(system_id)
+
     async def stop(self) -> None:
         for timer in self._idle_timers.values():
             timer.cancel()
@@ -583,6 +652,8 @@ class CacheService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.catalogs.close()
+        if self.shared is not None:
+            await self.shared.close()
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -28,17 +28,18 @@ from random import random
 from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
-from cacheproxy.cache.entry import Entry
+from cacheproxy.cache.entry import Entry, TableId
 from cacheproxy.cache.keys import CacheKey
 from cacheproxy.config import LimitsConfig
 from cacheproxy.errors import ProtocolViolation
 from cacheproxy.policy.classify import Classified, dependencies
 from cacheproxy.policy.verdict import WriteScope
+from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer
 from cacheproxy.protocol.messages import IDLE
 from cacheproxy.protocol.replies import Capture, Op, Pending
-from cacheproxy.protocol.statements import Statement, StatementRegistry
+from cacheproxy.protocol.statements import Statement, StatementRegistry, key_types
 from cacheproxy.proxy import local_answers
 from cacheproxy.proxy.admin_console import is_admin_command
 from cacheproxy.proxy.cache_service import CacheService
@@ -102,6 +103,15 @@ class CachingRelay:
         self.count: Callable[[Hashable, Entry | None], None] = (
             self._verify.counting(self._tier.count, self.tx) if self._verify.rate else self._tier.count
         )
+        # The shared tier behind the in-process one (cache/shared_tier.py): asked on an in-process miss (`strict`:
+        # before serving an in-process hit too), at most once per key per client message (`_asked`).
+        self._shared = service.shared
+        self._strict = self._shared is not None and self._shared.strict
+        self._asked: dict[Hashable, asyncio.Task[Entry | None] | None] = {}
+        if self._shared is not None:
+            shared = self._shared.config
+            self._shared_wait = 2 * shared.timeout + shared.lock_wait
+            self._write_client = self.inflight.write_client  # behind bytes held for generation bumps
         self._client_framer = Framer(limits.max_message_size)
         self._max_batch_bytes = limits.max_pipeline_bytes
         self._inbox: deque[tuple[int, bytes]] = deque()
@@ -156,6 +166,8 @@ class CachingRelay:
                 break  # waiting: the message stays at the head and is dispatched again after the wait
             inbox.popleft()
             self._waited = self._released = False
+            if self._asked:
+                self._asked.clear()
         # The client sent all it has and no Sync or Flush ends the batch: the server would run each message as it
         # arrives (and send an error at once), so a client that waits now must not wait for us. Held still only if
         # the cache can answer it all: the server would then have sent nothing yet either.
@@ -239,13 +251,15 @@ class CachingRelay:
             and self.tx.may_read(classified)
         ):
             key = keys.query_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), sql)
-            entry = self._tier.get(key, started, count_miss=False)
-            if entry is not None:
+            entry = self._tier.get(key, started, count_miss=False, count_hit=not self._strict)
+            if entry is not None and (not self._strict or self._verified(key, entry)):
                 self._write_client(entry.value + self.tx.status.ready)
                 self.service.observe_hit(classified.verdict.tables, classified.stats)
                 if self._verify.rate and random() < self._verify.rate:  # shadow verification (verify/verifier.py)
                     self._verify.offer(entry, self.tx)
                 return True
+            if self._shared is not None and self._ask_shared(key, dependencies(self.database, classified), entry):
+                return False  # dispatched again once the shared tier answered (a hit is then in process)
             fill = self._begin_fill(key, classified, sql)
             if fill is None:
                 return False  # (a miss is counted once, when the query goes upstream)
@@ -367,10 +381,36 @@ class CachingRelay:
             leader = True
         return self.inflight.fill(key, classified, dependencies(self.database, classified), sql, leader)
 
+    def _verified(self, key: Hashable, entry: Entry) -> bool:
+        """strict: an in-process hit is served only once the shared generations confirmed it (counted then)."""
+        assert self._shared is not None
+        if not self._shared.verified(entry, self._asked.get(key)):
+            return False
+        self.count(key, entry)
+        return True
+
+    def _ask_shared(self, key: Hashable, tables: frozenset[TableId], entry: Entry | None) -> bool:
+        """After an in-process miss (strict: or an unconfirmed hit, `entry`): ask the shared tier, once per key per
+        message. True when the session now waits for its answer."""
+        assert self._shared is not None
+        if key in self._asked:
+            return False
+        task = self._asked[key] = self._shared.lookup(self.database, key, tables, local=entry is not None)
+        if task is None:
+            return False  # the tier is away: the in-process tier alone
+        self._wait_for(task, self._shared_wait, counts=False)
+        return True
+
     def _wait_for(
-        self, awaitable: asyncio.Future[object] | asyncio.Task[object] | asyncio.Future[None], timeout: float
+        self,
+        awaitable: asyncio.Future[object] | asyncio.Task[object] | asyncio.Future[None] | asyncio.Task[Entry | None],
+        timeout: float,
+        *,
+        counts: bool = True,
     ) -> None:
-        """Pause this session's client side until `awaitable` is done (or `timeout`), then go on where it was."""
+        """Pause this session's client side until `awaitable` is done (or `timeout`), then go on where it was.
+        `counts`: this is the message's one wait for a catalog or another session's fill (a shared-tier lookup is
+        not: the message may still wait for those)."""
         self._waiting = True
         self.session.pause_client()
 
@@ -384,7 +424,7 @@ class CachingRelay:
             except Exception:  # timed out, or what we waited for failed: go on without it
                 pass
             self._waiting = False
-            self._waited = True
+            self._waited = self._waited or counts
             self.session.resume_client()
             self.session.run_guarded(self._drain_inbox)
 
@@ -482,6 +522,10 @@ class CachingRelay:
         key = keys.execute_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), statement.query,
                                statement.param_types, arguments, max_rows)  # fmt: skip
         entry = self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
+        if entry is not None and self._strict:
+            assert self._shared is not None
+            if not self._shared.verified(entry, self._asked.get(key)):
+                return None  # not confirmed yet: `fill_in_flight` asks the shared tier
         if entry is not None:  # a hit for the advisor, if the batch is answered here
             if self._found is None:
                 self._found = classified.stats
@@ -490,11 +534,17 @@ class CachingRelay:
         return entry
 
     def fill_in_flight(self, statement: Statement, arguments: bytes, max_rows: int) -> bool:
-        """After a miss: wait (once) when another session is filling that very key."""
-        if self._waited:
-            return False
+        """After a miss: ask the shared tier (if any); wait (once) when another session is filling that very key."""
         key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
                                statement.param_types, arguments, max_rows)  # fmt: skip
+        if self._shared is not None:
+            classified = self.service.classify(self.database, statement.query, self.tx.strings)
+            tables = dependencies(self.database, classified, arguments, key_types(statement), fe.bind_parameter)
+            entry = self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
+            if self._ask_shared(key, tables, entry):
+                return True
+        if self._waited:
+            return False
         in_flight = self.service.fill_in_flight(key)
         if in_flight is None:
             return False

@@ -11,13 +11,14 @@ conditions are about what is in flight.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.lexer import names_time_word
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry, TableId
+from cacheproxy.cache.generations import dependency_names
 from cacheproxy.cache.keys import CacheKey
 from cacheproxy.policy.classify import Classified, dependencies, row_scope, shape_dependencies
 from cacheproxy.policy.verdict import WriteScope, write_scope
@@ -70,6 +71,12 @@ class InFlight:
         self.leading: set[CacheKey] = set()  # keys whose single-flight slot this session holds
         self.stale: list[Entry] = []  # entries this session's writes removed: refreshed once committed
         self.drained: asyncio.Future[None] | None = None  # set when nothing is pending any more (someone waits)
+        # Shared tier (cache/shared_tier.py): generation bumps of committed writes not yet made, and the client's
+        # bytes held until they are (a commit is acknowledged only once every sidecar would see it).
+        self._bumps: list[asyncio.Task[object]] = []
+        self._held: list[bytes] | None = None
+        # Write-through refreshes waiting for a bump, which also reads the generations they are stamped with.
+        self._refreshing: tuple[asyncio.Task[object], list[Entry]] | None = None
 
     def cache_use(self) -> int:
         """The one decision of whether this session may use the cache now (per statement, `tx.may_read` adds what
@@ -109,7 +116,7 @@ class InFlight:
         if unknown:
             for scope in unknown:
                 self.service.invalidate(self.database, scope, counted=False)
-            self.service.publish(self.database, unknown)
+            self._bump_then_publish(unknown)
             self.tx.writes.clear()
 
     # -- before a request goes upstream -----------------------------------------------------------------------
@@ -326,9 +333,12 @@ class InFlight:
 
     def fill(self, key: CacheKey, classified: Classified, tables: frozenset[TableId], sql: bytes, leader: bool) -> Fill:
         verdict = classified.verdict
-        return Fill(key, tables, self._tier.generations(tables), verdict.ttl, sql.decode("utf-8", "replace"),
+        fill = Fill(key, tables, self._tier.generations(tables), verdict.ttl, sql.decode("utf-8", "replace"),
                     verdict.rule, leader, deferred=self.tx.status is not IDLE,
                     stale_for=verdict.stale_if_error)  # fmt: skip
+        if self.service.shared is not None:  # taken now, as the query goes upstream (see SharedTier.take)
+            fill.shared = self.service.shared.take(key)
+        return fill
 
     def probe_isolation(self, out: list[bytes]) -> None:
         """Ask the server the isolation level of the transaction a BEGIN just opened, pipelined behind it: no round
@@ -402,11 +412,37 @@ class InFlight:
             if not self.drained.done():
                 self.drained.set_result(None)
             self.drained = None
-        if pieces is None:
-            self._write_client(region)
+        data = region if pieces is None else b"".join((*pieces, region[last:]))
+        if self._held is None and not self._bumps:
+            self._write_client(data)
         else:
-            pieces.append(region[last:])
-            self._write_client(b"".join(pieces))
+            self.write_client(data)
+
+    def write_client(self, data: bytes) -> None:
+        """Write to the client, after what is held (with a shared tier, every client write goes through here)."""
+        if self._held is None and self._bumps:
+            self._held = []
+            self.session.spawn(self._release_held())
+        if self._held is None:
+            self._write_client(data)
+        else:
+            self._held.append(data)
+
+    async def _release_held(self) -> None:
+        """Acknowledge (write what is held) once the generation bumps are made, or their time is up: the tier is
+        then away, and its breaker open (shared_tier.py says what that leaves open)."""
+        while self._bumps:
+            bumps, self._bumps = self._bumps, []
+            await asyncio.wait(bumps, timeout=self.service.config.cache.shared.timeout)
+        if self._refreshing is not None:  # before the acknowledgement: the client's next read waits for them
+            bump, stale = self._refreshing
+            self._refreshing = None
+            read = bump.result() if bump.done() and not bump.cancelled() and bump.exception() is None else None
+            generations = read if isinstance(read, dict) else None
+            if not self.tracker.pending:
+                self.session.run_guarded(lambda: self._refresh(stale, generations))
+        held, self._held = self._held or [], None
+        self._write_client(b"".join(held))
 
     def _transaction_ended(self, end: TxEnd) -> None:
         """A transaction ended (the tracker says how): invalidate again what it wrote, so that no entry filled by
@@ -418,25 +454,52 @@ class InFlight:
         for scope in end.writes:
             service.invalidate(self.database, scope, counted=False, removed=self.stale)
             service.after_write(self.database, scope)  # the committed schema, as other sessions now see it
+        refresh = bool(self.stale) and end.committed and not end.chained and not self.tracker.pending
+        bump = None
         if end.writes:
-            service.publish(self.database, end.writes)
+            read = self._refresh_names() if refresh and service.shared is not None else ()
+            bump = self._bump_then_publish(list(end.writes), read)
+            if bump is not None:
+                self._bumps.append(bump)
         for fill, value in end.fills:
             self.store(fill, value)
         if self.stale:
-            if end.committed and not end.chained and not self.tracker.pending:
-                self._refresh()
+            if refresh and bump is not None:
+                self._refreshing = (bump, list(self.stale))  # sent once the bump read their generations
+            elif refresh:
+                self._refresh(self.stale)
             self.stale.clear()
         self.registry.transaction_ended()
 
-    def _refresh(self) -> None:
+    def _bump_then_publish(self, writes: list[WriteScope], read: Iterable[str] = ()) -> asyncio.Task[object] | None:
+        """Tell the other proxies what committed writes invalidated: at once without a shared tier; with one, once
+        their generations are bumped there (CacheService.settle says why). The bump task, if any."""
+        service = self.service
+        bump = service.bump_shared(self.database, writes, read)
+        if bump is None:
+            service.publish(self.database, writes)
+        else:
+            database = self.database
+            bump.add_done_callback(lambda _: service.settle(database, writes))
+        return bump
+
+    def _refresh_names(self) -> set[str]:
+        """The generation names of the entries write-through may refresh (read by the bump, for their stamps)."""
+        names: set[str] = set()
+        for entry in write_through.candidates(self.stale, self.database, self.user, self.tx.state_digest()):
+            names.update(dependency_names(entry.tables))
+        return names
+
+    def _refresh(self, stale: list[Entry], generations: dict[str, bytes | None] | None = None) -> None:
         """Write-through (write_through.py): run again, hottest first, within `write_through.concurrency` and the
-        budget, the results of `write_through` tables that this session's committed writes removed."""
+        budget, the results of `write_through` tables that this session's committed writes removed (`stale`). With
+        `generations` (read after the commit's bump, before these are sent), their results fill the shared tier."""
         service = self.service
         if self.cache_use() != ANSWER:
             return
         out: list[bytes] = []
         budget = service.refresh_concurrency
-        for entry in write_through.candidates(self.stale, self.database, self.user, self.tx.state_digest()):
+        for entry in write_through.candidates(stale, self.database, self.user, self.tx.state_digest()):
             key = entry.key
             assert isinstance(key, keys.QueryKey | keys.ExecuteKey)
             classified = service.classify(self.database, key.sql, self.tx.strings)
@@ -452,6 +515,8 @@ class InFlight:
                 self.leading.add(key)
             fill = Fill(key, entry.tables, self._tier.generations(entry.tables), classified.verdict.ttl, entry.query,
                         entry.rule or "", leader, stale_for=classified.verdict.stale_if_error)  # fmt: skip
+            if generations is not None and service.shared is not None:
+                fill.shared = service.shared.stamp(self.database, entry.tables, generations)
             messages, requests = write_through.refresh_requests(key, Capture(service.max_entry_size, fill))
             out += messages
             for pending in requests:
@@ -508,9 +573,13 @@ class InFlight:
     def store(self, fill: Fill, value: bytes) -> bool:
         """Store a captured result, unless one of its tables was invalidated since its request was sent (the
         generations taken then no longer match): by this session's transaction or by anyone else."""
-        return self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
-                              query=fill.query, rule=fill.rule, generations=fill.generations,
-                              stale_for=fill.stale_for)  # fmt: skip
+        stored = self._tier.put(fill.key, value, tables=fill.tables, ttl=fill.ttl, now=self.service.clock(),
+                                query=fill.query, rule=fill.rule, generations=fill.generations,
+                                stale_for=fill.stale_for)  # fmt: skip
+        shared = self.service.shared
+        if stored and shared is not None:
+            shared.fill(fill.key, value, fill.tables, fill.ttl, fill.query, fill.rule, fill.shared)
+        return stored
 
     def release_fill(self, capture: Capture) -> None:
         """Give up the single-flight slot of a fill this session leads (waiters then look up, or go upstream)."""

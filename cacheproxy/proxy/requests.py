@@ -36,6 +36,8 @@ class Fill:
     leader: bool  # this session registered the single-flight entry for the key
     deferred: bool = False  # read inside a transaction block: stored only if that transaction commits
     stale_for: float = 0.0  # the rule's stale_if_error window
+    # The shared tier's generations read before the query went upstream (cache/shared_tier.py `Stamp`), if any.
+    shared: object = None
 
 
 @dataclass(slots=True)

@@ -178,7 +178,7 @@ def test_compose_file_wires_postgres_sidecar_and_app() -> None:
     path = EXAMPLES / "docker-compose.yml"
     text = path.read_text()
     services = yaml.safe_load(text)["services"]
-    assert set(services) == {"postgres", "cacheproxy", "app"}
+    assert set(services) == {"postgres", "valkey", "cacheproxy", "app"}
     assert services["postgres"]["image"] == "postgres:15"
     assert "healthcheck" in services["postgres"]
 
@@ -191,6 +191,12 @@ def test_compose_file_wires_postgres_sidecar_and_app() -> None:
     assert proxy["command"] == ["run", "--config", "/etc/cacheproxy/cacheproxy.yaml"]
     assert any(port.endswith(":6432") for port in proxy["ports"])
     assert any(port.endswith(":9187") for port in proxy["ports"])
+
+    # The shared tier (cache.shared.url, from CACHEPROXY_SHARED_URL in cacheproxy.yaml): the valkey service.
+    assert "allkeys-lru" in services["valkey"]["command"]
+    assert proxy["environment"]["CACHEPROXY_SHARED_URL"].startswith("redis://valkey:6379/")
+    assert proxy["depends_on"]["valkey"]["condition"] == "service_healthy"
+    assert "${CACHEPROXY_SHARED_URL:-}" in (EXAMPLES / "cacheproxy.yaml").read_text()
 
     app = services["app"]
     assert "@cacheproxy:6432/" in app["environment"]["DATABASE_URL"]
@@ -248,3 +254,17 @@ def test_examples_readme_says_how_the_image_is_checked() -> None:
     text = (EXAMPLES / "README.md").read_text()
     assert ".ci/build-image" in text
     assert "no Docker engine" in text
+
+
+def test_kubernetes_valkey_is_the_shared_tier_of_the_pods_sidecar() -> None:
+    docs = {doc["kind"]: doc for doc in yaml.safe_load_all((EXAMPLES / "kubernetes" / "valkey.yaml").read_text())}
+    assert set(docs) == {"Deployment", "Service"}
+    (container,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert "allkeys-lru" in container["args"]
+    service = docs["Service"]
+    pod = next(d for d in yaml.safe_load_all((EXAMPLES / "kubernetes" / "pod.yaml").read_text()) if d["kind"] == "Pod")
+    proxy = next(c for c in pod["spec"]["initContainers"] if c["name"] == "cacheproxy")
+    url = next(item["value"] for item in proxy["env"] if item["name"] == "CACHEPROXY_SHARED_URL")
+    assert (
+        url.startswith(f"redis://{service['metadata']['name']}.") and f":{service['spec']['ports'][0]['port']}/" in url
+    )
