@@ -19,6 +19,7 @@ from cacheproxy.cache import keys
 from cacheproxy.catalog.model import Catalog, Relation
 from cacheproxy.config import build_config
 from cacheproxy.protocol.framing import encode
+from cacheproxy.protocol.statements import Statement
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.transaction import TransactionTracker
@@ -36,6 +37,11 @@ REQUESTS = {
     "simple": encode(b"Q", _SQL + b"\x00"),
     "extended": encode(b"P", b"\x00" + _XSQL + b"\x00" + pack("!H", 0))
     + encode(b"B", b"\x00\x00" + _ARGUMENTS)
+    + encode(b"D", b"P\x00")
+    + encode(b"E", b"\x00" + pack("!i", 0))
+    + encode(b"S"),
+    # libpq's PQexecPrepared of a statement prepared before (pgbench -M prepared): no Parse.
+    "prepared": encode(b"B", b"\x00p\x00" + _ARGUMENTS)
     + encode(b"D", b"P\x00")
     + encode(b"E", b"\x00" + pack("!i", 0))
     + encode(b"S"),
@@ -89,6 +95,7 @@ async def _relay() -> tuple[CachingRelay, list[int]]:
     service.engine.put(keys.query_key("db", "u", state, _SQL), _RESULT, tables=tables, ttl=3600, now=now)
     key = keys.execute_key("db", "u", state, _XSQL, (), _ARGUMENTS, 0)
     service.engine.put(key, _RESULT, tables=tables, ttl=3600, now=now)
+    relay.registry.statements["p"] = Statement(_XSQL, (), upstream=True)
     return relay, written
 
 
