@@ -1,16 +1,18 @@
 """The cache-hit path of the caching relay, measured without sockets: `python3 -m bench.hit_path`.
 
 A CachingRelay is driven in-process by a fake session (no transports, no PostgreSQL: a catalog is put in place), for
-a simple Query and for the hot extended batch (Parse, Bind, Describe, Execute, Sync) that hit. It prints the best
-time per hit over several rounds, and the function calls per hit (cProfile: deterministic, unlike times on a shared
-machine). A companion to `python3 -m bench` (the whole proxy over TCP), for comparing code before and after.
-"""
+a simple Query, the hot extended batch (Parse, Bind, Describe, Execute, Sync) and a prepared execution (Bind,
+Describe, Execute, Sync) that hit. It prints the best time per hit over several rounds, and the function calls per
+hit (cProfile: deterministic, unlike times on a shared machine); `--requests N` runs N hits of each kind and nothing
+else, for callgrind. A companion to `python3 -m bench` (the whole proxy over TCP), for comparing code before and
+after."""
 
 from __future__ import annotations
 
 import asyncio
 import cProfile
 import pstats
+import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from struct import pack
@@ -99,10 +101,16 @@ async def _relay() -> tuple[CachingRelay, list[int]]:
     return relay, written
 
 
-async def main() -> None:
+async def main(argv: list[str]) -> None:
     relay, written = await _relay()
     for name, request in REQUESTS.items():
+        if "--kind" in argv and argv[argv.index("--kind") + 1] != name:
+            continue
         relay.on_client_data(request)
+        if "--requests" in argv:  # only N hits, for instruction counts (see bench/miss_path.py)
+            for _ in range(int(argv[argv.index("--requests") + 1])):
+                relay.on_client_data(request)
+            continue
         best = float("inf")
         for _ in range(_ROUNDS):
             started = time.perf_counter()
@@ -120,4 +128,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(sys.argv[1:]))

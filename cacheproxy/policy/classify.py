@@ -41,11 +41,19 @@ class Classified:
 
 
 def classify(
-    sql: bytes, info: QueryInfo, catalog: Catalog | None, rules: RuleSet, *, points: bool = True
+    sql: bytes,
+    info: QueryInfo,
+    catalog: Catalog | None,
+    rules: RuleSet,
+    *,
+    points: bool = True,
+    verdict: ReadVerdict | None = None,
 ) -> Classified:
     """Judge `info` (the analysis of `sql`) under `catalog` (None: not loaded, nothing is cacheable) and `rules`.
-    `points`: look for row-level points (read from `sql` as UTF-8 with standard strings)."""
-    verdict = judge_read(info, catalog, rules) if catalog is not None else NO_CATALOG
+    `points`: look for row-level points (read from `sql` as UTF-8 with standard strings). `verdict`: judge_read's
+    verdict for this very `info`, catalog and rules, already known (it depends on nothing else)."""
+    if verdict is None:
+        verdict = judge_read(info, catalog, rules) if catalog is not None else NO_CATALOG
     version = catalog.version if catalog is not None else -1
     if not points:
         return Classified(info, verdict, version)

@@ -20,6 +20,7 @@ from collections.abc import Hashable, Iterable
 from typing import Any
 
 from cacheproxy.analysis.analyzer import Analyzer, analyze_head
+from cacheproxy.analysis.model import QueryInfo
 from cacheproxy.analysis.strings import backslash_quotes
 from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
@@ -33,7 +34,7 @@ from cacheproxy.feeds.replication import ReplicationListener
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify
 from cacheproxy.policy.rules import RuleSet
-from cacheproxy.policy.verdict import WriteScope
+from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
 
 log = logging.getLogger("cacheproxy.cache")
 
@@ -62,6 +63,9 @@ class CacheService:
         self.clock = time.monotonic
         # Exact statement text -> classification, per database: the hot path's one dict lookup.
         self._memo: OrderedDict[tuple[str, bytes, str], Classified] = OrderedDict()
+        # id(analysis) -> (the analysis, catalog version, its verdict): the analysis is kept so that its id is not
+        # reused by another while the entry lives.
+        self._verdicts: dict[int, tuple[QueryInfo, int, ReadVerdict]] = {}
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
@@ -122,8 +126,20 @@ class CacheService:
                 info = analyze_head("", "statement in a client encoding the proxy cannot decode", unknown=True)
             else:
                 info = self.analyzer.analyze(text, backslash_quotes(strings))
+        # Statements that differ only in their literals share one analysis (the analyzer's memo, by fingerprint),
+        # and so one verdict under a catalog version: judged once, not once per text.
+        verdict: ReadVerdict | None = None
+        if catalog is not None:
+            judged = self._verdicts.get(id(info))
+            if judged is not None and judged[0] is info and judged[1] == version:
+                verdict = judged[2]
+            else:
+                verdict = judge_read(info, catalog, self.rules)
+                if len(self._verdicts) >= _CLASSIFY_MEMO:
+                    self._verdicts.clear()
+                self._verdicts[id(info)] = (info, version, verdict)
         # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
-        found = classify(sql, info, catalog, self.rules, points=not strings)
+        found = classify(sql, info, catalog, self.rules, points=not strings, verdict=verdict)
         if len(sql) <= _MEMO_MAX_STATEMENT:  # long statements are rare repeats, and would pin their text here
             self._memo[memo_key] = found
             if len(self._memo) > _CLASSIFY_MEMO:
@@ -137,6 +153,7 @@ class CacheService:
         self.write_through = any(rule.strategy == "write_through" for rule in config.rules)
         self.max_entry_size = config.cache.max_entry_size
         self._memo.clear()  # verdicts were judged under the old rules
+        self._verdicts.clear()
         doomed: set[TableId] = set()
         for entry in self.engine.entries():
             for table in entry.tables:
