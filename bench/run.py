@@ -200,6 +200,8 @@ def _start_targets(bench: Bench, stoppers: list[Callable[[], None]]) -> dict[str
 
 def _proxy_config(*, cache: bool, ttl: str, strategy: str | None) -> str:
     text = f"cache:\n  enabled: {'true' if cache else 'false'}\n  max_memory: {MAX_MEMORY}\n  default_ttl: {ttl}\n"
+    # A proxy whose target is idle for a while (the other sections run) keeps its connections and entries.
+    text += "invalidation:\n  idle_release: null\n"
     if strategy is not None:
         text += f"rules:\n  - tables: [pgbench_accounts]\n    ttl: {ttl}\n    strategy: {strategy}\n"
     return text

@@ -137,6 +137,25 @@ class CachingRelay:
         ):
             self._whole_batch(region, frames)
             return
+        if (
+            len(frames) == 1
+            and frames[0][0] == m.QUERY
+            and not self._inbox
+            and not self._batch
+            and not self._waiting
+            and not self.tracker.pending
+            and not self.session.client_backlogged()
+        ):
+            # One simple Query with nothing before it: dispatched as `_drain_inbox` would, without the inbox.
+            out: list[bytes] = []
+            message = region[frames[0][1] : frames[0][2]]
+            if self._on_query(message, out):
+                self._waited = self._released = False
+            else:
+                self._inbox.append((m.QUERY, message))  # waiting: dispatched again afterwards, from the inbox head
+            if out:
+                self._write_upstream(b"".join(out))
+            return
         for msg_type, start, end in frames:
             self._inbox.append((msg_type, region[start:end]))
         self._drain_inbox()

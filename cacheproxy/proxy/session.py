@@ -434,7 +434,8 @@ class Session:
 
     def _on_client_data(self, data: bytes) -> None:
         """Client -> upstream. Counts request cycles so that `idle` is known without parsing results."""
-        self._cancel_idle_timer()
+        if self._idle_timer is not None:
+            self._cancel_idle_timer()
         if self._caching is not None:
             self._guarded(self._caching.on_client_data, data)
             if self._caching.terminated:
@@ -486,6 +487,8 @@ class Session:
         self._after_upstream_data()
 
     def _after_upstream_data(self) -> None:
+        if self._close_requested is None and self._idle_timeout is None:
+            return  # (the common case: nothing waits for the session to become idle)
         if self.idle:
             if self._close_requested:
                 self._end_relay(ProxyError(ADMIN_SHUTDOWN, "terminating connection: " + self._close_requested))
