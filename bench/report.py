@@ -248,7 +248,8 @@ def targets_table(summaries: Sequence[Summary]) -> str:
 
 def _compare(ours: Summary, theirs: Summary, what: str) -> str:
     if what == "tps":
-        return f"{ours.tps:,.0f} TPS | {theirs.tps:,.0f} TPS | {ours.tps / theirs.tps:.2f}x"
+        ratio = f"{ours.tps / theirs.tps:.2f}x" if theirs.tps else "-"
+        return f"{ours.tps:,.0f} TPS | {theirs.tps:,.0f} TPS | {ratio}"
     if what == "pg" and ours.pg_us_per_txn is not None and theirs.pg_us_per_txn is not None:
         return (f"{ours.pg_us_per_txn:.1f} µs | {theirs.pg_us_per_txn:.1f} µs "
                 f"| {ours.pg_us_per_txn / theirs.pg_us_per_txn:.2f}x")  # fmt: skip
