@@ -1,16 +1,18 @@
 """The cache-hit path of the caching relay, measured without sockets: `python3 -m bench.hit_path`.
 
 A CachingRelay is driven in-process by a fake session (no transports, no PostgreSQL: a catalog is put in place), for
-a simple Query and for the hot extended batch (Parse, Bind, Describe, Execute, Sync) that hit. It prints the best
-time per hit over several rounds, and the function calls per hit (cProfile: deterministic, unlike times on a shared
-machine). A companion to `python3 -m bench` (the whole proxy over TCP), for comparing code before and after.
-"""
+a simple Query, the hot extended batch (Parse, Bind, Describe, Execute, Sync) and a prepared execution (Bind,
+Describe, Execute, Sync) that hit. It prints the best time per hit over several rounds, and the function calls per
+hit (cProfile: deterministic, unlike times on a shared machine); `--requests N` runs N hits of each kind and nothing
+else, for callgrind. A companion to `python3 -m bench` (the whole proxy over TCP), for comparing code before and
+after."""
 
 from __future__ import annotations
 
 import asyncio
 import cProfile
 import pstats
+import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from struct import pack
@@ -19,6 +21,7 @@ from cacheproxy.cache import keys
 from cacheproxy.catalog.model import Catalog, Relation
 from cacheproxy.config import build_config
 from cacheproxy.protocol.framing import encode
+from cacheproxy.protocol.statements import Statement
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
 from cacheproxy.proxy.listens import Listens
@@ -37,6 +40,11 @@ REQUESTS = {
     "simple": encode(b"Q", _SQL + b"\x00"),
     "extended": encode(b"P", b"\x00" + _XSQL + b"\x00" + pack("!H", 0))
     + encode(b"B", b"\x00\x00" + _ARGUMENTS)
+    + encode(b"D", b"P\x00")
+    + encode(b"E", b"\x00" + pack("!i", 0))
+    + encode(b"S"),
+    # libpq's PQexecPrepared of a statement prepared before (pgbench -M prepared): no Parse.
+    "prepared": encode(b"B", b"\x00p\x00" + _ARGUMENTS)
     + encode(b"D", b"P\x00")
     + encode(b"E", b"\x00" + pack("!i", 0))
     + encode(b"S"),
@@ -91,13 +99,20 @@ async def _relay() -> tuple[CachingRelay, list[int]]:
     service.engine.put(keys.query_key("db", "u", state, _SQL), _RESULT, tables=tables, ttl=3600, now=now)
     key = keys.execute_key("db", "u", state, _XSQL, (), _ARGUMENTS, 0)
     service.engine.put(key, _RESULT, tables=tables, ttl=3600, now=now)
+    relay.registry.statements["p"] = Statement(_XSQL, (), upstream=True)
     return relay, written
 
 
-async def main() -> None:
+async def main(argv: list[str]) -> None:
     relay, written = await _relay()
     for name, request in REQUESTS.items():
+        if "--kind" in argv and argv[argv.index("--kind") + 1] != name:
+            continue
         relay.on_client_data(request)
+        if "--requests" in argv:  # only N hits, for instruction counts (see bench/miss_path.py)
+            for _ in range(int(argv[argv.index("--requests") + 1])):
+                relay.on_client_data(request)
+            continue
         best = float("inf")
         for _ in range(_ROUNDS):
             started = time.perf_counter()
@@ -115,4 +130,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(sys.argv[1:]))

@@ -45,6 +45,7 @@ class Run:
     p99_ms: float | None = None
     hit_ratio: float | None = None
     proxy_rss: int | None = None  # bytes, after the run
+    transactions: int = 0  # pgbench's count of completed transactions (for CPU per transaction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,8 @@ class Summary:
     p99_ms: float | None
     hit_ratio: float | None
     proxy_rss: int | None  # the largest seen
+    pg_us_per_txn: float | None = None  # PostgreSQL's CPU per transaction (median over runs), µs
+    proxy_us_per_txn: float | None = None
 
 
 @dataclass(slots=True)
@@ -136,6 +139,8 @@ def _summary(group: list[Run]) -> Summary:
         p99_ms=_median_of(r.p99_ms for r in group),
         hit_ratio=_median_of(r.hit_ratio for r in group),
         proxy_rss=max(rss) if rss else None,
+        pg_us_per_txn=_median_of(r.pg_cpu / r.transactions * 1e6 if r.transactions else None for r in group),
+        proxy_us_per_txn=_median_of(r.proxy_cpu / r.transactions * 1e6 if r.transactions else None for r in group),
     )
 
 
@@ -153,6 +158,10 @@ SECTION_TITLES = {
     "mix": "90/10 read/write mix on the hot keys (reads as above; writes UPDATE pgbench_accounts)",
     "workers-hot": "Hot reads with 1 and with N worker processes (server.workers)",
     "workers-mix": "90/10 mix with 1 and with N worker processes (server.workers, lazy rule)",
+    "miss": "Misses: reads over all of pgbench_accounts (`random(1, 100000 * scale)`), almost every one a miss",
+    "single-miss": "Single client (-c 1), misses: per-transaction latency from pgbench --log",
+    "paced-miss": "PostgreSQL CPU per miss at the same paced rate (pgbench -R): direct against through the proxy",
+    "connect": "Connect: psycopg connect + SELECT 1 + close, one after another (TPS = connections/s, ms = median)",
 }
 
 CSV_COLUMNS = (
@@ -165,6 +174,9 @@ def render_markdown(report: Report) -> str:
     """The full results: one table per section, the machine and the settings on top, the notes at the bottom."""
     out = [f"# cacheproxy benchmark, {report.machine.date}", "", f"Machine: {report.machine.line()}", ""]
     out += [report.settings, ""]
+    targets = targets_table(report.summaries)
+    if targets:
+        out += ["## Targets of issue 13 (ratios of medians)", "", targets, ""]
     pivot = tps_pivot(report.summaries, "hot")
     if pivot:
         out += ["## TPS by mode (hot reads, median)", "", pivot, ""]
@@ -194,15 +206,58 @@ def tps_pivot(summaries: Sequence[Summary], section: str) -> str:
 
 def _section_table(rows: Sequence[Summary]) -> str:
     header = "| mode | target | clients | TPS median (min-max) | mean ms | p50 ms | p99 ms | PG CPU s | proxy CPU s "
-    header += "| pgbench CPU s | hit ratio | proxy RSS MiB |"
-    lines = [header, "|---" * 12 + "|"]
+    header += "| PG µs/txn | proxy µs/txn | pgbench CPU s | hit ratio | proxy RSS MiB |"
+    lines = [header, "|---" * 14 + "|"]
     for s in rows:
         lines.append(
             f"| {s.mode} | {s.target} | {s.clients} | {_tps_range(s)} | {s.latency_ms:.3f} | {_ms(s.p50_ms)} "
-            f"| {_ms(s.p99_ms)} | {s.pg_cpu:.2f} | {s.proxy_cpu:.2f} | {s.pgbench_cpu:.2f} "
-            f"| {_ratio(s.hit_ratio)} | {_mib(s.proxy_rss)} |"
+            f"| {_ms(s.p99_ms)} | {s.pg_cpu:.2f} | {s.proxy_cpu:.2f} | {_num(s.pg_us_per_txn, 1) or '-'} "
+            f"| {_num(s.proxy_us_per_txn, 1) or '-'} | {s.pgbench_cpu:.2f} | {_ratio(s.hit_ratio)} "
+            f"| {_mib(s.proxy_rss)} |"
         )
     return "\n".join(lines)
+
+
+# (section, target, baseline, what is compared, the target): one row per mode where both cells were measured.
+_TARGETS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("hot", "cacheproxy hits", "direct", "tps", "1. all-hit reads >= 1.0x direct"),
+    ("mix", "cacheproxy lazy", "direct", "tps", "2. 90/10 mix >= 1.0x direct"),
+    ("mix", "cacheproxy lazy", "cacheproxy off", "tps", "2. 90/10 mix >= 1.0x cache off"),
+    ("hot", "cacheproxy off", "pgbouncer", "tps", "3. pass-through (cache off) >= 1.0x PgBouncer"),
+    ("miss", "cacheproxy misses", "pgbouncer", "tps", "3. every miss >= 1.0x PgBouncer"),
+    ("single", "cacheproxy hits", "direct", "p50", "4. single-client p50 of hits <= direct"),
+    ("single-miss", "cacheproxy misses", "direct", "p50", "4. single-client p50 of misses <= direct + 30 µs"),
+    ("paced-miss", "cacheproxy misses", "direct", "pg", "5. PostgreSQL CPU per miss <= direct (same rate)"),
+    ("connect", "cacheproxy off", "direct", "ms", "6. connect <= direct + 0.5 ms (cache off)"),
+    ("connect", "cacheproxy hits", "direct", "ms", "6. connect <= direct + 0.5 ms (cache on)"),
+)
+
+
+def targets_table(summaries: Sequence[Summary]) -> str:
+    """The issue's targets, one row per target and mode: the figure, its baseline and the ratio (or difference).
+    Empty when nothing it compares was measured."""
+    cell = {(s.section, s.target, s.mode): s for s in summaries}
+    modes = list(dict.fromkeys(s.mode for s in summaries))
+    lines = ["| target | mode | proxy | baseline | ratio / difference | hit ratio |", "|---" * 6 + "|"]
+    for section, target, baseline, what, title in _TARGETS:
+        for mode in modes:
+            ours, theirs = cell.get((section, target, mode)), cell.get((section, baseline, mode))
+            if ours is None or theirs is None:
+                continue
+            lines.append(f"| {title} | {mode} | {_compare(ours, theirs, what)} | {_ratio(ours.hit_ratio)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _compare(ours: Summary, theirs: Summary, what: str) -> str:
+    if what == "tps":
+        ratio = f"{ours.tps / theirs.tps:.2f}x" if theirs.tps else "-"
+        return f"{ours.tps:,.0f} TPS | {theirs.tps:,.0f} TPS | {ratio}"
+    if what == "pg" and ours.pg_us_per_txn is not None and theirs.pg_us_per_txn is not None:
+        return (f"{ours.pg_us_per_txn:.1f} µs | {theirs.pg_us_per_txn:.1f} µs "
+                f"| {ours.pg_us_per_txn / theirs.pg_us_per_txn:.2f}x")  # fmt: skip
+    if what == "p50" and ours.p50_ms is not None and theirs.p50_ms is not None:
+        return f"{ours.p50_ms:.3f} ms | {theirs.p50_ms:.3f} ms | {(ours.p50_ms - theirs.p50_ms) * 1000:+.0f} µs"
+    return f"{ours.latency_ms:.2f} ms | {theirs.latency_ms:.2f} ms | {ours.latency_ms - theirs.latency_ms:+.2f} ms"
 
 
 def render_csv(report: Report) -> str:

@@ -12,7 +12,13 @@ targets round by round:
    (cacheproxy at 100% hits, Pgpool-II serving from its cache); TPS and mean latency.
 2. single: the same with one client: p50 and p99 from pgbench's per-transaction log.
 3. expensive: an aggregate with a join over pgbench_accounts (>= 5 ms directly): direct against cacheproxy hits.
-4. mix: 90% hot reads, 10% UPDATEs of the hot keys: TPS and hit ratio with `lazy` and with `write_through`.
+4. mix: 90% hot reads, 10% UPDATEs of the hot keys, in each mode: TPS and hit ratio with `lazy` and with
+   `write_through`, against direct and the cache off.
+5. miss: reads over every account (almost all misses) in each mode: direct, PgBouncer, a cache-on proxy that misses,
+   the cache off; then one client (p50 of misses), then PostgreSQL's CPU per miss at the same paced rate (pgbench
+   -R), since a backend's CPU per query grows as its rate falls (idle wake-ups) and only equal rates compare.
+6. connect: psycopg's connect + SELECT 1 + close, one after another, median: direct, PgBouncer, cacheproxy.
+The first table of the results states issue 13's targets as ratios of these medians.
 Every run records the CPU seconds of PostgreSQL (the postmaster's tree), of the proxy (its process tree) and of
 pgbench, and the proxy's RSS. Results go to bench/results/latest.md and latest.csv (quick.* for --quick), headed by
 the machine. A benchmark, not a test: nothing here asserts a speed. `--profile DIR` also samples the cacheproxy hit
@@ -60,6 +66,10 @@ from cacheproxy.demo.proxyprocess import start_proxy_process
 MODES = ("simple", "extended", "prepared")
 HOT_KEYS = 10_000
 HOT_SCRIPT = f"\\set aid random(1, {HOT_KEYS})\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
+# Every account: at scale 10, 1M keys, so a run of a few seconds almost never reads one twice.
+MISS_SCRIPT = "\\set aid random(1, {accounts})\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
+PACED_TPS = 2000  # the rate of the paced-miss runs: well below what either direct or the proxy can do
+CONNECTS = 200  # connections per connect measurement (--quick: 50)
 WRITE_SCRIPT = (
     f"\\set aid random(1, {HOT_KEYS})\n\\set delta random(-5000, 5000)\n"
     "UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;\n"
@@ -114,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         machine = _machine(_server_version(cluster))
         print(f"pgbench -i -s {args.scale} ...", flush=True)
         _pgbench(bench.env, ["-i", "-q", "-s", str(args.scale), "-p", str(cluster.port)], check=True)
-        _write_scripts(bench.scripts)
+        _write_scripts(bench.scripts, args.scale)
         targets = _start_targets(bench, stoppers)
         _hot_and_single(bench, targets)
         _expensive(bench, targets["direct"], targets["cacheproxy hits"])
         _mix(bench, targets)
+        _misses(bench, targets)
+        _connects(bench, targets)
         if args.workers:
             from bench.workers import compare  # (bench.workers builds on this module)
 
@@ -168,6 +180,7 @@ def _start_targets(bench: Bench, stoppers: list[Callable[[], None]]) -> dict[str
     proxies = {
         "cacheproxy hits": _proxy_config(cache=True, ttl="1h", strategy=None),
         "cacheproxy off": _proxy_config(cache=False, ttl="1h", strategy=None),
+        "cacheproxy misses": _proxy_config(cache=True, ttl="1h", strategy=None),
         "cacheproxy lazy": _proxy_config(cache=True, ttl="60", strategy="lazy"),
         "cacheproxy write_through": _proxy_config(cache=True, ttl="60", strategy="write_through"),
     }
@@ -194,6 +207,8 @@ def _start_targets(bench: Bench, stoppers: list[Callable[[], None]]) -> dict[str
 
 def _proxy_config(*, cache: bool, ttl: str, strategy: str | None) -> str:
     text = f"cache:\n  enabled: {'true' if cache else 'false'}\n  max_memory: {MAX_MEMORY}\n  default_ttl: {ttl}\n"
+    # A proxy whose target is idle for a while (the other sections run) keeps its connections and entries.
+    text += "invalidation:\n  idle_release: null\n"
     if strategy is not None:
         text += f"rules:\n  - tables: [pgbench_accounts]\n    ttl: {ttl}\n    strategy: {strategy}\n"
     return text
@@ -269,11 +284,73 @@ def _mix(bench: Bench, targets: dict[str, Target]) -> None:
     script = ["-f", f"{bench.scripts / 'hot.sql'}@9", "-f", f"{bench.scripts / 'write.sql'}@1"]
     names = ("direct", "cacheproxy off", "cacheproxy lazy", "cacheproxy write_through")
     mixed = [targets[name] for name in names]
-    for target in mixed[2:]:  # reach the steady state of fills and invalidations before measuring
-        _pgbench(bench.env, _run_args(target.port, args.mix_mode, args.clients, args.seconds, script))
+    for mode in MODES:
+        for target in mixed[2:]:  # reach the steady state of fills and invalidations before measuring
+            _pgbench(bench.env, _run_args(target.port, mode, args.clients, args.seconds, script))
     for round_no in range(1, args.rounds + 1):
-        for target in mixed:
-            _show(round_no, _measure(bench, "mix", target, args.mix_mode, script, args.clients, args.seconds))
+        for mode in MODES:
+            for target in mixed:
+                _show(round_no, _measure(bench, "mix", target, mode, script, args.clients, args.seconds))
+
+
+def _misses(bench: Bench, targets: dict[str, Target]) -> None:
+    """Pass-through where it costs most: every read a miss (the cache on) or relayed (the cache off)."""
+    args = bench.args
+    script = ["-f", str(bench.scripts / "miss.sql")]
+    many = [targets[name] for name in ("direct", "pgbouncer", "cacheproxy misses", "cacheproxy off")]
+    for round_no in range(1, args.rounds + 1):
+        for mode in MODES:
+            for target in many:
+                _show(round_no, _measure(bench, "miss", target, mode, script, args.clients, args.seconds))
+    single = [targets[name] for name in ("direct", "cacheproxy misses", "cacheproxy off")]
+    for round_no in range(1, args.rounds + 1):
+        for mode in MODES:
+            for target in single:
+                run = _measure(bench, "single-miss", target, mode, script, 1, args.single_seconds, per_txn=True)
+                _show(round_no, run)
+    paced = [targets["direct"], targets["cacheproxy misses"]]
+    for round_no in range(1, args.rounds + 1):
+        for mode in MODES:
+            for target in paced:
+                run = _measure(bench, "paced-miss", target, mode, script, args.clients, args.seconds, PACED_TPS)
+                _show(round_no, run)
+    bench.notes.append(
+        f"paced-miss runs are limited to {PACED_TPS} TPS (pgbench -R): PostgreSQL's CPU per query is compared at "
+        "one rate, since a backend that idles between queries spends more per query waking up (at 3.5k TPS "
+        "direct, 2.5x its CPU per query at 30k TPS)."
+    )
+
+
+def _connects(bench: Bench, targets: dict[str, Target]) -> None:
+    """psycopg's connect + SELECT 1 + close, one after another: the median of each batch, targets interleaved."""
+    count = 50 if bench.args.quick else CONNECTS
+    names = ("direct", "pgbouncer", "cacheproxy hits", "cacheproxy off")
+    for round_no in range(1, bench.args.rounds + 1):
+        for name in names:
+            _show(round_no, _record(bench, _connect_run(bench, targets[name], count)))
+
+
+def _connect_run(bench: Bench, target: Target, count: int) -> Run:
+    import psycopg  # (a test dependency, as the drivers the benchmark starts are)
+
+    pg_before, proxy_before = _pg_cpu(bench.cluster), _proxy_cpu(target)
+    times: list[float] = []
+    started = time.perf_counter()
+    for _ in range(count):
+        began = time.perf_counter()
+        connection = psycopg.connect(
+            host="127.0.0.1", port=target.port, user=PgCluster.SUPERUSER, dbname="postgres", sslmode="disable"
+        )
+        connection.execute("SELECT 1").fetchone()
+        connection.close()
+        times.append((time.perf_counter() - began) * 1000)
+    elapsed = time.perf_counter() - started
+    time.sleep(SETTLE_SECONDS)
+    median = percentile(times, 50)
+    return Run(
+        "connect", "simple", target.name, 1, count / elapsed, median, _pg_cpu(bench.cluster) - pg_before,
+        _proxy_cpu(target) - proxy_before, 0.0, median, percentile(times, 99), transactions=count,
+    )  # fmt: skip
 
 
 def _memory_notes(bench: Bench, targets: dict[str, Target]) -> None:
@@ -309,11 +386,14 @@ def _measure(
     script: list[str],
     clients: int,
     seconds: int,
+    rate: int | None = None,
     per_txn: bool = False,
 ) -> Run:
     counters_before = target.counters()
     pg_before, proxy_before, pgbench_before = _pg_cpu(bench.cluster), _proxy_cpu(target), _children_cpu()
     run_args = _run_args(target.port, mode, clients, seconds, script)
+    if rate is not None:
+        run_args += ["-R", str(rate)]
     log_dir = Path(tempfile.mkdtemp(dir=bench.scripts)) if per_txn else None
     if log_dir is not None:
         run_args += ["-l", f"--log-prefix={log_dir / 'txn'}"]
@@ -322,15 +402,25 @@ def _measure(
     pg_cpu, proxy_cpu = _pg_cpu(bench.cluster) - pg_before, _proxy_cpu(target) - proxy_before
     pgbench_cpu = _children_cpu() - pgbench_before
     counters_after = target.counters()
-    tps, latency = _parse_tps(out), _parse_latency(out)
+    transactions = _parse_transactions(out)
+    if transactions == 0 and "number of failed transactions: 0" in out:
+        # No transaction completed within the run (every client held longer than it, as on a starved machine):
+        # recorded as 0 TPS and said, rather than ending the suite.
+        print(f"  no transaction completed: {section} {mode} {target.name}", flush=True)
+        bench.notes.append(f"{section} {mode} {target.name}: a run completed no transaction (0 TPS recorded).")
+        tps, latency = 0.0, float(seconds * 1000)
+    else:
+        tps, latency = _parse_tps(out), _parse_latency(out)
     p50 = p99 = None
     if log_dir is not None:
         latencies = [ms for log in sorted(log_dir.iterdir()) for ms in latencies_from_log(log.open())]
-        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+        if latencies:
+            p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
         shutil.rmtree(log_dir, ignore_errors=True)
     return _record(bench, Run(
         section, mode, target.name, clients, tps, latency, pg_cpu, proxy_cpu, pgbench_cpu, p50, p99,
         _ratio(counters_before, counters_after), rss_bytes(target.pid) if target.rss and target.pid else None,
+        transactions,
     ))  # fmt: skip
 
 
@@ -387,6 +477,11 @@ def _parse_tps(out: str) -> float:
     return float(tps.group(1))
 
 
+def _parse_transactions(out: str) -> int:
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    return int(done.group(1)) if done else 0
+
+
 def _parse_latency(out: str) -> float:
     latency = re.search(r"latency average = ([\d.]+) ms", out)
     if not latency:
@@ -394,9 +489,10 @@ def _parse_latency(out: str) -> float:
     return float(latency.group(1))
 
 
-def _write_scripts(scripts: Path) -> None:
+def _write_scripts(scripts: Path, scale: int) -> None:
     (scripts / "hot.sql").write_text(HOT_SCRIPT)
     (scripts / "write.sql").write_text(WRITE_SCRIPT)
+    (scripts / "miss.sql").write_text(MISS_SCRIPT.format(accounts=100_000 * scale))
     (scripts / "expensive.sql").write_text(EXPENSIVE_SCRIPT)
 
 

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = _machine(_server_version(cluster))
         print(f"machine: {machine.line()}", flush=True)
         _pgbench(bench.env, ["-i", "-q", "-s", str(args.scale), "-p", str(cluster.port)], check=True)
-        _write_scripts(scripts)
+        _write_scripts(scripts, args.scale)
         compare(bench, count, stoppers)
         notes = [
             f"1 worker against {count} workers (server.workers) on {machine.cores} cores shared with PostgreSQL and "

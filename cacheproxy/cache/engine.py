@@ -129,6 +129,9 @@ class CacheEngine:
 
         An empty table set gives `(global generation,)`, so a `flush` still refuses a table-less fill in flight."""
         base = self._global_generation
+        if isinstance(tables, frozenset) and len(tables) == 1:  # the common case: no sorting, no generator
+            for table in tables:
+                return (base + self._db_generations.get(table[0], 0) + self._table_generations.get(table, 0),)
         ordered = sorted(tables)
         if not ordered:
             return (base,)

@@ -68,11 +68,19 @@ def key_size(key: Hashable) -> int:
 
 
 def _members_len(part: object) -> int:
+    # A loop over the key's members, recursing only into nested tuples: this runs for every fill.
     if isinstance(part, str | bytes):
         return len(part)
-    if isinstance(part, tuple):
-        return sum(_members_len(member) for member in part)
-    return 0  # ints, None, ...: covered by the fixed overhead
+    if not isinstance(part, tuple):
+        return 0  # ints, None, ...: covered by the fixed overhead
+    total = 0
+    for member in part:
+        kind = type(member)
+        if kind is str or kind is bytes:
+            total += len(member)
+        elif kind is not int:
+            total += _members_len(member)
+    return total
 
 
 class Entry:

@@ -44,6 +44,11 @@ _MAX_PAYLOAD = 7900
 _HEARTBEAT = 5.0
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _VERSION = 1
+# Each NOTIFY is a transaction of its own on the server, and wakes every listening backend of the database (one per
+# proxy): under a stream of committed writes, notifications go out at most this often per database, each carrying
+# all the invalidations queued meanwhile. Idle, the first one goes at once; busy, another proxy learns of a write at
+# most this much later than it would otherwise (its delivery was already asynchronous: a round trip at least).
+_MIN_PUBLISH_GAP = 0.005
 # A digest of the catalog rows whose change can change what a cached result may be served to, or its shape: each
 # row's xmin moves when it is updated (GRANT/REVOKE rewrite relacl/attacl; ALTER TABLE, CREATE POLICY, ALTER ROLE
 # ... likewise; so does TRUNCATE, which gives the table a new file). System schemas and temporary tables (sessions
@@ -325,6 +330,7 @@ class InvalidationBus:
         period = min(_HEARTBEAT, self._catalog_poll or _HEARTBEAT)
         loop = asyncio.get_running_loop()
         due = loop.time() + period
+        last_sent = -_MIN_PUBLISH_GAP
         while True:
             if loop.time() >= due:
                 # On a deadline, not only when idle: a steady stream of publishes must not starve the poll.
@@ -340,6 +346,9 @@ class InvalidationBus:
                 raise ConnectionResetError("the LISTEN connection was closed")
             if not wake.is_set():
                 continue
+            gap = last_sent + _MIN_PUBLISH_GAP - loop.time()
+            if gap > 0:
+                await asyncio.sleep(gap)  # (what is published meanwhile merges into this one)
             wake.clear()
             invalidation = self._outbox.pop(database, None)
             if invalidation is None:
@@ -349,6 +358,7 @@ class InvalidationBus:
             except BaseException:
                 self.publish(database, invalidation)  # not sent: send it once the connection is back
                 raise
+            last_sent = loop.time()
             if self._on_published is not None:
                 self._on_published()
 

@@ -53,11 +53,14 @@ def classify(
     points: bool = True,
     statement: str | None = None,
     stats: StatementStats | None = None,
+    verdict: ReadVerdict | None = None,
 ) -> Classified:
     """Judge `info` (the analysis of `sql`) under `catalog` (None: not loaded, nothing is cacheable) and `rules`.
     `points`: look for row-level points (read from `sql` as UTF-8 with standard strings); `statement`: its
-    fingerprint id, for statement rules; `stats`: its advisor counters, carried along."""
-    verdict = judge_read(info, catalog, rules, statement) if catalog is not None else NO_CATALOG
+    fingerprint id, for statement rules; `stats`: its advisor counters, carried along. `verdict`: judge_read's
+    verdict for this very `info`, catalog, rules and statement, already known (it depends on nothing else)."""
+    if verdict is None:
+        verdict = judge_read(info, catalog, rules, statement) if catalog is not None else NO_CATALOG
     version = catalog.version if catalog is not None else -1
     if not points:
         return Classified(info, verdict, version, statement=statement, stats=stats)

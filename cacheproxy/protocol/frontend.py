@@ -90,28 +90,31 @@ def decode_bind(body: bytes) -> Bind:
     portal, pos = _cstring(body, 0)
     statement, pos = _cstring(body, pos)
     arguments_at = pos
-    _need(body, pos, 2)
-    n_formats = _INT16.unpack_from(body, pos)[0]
-    pos += 2 + 2 * n_formats
-    _need(body, pos, 2)
-    n_params = _INT16.unpack_from(body, pos)[0]
+    size = len(body)
+    # Bounds are checked by unpack_from (struct.error past the end) and by the final length check: one Bind per
+    # forwarded execution, so no check per field.
+    unpack16, unpack32 = _INT16.unpack_from, _INT32S.unpack_from
+    try:
+        n_formats = unpack16(body, pos)[0]
+        pos += 2 + 2 * n_formats
+        n_params = unpack16(body, pos)[0]
+        pos += 2
+        for _ in range(n_params):
+            length = unpack32(body, pos)[0]
+            pos += 4
+            if length > 0:
+                pos += length
+            elif length < -1:
+                raise ProtocolViolation(f"invalid message format: parameter length {length}")
+        n_results = unpack16(body, pos)[0]
+    except struct.error:
+        raise ProtocolViolation("invalid message format: message is shorter than its fields") from None
     pos += 2
-    for _ in range(n_params):
-        _need(body, pos, 4)
-        length = _INT32S.unpack_from(body, pos)[0]
-        pos += 4
-        if length > 0:
-            _need(body, pos, length)
-            pos += length
-        elif length < -1:
-            raise ProtocolViolation(f"invalid message format: parameter length {length}")
-    _need(body, pos, 2)
-    n_results = _INT16.unpack_from(body, pos)[0]
-    pos += 2
-    _need(body, pos, 2 * n_results)
-    results = tuple(_INT16.unpack_from(body, pos + 2 * i)[0] for i in range(n_results))
-    if pos + 2 * n_results != len(body):
+    if pos + 2 * n_results != size:
+        if pos + 2 * n_results > size:
+            raise ProtocolViolation("invalid message format: message is shorter than its fields")
         raise ProtocolViolation("invalid message format: Bind has trailing bytes")
+    results = tuple(unpack16(body, pos + 2 * i)[0] for i in range(n_results)) if n_results else ()
     return Bind(portal, statement, bytes(body[arguments_at:]), results)
 
 

@@ -24,6 +24,7 @@ from cacheproxy.advice.statements import id_of, loose
 from cacheproxy.advice.workload import StatementStats, Workload
 from cacheproxy.analysis.analyzer import Analyzer, analyze_head
 from cacheproxy.analysis.fingerprint import fingerprint
+from cacheproxy.analysis.model import QueryInfo
 from cacheproxy.analysis.strings import backslash_quotes
 from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
@@ -39,7 +40,7 @@ from cacheproxy.observability.metrics import Metrics
 from cacheproxy.observability.shared_metrics import SharedCollector
 from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify
 from cacheproxy.policy.rules import RuleSet
-from cacheproxy.policy.verdict import ReadVerdict, WriteScope
+from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
 from cacheproxy.verify.verifier import Verifier, bypass_reason
 
 log = logging.getLogger("cacheproxy.cache")
@@ -75,6 +76,9 @@ class CacheService:
         self.workload = Workload(self.clock())  # per statement and table, for the advisor (cacheproxy/advice)
         # Exact statement text -> classification, per database: the hot path's one dict lookup.
         self._memo: OrderedDict[tuple[str, bytes, str], Classified] = OrderedDict()
+        # id(analysis) -> (the analysis, catalog version, its verdict): the analysis is kept so that its id is not
+        # reused by another while the entry lives.
+        self._verdicts: dict[int, tuple[QueryInfo, int, ReadVerdict]] = {}
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
@@ -158,8 +162,21 @@ class CacheService:
             statement = id_of(fingerprinted)
             stats = self.workload.statement(database, statement, loose(fingerprinted), _KINDS.get(info.kind.value,
                                                                                                  "other"))  # fmt: skip
+        # Statements that differ only in their literals share one analysis (the analyzer's memo, by fingerprint),
+        # and so one verdict under a catalog version: judged once, not once per text.
+        verdict: ReadVerdict | None = None
+        if catalog is not None:
+            judged = self._verdicts.get(id(info))
+            if judged is not None and judged[0] is info and judged[1] == version:
+                verdict = judged[2]
+            else:
+                verdict = judge_read(info, catalog, self.rules, statement)
+                if len(self._verdicts) >= _CLASSIFY_MEMO:
+                    self._verdicts.clear()
+                self._verdicts[id(info)] = (info, version, verdict)
         # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
-        found = classify(sql, info, catalog, self.rules, points=not strings, statement=statement, stats=stats)
+        found = classify(sql, info, catalog, self.rules, points=not strings, statement=statement, stats=stats,
+                         verdict=verdict)  # fmt: skip
         if self.bypassed and found.verdict.cacheable:
             found = self._unless_bypassed(database, sql, found)
         if stats is not None:
@@ -199,6 +216,7 @@ class CacheService:
                 self.catalogs.reload(database)
         self.bypassed.clear()
         self.verifier.apply_config(config.verify)
+        self._verdicts.clear()
         doomed: set[TableId] = set()
         for entry in self.engine.entries():
             for table in entry.tables:

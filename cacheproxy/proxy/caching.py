@@ -65,6 +65,9 @@ _ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits f
 _SYNC = b"S\x00\x00\x00\x04"
 # Messages after which the cache may answer (a hit): checked against a client that does not read its answers.
 _CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FLUSH))
+# Messages held in a batch until its Sync; a batch of this many messages read whole takes `_whole_batch`.
+_BATCH_TYPES = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
+_MIN_WHOLE_BATCH, _MAX_WHOLE_BATCH = 2, 8
 
 
 class CachingRelay:
@@ -151,9 +154,65 @@ class CachingRelay:
 
     def on_client_data(self, data: bytes) -> None:
         region, frames = self._client_framer.feed(data)
+        if (
+            _MIN_WHOLE_BATCH <= len(frames) <= _MAX_WHOLE_BATCH
+            and frames[-1][0] == m.SYNC
+            and not self._inbox
+            and not self._batch
+            and not self._waiting
+            and not self.tracker.pending
+            and len(region) <= self._max_batch_bytes
+        ):
+            self._whole_batch(region, frames)
+            return
+        if (
+            len(frames) == 1
+            and frames[0][0] == m.QUERY
+            and not self._inbox
+            and not self._batch
+            and not self._waiting
+            and not self.tracker.pending
+            and not self.session.client_backlogged()
+        ):
+            # One simple Query with nothing before it: dispatched as `_drain_inbox` would, without the inbox.
+            out: list[bytes] = []
+            message = region[frames[0][1] : frames[0][2]]
+            if self._on_query(message, out):
+                self._waited = self._released = False
+            else:
+                self._inbox.append((m.QUERY, message))  # waiting: dispatched again afterwards, from the inbox head
+            if out:
+                self._write_upstream(b"".join(out))
+            return
         for msg_type, start, end in frames:
             self._inbox.append((msg_type, region[start:end]))
         self._drain_inbox()
+
+    def _whole_batch(self, region: bytes, frames: list[tuple[int, int, int]]) -> None:
+        """The common case, one whole extended batch read at once with nothing before it: dispatched as
+        `_drain_inbox` would (each message held, then the Sync ends the batch), without the inbox round trip."""
+        batch = self._batch
+        for msg_type, start, end in frames:
+            if msg_type not in _BATCH_TYPES and (msg_type != m.SYNC or end != len(region)):
+                batch.clear()  # another kind of message: the general path
+                for other_type, other_start, other_end in frames:
+                    self._inbox.append((other_type, region[other_start:other_end]))
+                self._drain_inbox()
+                return
+            batch.append((msg_type, region[start:end]))
+        self._batch_bytes = len(region)
+        if self.session.client_backlogged():
+            batch.pop()  # held with the Sync at the inbox head, until the client reads (the Session resumes us)
+            self._inbox.append((m.SYNC, region[frames[-1][1] :]))
+            return
+        out: list[bytes] = []
+        if self._on_batch_end(out):
+            self._waited = self._released = False
+        else:
+            batch.pop()  # waiting: the Sync is dispatched again afterwards, from the inbox head
+            self._inbox.append((m.SYNC, region[frames[-1][1] :]))
+        if out:
+            self._write_upstream(b"".join(out))
 
     def _drain_inbox(self) -> None:
         out: list[bytes] = []

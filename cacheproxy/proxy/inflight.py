@@ -192,7 +192,8 @@ class InFlight:
                         self.replay(bind.statement, bound, out)
                     registry.portals[bind.portal] = Portal(bound, bind)
                 registry.executed.discard(bind.portal)
-                self._expect(Op.BIND, message, out)
+                self.queue(Pending(Op.BIND))
+                out.append(message)
             elif msg_type == m.DESCRIBE:
                 describe = fe.decode_describe(body)
                 if describe.kind == "S":
@@ -211,22 +212,24 @@ class InFlight:
             elif msg_type == m.CLOSE:
                 close = fe.decode_close(body)
                 (self._statements if close.kind == "S" else registry.portals).pop(close.name, None)
-                self._expect(Op.CLOSE, message, out)
+                self.queue(Pending(Op.CLOSE))
+                out.append(message)
             elif msg_type == m.SYNC:
-                self._expect(Op.SYNC, message, out)
+                self.queue(Pending(Op.SYNC))
+                out.append(message)
                 if tx.probe_wanted:
                     self.probe_isolation(out)
+                # (each message ends the implicit transaction or continues it: only a Sync changes what the
+                # loop reads, `unsynced_write`; the last message decides `unsynced`, below)
+                tx.sent_extended(sync=True)
             else:  # Flush
                 out.append(message)
-            tx.sent_extended(sync=msg_type == m.SYNC)
+        if batch and batch[-1][0] != m.SYNC:
+            tx.sent_extended(sync=False)
         for unused in described.values():  # a Describe whose Execute did not capture: free its single-flight slot
             if unused is not None:
                 unused.fail()
                 self.release_fill(unused)
-
-    def _expect(self, op: Op, message: bytes, out: list[bytes]) -> None:
-        self.queue(Pending(op))
-        out.append(message)
 
     def replay(self, name: str, statement: Statement, out: list[bytes], *, quiet: bool = False) -> None:
         """Create upstream a statement whose Parse was answered locally; its ParseComplete is not the client's
@@ -397,7 +400,8 @@ class InFlight:
             # Invalidate and store as each request completes, all before the client sees any of these bytes:
             # its next query must find the cache current.
             for pending in outcome.done:
-                self.complete(pending)
+                if pending.on_done is not None or pending.capture is not None:
+                    self.complete(pending)
             if msg_type == m.READY_FOR_QUERY:
                 ended = self.tx.on_ready(region[start + HEADER_SIZE : start + HEADER_SIZE + 1])
                 if ended is not None:
@@ -531,6 +535,8 @@ class InFlight:
 
     def complete(self, pending: Pending) -> None:
         request = pending.on_done
+        if request is None and pending.capture is None:
+            return  # a Bind, Sync or Close of the client's: nothing to account for
         if isinstance(request, IsolationProbe):
             self.tx.probe_answered(request, _probed_level(pending))
             return

@@ -504,7 +504,8 @@ class Session:
 
     def _on_client_data(self, data: bytes) -> None:
         """Client -> upstream. Counts request cycles so that `idle` is known without parsing results."""
-        self._cancel_idle_timer()
+        if self._idle_timer is not None:
+            self._cancel_idle_timer()
         if self._survival is not None and self._survival.lost_transaction is not None:
             rest = self._survival.client_data(data)  # its transaction was lost in a failover: tell it first
             if rest is None:
@@ -565,6 +566,8 @@ class Session:
         self._after_upstream_data()
 
     def _after_upstream_data(self) -> None:
+        if self._close_requested is None and self._idle_timeout is None:
+            return  # (the common case: nothing waits for the session to become idle)
         if self.idle:
             if self._close_requested:
                 self._end_relay(ProxyError(ADMIN_SHUTDOWN, "terminating connection: " + self._close_requested))
