@@ -99,6 +99,8 @@ class StatusPage:
             self.add_feed("invalidation", service.feed_health)
             self.add_feed("catalog", self._catalog_health)
             self.add_feed("verify", service.verifier.summary)
+            if service.shared is not None:
+                self.add_feed("shared tier", service.shared.stats)
 
     def add_feed(self, name: str, state: Callable[[], object]) -> None:
         """Show `state()` (JSON-able) under feeds.`name` of /status.json and on the page (a shared tier's hook)."""

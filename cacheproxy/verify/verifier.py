@@ -123,12 +123,12 @@ class Verifier:
         self.settling = 0  # checks waiting out `settle` after a different answer (tests watch it)
         self._checking = False
         self._logged: set[tuple[str, str]] = set()  # (database, fingerprint) whose mismatch was logged
+        self._errors_logged: set[str] = set()
+        self.last_mismatch: dict[str, object] | None = None  # for the status page
 
     def use_tier(self, tier: CacheTier) -> None:
         """Check entries of `tier` instead (a worker's engine replaces the service's before it starts)."""
         self._tier = tier
-        self._errors_logged: set[str] = set()
-        self.last_mismatch: dict[str, object] | None = None  # for the status page
 
     # -- the hit path --------------------------------------------------------------------------------------------
 
