@@ -22,6 +22,7 @@ from cacheproxy.config import Config
 from cacheproxy.mysql import codec
 from cacheproxy.mysql.binlog import BinlogFeed, Invalidation
 from cacheproxy.mysql.catalog import Catalog, TableId, load_catalog
+from cacheproxy.mysql.interfaces import Plan
 from cacheproxy.mysql.session import MySQLSession, table_ids
 from cacheproxy.mysql.state import SessionState
 from cacheproxy.observability.metrics import Metrics
@@ -29,7 +30,6 @@ from cacheproxy.policy.rules import Decision, RuleSet
 
 log = logging.getLogger("cacheproxy.mysql.server")
 
-Plan = tuple[Hashable, frozenset[TableId], Decision]
 # A statement's dependencies in one database: (names read, tables it depends on, rule) or why it is not cacheable.
 _Memo = tuple[frozenset[str], frozenset[TableId], Decision] | str
 _ANALYSIS_CACHE = 10000

@@ -14,15 +14,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from cacheproxy.analysis.mysql import MyInfo
-from cacheproxy.cache.entry import database_id
+from cacheproxy.cache.engine import CacheEngine
+from cacheproxy.cache.entry import TableId, database_id
 from cacheproxy.mysql import codec
 from cacheproxy.mysql.admin import is_admin_command, run_admin
 from cacheproxy.mysql.codec import Capability, CodecError, Command, Packet, PacketReader, Reply, ResponseTracker
 from cacheproxy.mysql.interfaces import FrontEnd
 from cacheproxy.mysql.state import SessionState
+from cacheproxy.policy.rules import Decision
 
 log = logging.getLogger("cacheproxy.mysql.session")
 
@@ -292,21 +294,43 @@ class MySQLSession:
             self.server.metrics.query(info.kind.value, "bypass", time.monotonic() - started)
             return
         key, tables, decision = cache
-        engine = self.server.engine
-        assert engine is not None  # a plan is only made with the cache on
-        entry = engine.get(key, time.monotonic())
-        if entry is not None:
-            self.client.write(entry.value)
-            self.server.metrics.hit()
+        if self._answer_hit(key):
             return
-        generations = engine.generations(tables)
+        generations = self._engine().generations(tables)
         tracker, data = await self._relay(packet, Reply.GENERIC, capture=True)
         self._after_reply(tracker, info, sql)
-        if data is not None and self._storable(tracker):
-            engine.put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
-                                   query=sql.decode(errors="replace"), rule=decision.rule,
-                                   generations=generations)  # fmt: skip
+        self._store(tracker, data, key, tables, decision, sql, generations)
         self.server.metrics.query("read", "miss", time.monotonic() - started)
+
+    def _engine(self) -> CacheEngine:
+        engine = self.server.engine
+        assert engine is not None  # a plan is only made with the cache on
+        return engine
+
+    def _answer_hit(self, key: Hashable) -> bool:
+        """Answer from the cache when `key` is live there (counted as a hit)."""
+        entry = self._engine().get(key, time.monotonic())
+        if entry is None:
+            return False
+        self.client.write(entry.value)
+        self.server.metrics.hit()
+        return True
+
+    def _store(
+        self,
+        tracker: ResponseTracker,
+        data: bytes | None,
+        key: Hashable,
+        tables: frozenset[TableId],
+        decision: Decision,
+        sql: bytes,
+        generations: tuple[int, ...],
+    ) -> None:
+        """Store a captured result that may be: one result set, no error or warning, outside a transaction."""
+        if data is not None and self._storable(tracker):
+            self._engine().put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
+                               query=sql.decode(errors="replace"), rule=decision.rule,
+                               generations=generations)  # fmt: skip
 
     def _storable(self, tracker: ResponseTracker) -> bool:
         assert self.state is not None
@@ -383,22 +407,14 @@ class MySQLSession:
             self.server.metrics.query(info.kind.value if info else "other", "bypass", time.monotonic() - started)
             return
         key, tables, decision = plan
-        engine = self.server.engine
-        assert engine is not None  # a plan is only made with the cache on
-        entry = engine.get(key, time.monotonic())
-        if entry is not None:
-            self.client.write(entry.value)
-            self.server.metrics.hit()
+        if self._answer_hit(key):
             return
-        generations = engine.generations(tables)
+        generations = self._engine().generations(tables)
         upstream = self._for_upstream(packet, execute)
         tracker, data = await self._relay(upstream, Reply.GENERIC, binary=True, capture=True)
         assert known is not None
         self._after_reply(tracker, known[1], known[0])
-        if data is not None and self._storable(tracker):
-            engine.put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
-                                   query=known[0].decode(errors="replace") if known else "", rule=decision.rule,
-                                   generations=generations)  # fmt: skip
+        self._store(tracker, data, key, tables, decision, known[0], generations)
         self.server.metrics.query("read", "miss", time.monotonic() - started)
 
     def _for_upstream(self, packet: Packet, execute: codec.Execute) -> Packet:

@@ -177,8 +177,8 @@ class CacheService:
         # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
         found = classify(sql, info, catalog, self.rules, points=not strings, statement=statement, stats=stats,
                          verdict=verdict)  # fmt: skip
-        if self.bypassed and found.verdict.cacheable:
-            found = self._unless_bypassed(database, sql, found)
+        if self.bypassed and found.verdict.cacheable and fingerprinted is not None:
+            found = self._unless_bypassed(database, fingerprinted, found)
         if stats is not None:
             _describe(stats, found)
         if len(sql) <= _MEMO_MAX_STATEMENT:  # long statements are rare repeats, and would pin their text here
@@ -187,8 +187,8 @@ class CacheService:
                 self._memo.popitem(last=False)
         return found
 
-    def _unless_bypassed(self, database: str, sql: bytes, found: Classified) -> Classified:
-        why = self.bypassed.get((database, fingerprint(sql.decode("utf-8", "replace"))))
+    def _unless_bypassed(self, database: str, fingerprinted: str, found: Classified) -> Classified:
+        why = self.bypassed.get((database, fingerprinted))
         return found if why is None else replace(found, verdict=ReadVerdict(False, why))
 
     def bypass(self, database: str, statement: str, entry: Entry) -> None:
