@@ -77,11 +77,16 @@ class AdminConsole:
                 raise ProxyError(SYNTAX_ERROR, str(exc), severity="ERROR") from exc
             removed = service.engine.invalidate_tables([(session.database, name)])
             if service.shared is not None:
-                service.shared.bump(session.database, (name,))
+                # Answered only once the bump is made: a read the client sends next, through any sidecar, must not
+                # find the old entry (nor be filled under the old generation).
+                bump = service.shared.bump(session.database, (name,))
+                if bump is not None:
+                    session.acknowledge_after(bump)
             return m.command_complete(f"INVALIDATE {removed}")
         if command == "FLUSH":
             service = self._cache()
-            service.flush_shared()
+            for bump in service.flush_shared():
+                session.acknowledge_after(bump)
             return m.command_complete(f"FLUSH {service.engine.flush()}")
         if command == "RELOAD":
             return m.command_complete(f"RELOAD {self._server.reload()}")

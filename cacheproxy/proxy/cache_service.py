@@ -333,13 +333,17 @@ class CacheService:
             return None
         return self.shared.bump(database, names, everything=everything, read=read)
 
-    def flush_shared(self, database: str | None = None) -> None:
+    def flush_shared(self, database: str | None = None) -> list[asyncio.Task[Any]]:
         """CACHEPROXY FLUSH (every database this proxy has served) or a database's invalidation, in the shared tier:
-        bumping a database's own generation makes every entry of it stale (no KEYS, no FLUSHALL)."""
+        bumping a database's own generation makes every entry of it stale (no KEYS, no FLUSHALL). The bumps made."""
         if self.shared is None:
-            return
+            return []
+        bumps = []
         for name in [database] if database is not None else sorted(set(self._sessions) | set(self._down)):
-            self.shared.bump(name, (WHOLE_DATABASE,))
+            bump = self.shared.bump(name, (WHOLE_DATABASE,))
+            if bump is not None:
+                bumps.append(bump)
+        return bumps
 
     def apply_remote(self, database: str, invalidation: Invalidation) -> None:
         """Another proxy's clients (or, with replication on, anyone) committed a write."""

@@ -422,6 +422,11 @@ class InFlight:
         else:
             self.write_client(data)
 
+    def acknowledge_after(self, task: asyncio.Task[object]) -> None:
+        """Hold what is written to the client next until `task` (a generation bump not of a commit's: an admin
+        command's) is done, as a commit's acknowledgement is held."""
+        self._bumps.append(task)
+
     def write_client(self, data: bytes) -> None:
         """Write to the client, after what is held (with a shared tier, every client write goes through here)."""
         if self._held is None and self._bumps:

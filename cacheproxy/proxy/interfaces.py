@@ -3,8 +3,9 @@ ProxyServer: imports then point one way (server -> session -> caching relay; ser
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from cacheproxy.config import Config
 from cacheproxy.proxy.cache_service import CacheService
@@ -72,6 +73,9 @@ class ConsoleSession(Protocol):
     def database(self) -> str: ...
 
     def explain(self, sql: bytes) -> list[tuple[str, str]]: ...
+
+    def acknowledge_after(self, task: asyncio.Task[Any]) -> None:
+        """Hold the command's reply until `task` (a shared-tier generation bump) is done."""
 
 
 class ConsoleServer(Protocol):

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from enum import Enum
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from cacheproxy.config import Config
 from cacheproxy.errors import (
@@ -578,6 +578,10 @@ class Session:
         if self._caching is None:
             return [("cacheable", "no"), ("reason", "the cache is disabled (cache.enabled: false)")]
         return self._caching.explain(sql)
+
+    def acknowledge_after(self, task: asyncio.Task[Any]) -> None:
+        if self._caching is not None:  # (without the cache there is no shared tier to wait for)
+            self._caching.inflight.acknowledge_after(task)
 
     def _answer_admin_command(self, region: bytes, frames: list[tuple[int, int, int]]) -> bool:
         """Without the cache the relay reads no queries, but the admin console must still answer: a lone Query
