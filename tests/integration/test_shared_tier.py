@@ -37,7 +37,9 @@ def sidecars(start_proxy: Callable[..., ProxyThread], tier: RedisServer) -> Side
 
     def start(count: int, *, consistency: str = "bounded", bus: bool = True, url: str | None = None,
               **shared: Any) -> list[ProxyThread]:  # fmt: skip
-        config = {"url": url or tier.url, "consistency": consistency, "timeout": "200ms", "cooldown": "200ms"}
+        # (a generous call timeout: these proxies share the test's process and its GIL, and on a loaded machine a
+        # Redis reply can take longer than 200 ms; a timed-out call opens the breaker and makes a read miss)
+        config = {"url": url or tier.url, "consistency": consistency, "timeout": "2s", "cooldown": "200ms"}
         config.update(shared)
         return [
             start_proxy(cache={"shared": config}, invalidation={"bus": bus}, admin={"users": ["postgres"]})
