@@ -80,10 +80,7 @@ class Scenario:
 
 def scenario(mode: str, kind: str) -> Scenario:
     sql = _WRITE if kind == "write" else _READ
-    if kind == "write":
-        result = _NO_DATA + _UPDATED
-    else:
-        result = _ROW_DESCRIPTION + _ROWS
+    result = _NO_DATA + _UPDATED if kind == "write" else _ROW_DESCRIPTION + _ROWS
     if mode == "simple":
         return Scenario(b"", b"", lambda n: encode(b"Q", (sql + str(n)).encode() + b"\x00"), result + _READY)
     if mode == "extended":
