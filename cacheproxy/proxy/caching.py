@@ -47,7 +47,7 @@ from cacheproxy.proxy.explain import explain_rows
 from cacheproxy.proxy.inflight import ANSWER, NONE, InFlight
 from cacheproxy.proxy.interfaces import RelayHost
 from cacheproxy.proxy.local_answers import WAIT
-from cacheproxy.proxy.requests import KIND_LABELS, Fill, Request
+from cacheproxy.proxy.requests import KIND_LABELS, Fill, Missed, Request
 
 log = logging.getLogger("cacheproxy.caching")
 
@@ -126,6 +126,8 @@ class CachingRelay:
         # the first in a slot, any others in a list (no call on the hot path: one Execute).
         self._found: StatementStats | None = None
         self._found_more: list[StatementStats | None] = []
+        # The last lookup of `result` that missed, in the batch being answered: forwarded without computing it again.
+        self._missed: Missed | None = None
         self.terminated = False
         self._released = False  # the message at the inbox head (a DROP DATABASE) already waited for a release
         service.attach(self.database)
@@ -503,8 +505,16 @@ class CachingRelay:
         if self._found_more:
             self._found_more.clear()
         if use == ANSWER and (batch[-1][0] == m.SYNC or idle or all(t != m.BIND for t, _ in batch)):
+            self._missed = None
             try:
                 hot = local_answers.answer_hot(batch, self._statements, self.tx.status.ready, idle, self)
+                if hot is None and self._missed is not None:
+                    # The hot shape, looked up and missed (answer_hot said so): forwarded with what it computed.
+                    missed, self._missed = self._missed, None
+                    if self.inflight.forward_hot_miss(batch, missed, out):
+                        batch.clear()
+                        self._batch_bytes = 0
+                        return True
                 if hot is False:
                     answer = local_answers.answer_batch(batch, self.registry, self.tx.status.ready, idle, self)
                     hot = self._apply_answer(answer, out) if isinstance(answer, local_answers.Answer) else answer
@@ -515,6 +525,7 @@ class CachingRelay:
             except Exception:
                 log.exception("session %d: cache lookup failed; relaying the batch upstream", self.session.id)
                 hot = None
+            self._missed = None
             if hot is WAIT:
                 return False  # waiting for a catalog or another session's fill
             if hot:
@@ -549,6 +560,8 @@ class CachingRelay:
             )
         except Exception:  # a malformed message, or a lookup that failed: the server's to answer, now
             return False
+        finally:
+            self._missed = None
         return isinstance(answer, local_answers.Answer) and 0 < len(answer.replies) < _SERVER_OUTPUT_BUFFER
 
     def _forward_batch(self, out: list[bytes]) -> None:
@@ -581,7 +594,10 @@ class CachingRelay:
         key = keys.execute_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), statement.query,
                                statement.param_types, arguments, max_rows)  # fmt: skip
         entry = self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
-        if entry is not None and self._strict:
+        if entry is None:
+            self._missed = Missed(statement, arguments, max_rows, key, classified)
+            return None
+        if self._strict:
             assert self._shared is not None
             if not self._shared.verified(entry, self._asked.get(key)):
                 return None  # not confirmed yet: `fill_in_flight` asks the shared tier
@@ -594,8 +610,17 @@ class CachingRelay:
 
     def fill_in_flight(self, statement: Statement, arguments: bytes, max_rows: int) -> bool:
         """After a miss: ask the shared tier (if any); wait (once) when another session is filling that very key."""
-        key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
-                               statement.param_types, arguments, max_rows)  # fmt: skip
+        missed = self._missed
+        if (
+            missed is not None
+            and missed.statement is statement
+            and missed.arguments is arguments
+            and missed.max_rows == max_rows
+        ):
+            key = missed.key  # (the lookup that just missed)
+        else:
+            key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
+                                   statement.param_types, arguments, max_rows)  # fmt: skip
         if self._shared is not None:
             classified = self.service.classify(self.database, statement.query, self.tx.strings)
             tables = dependencies(self.database, classified, arguments, key_types(statement), fe.bind_parameter)

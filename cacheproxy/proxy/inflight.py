@@ -32,7 +32,7 @@ from cacheproxy.proxy import write_through
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.interfaces import RelayHost
 from cacheproxy.proxy.local_answers import next_execute_rows
-from cacheproxy.proxy.requests import KIND_LABELS, Described, Fill, IsolationProbe, ParseDone, Refresh, Request
+from cacheproxy.proxy.requests import KIND_LABELS, Described, Fill, IsolationProbe, Missed, ParseDone, Refresh, Request
 from cacheproxy.proxy.transaction import TxEnd
 
 # Asked after a BEGIN that names no isolation level, pipelined behind it (see probe_isolation); its reply is stripped.
@@ -231,6 +231,60 @@ class InFlight:
                 unused.fail()
                 self.release_fill(unused)
 
+    def forward_hot_miss(self, batch: list[tuple[int, bytes]], missed: Missed, out: list[bytes]) -> bool:
+        """Forward the hot batch whose lookup just missed (`missed`): `[Parse of the unnamed statement,] Bind,
+        Describe of the portal, Execute, Sync`, as local_answers.answer_hot found it, with the key and the
+        classification that lookup computed. It does what `forward_batch` does for that batch, without decoding and
+        classifying it again; False (nothing done) for any other case, which `forward_batch` handles."""
+        registry, tx = self.registry, self.tx
+        parsed = batch[0][0] == m.PARSE
+        if len(batch) - parsed != 4 or registry.local_portals or missed.classified.info.kind is not Kind.READ:
+            return False
+        statement = missed.statement
+        if not parsed and not statement.upstream:
+            return False  # exists only here: replayed first (forward_batch)
+        # Decoded as forward_batch would (a malformed message ends the session there too, ProtocolViolation).
+        if parsed:
+            parse = fe.decode_parse(batch[0][1][HEADER_SIZE:])
+            if parse.statement or parse.param_types != statement.param_types:
+                return False
+        bind = fe.decode_bind(batch[parsed][1][HEADER_SIZE:])
+        describe = fe.decode_describe(batch[parsed + 1][1][HEADER_SIZE:])
+        execute = fe.decode_execute(batch[parsed + 2][1][HEADER_SIZE:])
+        portal = bind.portal
+        if (
+            describe.kind != "P"
+            or describe.name != portal
+            or execute.portal != portal
+            or execute.max_rows != missed.max_rows
+            or bind.arguments != missed.arguments
+        ):
+            return False
+        serve = self.cache_use() >= STORE
+        if parsed:
+            # The unnamed statement this Parse replaces: the one answer_hot read from it (same text and types).
+            statement.upstream = True
+            self._statements[""] = statement
+            self.queue(Pending(Op.PARSE, on_done=ParseDone("", statement)))
+        registry.portals[portal] = Portal(statement, bind)
+        registry.executed.discard(portal)
+        self.queue(Pending(Op.BIND))
+        capture = None
+        if serve and not tx.unsynced_write:
+            capture = self._read_capture(statement, bind.arguments, missed.classified, missed.key)
+        self.queue(Pending(Op.DESCRIBE_PORTAL, capture=capture))
+        registry.executed.add(portal)
+        info = missed.classified.info
+        request = Request(None, KIND_LABELS[info.kind], "miss" if capture else "bypass", self.service.clock(),
+                          statement.query, stats=missed.classified.stats)  # fmt: skip
+        self.queue(Pending(Op.EXECUTE, capture=capture, on_done=request, copy_from=info.copy_from_stdin))
+        self.queue(Pending(Op.SYNC))
+        out.extend(message for _, message in batch)
+        if tx.probe_wanted:
+            self.probe_isolation(out)
+        tx.sent_extended(sync=True)
+        return True
+
     def replay(self, name: str, statement: Statement, out: list[bytes], *, quiet: bool = False) -> None:
         """Create upstream a statement whose Parse was answered locally; its ParseComplete is not the client's
         (nor, when `quiet`, an error: the statement then stays local, and its use will replay it again)."""
@@ -265,17 +319,23 @@ class InFlight:
         classified = self.service.classify(self.database, statement.query, self.tx.strings)
         if classified.info.kind is not Kind.READ or not self.tx.may_read(classified):
             return None
-        if names_time_word(portal.bind.arguments):
-            return None  # a parameter such as 'now' is evaluated when the statement runs: never cache it
         key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
                                statement.param_types, portal.bind.arguments, max_rows)  # fmt: skip
+        return self._read_capture(statement, portal.bind.arguments, classified, key)
+
+    def _read_capture(
+        self, statement: Statement, arguments: bytes, classified: Classified, key: CacheKey
+    ) -> Capture | None:
+        """The capture of a cacheable read (`classified`, that this session may read) about to go upstream under
+        `key`: counted as a miss, its single-flight slot taken if free."""
+        if names_time_word(arguments):
+            return None  # a parameter such as 'now' is evaluated when the statement runs: never cache it
         self._tier.count(key, None)  # a cacheable read sent upstream: the miss
         leader = self.service.fill_in_flight(key) is None
         if leader:
             self.service.begin_fill(key)
             self.leading.add(key)
-        tables = dependencies(self.database, classified, portal.bind.arguments, key_types(statement),
-                              fe.bind_parameter)  # fmt: skip
+        tables = dependencies(self.database, classified, arguments, key_types(statement), fe.bind_parameter)
         return Capture(self.service.max_entry_size, self.fill(key, classified, tables, statement.query, leader))
 
     def _forward_execute(
