@@ -40,7 +40,7 @@ from cacheproxy.observability.metrics import Metrics
 from cacheproxy.observability.shared_metrics import SharedCollector
 from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify
 from cacheproxy.policy.rules import RuleSet
-from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
+from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read, write_scope
 from cacheproxy.verify.verifier import Verifier, bypass_reason
 
 log = logging.getLogger("cacheproxy.cache")
@@ -79,6 +79,9 @@ class CacheService:
         # id(analysis) -> (the analysis, catalog version, its verdict): the analysis is kept so that its id is not
         # reused by another while the entry lives.
         self._verdicts: dict[int, tuple[QueryInfo, int, ReadVerdict]] = {}
+        # id(analysis) -> (the analysis, the catalog, what a write of it invalidates): write_scope is pure in both
+        # (a Catalog is never changed: a reload makes a new one).
+        self._scopes: dict[int, tuple[QueryInfo, Catalog | None, WriteScope]] = {}
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
@@ -186,6 +189,18 @@ class CacheService:
             if len(self._memo) > _CLASSIFY_MEMO:
                 self._memo.popitem(last=False)
         return found
+
+    def write_scope(self, info: QueryInfo, catalog: Catalog | None) -> WriteScope:
+        """policy.verdict.write_scope, memoized per analysis (statements that differ only in literals share one)
+        and catalog."""
+        judged = self._scopes.get(id(info))
+        if judged is not None and judged[0] is info and judged[1] is catalog:
+            return judged[2]
+        scope = write_scope(info, catalog)
+        if len(self._scopes) >= _CLASSIFY_MEMO:
+            self._scopes.clear()
+        self._scopes[id(info)] = (info, catalog, scope)
+        return scope
 
     def _unless_bypassed(self, database: str, fingerprinted: str, found: Classified) -> Classified:
         why = self.bypassed.get((database, fingerprinted))

@@ -21,7 +21,7 @@ from cacheproxy.cache.entry import Entry, TableId
 from cacheproxy.cache.generations import dependency_names
 from cacheproxy.cache.keys import CacheKey
 from cacheproxy.policy.classify import Classified, dependencies, row_scope, shape_dependencies
-from cacheproxy.policy.verdict import WriteScope, write_scope
+from cacheproxy.policy.verdict import WriteScope
 from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer, encode
@@ -140,7 +140,7 @@ class InFlight:
                 self.registry.prepared_in_sql(statement.prepares)
             elif statement.deallocates_all or statement.deallocates is not None:
                 self.registry.deallocated(statement.deallocates)
-        scope = row_scope(classified, write_scope(info, catalog), bind.arguments if bind is not None else None,
+        scope = row_scope(classified, service.write_scope(info, catalog), bind.arguments if bind is not None else None,
                           param_types, fe.bind_parameter)  # fmt: skip
         if scope.code == "function_call":  # also a view, operator or cast running such a function (verdict.py)
             self.tx.stop_caching(f"{scope.why}: settings may have changed")
