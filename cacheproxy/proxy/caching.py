@@ -590,6 +590,7 @@ class CachingRelay:
         """The cached result of an Execute, or None (not counted: see Lookups.count)."""
         classified = self.service.classify(self.database, statement.query, self.tx.strings)
         if not self.tx.may_read(classified):
+            self._missed = Missed(statement, arguments, max_rows, None, classified)
             return None  # a write, or a read not served here
         key = keys.execute_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), statement.query,
                                statement.param_types, arguments, max_rows)  # fmt: skip
@@ -617,6 +618,8 @@ class CachingRelay:
             and missed.arguments is arguments
             and missed.max_rows == max_rows
         ):
+            if missed.key is None:
+                return False  # not a read this session may read from the cache: not filled here either
             key = missed.key  # (the lookup that just missed)
         else:
             key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,

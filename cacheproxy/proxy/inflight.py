@@ -232,13 +232,14 @@ class InFlight:
                 self.release_fill(unused)
 
     def forward_hot_miss(self, batch: list[tuple[int, bytes]], missed: Missed, out: list[bytes]) -> bool:
-        """Forward the hot batch whose lookup just missed (`missed`): `[Parse of the unnamed statement,] Bind,
-        Describe of the portal, Execute, Sync`, as local_answers.answer_hot found it, with the key and the
-        classification that lookup computed. It does what `forward_batch` does for that batch, without decoding and
-        classifying it again; False (nothing done) for any other case, which `forward_batch` handles."""
+        """Forward the hot batch that its lookup did not answer (`missed`): `[Parse of the unnamed statement,] Bind,
+        Describe of the portal, Execute, Sync`, as local_answers.answer_hot found it, with the classification (and,
+        for a read this session may read, the key) that the lookup computed. It does what `forward_batch` does for
+        that batch, without decoding, classifying and keying it again; False (nothing done) for any other shape,
+        which `forward_batch` handles."""
         registry, tx = self.registry, self.tx
         parsed = batch[0][0] == m.PARSE
-        if len(batch) - parsed != 4 or registry.local_portals or missed.classified.info.kind is not Kind.READ:
+        if len(batch) - parsed != 4 or registry.local_portals:
             return False
         statement = missed.statement
         if not parsed and not statement.upstream:
@@ -261,25 +262,25 @@ class InFlight:
         ):
             return False
         serve = self.cache_use() >= STORE
+        idle = not self.tracker.pending and tx.status is IDLE  # before this batch queues anything
         if parsed:
             # The unnamed statement this Parse replaces: the one answer_hot read from it (same text and types).
             statement.upstream = True
             self._statements[""] = statement
             self.queue(Pending(Op.PARSE, on_done=ParseDone("", statement)))
+            out.append(batch[0][1])
         registry.portals[portal] = Portal(statement, bind)
         registry.executed.discard(portal)
         self.queue(Pending(Op.BIND))
+        out.append(batch[parsed][1])
         capture = None
-        if serve and not tx.unsynced_write:
+        if serve and not tx.unsynced_write and missed.key is not None:
             capture = self._read_capture(statement, bind.arguments, missed.classified, missed.key)
         self.queue(Pending(Op.DESCRIBE_PORTAL, capture=capture))
-        registry.executed.add(portal)
-        info = missed.classified.info
-        request = Request(None, KIND_LABELS[info.kind], "miss" if capture else "bypass", self.service.clock(),
-                          statement.query, stats=missed.classified.stats)  # fmt: skip
-        self.queue(Pending(Op.EXECUTE, capture=capture, on_done=request, copy_from=info.copy_from_stdin))
+        out.append(batch[parsed + 1][1])
+        self._forward_execute(execute, batch[parsed + 2][1], out, {portal: capture}, serve, idle, missed.classified)
         self.queue(Pending(Op.SYNC))
-        out.extend(message for _, message in batch)
+        out.append(batch[-1][1])
         if tx.probe_wanted:
             self.probe_isolation(out)
         tx.sent_extended(sync=True)
@@ -346,7 +347,9 @@ class InFlight:
         described: dict[str, Capture | None],
         serve: bool,
         idle: bool,
+        classified: Classified | None = None,
     ) -> None:
+        """`classified`: the portal's statement's classification, when the caller has it."""
         portal = self.registry.portals.get(execute.portal)
         executed = self.registry.executed
         capture: Capture | None = None
@@ -355,7 +358,8 @@ class InFlight:
         kind = "other"
         stats: StatementStats | None = None
         if portal is not None and portal.statement.query:
-            classified = self.service.classify(self.database, portal.statement.query, self.tx.strings)
+            if classified is None:
+                classified = self.service.classify(self.database, portal.statement.query, self.tx.strings)
             info = classified.info
             stats = classified.stats
             copy_from = info.copy_from_stdin

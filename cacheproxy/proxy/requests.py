@@ -58,13 +58,13 @@ class Request:
 
 @dataclass(slots=True)
 class Missed:
-    """The lookup of an Execute that missed, made for the hot batch being answered (local_answers.answer_hot): what
-    forwarding the same batch upstream would compute again (InFlight.forward_hot_miss)."""
+    """The lookup of an Execute that the cache did not answer, made for the batch being answered: what forwarding
+    the same batch upstream would compute again (InFlight.forward_hot_miss)."""
 
     statement: Statement
     arguments: bytes
     max_rows: int
-    key: ExecuteKey
+    key: ExecuteKey | None  # None: not a read this session may read from the cache (a write...)
     classified: Classified
 
 
