@@ -419,7 +419,8 @@ class CachingRelay:
         """True when the session now waits for its database's catalog (a first query, or one after DDL) or for its
         invalidation feed to start listening."""
         service = self.service
-        if self._waited or (service.catalog_ready(self.database) and self.database not in service.blind):
+        # (service.catalog_ready, read directly: this runs for every batch)
+        if self._waited or (service.catalogs.get(self.database) is not None and self.database not in service.blind):
             return False
         pending = service.watch(self.database)
         if pending is None:
@@ -530,9 +531,9 @@ class CachingRelay:
                 return False  # waiting for a catalog or another session's fill
             if hot:
                 self._write_client(hot)
-                executes = sum(1 for msg_type, _ in batch if msg_type == m.EXECUTE)
-                for _ in range(executes):
-                    self.service.observe_hit(())
+                for msg_type, _ in batch:  # (a loop, not a generator: this runs for every hit)
+                    if msg_type == m.EXECUTE:
+                        self.service.observe_hit(())
                 found = self._found  # the advisor's per-statement hits
                 if found is not None:
                     found.hits += 1
