@@ -23,8 +23,9 @@ from typing import Any
 from cacheproxy.advice.statements import id_of, loose
 from cacheproxy.advice.workload import StatementStats, Workload
 from cacheproxy.analysis.analyzer import Analyzer, analyze_head
-from cacheproxy.analysis.fingerprint import fingerprint
+from cacheproxy.analysis.fingerprint import fingerprint, fingerprint_literals
 from cacheproxy.analysis.model import QueryInfo
+from cacheproxy.analysis.points import KeyOf, Point, PointTemplates
 from cacheproxy.analysis.strings import backslash_quotes
 from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
@@ -38,7 +39,7 @@ from cacheproxy.feeds.catalog_loader import CatalogLoader
 from cacheproxy.feeds.replication import ReplicationListener
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.observability.shared_metrics import SharedCollector
-from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify
+from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify, lex_point
 from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read, write_scope
 from cacheproxy.verify.verifier import Verifier, bypass_reason
@@ -82,6 +83,7 @@ class CacheService:
         # id(analysis) -> (the analysis, the catalog, what a write of it invalidates): write_scope is pure in both
         # (a Catalog is never changed: a reload makes a new one).
         self._scopes: dict[int, tuple[QueryInfo, Catalog | None, WriteScope]] = {}
+        self._points = PointTemplates(_CLASSIFY_MEMO)  # row-level points by fingerprint (no lexing per new text)
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
@@ -148,6 +150,7 @@ class CacheService:
             self._memo.move_to_end(memo_key)
             return found
         fingerprinted: str | None = None
+        literals: list[str] | None = None
         if len(sql) > MAX_ANALYZED_BYTES:
             head = sql[:1024].decode("utf-8", "replace")
             info = analyze_head(head, f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed")
@@ -157,7 +160,7 @@ class CacheService:
             if text is None:
                 info = analyze_head("", "statement in a client encoding the proxy cannot decode", unknown=True)
             else:
-                fingerprinted = fingerprint(text)
+                fingerprinted, literals = fingerprint_literals(text)
                 info = self.analyzer.analyze(text, backslash_quotes(strings), key=fingerprinted)
         statement: str | None = None
         stats: StatementStats | None = None
@@ -178,8 +181,15 @@ class CacheService:
                     self._verdicts.clear()
                 self._verdicts[id(info)] = (info, version, verdict)
         # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
+        find_point = lex_point
+        if fingerprinted is not None and literals is not None:
+            points, shape = self._points, fingerprinted
+
+            def find_point(text: str, write: bool, key_of: KeyOf) -> Point | None:
+                return points.find(text, shape, literals, write, key_of, catalog)
+
         found = classify(sql, info, catalog, self.rules, points=not strings, statement=statement, stats=stats,
-                         verdict=verdict)  # fmt: skip
+                         verdict=verdict, find_point=find_point)  # fmt: skip
         if self.bypassed and found.verdict.cacheable and fingerprinted is not None:
             found = self._unless_bypassed(database, fingerprinted, found)
         if stats is not None:
