@@ -512,7 +512,7 @@ class CachingRelay:
                 if hot is None and self._missed is not None:
                     # The hot shape, looked up and missed (answer_hot said so): forwarded with what it computed.
                     missed, self._missed = self._missed, None
-                    if self.inflight.forward_hot_miss(batch, missed, out):
+                    if self.inflight.forward_hot_miss(batch, missed, out, use):  # (nothing changed `use` since)
                         batch.clear()
                         self._batch_bytes = 0
                         return True

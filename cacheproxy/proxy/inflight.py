@@ -231,12 +231,12 @@ class InFlight:
                 unused.fail()
                 self.release_fill(unused)
 
-    def forward_hot_miss(self, batch: list[tuple[int, bytes]], missed: Missed, out: list[bytes]) -> bool:
+    def forward_hot_miss(self, batch: list[tuple[int, bytes]], missed: Missed, out: list[bytes], use: int) -> bool:
         """Forward the hot batch that its lookup did not answer (`missed`): `[Parse of the unnamed statement,] Bind,
         Describe of the portal, Execute, Sync`, as local_answers.answer_hot found it, with the classification (and,
         for a read this session may read, the key) that the lookup computed. It does what `forward_batch` does for
         that batch, without decoding, classifying and keying it again; False (nothing done) for any other shape,
-        which `forward_batch` handles."""
+        which `forward_batch` handles. `use`: `cache_use()`, as the caller just found it."""
         registry, tx = self.registry, self.tx
         parsed = batch[0][0] == m.PARSE
         if len(batch) - parsed != 4 or registry.local_portals:
@@ -261,7 +261,7 @@ class InFlight:
             or bind.arguments != missed.arguments
         ):
             return False
-        serve = self.cache_use() >= STORE
+        serve = use >= STORE
         idle = not self.tracker.pending and tx.status is IDLE  # before this batch queues anything
         if parsed:
             # The unnamed statement this Parse replaces: the one answer_hot read from it (same text and types).
