@@ -84,6 +84,7 @@ class CacheService:
         # (a Catalog is never changed: a reload makes a new one).
         self._scopes: dict[int, tuple[QueryInfo, Catalog | None, WriteScope]] = {}
         self._points = PointTemplates(_CLASSIFY_MEMO)  # row-level points by fingerprint (no lexing per new text)
+        self._ids: dict[str, tuple[str, str]] = {}  # fingerprint -> its statement id and loose text (advice)
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
@@ -165,9 +166,14 @@ class CacheService:
         statement: str | None = None
         stats: StatementStats | None = None
         if fingerprinted is not None:
-            statement = id_of(fingerprinted)
-            stats = self.workload.statement(database, statement, loose(fingerprinted), _KINDS.get(info.kind.value,
-                                                                                                 "other"))  # fmt: skip
+            named = self._ids.get(fingerprinted)
+            if named is None:
+                named = (id_of(fingerprinted), loose(fingerprinted))
+                if len(self._ids) >= _CLASSIFY_MEMO:
+                    self._ids.clear()
+                self._ids[fingerprinted] = named
+            statement = named[0]
+            stats = self.workload.statement(database, statement, named[1], _KINDS.get(info.kind.value, "other"))
         # Statements that differ only in their literals share one analysis (the analyzer's memo, by fingerprint),
         # and so one verdict under a catalog version: judged once, not once per text.
         verdict: ReadVerdict | None = None
