@@ -12,9 +12,10 @@ Bind/Describe/Execute/Sync of a named statement, as `pgbench -M` sends them) and
 The relay is driven in-process (a fake session, a catalog put in place with `t.id` as its primary key, as
 pgbench_accounts has; canned server replies fed back as the server would send them). It prints the Python function
 calls per request (cProfile; deterministic, independent of the machine's load). `--instructions` runs the same
-requests under `valgrind --tool=callgrind` and prints CPU instructions per request instead (deterministic too; about
-a minute): each measured run is bracketed by `os.getppid()` calls, before which callgrind dumps its counters
-(`--dump-before`), so that start-up and warm-up are left out. `--profile MODE KIND` prints the top functions of one.
+requests under `valgrind --tool=callgrind` and prints CPU instructions per request instead (stable to about 1%,
+with a fixed hash seed; about a minute): each measured run is bracketed by `os.getppid()` calls, before which
+callgrind dumps its counters (`--dump-before`), so that start-up and warm-up are left out. `--profile MODE KIND`
+prints the top functions of one.
 """
 
 from __future__ import annotations
@@ -249,7 +250,9 @@ def instructions() -> None:
         out = Path(directory) / "cg.out"
         command = ["valgrind", "--tool=callgrind", "--dump-before=os_getppid", f"--callgrind-out-file={out}",
                    os.path.realpath(sys.executable), "-m", "bench.cost", "--marked"]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A fixed hash seed: str hashes (dict probes, set order) then do not vary the counts from run to run.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         dumps = sorted(Path(directory).glob("cg.out.*"), key=lambda path: int(path.name.rsplit(".", 1)[1]))
         totals = [_total(path) for path in dumps]
     # Dumps: before each case's first mark (its set-up), then its measured requests at its second mark.
