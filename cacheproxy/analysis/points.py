@@ -24,6 +24,7 @@ make splitting on AND unsound). Anything else is not a point statement, and is h
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -369,3 +370,65 @@ def _set_targets(tokens: Sequence[Token], i: int) -> set[str] | None:
             expect_target = True
         j += 1
     return targets
+
+
+# -- by fingerprint -------------------------------------------------------------------------------------------------
+
+# Literal values standing for the literals of a fingerprint in its probe text: _MARK + the literal's position.
+_MARK = 1_000_000_000
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
+class PointTemplates:
+    """`read_point` / `write_point` of statements that differ only in their literals, found once per fingerprint.
+
+    Lexing each new text again is most of the cost of a simple query whose text is new (a miss or a write with a
+    new key). Texts of one fingerprint (analysis/fingerprint.py) have the same tokens but for their literals, each
+    of which is one token the fingerprint replaced by "?". So the point is found once in a probe text, the
+    fingerprint with each "?" replaced by a distinct integer literal (_MARK + its position); an operand it names is
+    then, in any text of that fingerprint, the literal at that position, taken when that literal is a plain integer
+    (ASCII digits, as `_operand` requires of a NUMBER token) and otherwise not a point (None: the safe answer, even
+    where the lexer might have found the key in a later conjunct). A fingerprint whose "?" are not all replaced
+    literals (an operator "?"), or whose literals were not collected, is not templated: the caller lexes the text.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        # (fingerprint, write) -> (the owner of key_of it was found with, the probe's point or None)
+        self._memo: dict[tuple[str, bool], tuple[object, Point | None]] = {}
+
+    def find(
+        self, text: str, fingerprinted: str, literals: list[str] | None, write: bool, key_of: KeyOf, owner: object
+    ) -> Point | None:
+        """The point of `text`, whose fingerprint is `fingerprinted` and replaced literals `literals` (as
+        fingerprint.fingerprint_literals gives them), with `key_of` (whose answers depend only on `owner`, a
+        catalog): by its fingerprint's template, or, when it has none, lexed."""
+        if literals is None or fingerprinted.count("?") != len(literals):
+            return write_point(text, key_of) if write else read_point(text, key_of)
+        memo_key = (fingerprinted, write)
+        known = self._memo.get(memo_key)
+        if known is not None and known[0] is owner:
+            template = known[1]
+        else:
+            parts = fingerprinted.split("?")
+            probe = "".join(f"{part} {_MARK + i} " for i, part in enumerate(parts[:-1])) + parts[-1]
+            template = write_point(probe, key_of) if write else read_point(probe, key_of)
+            if template is not None and any(
+                op.literal is not None and not 0 <= abs(op.literal) - _MARK < len(literals) for op in template.values
+            ):
+                template = None  # (every literal of the probe is a mark: cannot happen)
+            if len(self._memo) >= self._size:
+                self._memo.clear()
+            self._memo[memo_key] = (owner, template)
+        if template is None:
+            return None
+        values: list[Operand] = []
+        for operand in template.values:
+            if operand.literal is None:
+                values.append(operand)
+                continue
+            text = literals[abs(operand.literal) - _MARK]
+            if not _ASCII_DIGITS.fullmatch(text):
+                return None
+            values.append(Operand(-int(text) if operand.literal < 0 else int(text), None))
+        return Point(template.schema, template.table, template.column, tuple(values))

@@ -137,7 +137,8 @@ class CacheEngine:
             return (base,)
         db_gens = self._db_generations
         table_gens = self._table_generations
-        return tuple(base + db_gens.get(table[0], 0) + table_gens.get(table, 0) for table in ordered)
+        # (a list comprehension: one call, where a generator is resumed once per table; this runs twice per miss)
+        return tuple([base + db_gens.get(table[0], 0) + table_gens.get(table, 0) for table in ordered])
 
     def put(
         self,

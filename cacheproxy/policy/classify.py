@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind, QueryInfo
-from cacheproxy.analysis.points import Operand, Point, read_point, write_point
+from cacheproxy.analysis.points import KeyOf, Operand, Point, read_point, write_point
 from cacheproxy.cache.entry import TableId, any_row, database_id, row_id
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.policy.rules import RuleSet
@@ -25,6 +25,14 @@ NO_CATALOG = ReadVerdict(False, "the catalog of this database is not loaded (yet
 # (arguments of a bound statement, parameter number from 1) -> (format, value or None for NULL), or None when there
 # is no such parameter. For PostgreSQL: protocol.frontend.bind_parameter over a Bind's arguments.
 ParameterReader = Callable[[bytes, int], tuple[int, bytes | None] | None]
+# (a statement's text, whether it writes, the catalog's point keys) -> its point, as analysis.points.read_point or
+# write_point would find it (the caller may know it without lexing the text: analysis.points.PointTemplates).
+PointFinder = Callable[[str, bool, KeyOf], Point | None]
+
+
+def lex_point(text: str, write: bool, key_of: KeyOf) -> Point | None:
+    """The default PointFinder: the text lexed."""
+    return write_point(text, key_of) if write else read_point(text, key_of)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,22 +62,24 @@ def classify(
     statement: str | None = None,
     stats: StatementStats | None = None,
     verdict: ReadVerdict | None = None,
+    find_point: PointFinder = lex_point,
 ) -> Classified:
     """Judge `info` (the analysis of `sql`) under `catalog` (None: not loaded, nothing is cacheable) and `rules`.
     `points`: look for row-level points (read from `sql` as UTF-8 with standard strings); `statement`: its
     fingerprint id, for statement rules; `stats`: its advisor counters, carried along. `verdict`: judge_read's
-    verdict for this very `info`, catalog, rules and statement, already known (it depends on nothing else)."""
+    verdict for this very `info`, catalog, rules and statement, already known (it depends on nothing else).
+    `find_point`: how its row-level point is read from its text."""
     if verdict is None:
         verdict = judge_read(info, catalog, rules, statement) if catalog is not None else NO_CATALOG
     version = catalog.version if catalog is not None else -1
     if not points:
         return Classified(info, verdict, version, statement=statement, stats=stats)
-    point, point_tables = _points(sql, info, verdict, catalog)
+    point, point_tables = _points(sql, info, verdict, catalog, find_point)
     return Classified(info, verdict, version, point, point_tables, statement, stats)
 
 
 def _points(
-    sql: bytes, info: QueryInfo, verdict: ReadVerdict, catalog: Catalog | None
+    sql: bytes, info: QueryInfo, verdict: ReadVerdict, catalog: Catalog | None, find_point: PointFinder
 ) -> tuple[Point | None, frozenset[str]]:
     """What `classify` records for row-level invalidation (see Classified)."""
     if catalog is None or not catalog.point_columns or info.statement_count != 1 or len(sql) > MAX_ANALYZED_BYTES:
@@ -78,10 +88,10 @@ def _points(
         point_tables = frozenset(name for name in verdict.tables if name in catalog.point_columns)
         if not point_tables or len(info.reads) != 1:
             return None, point_tables
-        point = read_point(sql.decode("utf-8", "replace"), catalog.point_key)
+        point = find_point(sql.decode("utf-8", "replace"), False, catalog.point_key)
         return (point if point is not None and (point.schema, point.table) in info.reads else None), point_tables
     if info.kind is Kind.WRITE and len(info.writes) == 1:
-        point = write_point(sql.decode("utf-8", "replace"), catalog.point_key)
+        point = find_point(sql.decode("utf-8", "replace"), True, catalog.point_key)
         return (point if point is not None and (point.schema, point.table) in info.writes else None), frozenset()
     return None, frozenset()
 

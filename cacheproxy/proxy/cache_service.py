@@ -23,8 +23,9 @@ from typing import Any
 from cacheproxy.advice.statements import id_of, loose
 from cacheproxy.advice.workload import StatementStats, Workload
 from cacheproxy.analysis.analyzer import Analyzer, analyze_head
-from cacheproxy.analysis.fingerprint import fingerprint
+from cacheproxy.analysis.fingerprint import fingerprint, fingerprint_literals
 from cacheproxy.analysis.model import QueryInfo
+from cacheproxy.analysis.points import KeyOf, Point, PointTemplates
 from cacheproxy.analysis.strings import backslash_quotes
 from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
@@ -38,9 +39,9 @@ from cacheproxy.feeds.catalog_loader import CatalogLoader
 from cacheproxy.feeds.replication import ReplicationListener
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.observability.shared_metrics import SharedCollector
-from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify
+from cacheproxy.policy.classify import MAX_ANALYZED_BYTES, Classified, classify, lex_point
 from cacheproxy.policy.rules import RuleSet
-from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
+from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read, write_scope
 from cacheproxy.verify.verifier import Verifier, bypass_reason
 
 log = logging.getLogger("cacheproxy.cache")
@@ -79,6 +80,11 @@ class CacheService:
         # id(analysis) -> (the analysis, catalog version, its verdict): the analysis is kept so that its id is not
         # reused by another while the entry lives.
         self._verdicts: dict[int, tuple[QueryInfo, int, ReadVerdict]] = {}
+        # id(analysis) -> (the analysis, the catalog, what a write of it invalidates): write_scope is pure in both
+        # (a Catalog is never changed: a reload makes a new one).
+        self._scopes: dict[int, tuple[QueryInfo, Catalog | None, WriteScope]] = {}
+        self._points = PointTemplates(_CLASSIFY_MEMO)  # row-level points by fingerprint (no lexing per new text)
+        self._ids: dict[str, tuple[str, str]] = {}  # fingerprint -> its statement id and loose text (advice)
         self._fills: dict[Hashable, asyncio.Future[None] | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.database_flushes = 0
@@ -145,6 +151,7 @@ class CacheService:
             self._memo.move_to_end(memo_key)
             return found
         fingerprinted: str | None = None
+        literals: list[str] | None = None
         if len(sql) > MAX_ANALYZED_BYTES:
             head = sql[:1024].decode("utf-8", "replace")
             info = analyze_head(head, f"statement longer than {MAX_ANALYZED_BYTES} bytes is not analyzed")
@@ -154,14 +161,19 @@ class CacheService:
             if text is None:
                 info = analyze_head("", "statement in a client encoding the proxy cannot decode", unknown=True)
             else:
-                fingerprinted = fingerprint(text)
+                fingerprinted, literals = fingerprint_literals(text)
                 info = self.analyzer.analyze(text, backslash_quotes(strings), key=fingerprinted)
         statement: str | None = None
         stats: StatementStats | None = None
         if fingerprinted is not None:
-            statement = id_of(fingerprinted)
-            stats = self.workload.statement(database, statement, loose(fingerprinted), _KINDS.get(info.kind.value,
-                                                                                                 "other"))  # fmt: skip
+            named = self._ids.get(fingerprinted)
+            if named is None:
+                named = (id_of(fingerprinted), loose(fingerprinted))
+                if len(self._ids) >= _CLASSIFY_MEMO:
+                    self._ids.clear()
+                self._ids[fingerprinted] = named
+            statement = named[0]
+            stats = self.workload.statement(database, statement, named[1], _KINDS.get(info.kind.value, "other"))
         # Statements that differ only in their literals share one analysis (the analyzer's memo, by fingerprint),
         # and so one verdict under a catalog version: judged once, not once per text.
         verdict: ReadVerdict | None = None
@@ -175,8 +187,15 @@ class CacheService:
                     self._verdicts.clear()
                 self._verdicts[id(info)] = (info, version, verdict)
         # Row-level points are read with the standard lexer from UTF-8: other sessions invalidate whole tables.
+        find_point = lex_point
+        if fingerprinted is not None and literals is not None:
+            points, shape = self._points, fingerprinted
+
+            def find_point(text: str, write: bool, key_of: KeyOf) -> Point | None:
+                return points.find(text, shape, literals, write, key_of, catalog)
+
         found = classify(sql, info, catalog, self.rules, points=not strings, statement=statement, stats=stats,
-                         verdict=verdict)  # fmt: skip
+                         verdict=verdict, find_point=find_point)  # fmt: skip
         if self.bypassed and found.verdict.cacheable and fingerprinted is not None:
             found = self._unless_bypassed(database, fingerprinted, found)
         if stats is not None:
@@ -186,6 +205,18 @@ class CacheService:
             if len(self._memo) > _CLASSIFY_MEMO:
                 self._memo.popitem(last=False)
         return found
+
+    def write_scope(self, info: QueryInfo, catalog: Catalog | None) -> WriteScope:
+        """policy.verdict.write_scope, memoized per analysis (statements that differ only in literals share one)
+        and catalog."""
+        judged = self._scopes.get(id(info))
+        if judged is not None and judged[0] is info and judged[1] is catalog:
+            return judged[2]
+        scope = write_scope(info, catalog)
+        if len(self._scopes) >= _CLASSIFY_MEMO:
+            self._scopes.clear()
+        self._scopes[id(info)] = (info, catalog, scope)
+        return scope
 
     def _unless_bypassed(self, database: str, fingerprinted: str, found: Classified) -> Classified:
         why = self.bypassed.get((database, fingerprinted))

@@ -47,7 +47,7 @@ from cacheproxy.proxy.explain import explain_rows
 from cacheproxy.proxy.inflight import ANSWER, NONE, InFlight
 from cacheproxy.proxy.interfaces import RelayHost
 from cacheproxy.proxy.local_answers import WAIT
-from cacheproxy.proxy.requests import KIND_LABELS, Fill, Request
+from cacheproxy.proxy.requests import KIND_LABELS, Fill, Missed, Request
 
 log = logging.getLogger("cacheproxy.caching")
 
@@ -126,6 +126,8 @@ class CachingRelay:
         # the first in a slot, any others in a list (no call on the hot path: one Execute).
         self._found: StatementStats | None = None
         self._found_more: list[StatementStats | None] = []
+        # The last lookup of `result` that missed, in the batch being answered: forwarded without computing it again.
+        self._missed: Missed | None = None
         self.terminated = False
         self._released = False  # the message at the inbox head (a DROP DATABASE) already waited for a release
         service.attach(self.database)
@@ -417,7 +419,8 @@ class CachingRelay:
         """True when the session now waits for its database's catalog (a first query, or one after DDL) or for its
         invalidation feed to start listening."""
         service = self.service
-        if self._waited or (service.catalog_ready(self.database) and self.database not in service.blind):
+        # (service.catalog_ready, read directly: this runs for every batch)
+        if self._waited or (service.catalogs.get(self.database) is not None and self.database not in service.blind):
             return False
         pending = service.watch(self.database)
         if pending is None:
@@ -503,8 +506,16 @@ class CachingRelay:
         if self._found_more:
             self._found_more.clear()
         if use == ANSWER and (batch[-1][0] == m.SYNC or idle or all(t != m.BIND for t, _ in batch)):
+            self._missed = None
             try:
                 hot = local_answers.answer_hot(batch, self._statements, self.tx.status.ready, idle, self)
+                if hot is None and self._missed is not None:
+                    # The hot shape, looked up and missed (answer_hot said so): forwarded with what it computed.
+                    missed, self._missed = self._missed, None
+                    if self.inflight.forward_hot_miss(batch, missed, out, use):  # (nothing changed `use` since)
+                        batch.clear()
+                        self._batch_bytes = 0
+                        return True
                 if hot is False:
                     answer = local_answers.answer_batch(batch, self.registry, self.tx.status.ready, idle, self)
                     hot = self._apply_answer(answer, out) if isinstance(answer, local_answers.Answer) else answer
@@ -515,13 +526,14 @@ class CachingRelay:
             except Exception:
                 log.exception("session %d: cache lookup failed; relaying the batch upstream", self.session.id)
                 hot = None
+            self._missed = None
             if hot is WAIT:
                 return False  # waiting for a catalog or another session's fill
             if hot:
                 self._write_client(hot)
-                executes = sum(1 for msg_type, _ in batch if msg_type == m.EXECUTE)
-                for _ in range(executes):
-                    self.service.observe_hit(())
+                for msg_type, _ in batch:  # (a loop, not a generator: this runs for every hit)
+                    if msg_type == m.EXECUTE:
+                        self.service.observe_hit(())
                 found = self._found  # the advisor's per-statement hits
                 if found is not None:
                     found.hits += 1
@@ -549,6 +561,8 @@ class CachingRelay:
             )
         except Exception:  # a malformed message, or a lookup that failed: the server's to answer, now
             return False
+        finally:
+            self._missed = None
         return isinstance(answer, local_answers.Answer) and 0 < len(answer.replies) < _SERVER_OUTPUT_BUFFER
 
     def _forward_batch(self, out: list[bytes]) -> None:
@@ -577,11 +591,15 @@ class CachingRelay:
         """The cached result of an Execute, or None (not counted: see Lookups.count)."""
         classified = self.service.classify(self.database, statement.query, self.tx.strings)
         if not self.tx.may_read(classified):
+            self._missed = Missed(statement, arguments, max_rows, None, classified)
             return None  # a write, or a read not served here
         key = keys.execute_key(self.database, self.user, self.tx.digest or self.tx.state_digest(), statement.query,
                                statement.param_types, arguments, max_rows)  # fmt: skip
         entry = self._tier.get(key, self.service.clock(), count_miss=False, count_hit=False)
-        if entry is not None and self._strict:
+        if entry is None:
+            self._missed = Missed(statement, arguments, max_rows, key, classified)
+            return None
+        if self._strict:
             assert self._shared is not None
             if not self._shared.verified(entry, self._asked.get(key)):
                 return None  # not confirmed yet: `fill_in_flight` asks the shared tier
@@ -594,8 +612,19 @@ class CachingRelay:
 
     def fill_in_flight(self, statement: Statement, arguments: bytes, max_rows: int) -> bool:
         """After a miss: ask the shared tier (if any); wait (once) when another session is filling that very key."""
-        key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
-                               statement.param_types, arguments, max_rows)  # fmt: skip
+        missed = self._missed
+        if (
+            missed is not None
+            and missed.statement is statement
+            and missed.arguments is arguments
+            and missed.max_rows == max_rows
+        ):
+            if missed.key is None:
+                return False  # not a read this session may read from the cache: not filled here either
+            key = missed.key  # (the lookup that just missed)
+        else:
+            key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
+                                   statement.param_types, arguments, max_rows)  # fmt: skip
         if self._shared is not None:
             classified = self.service.classify(self.database, statement.query, self.tx.strings)
             tables = dependencies(self.database, classified, arguments, key_types(statement), fe.bind_parameter)

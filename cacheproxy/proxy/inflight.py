@@ -21,7 +21,7 @@ from cacheproxy.cache.entry import Entry, TableId
 from cacheproxy.cache.generations import dependency_names
 from cacheproxy.cache.keys import CacheKey
 from cacheproxy.policy.classify import Classified, dependencies, row_scope, shape_dependencies
-from cacheproxy.policy.verdict import WriteScope, write_scope
+from cacheproxy.policy.verdict import WriteScope
 from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import HEADER_SIZE, Framer, encode
@@ -32,7 +32,7 @@ from cacheproxy.proxy import write_through
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.interfaces import RelayHost
 from cacheproxy.proxy.local_answers import next_execute_rows
-from cacheproxy.proxy.requests import KIND_LABELS, Described, Fill, IsolationProbe, ParseDone, Refresh, Request
+from cacheproxy.proxy.requests import KIND_LABELS, Described, Fill, IsolationProbe, Missed, ParseDone, Refresh, Request
 from cacheproxy.proxy.transaction import TxEnd
 
 # Asked after a BEGIN that names no isolation level, pipelined behind it (see probe_isolation); its reply is stripped.
@@ -140,7 +140,7 @@ class InFlight:
                 self.registry.prepared_in_sql(statement.prepares)
             elif statement.deallocates_all or statement.deallocates is not None:
                 self.registry.deallocated(statement.deallocates)
-        scope = row_scope(classified, write_scope(info, catalog), bind.arguments if bind is not None else None,
+        scope = row_scope(classified, service.write_scope(info, catalog), bind.arguments if bind is not None else None,
                           param_types, fe.bind_parameter)  # fmt: skip
         if scope.code == "function_call":  # also a view, operator or cast running such a function (verdict.py)
             self.tx.stop_caching(f"{scope.why}: settings may have changed")
@@ -231,6 +231,61 @@ class InFlight:
                 unused.fail()
                 self.release_fill(unused)
 
+    def forward_hot_miss(self, batch: list[tuple[int, bytes]], missed: Missed, out: list[bytes], use: int) -> bool:
+        """Forward the hot batch that its lookup did not answer (`missed`): `[Parse of the unnamed statement,] Bind,
+        Describe of the portal, Execute, Sync`, as local_answers.answer_hot found it, with the classification (and,
+        for a read this session may read, the key) that the lookup computed. It does what `forward_batch` does for
+        that batch, without decoding, classifying and keying it again; False (nothing done) for any other shape,
+        which `forward_batch` handles. `use`: `cache_use()`, as the caller just found it."""
+        registry, tx = self.registry, self.tx
+        parsed = batch[0][0] == m.PARSE
+        if len(batch) - parsed != 4 or registry.local_portals:
+            return False
+        statement = missed.statement
+        if not parsed and not statement.upstream:
+            return False  # exists only here: replayed first (forward_batch)
+        # Decoded as forward_batch would (a malformed message ends the session there too, ProtocolViolation).
+        if parsed:
+            parse = fe.decode_parse(batch[0][1][HEADER_SIZE:])
+            if parse.statement or parse.param_types != statement.param_types:
+                return False
+        bind = fe.decode_bind(batch[parsed][1][HEADER_SIZE:])
+        describe = fe.decode_describe(batch[parsed + 1][1][HEADER_SIZE:])
+        execute = fe.decode_execute(batch[parsed + 2][1][HEADER_SIZE:])
+        portal = bind.portal
+        if (
+            describe.kind != "P"
+            or describe.name != portal
+            or execute.portal != portal
+            or execute.max_rows != missed.max_rows
+            or bind.arguments != missed.arguments
+        ):
+            return False
+        serve = use >= STORE
+        idle = not self.tracker.pending and tx.status is IDLE  # before this batch queues anything
+        if parsed:
+            # The unnamed statement this Parse replaces: the one answer_hot read from it (same text and types).
+            statement.upstream = True
+            self._statements[""] = statement
+            self.queue(Pending(Op.PARSE, on_done=ParseDone("", statement)))
+            out.append(batch[0][1])
+        registry.portals[portal] = Portal(statement, bind)
+        registry.executed.discard(portal)
+        self.queue(Pending(Op.BIND))
+        out.append(batch[parsed][1])
+        capture = None
+        if serve and not tx.unsynced_write and missed.key is not None:
+            capture = self._read_capture(statement, bind.arguments, missed.classified, missed.key)
+        self.queue(Pending(Op.DESCRIBE_PORTAL, capture=capture))
+        out.append(batch[parsed + 1][1])
+        self._forward_execute(execute, batch[parsed + 2][1], out, {portal: capture}, serve, idle, missed.classified)
+        self.queue(Pending(Op.SYNC))
+        out.append(batch[-1][1])
+        if tx.probe_wanted:
+            self.probe_isolation(out)
+        tx.sent_extended(sync=True)
+        return True
+
     def replay(self, name: str, statement: Statement, out: list[bytes], *, quiet: bool = False) -> None:
         """Create upstream a statement whose Parse was answered locally; its ParseComplete is not the client's
         (nor, when `quiet`, an error: the statement then stays local, and its use will replay it again)."""
@@ -265,17 +320,23 @@ class InFlight:
         classified = self.service.classify(self.database, statement.query, self.tx.strings)
         if classified.info.kind is not Kind.READ or not self.tx.may_read(classified):
             return None
-        if names_time_word(portal.bind.arguments):
-            return None  # a parameter such as 'now' is evaluated when the statement runs: never cache it
         key = keys.execute_key(self.database, self.user, self.tx.state_digest(), statement.query,
                                statement.param_types, portal.bind.arguments, max_rows)  # fmt: skip
+        return self._read_capture(statement, portal.bind.arguments, classified, key)
+
+    def _read_capture(
+        self, statement: Statement, arguments: bytes, classified: Classified, key: CacheKey
+    ) -> Capture | None:
+        """The capture of a cacheable read (`classified`, that this session may read) about to go upstream under
+        `key`: counted as a miss, its single-flight slot taken if free."""
+        if names_time_word(arguments):
+            return None  # a parameter such as 'now' is evaluated when the statement runs: never cache it
         self._tier.count(key, None)  # a cacheable read sent upstream: the miss
         leader = self.service.fill_in_flight(key) is None
         if leader:
             self.service.begin_fill(key)
             self.leading.add(key)
-        tables = dependencies(self.database, classified, portal.bind.arguments, key_types(statement),
-                              fe.bind_parameter)  # fmt: skip
+        tables = dependencies(self.database, classified, arguments, key_types(statement), fe.bind_parameter)
         return Capture(self.service.max_entry_size, self.fill(key, classified, tables, statement.query, leader))
 
     def _forward_execute(
@@ -286,7 +347,9 @@ class InFlight:
         described: dict[str, Capture | None],
         serve: bool,
         idle: bool,
+        classified: Classified | None = None,
     ) -> None:
+        """`classified`: the portal's statement's classification, when the caller has it."""
         portal = self.registry.portals.get(execute.portal)
         executed = self.registry.executed
         capture: Capture | None = None
@@ -295,7 +358,8 @@ class InFlight:
         kind = "other"
         stats: StatementStats | None = None
         if portal is not None and portal.statement.query:
-            classified = self.service.classify(self.database, portal.statement.query, self.tx.strings)
+            if classified is None:
+                classified = self.service.classify(self.database, portal.statement.query, self.tx.strings)
             info = classified.info
             stats = classified.stats
             copy_from = info.copy_from_stdin

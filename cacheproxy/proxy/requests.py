@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind
 from cacheproxy.cache.entry import TableId
-from cacheproxy.cache.keys import CacheKey
+from cacheproxy.cache.keys import CacheKey, ExecuteKey
+from cacheproxy.policy.classify import Classified
 from cacheproxy.policy.verdict import WriteScope
 from cacheproxy.protocol.statements import Statement
 
@@ -53,6 +54,18 @@ class Request:
     changes_state: bool = False  # a SET/RESET/DISCARD to record if it succeeds
     discards_all: bool = False  # ... and it is DISCARD ALL
     stats: StatementStats | None = None  # its statement's advisor counters (advice/workload.py)
+
+
+@dataclass(slots=True)
+class Missed:
+    """The lookup of an Execute that the cache did not answer, made for the batch being answered: what forwarding
+    the same batch upstream would compute again (InFlight.forward_hot_miss)."""
+
+    statement: Statement
+    arguments: bytes
+    max_rows: int
+    key: ExecuteKey | None  # None: not a read this session may read from the cache (a write...)
+    classified: Classified
 
 
 @dataclass(slots=True)
