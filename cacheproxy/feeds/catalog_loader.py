@@ -195,6 +195,8 @@ class CatalogLoader:
         self._stale: set[str] = set()
         self._ddl_epochs: dict[str, int] = {}  # bumped by mark_stale: a load that started before is not fresh
         self._versions = 0
+        # database -> the function rows of its last load, and the immutable and system function names they gave
+        self._functions: dict[str, tuple[list[tuple[str, str, bool]], frozenset[str], frozenset[str]]] = {}
         # database -> its kept control connection, the address it went to, and the queries prepared on it
         self._conns: dict[str, tuple[asyncpg.Connection, tuple[str, int], dict[str, object]]] = {}
         # The pg_stat_statements queryids the rules name: resolved to statement ids with each load (issue 17).
@@ -355,14 +357,23 @@ class CatalogLoader:
         cascades: list[asyncpg.Record],
         functions: list[asyncpg.Record],
     ) -> Catalog:
-        return Catalog.build(
+        rows = [(str(r[0]), str(r[1]), bool(r[2])) for r in functions]
+        known = self._functions.get(database)
+        same = known is not None and known[0] == rows
+        catalog = Catalog.build(
             database,
             self._versions,
             relations=[Relation(r[0], r[1], r[2], bool(r[3]), bool(r[4])) for r in relations],
             inherits=[(r[0], r[1]) for r in inherits],
             cascades=[(r[0], r[1]) for r in cascades],
-            functions=[(r[0], r[1], bool(r[2])) for r in functions],
+            functions=() if same else rows,
         )
+        if known is not None and same:
+            # The thousands of functions rarely change between loads (DDL is mostly on tables): what they give is
+            # reused rather than computed again; the rows are compared whole, so any change is seen.
+            return dataclasses.replace(catalog, immutable=known[1], system_functions=known[2])
+        self._functions[database] = (rows, catalog.immutable, catalog.system_functions)
+        return catalog
 
 
 async def _close_quietly(conn: asyncpg.Connection) -> None:
