@@ -394,14 +394,15 @@ class Session:
             msg_type, body = await read_upstream_message(up_reader)
         await self._finish_startup(up_reader, pending)
 
-    async def _open_upstream(self, startup: StartupMessage, *, spare: bool = True) -> UpstreamStart:
-        """Connect upstream (a spare connection when one is ready) and send the client's StartupMessage on it."""
+    async def _open_upstream(self, startup: StartupMessage | None, *, spare: bool = True) -> UpstreamStart:
+        """Connect upstream (a spare connection when one is ready) and send `startup` on it, if given."""
         if spare:
             reader, writer, was_spare = await self.server.spares.connect()
         else:
             reader, writer = await open_upstream(self.server.config.upstream)
             was_spare = False
-        writer.write(startup.raw)
+        if startup is not None:
+            writer.write(startup.raw)
         return reader, writer, was_spare
 
     async def _first_upstream_message(self, startup: StartupMessage) -> tuple[int, bytes]:
@@ -422,22 +423,22 @@ class Session:
         reader, _ = self._adopt_upstream(await self._open_upstream(startup, spare=False))
         return await read_upstream_message(reader)
 
-    async def _login_upstream(self, login: UpstreamLogin, startup: StartupMessage, spare: bool) -> list[bytes]:
-        """auth.mode terminate: log in upstream (the StartupMessage was sent already); a dead spare is replaced by
-        a new connection, as in `_first_upstream_message`. Returns the server's notices."""
+    async def _login_upstream(self, login: UpstreamLogin, spare: bool) -> list[bytes]:
+        """auth.mode terminate: log in upstream as the client; a dead spare is replaced by a new connection, as in
+        `_first_upstream_message`. Returns the server's notices."""
         assert self._up_reader is not None and self._up_writer is not None
         if not spare:
-            return await login.authenticate(self._up_reader, self._up_writer, startup_sent=True)
+            return await login.authenticate(self._up_reader, self._up_writer)
         try:
             async with asyncio.timeout(_SPARE_PATIENCE):
-                return await login.authenticate(self._up_reader, self._up_writer, startup_sent=True)
+                return await login.authenticate(self._up_reader, self._up_writer)
         except UpstreamRefused:
             raise
         except (UpstreamError, TimeoutError) as exc:
             self._spare_failed(exc)
-        reader, _ = self._adopt_upstream(await self._open_upstream(startup, spare=False))
+        reader, _ = self._adopt_upstream(await self._open_upstream(None, spare=False))
         assert self._up_writer is not None
-        return await login.authenticate(reader, self._up_writer, startup_sent=True)
+        return await login.authenticate(reader, self._up_writer)
 
     def _spare_failed(self, exc: Exception) -> None:
         why = "no answer" if isinstance(exc, TimeoutError) else str(exc)
@@ -456,11 +457,12 @@ class Session:
     async def _authenticate_terminating(self, startup: StartupMessage) -> None:
         """auth.mode terminate: authenticate the client here, then log in upstream as it (terminating_auth.py).
 
-        The upstream connection is opened (or a spare taken) and sent the StartupMessage while the client
-        authenticates: the server's fork and its first authentication request overlap the client's exchange.
+        The upstream connection is opened (or a spare taken) while the client authenticates, so that the connect
+        and the server's fork overlap the client's exchange; the StartupMessage is sent only once the client has
+        proven who it is (a client with a wrong password must not make the server start a session for it).
         """
         self._set_phase(Phase.AUTHENTICATING, "client authentication (auth.mode: terminate)")
-        opening = asyncio.ensure_future(self._open_upstream(startup))
+        opening = asyncio.ensure_future(self._open_upstream(None))
         try:
             login = await authenticate_client(self._client_reader, self._client_writer, startup, self.server.auth)
         except BaseException:
@@ -475,7 +477,7 @@ class Session:
             raise
         _, spare = self._adopt_upstream(opened)
         try:
-            notices = await self._login_upstream(login, startup, spare)
+            notices = await self._login_upstream(login, spare)
         except UpstreamRefused as exc:
             self._client_writer.write(encode(b"E", exc.body))
             raise SessionEnd("upstream refused: " + exc.message) from exc

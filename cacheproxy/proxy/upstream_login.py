@@ -88,19 +88,12 @@ class UpstreamLogin:
         return ClientAuth(self.user, credential.password)
 
     async def authenticate(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        timeout: float = _LOGIN_TIMEOUT,
-        startup_sent: bool = False,
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, timeout: float = _LOGIN_TIMEOUT
     ) -> list[bytes]:
-        """Send the StartupMessage (unless the caller did: `startup_sent`) and answer the server up to
-        AuthenticationOk; returns the notices it sent."""
+        """Send the StartupMessage and answer the server up to AuthenticationOk; returns the notices it sent."""
         auth = self._client_auth()
         notices: list[bytes] = []
-        if not startup_sent:
-            writer.write(self.startup.raw)
+        writer.write(self.startup.raw)
         async with asyncio.timeout(timeout):
             while not auth.done:
                 msg_type, body = await read_upstream_message(reader)
