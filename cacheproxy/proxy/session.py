@@ -740,6 +740,12 @@ class Session:
         except ProxyError as exc:
             self._end_relay(exc)
         except Exception as exc:
+            if isinstance(exc, RuntimeError) and self._client_writer.transport.is_closing():
+                # uvloop refuses a write to a transport it has closed (asyncio's own loop ignores it): the client
+                # went away in this same loop iteration, before its connection_lost was delivered. Not our error.
+                log.debug("session %d: the client's connection closed under a write: %s", self.id, exc)
+                self._end_relay("client disconnected")
+                return
             log.exception("session %d: internal error in the caching relay", self.id)
             self._end_relay(ProxyError(INTERNAL_ERROR, f"cacheproxy internal error: {exc.__class__.__name__}"))
 
