@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs[target][path].append(run)
                     print(f"round {round_no} {target:15s} {path:40s} {run.seconds:7.1f} s "
                           f"{run.passed} passed, {len(run.failed)} failed", flush=True)  # fmt: skip
+                    for name in sorted(run.failed):
+                        print(f"    failed: {name}", flush=True)
     finally:
         for proc in procs:
             _stop_proxy(proc)
