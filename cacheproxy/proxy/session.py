@@ -12,7 +12,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import Enum
 from typing import Any, Protocol, cast
 
@@ -423,9 +423,10 @@ class Session:
         reader, _ = self._adopt_upstream(await self._open_upstream(startup, spare=False))
         return await read_upstream_message(reader)
 
-    async def _login_upstream(self, login: UpstreamLogin, spare: bool) -> list[bytes]:
-        """auth.mode terminate: log in upstream as the client; a dead spare is replaced by a new connection, as in
-        `_first_upstream_message`. Returns the server's notices."""
+    async def _login_upstream(self, login: UpstreamLogin, spare: bool) -> list[bytes] | None:
+        """auth.mode terminate: log in upstream as the client; the server's notices, or None when the connection
+        was a spare that turned out dead (closed, or no answer within `_SPARE_PATIENCE`): the caller connects
+        again, as in `_first_upstream_message`."""
         assert self._up_reader is not None and self._up_writer is not None
         if not spare:
             return await login.authenticate(self._up_reader, self._up_writer)
@@ -436,9 +437,19 @@ class Session:
             raise
         except (UpstreamError, TimeoutError) as exc:
             self._spare_failed(exc)
-        reader, _ = self._adopt_upstream(await self._open_upstream(None, spare=False))
-        assert self._up_writer is not None
-        return await login.authenticate(reader, self._up_writer)
+            return None
+
+    async def _opened_or_offline(self, startup: StartupMessage, opening: Awaitable[UpstreamStart]) -> bool:
+        """Adopt the upstream connection `opening` gives; False when it could not be opened and the session was
+        taken offline instead (stale_if_error: `_go_offline`)."""
+        try:
+            opened = await opening
+        except UpstreamError as exc:
+            if self._go_offline(startup, exc):
+                return False
+            raise
+        self._adopt_upstream(opened)
+        return True
 
     def _spare_failed(self, exc: Exception) -> None:
         why = "no answer" if isinstance(exc, TimeoutError) else str(exc)
@@ -469,18 +480,19 @@ class Session:
             _discard_unused(opening)
             raise
         self.upstream_login = login
-        try:
-            opened = await opening
-        except UpstreamError as exc:
-            if self._go_offline(startup, exc):
-                return
-            raise
-        _, spare = self._adopt_upstream(opened)
+        if not await self._opened_or_offline(startup, opening):
+            return
+        spare = opening.result()[2]
         try:
             notices = await self._login_upstream(login, spare)
+            if notices is None:  # a dead spare: a new connection, as if there had been no spare
+                if not await self._opened_or_offline(startup, self._open_upstream(None, spare=False)):
+                    return
+                notices = await self._login_upstream(login, spare=False)
         except UpstreamRefused as exc:
             self._client_writer.write(encode(b"E", exc.body))
             raise SessionEnd("upstream refused: " + exc.message) from exc
+        assert notices is not None
         up_reader = self._up_reader  # (a new connection if the spare failed)
         assert up_reader is not None
         await self._finish_startup(up_reader, bytearray(AUTHENTICATION_OK + b"".join(notices)))
