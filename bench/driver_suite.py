@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             _stop_proxy(proc)
         cluster.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
     text = _render(args, runs)
     print(text)
     if not args.no_write:
