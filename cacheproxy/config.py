@@ -760,6 +760,9 @@ class LimitsConfig(_Section):
     idle_client_timeout: float | None = setting(None, optional(duration(positive=True)))
     connect_timeout: float = setting(DEFAULT_CONNECT_TIMEOUT, duration(positive=True))
     startup_timeout: float = setting(60.0, duration(positive=True))
+    # Upstream connections kept open ahead of new clients (TCP, sslmode and the server's fork done), while clients
+    # keep connecting (proxy/spare_upstream.py); 0 = each session opens its own when its client connects.
+    spare_upstream_connections: int = setting(1, integer(0))
     # Named prepared statements the proxy tracks per session; past it the session ends with 53400, rather than the
     # proxy's memory growing with a client that prepares without ever closing.
     max_prepared_statements: int = setting(10000, integer(1))

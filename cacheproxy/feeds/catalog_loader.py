@@ -3,6 +3,11 @@
 The control connection logs in as the upstream URL's user (the proxy never has the clients' passwords). One load per
 database on first use and after DDL seen through the proxy; until a database's catalog is loaded, nothing of it is
 cached, and a database whose catalog cannot be read is not cached at all (logged once).
+
+A session's next cacheable query waits for the reload that DDL starts, so a load must be quick (a driver's test
+suite creates and drops tables in almost every test): the connection is kept between loads of a database, with its
+queries prepared on it (one round trip each, planned once), until `release` (the database has no sessions, is being
+dropped, or the upstream failed over) or until the upstream address changes.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 
 from cacheproxy.advice.queryids import read_queryids
 from cacheproxy.catalog.model import Catalog, HiddenCode, Relation
 from cacheproxy.config import UpstreamConfig
-from cacheproxy.upstream import control_connection
+from cacheproxy.upstream import control_connection, upstream_address
 
 log = logging.getLogger("cacheproxy.catalog")
 
@@ -189,6 +195,10 @@ class CatalogLoader:
         self._stale: set[str] = set()
         self._ddl_epochs: dict[str, int] = {}  # bumped by mark_stale: a load that started before is not fresh
         self._versions = 0
+        # database -> the function rows of its last load, and the immutable and system function names they gave
+        self._functions: dict[str, tuple[list[tuple[str, str, bool]], frozenset[str], frozenset[str]]] = {}
+        # database -> its kept control connection, the address it went to, and the queries prepared on it
+        self._conns: dict[str, tuple[asyncpg.Connection, tuple[str, int], dict[str, object]]] = {}
         # The pg_stat_statements queryids the rules name: resolved to statement ids with each load (issue 17).
         self.queryids: frozenset[int] = frozenset()
 
@@ -215,11 +225,23 @@ class CatalogLoader:
         return self._start(database)
 
     async def close(self) -> None:
-        """Cancel loads in flight (shutdown)."""
+        """Cancel loads in flight (shutdown) and close the kept connections."""
         tasks = list(self._loading.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for database in list(self._conns):
+            await self.release(database)
+
+    def connected(self, database: str) -> bool:
+        """A connection to `database` is kept open for its loads."""
+        return database in self._conns
+
+    async def release(self, database: str) -> None:
+        """Close the connection kept for `database` (a load in flight finishes on it, then closes it)."""
+        kept = self._conns.pop(database, None)
+        if kept is not None and database not in self._loading:
+            await _close_quietly(kept[0])
 
     def mark_stale(self, database: str) -> None:
         """DDL went through: decisions must wait for a reload (one started before now does not count)."""
@@ -278,20 +300,50 @@ class CatalogLoader:
         return catalog
 
     async def _read(self, database: str) -> Catalog:
-        conn = await control_connection(self._upstream, database, "catalog")
+        kept = self._conns.get(database)
+        if kept is not None and (kept[0].is_closed() or kept[1] != upstream_address(self._upstream)):
+            del self._conns[database]  # lost, or the upstream failed over to another server since
+            await _close_quietly(kept[0])
+            kept = None
+        if kept is not None:
+            try:
+                return await self._read_on(database, *kept)
+            except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
+                # The kept connection went stale between loads (a server restart, an idle timeout): once more on a
+                # new one, as a first load would.
+                self._conns.pop(database, None)
+                await _close_quietly(kept[0])
+        address = upstream_address(self._upstream)
+        conn = await control_connection(self._upstream, database, "catalog", address)
+        self._conns[database] = (conn, address, {})
+        return await self._read_on(database, conn, address, {})
+
+    async def _read_on(
+        self, database: str, conn: asyncpg.Connection, address: tuple[str, int], prepared: dict[str, object]
+    ) -> Catalog:
+        async def fetch(query: str) -> list[asyncpg.Record]:
+            statement: Any = prepared.get(query)
+            if statement is None:
+                statement = prepared[query] = await conn.prepare(query)
+            rows: list[asyncpg.Record] = await statement.fetch()
+            return rows
+
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                relations = await conn.fetch(_RELATIONS)
-                inherits = await conn.fetch(_INHERITS)
-                cascades = await conn.fetch(_CASCADES)
-                functions = await conn.fetch(_FUNCTIONS)
-                primary_keys = await conn.fetch(_PRIMARY_KEYS)
-                hidden = hidden_code(
-                    await conn.fetch(_HIDDEN_CODE), await conn.fetch(_WRITING_VIEWS), await conn.fetch(_COLUMNS)
-                )
+                relations = await fetch(_RELATIONS)
+                inherits = await fetch(_INHERITS)
+                cascades = await fetch(_CASCADES)
+                functions = await fetch(_FUNCTIONS)
+                primary_keys = await fetch(_PRIMARY_KEYS)
+                hidden = hidden_code(await fetch(_HIDDEN_CODE), await fetch(_WRITING_VIEWS), await fetch(_COLUMNS))
             queryids = await read_queryids(conn, database, self.queryids) if self.queryids else {}
-        finally:
-            await conn.close()
+        except BaseException:
+            if self._conns.get(database, (None,))[0] is conn:
+                del self._conns[database]
+            await _close_quietly(conn)
+            raise
+        if self._conns.get(database, (None,))[0] is not conn:
+            await _close_quietly(conn)  # released while we read
         self._versions += 1
         catalog = self._build(database, relations, inherits, cascades, functions)
         catalog = catalog.with_primary_keys((r[0], r[1], r[2]) for r in primary_keys).with_hidden_code(hidden)
@@ -305,11 +357,28 @@ class CatalogLoader:
         cascades: list[asyncpg.Record],
         functions: list[asyncpg.Record],
     ) -> Catalog:
-        return Catalog.build(
+        rows = [(str(r[0]), str(r[1]), bool(r[2])) for r in functions]
+        known = self._functions.get(database)
+        same = known is not None and known[0] == rows
+        catalog = Catalog.build(
             database,
             self._versions,
             relations=[Relation(r[0], r[1], r[2], bool(r[3]), bool(r[4])) for r in relations],
             inherits=[(r[0], r[1]) for r in inherits],
             cascades=[(r[0], r[1]) for r in cascades],
-            functions=[(r[0], r[1], bool(r[2])) for r in functions],
+            functions=() if same else rows,
         )
+        if known is not None and same:
+            # The thousands of functions rarely change between loads (DDL is mostly on tables): what they give is
+            # reused rather than computed again; the rows are compared whole, so any change is seen.
+            return dataclasses.replace(catalog, immutable=known[1], system_functions=known[2])
+        self._functions[database] = (rows, catalog.immutable, catalog.system_functions)
+        return catalog
+
+
+async def _close_quietly(conn: asyncpg.Connection) -> None:
+    """Close a control connection; one already lost is just dropped."""
+    try:
+        await conn.close(timeout=5)
+    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresError, TimeoutError):
+        conn.terminate()

@@ -35,6 +35,9 @@ class AuthSource:
         self._file_stamp: tuple[str, int, int] | None = None
         self._file_users: dict[str, str] = {}
         self._conn: asyncpg.Connection | None = None
+        # auth.query prepared once on `_conn` (its text, the statement): then a login costs one round trip (Bind,
+        # Execute, Sync) instead of two (an unnamed Parse/Describe first, as asyncpg does without a cache).
+        self._statement: tuple[str, asyncpg.prepared_stmt.PreparedStatement] | None = None
         self._lock = asyncio.Lock()
         self._last_known: dict[str, Verifier | None] = {}  # role -> what auth.query last said
         self.logins = LoginMemory()  # what the server sent each login: replayed to offline sessions
@@ -58,7 +61,7 @@ class AuthSource:
 
     async def close(self) -> None:
         if self._conn is not None:
-            conn, self._conn = self._conn, None
+            conn, self._conn, self._statement = self._conn, None, None
             await conn.close(timeout=5)
 
     # -- auth.file ---------------------------------------------------------------------------------------------
@@ -93,11 +96,14 @@ class AuthSource:
         async with self._lock:
             for attempt in (1, 2):  # a connection that went stale since the last login is replaced once
                 conn = await self._connection()
+                timeout = self._config().upstream.connect_timeout
                 try:
-                    row = await conn.fetchrow(auth.query, user, timeout=self._config().upstream.connect_timeout)
+                    if self._statement is None or self._statement[0] != auth.query:
+                        self._statement = (auth.query, await conn.prepare(auth.query, timeout=timeout))
+                    row = await self._statement[1].fetchrow(user, timeout=timeout)
                     break
                 except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
-                    self._conn = None
+                    self._conn = self._statement = None
                     conn.terminate()
                     if attempt == 2:
                         raise
@@ -112,6 +118,7 @@ class AuthSource:
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
+        self._statement = None
         config = self._config()
         upstream = config.upstream
         role = config.auth.user

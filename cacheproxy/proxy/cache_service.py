@@ -471,10 +471,10 @@ class CacheService:
             self.release(database, "it has no client sessions")
 
     def release(self, database: str, why: str) -> asyncio.Task[None] | None:
-        """Close this proxy's own connections to `database` (the bus's, the replication stream's): it has no client
-        sessions, or a client is dropping it. Its entries are dropped: nothing tells what changes while nothing
-        listens (a session that comes later waits for the feeds as the first one did). The task to wait on, or None
-        when nothing of the database is open."""
+        """Close this proxy's own connections to `database` (the bus's, the replication stream's, the catalog's): it
+        has no client sessions, or a client is dropping it. Its entries are dropped: nothing tells what changes while
+        nothing listens (a session that comes later waits for the feeds as the first one did). The task to wait on,
+        or None when nothing of the database is open."""
         running = self._releasing.get(database)
         if running is not None:
             return running
@@ -482,6 +482,7 @@ class CacheService:
             (self.bus is not None and self.bus.watching(database))
             or database in self._replication
             or self.verifier.connected(database)
+            or self.catalogs.connected(database)
         )
         if not watched:
             return None
@@ -504,6 +505,7 @@ class CacheService:
         if self.bus is not None:
             await self.bus.unwatch(database)
         await self.verifier.release(database)
+        await self.catalogs.release(database)
         if listener is not None:
             await listener.stop()
         self.engine.invalidate_database(database)

@@ -18,6 +18,7 @@ from cacheproxy.proxy.admin_console import AdminConsole
 from cacheproxy.proxy.auth_source import AuthSource
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.session import Session
+from cacheproxy.proxy.spare_upstream import SpareUpstream
 from cacheproxy.upstream import READ_LIMIT, send_cancel
 from cacheproxy.upstream_hosts import UpstreamHosts
 
@@ -50,6 +51,7 @@ class ProxyServer:
         self.admin_console = AdminConsole(self)
         self.tls_context = server_tls_context(config)
         self.auth = AuthSource(lambda: self.config)  # verifiers for auth.mode terminate
+        self.spares = SpareUpstream(lambda: self.config)  # upstream connections opened ahead of new clients
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
         self._live: dict[Session, asyncio.Task[None]] = {}  # every connection's session, admitted or not
@@ -157,6 +159,7 @@ class ProxyServer:
         self._shutting_down = reason
         if self._server is not None:
             self._server.close()
+        await self.spares.close()
         log.info("shutdown: %d sessions open, waiting up to %gs for busy ones", len(self._live), timeout)
         for session in list(self._live):
             session.request_close(reason)

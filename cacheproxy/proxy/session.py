@@ -12,7 +12,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import Enum
 from typing import Any, Protocol, cast
 
@@ -48,6 +48,7 @@ from cacheproxy.proxy.link import Link
 from cacheproxy.proxy.listens import Listens
 from cacheproxy.proxy.offline import OfflineRelay, offline_startup
 from cacheproxy.proxy.reattach import RelayState, Survival, relay_state, successor
+from cacheproxy.proxy.spare_upstream import SpareUpstream
 from cacheproxy.proxy.streams import (
     MAX_STARTUP_MESSAGE,
     client_auth_request,
@@ -77,6 +78,11 @@ _CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
 # Bytes queued for a client beyond which the caching relay stops answering its requests (hits are written by the
 # proxy itself, so the server's own backpressure does not hold them): resumed when the buffer drains.
 _CLIENT_BACKLOG = 1 << 20
+# How long a spare upstream connection (proxy/spare_upstream.py) gets to answer the StartupMessage before a new
+# connection replaces it: far longer than a healthy server takes, short enough that a dead route costs little.
+_SPARE_PATIENCE = 2.0
+
+UpstreamStart = tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]  # (reader, writer, it was a spare)
 
 
 class AdminConsole(Protocol):
@@ -104,6 +110,9 @@ class SessionServer(Protocol):
 
     @property
     def auth(self) -> AuthSource: ...
+
+    @property
+    def spares(self) -> SpareUpstream: ...
 
     @property
     def failover(self) -> UpstreamHosts | None: ...
@@ -358,49 +367,135 @@ class Session:
             await self._authenticate_terminating(startup)
             return
         self._set_phase(Phase.AUTHENTICATING, "upstream connect")
-        up_reader, up_writer = await open_upstream(self.server.config.upstream)
-        self.server.metrics.upstream_opened()
-        self._up_reader, self._up_writer = up_reader, up_writer
+        msg_type, body = await self._first_upstream_message(startup)
+        up_reader = self._up_reader
+        assert up_reader is not None
         client = self._client_writer
-        up_writer.write(startup.raw)
+        # What the client is sent is gathered and written once, when it must answer (a password or SASL request)
+        # or at ReadyForQuery: one write instead of one per message (a dozen ParameterStatus messages).
+        pending = bytearray()
         while True:
-            msg_type, body = await read_upstream_message(up_reader)
             if msg_type == m.AUTHENTICATION:
                 code = m.auth_code(body)
-                client.write(client_auth_request(code, body))
+                pending += client_auth_request(code, body)
                 if code == m.AUTH_OK:
                     break
                 if code not in _NO_REPLY_AUTH:
+                    client.write(pending)
+                    pending.clear()
                     await self._relay_auth_reply()
             elif msg_type == m.ERROR_RESPONSE:
-                client.write(encode(bytes((msg_type,)), body))
+                client.write(pending + encode(bytes((msg_type,)), body))
                 raise SessionEnd("upstream refused: " + m.decode_error_fields(body).get("M", "error"))
             elif msg_type in (m.NOTICE_RESPONSE, m.NEGOTIATE_PROTOCOL_VERSION):
-                client.write(encode(bytes((msg_type,)), body))
+                pending += encode(bytes((msg_type,)), body)
             else:
                 raise ProtocolViolation(f"unexpected message {chr(msg_type)!r} from upstream during authentication")
-        await self._finish_startup(up_reader)
+            msg_type, body = await read_upstream_message(up_reader)
+        await self._finish_startup(up_reader, pending)
 
-    async def _authenticate_terminating(self, startup: StartupMessage) -> None:
-        """auth.mode terminate: authenticate the client here, then log in upstream as it (terminating_auth.py)."""
-        self._set_phase(Phase.AUTHENTICATING, "client authentication (auth.mode: terminate)")
-        login = await authenticate_client(self._client_reader, self._client_writer, startup, self.server.auth)
-        self.upstream_login = login
+    async def _open_upstream(self, startup: StartupMessage | None, *, spare: bool = True) -> UpstreamStart:
+        """Connect upstream (a spare connection when one is ready) and send `startup` on it, if given."""
+        if spare:
+            reader, writer, was_spare = await self.server.spares.connect()
+        else:
+            reader, writer = await open_upstream(self.server.config.upstream)
+            was_spare = False
+        if startup is not None:
+            writer.write(startup.raw)
+        return reader, writer, was_spare
+
+    async def _first_upstream_message(self, startup: StartupMessage) -> tuple[int, bytes]:
+        """Open the upstream connection, send the StartupMessage, and read the server's first answer.
+
+        A spare that was closed meanwhile (the server's authentication_timeout) or does not answer within
+        `_SPARE_PATIENCE` (its route went dead while it waited) is replaced by a new connection: the client has been
+        sent nothing yet.
+        """
+        reader, spare = self._adopt_upstream(await self._open_upstream(startup))
+        if not spare:
+            return await read_upstream_message(reader)
         try:
-            up_reader, up_writer = await open_upstream(self.server.config.upstream)
+            async with asyncio.timeout(_SPARE_PATIENCE):
+                return await read_upstream_message(reader)
+        except (UpstreamError, TimeoutError) as exc:
+            self._spare_failed(exc)
+        reader, _ = self._adopt_upstream(await self._open_upstream(startup, spare=False))
+        return await read_upstream_message(reader)
+
+    async def _login_upstream(self, login: UpstreamLogin, spare: bool) -> list[bytes] | None:
+        """auth.mode terminate: log in upstream as the client; the server's notices, or None when the connection
+        was a spare that turned out dead (closed, or no answer within `_SPARE_PATIENCE`): the caller connects
+        again, as in `_first_upstream_message`."""
+        assert self._up_reader is not None and self._up_writer is not None
+        if not spare:
+            return await login.authenticate(self._up_reader, self._up_writer)
+        try:
+            async with asyncio.timeout(_SPARE_PATIENCE):
+                return await login.authenticate(self._up_reader, self._up_writer)
+        except UpstreamRefused:
+            raise
+        except (UpstreamError, TimeoutError) as exc:
+            self._spare_failed(exc)
+            return None
+
+    async def _opened_or_offline(self, startup: StartupMessage, opening: Awaitable[UpstreamStart]) -> bool:
+        """Adopt the upstream connection `opening` gives; False when it could not be opened and the session was
+        taken offline instead (stale_if_error: `_go_offline`)."""
+        try:
+            opened = await opening
         except UpstreamError as exc:
             if self._go_offline(startup, exc):
-                return
+                return False
             raise
-        self.server.metrics.upstream_opened()
-        self._up_reader, self._up_writer = up_reader, up_writer
+        self._adopt_upstream(opened)
+        return True
+
+    def _spare_failed(self, exc: Exception) -> None:
+        why = "no answer" if isinstance(exc, TimeoutError) else str(exc)
+        log.info("session %d: the spare upstream connection failed (%s); connecting again", self.id, why)
+
+    def _adopt_upstream(self, opened: UpstreamStart) -> tuple[asyncio.StreamReader, bool]:
+        """Make `opened` this session's upstream connection (a previous one, a dead spare, is closed)."""
+        reader, writer, was_spare = opened
+        if self._up_writer is None:
+            self.server.metrics.upstream_opened()
+        else:
+            self._up_writer.close()
+        self._up_reader, self._up_writer = reader, writer
+        return reader, was_spare
+
+    async def _authenticate_terminating(self, startup: StartupMessage) -> None:
+        """auth.mode terminate: authenticate the client here, then log in upstream as it (terminating_auth.py).
+
+        The upstream connection is opened (or a spare taken) while the client authenticates, so that the connect
+        and the server's fork overlap the client's exchange; the StartupMessage is sent only once the client has
+        proven who it is (a client with a wrong password must not make the server start a session for it).
+        """
+        self._set_phase(Phase.AUTHENTICATING, "client authentication (auth.mode: terminate)")
+        opening = asyncio.ensure_future(self._open_upstream(None))
         try:
-            notices = await login.authenticate(up_reader, up_writer)
+            login = await authenticate_client(self._client_reader, self._client_writer, startup, self.server.auth)
+        except BaseException:
+            _discard_unused(opening)
+            raise
+        self.upstream_login = login
+        if not await self._opened_or_offline(startup, opening):
+            return
+        spare = opening.result()[2]
+        try:
+            notices = await self._login_upstream(login, spare)
+            if notices is None:  # a dead spare: a new connection, as if there had been no spare
+                if not await self._opened_or_offline(startup, self._open_upstream(None, spare=False)):
+                    return
+                notices = await self._login_upstream(login, spare=False)
         except UpstreamRefused as exc:
             self._client_writer.write(encode(b"E", exc.body))
             raise SessionEnd("upstream refused: " + exc.message) from exc
-        self._client_writer.write(AUTHENTICATION_OK + b"".join(notices))
-        await self._finish_startup(up_reader)
+        assert notices is not None
+        up_reader = self._up_reader  # (a new connection if the spare failed)
+        assert up_reader is not None
+        await self._finish_startup(up_reader, bytearray(AUTHENTICATION_OK + b"".join(notices)))
         self.server.auth.logins.remember(startup, self.parameters)
 
     def _go_offline(self, startup: StartupMessage, exc: UpstreamError) -> bool:
@@ -432,8 +527,12 @@ class Session:
             raise ProtocolViolation(f"expected an authentication response, got message type {chr(msg_type)!r}")
         self._up_writer.write(encode(b"p", body))
 
-    async def _finish_startup(self, up_reader: asyncio.StreamReader) -> None:
-        """After AuthenticationOk: relay ParameterStatus and notices, swap in our BackendKeyData, up to 'Z'."""
+    async def _finish_startup(self, up_reader: asyncio.StreamReader, pending: bytearray) -> None:
+        """After AuthenticationOk: relay ParameterStatus and notices, swap in our BackendKeyData, up to 'Z'.
+
+        `pending` holds what the client has not been sent yet (AuthenticationOk at least); all of it goes in one
+        write with ReadyForQuery (or the ErrorResponse that ends the startup).
+        """
         client = self._client_writer
         while True:
             msg_type, body = await read_upstream_message(up_reader)
@@ -441,9 +540,9 @@ class Session:
                 # The client cancels through us, so it gets our key; the upstream's stays here (see forward_cancel).
                 self.upstream_key = m.decode_backend_key_data(body)
                 self.process_id, self.secret_key = self.server.issue_key(self, self.upstream_key[0])
-                client.write(m.backend_key_data(self.process_id, self.secret_key))
+                pending += m.backend_key_data(self.process_id, self.secret_key)
                 continue
-            client.write(encode(bytes((msg_type,)), body))
+            pending += encode(bytes((msg_type,)), body)
             if msg_type == m.PARAMETER_STATUS:
                 name, value = m.decode_parameter_status(body)
                 self.parameters[name] = value
@@ -451,7 +550,9 @@ class Session:
                 self.transaction.on_ready(bytes(body[:1]))
                 break
             elif msg_type == m.ERROR_RESPONSE:
+                client.write(pending)
                 raise SessionEnd("upstream refused: " + m.decode_error_fields(body).get("M", "error"))
+        client.write(pending)
         await client.drain()
 
     # -- relay -----------------------------------------------------------------------------------------------
@@ -651,6 +752,12 @@ class Session:
         except ProxyError as exc:
             self._end_relay(exc)
         except Exception as exc:
+            if isinstance(exc, RuntimeError) and self._client_writer.transport.is_closing():
+                # uvloop refuses a write to a transport it has closed (asyncio's own loop ignores it): the client
+                # went away in this same loop iteration, before its connection_lost was delivered. Not our error.
+                log.debug("session %d: the client's connection closed under a write: %s", self.id, exc)
+                self._end_relay("client disconnected")
+                return
             log.exception("session %d: internal error in the caching relay", self.id)
             self._end_relay(ProxyError(INTERNAL_ERROR, f"cacheproxy internal error: {exc.__class__.__name__}"))
 
@@ -752,3 +859,16 @@ class Session:
 
 def _error_message(exc: ProxyError) -> bytes:
     return m.error_response(exc.severity, exc.sqlstate, exc.message, detail=exc.detail)
+
+
+def _discard_unused(opening: asyncio.Future[UpstreamStart]) -> None:
+    """An upstream connection opened for a session that ended before using it (its client failed to authenticate,
+    or left) is closed, whether it is still being opened or already open."""
+
+    def close(done: asyncio.Future[UpstreamStart]) -> None:
+        if not done.cancelled() and done.exception() is None:  # (.exception() also marks a failure as seen)
+            done.result()[1].close()
+
+    if not opening.done():
+        opening.cancel()
+    opening.add_done_callback(close)
