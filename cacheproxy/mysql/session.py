@@ -65,36 +65,55 @@ class Closed(Exception):
 
 
 class Stream:
-    """Packets of one socket direction, read whole (split packets joined) and written as raw bytes."""
+    """Packets of one socket direction, read whole (split packets joined) and written as raw bytes; or, for a
+    reply being relayed, raw runs of whole packets (`reply_bytes`)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str, max_payload: int):
         self.reader = reader
         self.writer = writer
         self.name = name
+        self.max_payload = max_payload
         self.packets = PacketReader(max_payload)
         self.pending: list[Packet] = []
+        self.held = bytearray()  # bytes `reply_bytes` read past the end of a reply, or of an incomplete packet
 
     async def read(self) -> Packet:
         while not self.pending:
-            data = await self.reader.read(_READ_SIZE)
-            if not data:
-                raise Closed(f"{self.name} closed the connection")
+            if self.held:
+                data, self.held = bytes(self.held), bytearray()
+            else:
+                data = await self.reader.read(_READ_SIZE)
+                if not data:
+                    raise Closed(f"{self.name} closed the connection")
             self.pending = self.packets.feed(data)
         return self.pending.pop(0)
 
-    async def read_batch(self) -> list[Packet]:
-        """Every packet available now (at least one), so that a reply is relayed in few writes."""
-        if not self.pending:
-            await self.read_more()
-        batch, self.pending = self.pending, []
-        return batch
-
-    async def read_more(self) -> None:
-        while not self.pending:
+    async def reply_bytes(self, tracker: ResponseTracker) -> tuple[bytes, str]:
+        """The next whole packets of the reply `tracker` follows, as they came (one bytes object, never empty), and
+        the tracker's step after them. What follows the reply's end stays for the next read."""
+        if self.pending or self.packets.buffered:  # (not after a handshake: the server waits for a command)
+            self.held[:0] = b"".join(p.raw for p in self.pending) + self.packets.take()
+            self.pending = []
+        while True:
+            held = self.held
+            if held:
+                pos, step = tracker.scan(held)
+                if pos:
+                    out = bytes(held[:pos])
+                    del held[:pos]
+                    return out, step
             data = await self.reader.read(_READ_SIZE)
             if not data:
                 raise Closed(f"{self.name} closed the connection")
-            self.pending = self.packets.feed(data)
+            if held:
+                held += data
+                continue
+            pos, step = tracker.scan(data)  # the common case: the reply's packets in one read, nothing held
+            if pos == len(data):
+                return data, step
+            held += data[pos:]
+            if pos:
+                return data[:pos], step
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -231,38 +250,33 @@ class MySQLSession:
                      ) -> tuple[ResponseTracker, bytes | None]:  # fmt: skip
         """Send `packet` upstream and relay the answer; `before_end` runs before the answer's last bytes reach the
         client (invalidations must be done by then). With `capture`, also return the answer's bytes."""
-        assert self.upstream is not None and self.state is not None
-        self.upstream.write(packet.raw)
+        upstream, client = self.upstream, self.client
+        assert upstream is not None and self.state is not None
+        upstream.write(packet.raw)
         deprecate = bool(self.state.capabilities & Capability.DEPRECATE_EOF)
-        tracker = ResponseTracker(reply, deprecate_eof=deprecate, binary=binary)
+        tracker = ResponseTracker(reply, deprecate, binary, max_payload=upstream.max_payload)
         if reply == Reply.NONE:
             return tracker, None
         captured: list[bytes] | None = [] if capture else None
         size = 0
         limit = self.server.engine.max_entry_size if self.server.engine is not None else 0
         while True:
-            batch = await self.upstream.read_batch()
-            out: list[bytes] = []
-            step = "more"
-            for index, item in enumerate(batch):
-                out.append(item.raw)
-                self.next_seq = item.last_seq + 1
-                step = tracker.feed(item.payload)
-                if step != "more":
-                    self.upstream.pending = batch[index + 1 :] + self.upstream.pending
-                    break
+            out, step = await upstream.reply_bytes(tracker)
+            self.next_seq = tracker.last_seq + 1
             if captured is not None:
-                captured += out
-                size += sum(map(len, out))
+                captured.append(out)
+                size += len(out)
                 if size > limit:  # too big to be stored: stop holding a copy of it
                     captured = None
             if step == "done":
                 if before_end is not None:
                     before_end(tracker)
-                self.client.write(b"".join(out))
-                return tracker, b"".join(captured) if captured is not None else None
-            self.client.write(b"".join(out))
-            await self.client.writer.drain()  # a slow client slows the relay rather than filling the proxy's memory
+                client.write(out)
+                if captured is None:
+                    return tracker, None
+                return tracker, out if len(captured) == 1 else b"".join(captured)
+            client.write(out)
+            await client.writer.drain()  # a slow client slows the relay rather than filling the proxy's memory
             if step == "client":
                 await self._client_turn(tracker)
 
