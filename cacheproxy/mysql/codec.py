@@ -724,6 +724,10 @@ class ResponseTracker:
                 self.rows += 1  # a row (see is_eof: a row may start with 0xFE only when it is 9 bytes or more)
                 pos = stop
                 continue
+            elif self.state == "columns" and self.columns_left > 1:  # a column definition, not the last one
+                self.columns_left -= 1
+                pos = stop
+                continue
             else:
                 step = self.feed(bytes(buf[body:stop]))
                 pos = stop

@@ -96,7 +96,7 @@ class Stream:
     async def reply_bytes(self, tracker: ResponseTracker) -> tuple[bytes, str]:
         """The next whole packets of the reply `tracker` follows, as they came (one bytes object, never empty), and
         the tracker's step after them. What follows the reply's end stays for the next read."""
-        if self.pending or self.packets.buffered:  # (not after a handshake: the server waits for a command)
+        if self.pending or self.packets.buffered:  # (never in practice: the server waits for a command)
             self.held[:0] = b"".join(p.raw for p in self.pending) + self.packets.take()
             self.pending = []
         while True:
