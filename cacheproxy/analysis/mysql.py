@@ -9,7 +9,7 @@ else may be a stored function, whose DETERMINISTIC flag the server does not enfo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sqlglot
 from sqlglot import exp
@@ -446,6 +446,9 @@ class MyInfo:
     invalidate_all: bool = False  # unknown effects (CALL, GRANT, ...): every entry
     # Calls a function that may be a stored one, which may write (invalidation.unknown_writes decides).
     calls_unknown: bool = False
+    # How a SET changes the session's transaction isolation level (see isolation_of_set): None (it does not), a
+    # level ("read-committed", ...), "next" (the next transaction only) or "unknown".
+    isolation: str | None = None
 
 
 def _tokens(sql: str) -> list[Token]:
@@ -512,7 +515,9 @@ def _statement(sql: str, tokens: list[Token]) -> MyInfo:
     if first in ("insert", "update", "delete", "replace", "load"):
         return _write(sql, tokens, first)
     if first == "set":
-        return MyInfo(Kind.SESSION, 1, sets=True, reason="a session change")
+        if len(tokens) > 1 and _word(tokens[1]) == "statement":
+            return _set_statement(sql, tokens)
+        return MyInfo(Kind.SESSION, 1, sets=True, reason="a session change", isolation=isolation_of_set(tokens))
     if first == "use":
         name = tokens[1].text if len(tokens) > 1 else None
         return MyInfo(Kind.SESSION, 1, use_database=name, reason="a session change")
@@ -528,6 +533,94 @@ def _statement(sql: str, tokens: list[Token]) -> MyInfo:
         return MyInfo(Kind.OTHER, 1, reason=f"{first.upper()} is not cached")
     # CALL, DO, HANDLER, EXECUTE, ANALYZE UPDATE ... and whatever else: effects unknown.
     return MyInfo(Kind.OTHER, 1, reason=f"{first.upper()}: effects unknown", invalidate_all=True)
+
+
+def _set_statement(sql: str, tokens: list[Token]) -> MyInfo:
+    """MariaDB's SET STATEMENT var = value [, ...] FOR <statement>: the settings last for that one statement, which is
+    analyzed for its writes and effects (it is not cached: its result depends on the settings in its text)."""
+    words = [_word(t) for t in tokens]
+    if "for" not in words:
+        return MyInfo(Kind.OTHER, 1, reason="SET STATEMENT without FOR: effects unknown", invalidate_all=True)
+    inner = tokens[words.index("for") + 1 :]
+    if not inner:
+        return MyInfo(Kind.OTHER, 1, reason="SET STATEMENT without a statement", invalidate_all=True)
+    info = _statement(_text(sql, inner), inner)
+    return replace(info, cacheable=False, reason=info.reason or "SET STATEMENT ... FOR", sets=False)
+
+
+_LEVELS = {
+    "read uncommitted": "read-uncommitted",
+    "read committed": "read-committed",
+    "repeatable read": "repeatable-read",
+    "serializable": "serializable",
+}
+_ISOLATION_VARIABLES = frozenset(("tx_isolation", "transaction_isolation"))
+_SCOPES = frozenset(("global", "session", "local", "persist", "persist_only"))
+
+
+def isolation_of_set(tokens: list[Token]) -> str | None:
+    """How a SET changes the session's transaction isolation level: None (it does not), a level for the session's
+    transactions from now on ("read-committed", "repeatable-read", "serializable", "read-uncommitted"), "next" (SET
+    TRANSACTION without a scope: the next transaction only) or "unknown" (anything the proxy cannot be sure of:
+    a call, which may be a stored function, a value that is not a literal level, `SET @@tx_isolation`, which is the
+    session's in MariaDB but the next transaction's in MySQL).
+
+    >>> isolation_of_set(_tokens("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"))
+    'read-committed'
+    >>> isolation_of_set(_tokens("SET tx_isolation = 'REPEATABLE-READ', autocommit = 0"))
+    'repeatable-read'
+    >>> isolation_of_set(_tokens("SET GLOBAL transaction_isolation = 'READ-COMMITTED'")) is None
+    True
+    """
+    if any(t.token_type == TokenType.L_PAREN for t in tokens):
+        return "unknown"
+    words = [_word(t) for t in tokens]
+    if "isolation" not in words and _ISOLATION_VARIABLES.isdisjoint(words):
+        return None
+    i = 2 if words[1:2] and words[1] in _SCOPES else 1
+    scope = words[1] if i == 2 else None
+    if words[i : i + 3] == ["transaction", "isolation", "level"]:
+        rest = words[i + 3 :]
+        level = _LEVELS.get(" ".join(rest[:2])) or _LEVELS.get(" ".join(rest[:1]))
+        if level is None:
+            return "unknown"
+        if scope is None:
+            return "next"
+        return None if scope != "session" and scope != "local" else level
+    change: str | None = None
+    seen = False
+    scope = None
+    for part in _assignments(tokens[1:]):
+        names = [_word(t) for t in part]
+        if names and names[0] in _SCOPES:  # a scope keyword holds for the assignments after it too
+            scope, names = names[0], names[1:]
+        at = names[:1] == ["@@"]
+        if at:
+            names = names[1:]
+        if names[1:2] == ["."] and names[0] in _SCOPES:
+            local_scope: str | None = names[0]
+            names = names[2:]
+        else:
+            local_scope = None if at else scope
+        if not names or names[0] not in _ISOLATION_VARIABLES:
+            continue
+        seen = True
+        if local_scope in ("global", "persist", "persist_only"):
+            continue
+        value = names[2:] if names[1:2] in (["="], [":="]) else []
+        level = _LEVELS.get(value[0].replace("-", " ").replace("_", " ")) if len(value) == 1 else None
+        change = "unknown" if level is None or (at and local_scope is None) else level
+    return change if seen else "unknown"
+
+
+def _assignments(tokens: list[Token]) -> list[list[Token]]:
+    parts: list[list[Token]] = [[]]
+    for token in tokens:
+        if token.token_type == TokenType.COMMA:
+            parts.append([])
+        else:
+            parts[-1].append(token)
+    return parts
 
 
 def _runs_statement(tokens: list[Token]) -> bool:

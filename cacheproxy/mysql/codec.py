@@ -9,7 +9,7 @@ does I/O: bytes in, packets and small frozen dataclasses out.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 MAX_PAYLOAD = 0xFFFFFF
@@ -169,6 +169,12 @@ class PacketReader:
     @property
     def buffered(self) -> int:
         return len(self._buf) + len(self._raw)
+
+    def take(self) -> bytes:
+        """The raw bytes not yet returned as packets (a split packet's pieces included); the reader is left empty."""
+        data = bytes(self._raw) + bytes(self._buf)
+        self._buf, self._raw, self._parts, self._size = bytearray(), bytearray(), [], 0
+        return data
 
     def feed(self, data: bytes) -> list[Packet]:
         self._buf += data
@@ -660,12 +666,74 @@ class ResponseTracker:
     error: Err | None = None
     ok: Ok | None = None
     prepared: PrepareOk | None = None
-    column_types: list[int] = field(default_factory=list)
+    max_payload: int = 1 << 30  # a logical packet's limit in `scan` (PacketReader's, for the relay's raw bytes)
+    last_seq: int = -1  # the sequence id of the last packet `scan` went past
+    _pieces: list[bytes] | None = None  # the pieces so far of a split (16 MiB or more) packet, in `scan`
+    _split_size: int = 0
 
     def feed(self, payload: bytes) -> str:
         handler = getattr(self, "_on_" + self.state)
         result: str = handler(payload)
         return result
+
+    def scan(self, buf: bytes | bytearray) -> tuple[int, str]:
+        """Follow the reply through raw wire bytes: (offset, step). Every whole packet of `buf` up to `offset` was
+        followed; the step is the last packet's ("done" or "client": the reply, or this turn of it, ends at
+        `offset`), or "more" when `buf[offset:]` is an incomplete packet, to be given again with the bytes after it.
+
+        The relay's hot loop: rows are told from a result set's end by their header byte alone, without a packet
+        object each (the whole packet is parsed for everything else). A packet over `max_payload` raises CodecError
+        as soon as its header is read.
+
+        >>> t = ResponseTracker(Reply.GENERIC, deprecate_eof=False)
+        >>> t.scan(encode_packet(1, ok_payload(2))[:5])
+        (0, 'more')
+        >>> t.scan(encode_packet(1, ok_payload(2)) + b"extra")
+        (11, 'done')
+        """
+        end = len(buf)
+        pos = 0
+        step = "more"
+        while end - pos >= HEADER_SIZE:
+            length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+            if self._split_size + length > self.max_payload:
+                raise CodecError(f"packet of {self._split_size + length} bytes or more, over the limit of "
+                                 f"{self.max_payload} bytes")  # fmt: skip
+            body = pos + HEADER_SIZE
+            stop = body + length
+            if stop > end:
+                break
+            self.last_seq = buf[pos + 3]
+            if self._pieces is not None or length == MAX_PAYLOAD:  # a piece of a split packet: joined, then fed
+                if self._pieces is None:
+                    self._pieces = []
+                self._pieces.append(bytes(buf[body:stop]))
+                self._split_size += length
+                pos = stop
+                if length == MAX_PAYLOAD:
+                    continue
+                payload = b"".join(self._pieces)
+                self._pieces, self._split_size = None, 0
+                step = self.feed(payload)
+            elif (
+                self.state == "rows"
+                and length
+                and (head := buf[body]) != ERR_HEADER
+                and (head != EOF_HEADER or (length >= 9 and not self.deprecate_eof))
+            ):
+                self.rows += 1  # a row (see is_eof: a row may start with 0xFE only when it is 9 bytes or more)
+                pos = stop
+                continue
+            elif self.state == "columns" and self.columns_left > 1:  # a column definition, not the last one
+                self.columns_left -= 1
+                pos = stop
+                continue
+            else:
+                step = self.feed(bytes(buf[body:stop]))
+                pos = stop
+            if step != "more":
+                return pos, step
+        return pos, "more"
 
     def _end_packet(self, payload: bytes) -> str:
         """OK or ERR where a whole answer may end; follows SERVER_MORE_RESULTS_EXISTS to the next result set."""
@@ -723,7 +791,6 @@ class ResponseTracker:
         if not count:
             raise CodecError("a result set with no columns")
         self.columns_left = count
-        self.column_types = []
         self.result_sets += 1
         self.state = "columns"
         return "more"
@@ -738,7 +805,6 @@ class ResponseTracker:
         return self._end_packet(payload)
 
     def _on_columns(self, payload: bytes) -> str:
-        self.column_types.append(parse_column(payload).type)
         self.columns_left -= 1
         if self.columns_left == 0:
             self.state = "rows" if self.deprecate_eof else "columns_eof"

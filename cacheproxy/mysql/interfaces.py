@@ -14,6 +14,8 @@ from cacheproxy.policy.rules import Decision
 
 TableId = tuple[str, str]
 Plan = tuple[Hashable, frozenset[TableId], Decision]
+# What `FrontEnd.plan` says when the statement's dependencies are not known yet (compared by identity).
+PLAN_PENDING = "the dependencies of the statement are not known yet"
 
 
 class FrontEnd(Protocol):
@@ -30,6 +32,10 @@ class FrontEnd(Protocol):
     def client_count(self) -> int: ...
 
     def analyze(self, sql: bytes) -> MyInfo: ...
+
+    def plan(
+        self, state: SessionState, info: MyInfo, *, execute: bytes | None = None, sql: bytes = b""
+    ) -> Plan | str | None: ...
 
     async def cache_plan(
         self, state: SessionState, info: MyInfo, *, execute: bytes | None = None, sql: bytes = b""

@@ -22,7 +22,7 @@ from cacheproxy.config import Config
 from cacheproxy.mysql import codec
 from cacheproxy.mysql.binlog import BinlogFeed, Invalidation
 from cacheproxy.mysql.catalog import Catalog, TableId, load_catalog
-from cacheproxy.mysql.interfaces import Plan
+from cacheproxy.mysql.interfaces import PLAN_PENDING, Plan
 from cacheproxy.mysql.session import MySQLSession, table_ids
 from cacheproxy.mysql.state import SessionState
 from cacheproxy.observability.metrics import Metrics
@@ -173,36 +173,51 @@ class MySQLServer:
                 self._analyses.popitem(last=False)
         return info
 
-    async def cache_plan(self, state: SessionState, info: MyInfo, *, execute: bytes | None = None,
-                         sql: bytes = b"") -> Plan | str | None:  # fmt: skip
-        """The key, dependencies and rule of a cacheable read, or why it is not cacheable (None: cache off)."""
+    def plan(self, state: SessionState, info: MyInfo, *, execute: bytes | None = None,
+             sql: bytes = b"") -> Plan | str | None:  # fmt: skip
+        """`cache_plan` without an await, for the hot path: PLAN_PENDING when the statement's dependencies are not
+        memoized yet in this database (then `await cache_plan(...)`, which reads the catalogs it needs)."""
         if self.engine is None:
             return None
         if not info.cacheable:
             return info.reason or "not cacheable"
         if state.lost is not None:
             return state.lost
-        if state.in_transaction:
-            return "inside a transaction"
+        if not state.reads_cache:
+            return state.why_not_in_transaction()
         if self.feed_down is not None:
             return self.feed_down
-        database = state.database or ""
-        memo_key = (sql, database)
-        memo = self._plans.get(memo_key)
+        memo = self._plans.get((sql, state.database or ""))
         if memo is None:
-            generation = self._plans_generation
-            memo = await self._dependencies(state, info)
-            if memo is None:
-                return "the catalog of a database it reads could not be read"
-            if len(self._plans) >= _ANALYSIS_CACHE:
-                self._forget_plans()
-            if generation == self._plans_generation:
-                self._plans[memo_key] = memo
+            return PLAN_PENDING
+        return self._plan_of(memo, state, execute, sql)
+
+    async def cache_plan(self, state: SessionState, info: MyInfo, *, execute: bytes | None = None,
+                         sql: bytes = b"") -> Plan | str | None:  # fmt: skip
+        """The key, dependencies and rule of a cacheable read, or why it is not cacheable (None: cache off)."""
+        plan = self.plan(state, info, execute=execute, sql=sql)
+        if plan is not PLAN_PENDING:
+            return plan
+        memo_key = (sql, state.database or "")
+        generation = self._plans_generation
+        memo = await self._dependencies(state, info)
+        if memo is None:
+            return "the catalog of a database it reads could not be read"
+        if len(self._plans) >= _ANALYSIS_CACHE:
+            self._forget_plans()
+        if generation == self._plans_generation:
+            self._plans[memo_key] = memo
+        return self._plan_of(memo, state, execute, sql)
+
+    def _plan_of(self, memo: _Memo, state: SessionState, execute: bytes | None, sql: bytes) -> Plan | str:
         if isinstance(memo, str):
             return memo
         names, depends, decision = memo
         if state.temp_tables and not names.isdisjoint(state.temp_tables):
             return f"reads {sorted(names & state.temp_tables)[0]}, which may be a temporary table"
+        if decision.in_transaction == "never" and state.in_transaction:
+            return f"inside a transaction ({decision.rule} says in_transaction: never)"
+        database = state.database or ""
         if execute is None:
             key: Hashable = query_key(database, state.user, state.digest(), sql)
         else:
@@ -271,6 +286,8 @@ class MySQLServer:
         tables, databases = self._expand(ids)
         state.pending |= tables
         state.pending_databases |= databases
+        if databases:  # a trigger may have run (or a catalog is not read yet): triggers can SET the isolation level
+            state.on_isolation("unknown")
 
     def _expand(self, ids: Iterable[TableId]) -> tuple[set[TableId], set[str]]:
         """Written tables -> the tables and databases to invalidate: FK cascades (InnoDB does not log cascaded

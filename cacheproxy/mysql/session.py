@@ -13,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Callable, Hashable
 
+from cacheproxy.analysis.model import Kind
 from cacheproxy.analysis.mysql import MyInfo
 from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import TableId, database_id
 from cacheproxy.mysql import codec
 from cacheproxy.mysql.admin import is_admin_command, run_admin
 from cacheproxy.mysql.codec import Capability, CodecError, Command, Packet, PacketReader, Reply, ResponseTracker
-from cacheproxy.mysql.interfaces import FrontEnd
+from cacheproxy.mysql.interfaces import PLAN_PENDING, FrontEnd
 from cacheproxy.mysql.state import SessionState
 from cacheproxy.policy.rules import Decision
 
@@ -40,6 +42,9 @@ MASKED = (
     | Capability.OPTIONAL_RESULTSET_METADATA
 )
 _READ_SIZE = 256 * 1024
+_U32 = struct.Struct("<I")
+# Statement kinds that may change data (reads that call a possibly stored function are flagged on their own).
+_MAY_WRITE = frozenset((Kind.WRITE, Kind.DDL))
 _NO_REPLY = {Command.STMT_CLOSE: Reply.NONE, Command.STMT_SEND_LONG_DATA: Reply.NONE, Command.QUIT: Reply.NONE}
 _REPLIES = {
     Command.STMT_PREPARE: Reply.PREPARE,
@@ -65,36 +70,55 @@ class Closed(Exception):
 
 
 class Stream:
-    """Packets of one socket direction, read whole (split packets joined) and written as raw bytes."""
+    """Packets of one socket direction, read whole (split packets joined) and written as raw bytes; or, for a
+    reply being relayed, raw runs of whole packets (`reply_bytes`)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str, max_payload: int):
         self.reader = reader
         self.writer = writer
         self.name = name
+        self.max_payload = max_payload
         self.packets = PacketReader(max_payload)
         self.pending: list[Packet] = []
+        self.held = bytearray()  # bytes `reply_bytes` read past the end of a reply, or of an incomplete packet
 
     async def read(self) -> Packet:
         while not self.pending:
-            data = await self.reader.read(_READ_SIZE)
-            if not data:
-                raise Closed(f"{self.name} closed the connection")
+            if self.held:
+                data, self.held = bytes(self.held), bytearray()
+            else:
+                data = await self.reader.read(_READ_SIZE)
+                if not data:
+                    raise Closed(f"{self.name} closed the connection")
             self.pending = self.packets.feed(data)
         return self.pending.pop(0)
 
-    async def read_batch(self) -> list[Packet]:
-        """Every packet available now (at least one), so that a reply is relayed in few writes."""
-        if not self.pending:
-            await self.read_more()
-        batch, self.pending = self.pending, []
-        return batch
-
-    async def read_more(self) -> None:
-        while not self.pending:
+    async def reply_bytes(self, tracker: ResponseTracker) -> tuple[bytes, str]:
+        """The next whole packets of the reply `tracker` follows, as they came (one bytes object, never empty), and
+        the tracker's step after them. What follows the reply's end stays for the next read."""
+        if self.pending or self.packets.buffered:  # (never in practice: the server waits for a command)
+            self.held[:0] = b"".join(p.raw for p in self.pending) + self.packets.take()
+            self.pending = []
+        while True:
+            held = self.held
+            if held:
+                pos, step = tracker.scan(held)
+                if pos:
+                    out = bytes(held[:pos])
+                    del held[:pos]
+                    return out, step
             data = await self.reader.read(_READ_SIZE)
             if not data:
                 raise Closed(f"{self.name} closed the connection")
-            self.pending = self.packets.feed(data)
+            if held:
+                held += data
+                continue
+            pos, step = tracker.scan(data)  # the common case: the reply's packets in one read, nothing held
+            if pos == len(data):
+                return data, step
+            held += data[pos:]
+            if pos:
+                return data[:pos], step
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -102,6 +126,20 @@ class Stream:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
+
+
+class Prepared:
+    """A statement the client prepared through the proxy: its text and analysis, and its parameters' state."""
+
+    __slots__ = ("info", "long_data", "params", "text", "types", "upstream_types")
+
+    def __init__(self, text: bytes, info: MyInfo, params: int) -> None:
+        self.text = text
+        self.info = info
+        self.params = params  # the parameter count COM_STMT_PREPARE_OK gave
+        self.types: bytes | None = None  # the parameter types bound by its last execute
+        self.upstream_types: bytes | None = None  # the parameter types the server last saw
+        self.long_data = False  # given COM_STMT_SEND_LONG_DATA since its last execute
 
 
 class MySQLSession:
@@ -112,11 +150,7 @@ class MySQLSession:
         self.client = Stream(reader, writer, "client", server.max_packet)
         self.upstream: Stream | None = None
         self.state: SessionState | None = None
-        self.statements: dict[int, tuple[bytes, MyInfo]] = {}  # prepared statement id -> (text, analysis)
-        self.long_data: set[int] = set()  # statements given COM_STMT_SEND_LONG_DATA since their last execute
-        self.param_types: dict[int, bytes] = {}  # statement id -> the types bound by its last execute
-        self.param_counts: dict[int, int] = {}  # statement id -> its parameter count
-        self.upstream_types: dict[int, bytes] = {}  # statement id -> the parameter types the server last saw
+        self.statements: dict[int, Prepared] = {}  # by the server's statement id
         self.busy = False
         self.next_seq = 1  # the sequence id of the next packet of the reply being relayed
 
@@ -231,38 +265,33 @@ class MySQLSession:
                      ) -> tuple[ResponseTracker, bytes | None]:  # fmt: skip
         """Send `packet` upstream and relay the answer; `before_end` runs before the answer's last bytes reach the
         client (invalidations must be done by then). With `capture`, also return the answer's bytes."""
-        assert self.upstream is not None and self.state is not None
-        self.upstream.write(packet.raw)
+        upstream, client = self.upstream, self.client
+        assert upstream is not None and self.state is not None
+        upstream.write(packet.raw)
         deprecate = bool(self.state.capabilities & Capability.DEPRECATE_EOF)
-        tracker = ResponseTracker(reply, deprecate_eof=deprecate, binary=binary)
+        tracker = ResponseTracker(reply, deprecate, binary, max_payload=upstream.max_payload)
         if reply == Reply.NONE:
             return tracker, None
         captured: list[bytes] | None = [] if capture else None
         size = 0
         limit = self.server.engine.max_entry_size if self.server.engine is not None else 0
         while True:
-            batch = await self.upstream.read_batch()
-            out: list[bytes] = []
-            step = "more"
-            for index, item in enumerate(batch):
-                out.append(item.raw)
-                self.next_seq = item.last_seq + 1
-                step = tracker.feed(item.payload)
-                if step != "more":
-                    self.upstream.pending = batch[index + 1 :] + self.upstream.pending
-                    break
+            out, step = await upstream.reply_bytes(tracker)
+            self.next_seq = tracker.last_seq + 1
             if captured is not None:
-                captured += out
-                size += sum(map(len, out))
+                captured.append(out)
+                size += len(out)
                 if size > limit:  # too big to be stored: stop holding a copy of it
                     captured = None
             if step == "done":
                 if before_end is not None:
                     before_end(tracker)
-                self.client.write(b"".join(out))
-                return tracker, b"".join(captured) if captured is not None else None
-            self.client.write(b"".join(out))
-            await self.client.writer.drain()  # a slow client slows the relay rather than filling the proxy's memory
+                client.write(out)
+                if captured is None:
+                    return tracker, None
+                return tracker, out if len(captured) == 1 else b"".join(captured)
+            client.write(out)
+            await client.writer.drain()  # a slow client slows the relay rather than filling the proxy's memory
             if step == "client":
                 await self._client_turn(tracker)
 
@@ -288,7 +317,9 @@ class MySQLSession:
             self.client.write(await run_admin(self.server, self.state, sql))
             return
         info = self.server.analyze(sql)
-        cache = await self.server.cache_plan(self.state, info, sql=bytes(sql))
+        cache = self.server.plan(self.state, info, sql=sql)
+        if cache is PLAN_PENDING:
+            cache = await self.server.cache_plan(self.state, info, sql=sql)
         if isinstance(cache, str) or cache is None:
             await self._uncached(packet, info, sql)
             self.server.metrics.query(info.kind.value, "bypass", time.monotonic() - started)
@@ -326,7 +357,8 @@ class MySQLSession:
         sql: bytes,
         generations: tuple[int, ...],
     ) -> None:
-        """Store a captured result that may be: one result set, no error or warning, outside a transaction."""
+        """Store a captured result that may be: one result set, no error or warning, outside a transaction or inside
+        one that reads the cache (READ COMMITTED, before its first write)."""
         if data is not None and self._storable(tracker):
             self._engine().put(key, data, tables=tables, ttl=decision.ttl, now=time.monotonic(),
                                query=sql.decode(errors="replace"), rule=decision.rule,
@@ -339,7 +371,7 @@ class MySQLSession:
             and tracker.result_sets == 1
             and tracker.warnings == 0
             and tracker.status is not None
-            and not self.state.in_transaction
+            and self.state.reads_cache
         )
 
     async def _uncached(self, packet: Packet, info: MyInfo, sql: bytes) -> None:
@@ -374,6 +406,18 @@ class MySQLSession:
         # them, for applications whose functions only read).
         if info.calls_unknown and state.database and self.server.config.invalidation.unknown_writes != "ignore":
             state.pending_databases.add(state.database.lower())
+        if info.isolation is not None and (ok or info.isolation == "unknown"):
+            state.on_isolation(info.isolation)
+        if info.invalidate_all or info.calls_unknown:
+            state.on_isolation("unknown")  # a procedure or stored function may SET the isolation level
+        if (
+            info.writes
+            or info.invalidate_all
+            or info.calls_unknown
+            or info.kind in _MAY_WRITE
+            or info.isolation == "unknown"
+        ):
+            state.on_write()  # (failed or not: the proxy does not know what a failed statement did first)
         if info.writes:
             self.server.note_writes(state, info.writes)
         tables, databases = state.take_pending()
@@ -383,73 +427,78 @@ class MySQLSession:
     # -- prepared statements -----------------------------------------------------------------------------------
 
     async def _on_execute(self, packet: Packet, started: float) -> None:
-        assert self.state is not None
-        execute = codec.parse_execute(packet.payload)
-        known = self.statements.get(execute.statement_id)
-        params: bytes | None = execute.params
-        if params and known is not None:
-            params = self._bound_params(execute.statement_id, params)
+        state = self.state
+        assert state is not None
+        payload = packet.payload
+        if len(payload) < 10:
+            raise CodecError("truncated COM_STMT_EXECUTE")
+        statement = self.statements.get(_U32.unpack_from(payload, 1)[0])
+        if statement is None:  # not prepared through this session: the server answers with an error
+            await self._relay(packet, Reply.GENERIC, binary=True, before_end=self._unknown_effects)
+            self.server.metrics.query("other", "bypass", time.monotonic() - started)
+            return
+        params = payload[10:]
+        bound = self._bound_params(statement, params) if params else params
+        long_data, statement.long_data = statement.long_data, False
+        info = statement.info
         plan = None
-        cacheable = execute.flags == 0 and execute.statement_id not in self.long_data and params is not None
-        if known is not None and cacheable:
-            plan = await self.server.cache_plan(self.state, known[1], execute=params, sql=known[0])
-        self.long_data.discard(execute.statement_id)
-        info = known[1] if known is not None else None
+        if payload[5] == 0 and not long_data and bound is not None:  # no cursor, no long data: a result to key
+            plan = self.server.plan(state, info, execute=bound, sql=statement.text)
+            if plan is PLAN_PENDING:
+                plan = await self.server.cache_plan(state, info, execute=bound, sql=statement.text)
         if plan is None or isinstance(plan, str):
 
             def before_end(tracker: ResponseTracker) -> None:
-                if known is not None:
-                    self._after_reply(tracker, known[1], known[0])
-                elif tracker.status is not None and self.state is not None:
-                    self.state.on_status(tracker.status)
+                self._after_reply(tracker, info, statement.text)
 
-            await self._relay(self._for_upstream(packet, execute), Reply.GENERIC, binary=True, before_end=before_end)
-            self.server.metrics.query(info.kind.value if info else "other", "bypass", time.monotonic() - started)
+            upstream = self._for_upstream(packet, statement, params)
+            await self._relay(upstream, Reply.GENERIC, binary=True, before_end=before_end)
+            self.server.metrics.query(info.kind.value, "bypass", time.monotonic() - started)
             return
         key, tables, decision = plan
         if self._answer_hit(key):
             return
         generations = self._engine().generations(tables)
-        upstream = self._for_upstream(packet, execute)
+        upstream = self._for_upstream(packet, statement, params)
         tracker, data = await self._relay(upstream, Reply.GENERIC, binary=True, capture=True)
-        assert known is not None
-        self._after_reply(tracker, known[1], known[0])
-        self._store(tracker, data, key, tables, decision, known[0], generations)
+        self._after_reply(tracker, info, statement.text)
+        self._store(tracker, data, key, tables, decision, statement.text, generations)
         self.server.metrics.query("read", "miss", time.monotonic() - started)
 
-    def _for_upstream(self, packet: Packet, execute: codec.Execute) -> Packet:
+    def _unknown_effects(self, tracker: ResponseTracker) -> None:
+        assert self.state is not None
+        if tracker.status is not None:
+            self.state.on_status(tracker.status)
+        self.state.on_isolation("unknown")
+        self.state.on_write()
+
+    def _for_upstream(self, packet: Packet, statement: Prepared, params: bytes) -> Packet:
         """The execute as the server must get it. A cache hit answers an execute that binds parameter types without
         the server seeing those types; a later execute that does not re-send them (new-params-bound 0) would then
         run with the types the server last saw: re-send the client's types in it when they differ."""
-        statement = execute.statement_id
-        nparams = self.param_counts.get(statement)
-        types = self.param_types.get(statement)
-        if not nparams or types is None:
+        types = statement.types
+        if not statement.params or types is None:
             return packet
-        bitmap = (nparams + 7) // 8
-        params = execute.params
-        if len(params) > bitmap and params[bitmap] == 0 and self.upstream_types.get(statement) != types:
+        bitmap = (statement.params + 7) // 8
+        if len(params) > bitmap and params[bitmap] == 0 and statement.upstream_types != types:
             head = packet.payload[: len(packet.payload) - len(params)]
             payload = head + params[:bitmap] + b"\x01" + types + params[bitmap + 1 :]
             packet = Packet(packet.seq, payload, codec.encode_packet(packet.seq, payload), packet.seq)
-        self.upstream_types[statement] = types
+        statement.upstream_types = types
         return packet
 
-    def _bound_params(self, statement: int, params: bytes) -> bytes | None:
+    def _bound_params(self, statement: Prepared, params: bytes) -> bytes | None:
         """The parameter bytes with their types: an execute that does not re-send the types (new-params-bound 0)
         uses those of the statement's last execute, which must then be in the key too."""
         # The NULL bitmap's length depends on the parameter count, which COM_STMT_PREPARE_OK told us.
-        nparams = self.param_counts.get(statement)
-        if nparams is None:
-            return None
+        nparams = statement.params
         bitmap = (nparams + 7) // 8
         if len(params) < bitmap + 1:
             return None
         if params[bitmap] == 1:
-            types = params[bitmap + 1 : bitmap + 1 + 2 * nparams]
-            self.param_types[statement] = types
+            statement.types = params[bitmap + 1 : bitmap + 1 + 2 * nparams]
             return params
-        last = self.param_types.get(statement)
+        last = statement.types
         return None if last is None else params + b"\x00" + last
 
     # -- everything else ---------------------------------------------------------------------------------------
@@ -459,13 +508,11 @@ class MySQLSession:
         assert state is not None
         reply = _REPLIES.get(command, Reply.GENERIC)
         if command == Command.STMT_SEND_LONG_DATA:
-            self.long_data.add(codec.statement_id(packet.payload))
+            prepared = self.statements.get(codec.statement_id(packet.payload))
+            if prepared is not None:
+                prepared.long_data = True
         if command == Command.STMT_CLOSE:
-            statement = codec.statement_id(packet.payload)
-            self.statements.pop(statement, None)
-            self.param_types.pop(statement, None)
-            self.upstream_types.pop(statement, None)
-            self.param_counts.pop(statement, None)
+            self.statements.pop(codec.statement_id(packet.payload), None)
         if command == Command.CHANGE_USER:
             await self._change_user(packet)
             return
@@ -482,8 +529,8 @@ class MySQLSession:
             self._forget_statements()
         elif command == Command.STMT_PREPARE and tracker.prepared is not None:
             text = bytes(packet.payload[1:])
-            self.statements[tracker.prepared.statement_id] = (text, self.server.analyze(text))
-            self.param_counts[tracker.prepared.statement_id] = tracker.prepared.params
+            prepared = Prepared(text, self.server.analyze(text), tracker.prepared.params)
+            self.statements[tracker.prepared.statement_id] = prepared
         elif command in (Command.CREATE_DB, Command.DROP_DB):
             self.server.invalidate_databases({packet.payload[1:].decode(errors="replace").lower()}, "ddl")
 
@@ -497,10 +544,6 @@ class MySQLSession:
 
     def _forget_statements(self) -> None:
         self.statements.clear()
-        self.param_types.clear()
-        self.upstream_types.clear()
-        self.param_counts.clear()
-        self.long_data.clear()
 
 
 def _change_user_fields(payload: bytes, capabilities: int) -> tuple[str, str | None]:

@@ -5,6 +5,14 @@ holds the client's character set, the negotiated capabilities that change the re
 session ran, in order (sql_mode, time_zone, character_set_*, collation_*, div_precision_increment... all change
 results; recording every SET is simpler and safe). The transaction state comes from the server itself: the status
 flags of each OK/EOF (SERVER_STATUS_IN_TRANS; autocommit off means every statement runs inside a transaction).
+
+Reads inside a transaction use the cache only where that is exact: at READ COMMITTED (every consistent read sees
+the latest committed data, as a cached result does) and before the transaction's first write (or statement whose
+effects the proxy cannot see). The level is the one the session set itself, as the proxy saw it: a session starts
+at the server's default, which the proxy does not know, so until a SET names READ COMMITTED its transactions do not
+read the cache. Under REPEATABLE READ nothing is: a transaction's reads must all come from the snapshot its first
+read took, which the cache cannot know (a hit takes no snapshot, so the server's later reads would see commits the
+hit did not, and a hit after the snapshot may show commits made since).
 """
 
 from __future__ import annotations
@@ -42,11 +50,49 @@ class SessionState:
     pending_databases: set[str] = field(default_factory=set)
     # Set when the proxy lost track of the session state (a USE or SET inside a multi-statement query).
     lost: str | None = None
+    # The session's transaction isolation level as its own SETs made it (None: the server's default, unknown).
+    isolation: str | None = None
+    # The transaction open now (or the next one) may not run at `isolation`: a SET TRANSACTION for the next one only,
+    # or a level changed inside a transaction (which applies from the next one). Cleared when a transaction ends.
+    isolation_pending: bool = False
+    # The open transaction may have written (or run something whose effects the proxy cannot see).
+    wrote: bool = False
     _digest: bytes | None = None
 
     @property
     def in_transaction(self) -> bool:
         return bool(self.status & Status.IN_TRANS) or not self.status & Status.AUTOCOMMIT
+
+    @property
+    def reads_cache(self) -> bool:
+        """Whether a read now may use the cache (be answered from it, and stored): outside a transaction, or inside
+        a READ COMMITTED one before its first write."""
+        if not (self.status & Status.IN_TRANS or not self.status & Status.AUTOCOMMIT):
+            return True
+        return self.isolation == "read-committed" and not self.isolation_pending and not self.wrote
+
+    def why_not_in_transaction(self) -> str:
+        if self.wrote:
+            return "inside a transaction that has written"
+        if self.isolation is None:
+            return "inside a transaction at the server's default isolation level (not set by the session)"
+        if self.isolation_pending:
+            return "inside a transaction whose isolation level is not the session's"
+        return f"inside a {self.isolation.upper().replace('-', ' ')} transaction"
+
+    def on_isolation(self, change: str) -> None:
+        """A SET changed the isolation level (a level, "next" or "unknown": see analysis.mysql.isolation_of_set)."""
+        if change == "next" or self.in_transaction:
+            self.isolation_pending = True
+        if change == "unknown":
+            self.isolation = None
+        elif change != "next":
+            self.isolation = change
+
+    def on_write(self) -> None:
+        """A statement that may write (or whose effects are unknown) ran: the open transaction holds its changes."""
+        if self.in_transaction:
+            self.wrote = True
 
     def digest(self) -> bytes:
         if self._digest is None:
@@ -58,6 +104,11 @@ class SessionState:
         return self._digest
 
     def on_status(self, status: int) -> None:
+        if not status & Status.IN_TRANS:
+            # No transaction open (its changes are committed or rolled back): the next one starts clean.
+            self.wrote = False
+            if self.status & Status.IN_TRANS:
+                self.isolation_pending = False
         self.status = status
 
     def on_set(self, statement: bytes) -> None:
@@ -79,6 +130,9 @@ class SessionState:
         self.temp_tables.clear()
         self.status = Status.AUTOCOMMIT
         self.lost = None
+        self.isolation = None
+        self.isolation_pending = False
+        self.wrote = False
         self._digest = None
 
     def take_pending(self) -> tuple[set[tuple[str, str]], set[str]]:
