@@ -22,6 +22,7 @@ from typing import Any
 from cacheproxy.analysis.model import Kind
 from cacheproxy.analysis.mysql import analyze_mysql
 from cacheproxy.config import UpstreamConfig
+from cacheproxy.mysql.tls import check_driver_tls, pymysql_ssl
 
 log = logging.getLogger("cacheproxy.mysql.binlog")
 
@@ -109,10 +110,15 @@ class BinlogFeed:
         from pymysqlreplication.event import QueryEvent, RotateEvent
         from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
-        settings = {"host": self._upstream.host, "port": self._upstream.port, "user": self._upstream.user or "root",
-                    "password": self._upstream.password or ""}  # fmt: skip
-        with pymysql.connect(host=settings["host"], port=settings["port"], user=settings["user"],
-                             password=settings["password"]) as conn, conn.cursor() as cur:  # fmt: skip
+        settings: dict[str, Any] = {
+            "host": self._upstream.host,
+            "port": self._upstream.port,
+            "user": self._upstream.user or "root",
+            "password": self._upstream.password or "",
+        }
+        settings.update(pymysql_ssl(self._upstream))
+        with pymysql.connect(**settings) as conn, conn.cursor() as cur:  # fmt: skip
+            check_driver_tls(self._upstream, conn.server_capabilities)
             cur.execute("SHOW MASTER STATUS")
             row = cur.fetchone()
             if row is None:

@@ -25,6 +25,7 @@ from cacheproxy.mysql.catalog import Catalog, TableId, load_catalog
 from cacheproxy.mysql.interfaces import Plan
 from cacheproxy.mysql.session import MySQLSession, table_ids
 from cacheproxy.mysql.state import SessionState
+from cacheproxy.mysql.tls import server_context
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.rules import Decision, RuleSet
 
@@ -51,6 +52,7 @@ class MySQLServer:
             metrics.set_stats_source(self.engine.stats)
         self.rules = RuleSet(config.rules, cache.default_ttl)
         self.max_packet = config.limits.max_message_size
+        self.tls_context = server_context(config)  # tls.mode, tls.cert, tls.key
         self._analyses: OrderedDict[bytes, MyInfo] = OrderedDict()
         self._catalogs: dict[str, Catalog] = {}
         # (statement, current database) -> its dependencies; cleared whenever a catalog or the rules change.
@@ -73,6 +75,7 @@ class MySQLServer:
     def config(self, config: Config) -> None:
         """A reload (App.reload swaps the whole config): new rules apply to new entries."""
         self._config = config
+        self.tls_context = server_context(config)
         self.rules = RuleSet(config.rules, config.cache.default_ttl)
         self._forget_plans()
 
