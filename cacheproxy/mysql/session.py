@@ -5,8 +5,8 @@ greeting's capability flags (compression, query attributes and MariaDB's extende
 proxy does not implement them; CLIENT_SSL is the proxy's own, which terminates TLS: cacheproxy/mysql/login.py, which
 also renumbers the connection phase when only one side uses TLS). Authentication is relayed whatever the plugin
 (mysql_native_password, caching_sha2_password with its RSA exchange, ed25519, auth switches), so the client's
-connection id is the upstream thread's own and KILL QUERY reaches the right thread. Commands are answered one at a time; the `ResponseTracker`
-tells where each answer ends.
+connection id is the upstream thread's own and KILL QUERY reaches the right thread. Commands are answered one at a
+time; the `ResponseTracker` tells where each answer ends.
 """
 
 from __future__ import annotations
