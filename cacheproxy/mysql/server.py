@@ -22,6 +22,7 @@ from cacheproxy.config import Config
 from cacheproxy.mysql import codec
 from cacheproxy.mysql.binlog import BinlogFeed, Invalidation
 from cacheproxy.mysql.catalog import Catalog, TableId, load_catalog
+from cacheproxy.mysql.evidence import MySQLEvidence
 from cacheproxy.mysql.interfaces import Plan
 from cacheproxy.mysql.session import MySQLSession, table_ids
 from cacheproxy.mysql.state import SessionState
@@ -63,6 +64,7 @@ class MySQLServer:
         self._live: dict[MySQLSession, asyncio.Task[None]] = {}
         self.accepting = False
         self._feed: BinlogFeed | None = None
+        self._resume_at: str | None = None  # where the binlog feed starts, after a snapshot load
         # With invalidation.binlog on, why the feed is not following the binlog (None: it is); nothing is served
         # from the cache meanwhile.
         self.feed_down: str | None = "the binlog feed is starting" if config.invalidation.binlog else None
@@ -99,7 +101,30 @@ class MySQLServer:
         log.info("MySQL front end listening on %s", listen)
         if self._config.invalidation.binlog and self.engine is not None:
             self._feed = BinlogFeed(self._config.upstream, self._on_feed_invalidation, self._on_feed_state)
+            self._feed.start_at = self._resume_at
             self._feed.start()
+
+    # -- snapshots (cacheproxy/snapshot with cacheproxy/mysql/evidence.py) -------------------------------------
+
+    def snapshot_evidence(self) -> MySQLEvidence:
+        """What proves this cache's snapshot valid: the binlog, read from the feed's applied position when
+        invalidation.binlog is on, else the server's binlog position unchanged."""
+        binlog = self._config.invalidation.binlog
+        return MySQLEvidence(self._config.upstream, self._applied_position if binlog else None, self.expand_written)
+
+    def _applied_position(self) -> str | None:
+        return self._feed.applied if self._feed is not None and self.feed_down is None else None
+
+    def loaded_snapshot(self, evidence: MySQLEvidence) -> None:
+        """A snapshot was loaded (before `start`): the binlog feed continues where the load's reading stopped."""
+        self._resume_at = evidence.resume_at
+
+    async def expand_written(self, ids: Iterable[TableId]) -> tuple[set[TableId], set[str]]:
+        """Written tables -> what their writes reach (as `_expand`), the catalogs read first."""
+        ids = list(ids)
+        for database in sorted({db for db, _ in ids}):
+            await self.catalog(database)
+        return self._expand(ids)
 
     def _on_feed_state(self, ok: bool, why: str) -> None:
         if ok:
