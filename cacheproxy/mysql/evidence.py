@@ -113,32 +113,44 @@ class MySQLEvidence:
 
     # -- reading the server (on a thread) ---------------------------------------------------------------------
 
-    def _connect(self) -> Any:
-        upstream = self.upstream
-        conn = pymysql.connect(host=upstream.host, port=upstream.port, user=upstream.user or "root",
-                               password=upstream.password or "", connect_timeout=int(upstream.connect_timeout) or 1,
-                               autocommit=True, **pymysql_ssl(upstream))  # fmt: skip
-        check_driver_tls(upstream, conn.server_capabilities)
-        return conn
-
     def _server(self) -> tuple[str, str | None]:
-        with self._connect() as conn, conn.cursor() as cur:
-            cur.execute("SELECT @@server_id, @@hostname, @@port, @@datadir, @@log_bin, @@version")
-            server_id, host, port, datadir, log_bin, version = cur.fetchone()
-            identity = f"mariadb:{server_id}:{host}:{port}:{datadir}"
-            try:
-                cur.execute("SELECT @@server_uuid")
-                identity = f"mysql:{cur.fetchone()[0]}"
-            except pymysql.MySQLError:
-                pass  # MariaDB: no server_uuid
+        with _connect(self.upstream) as conn, conn.cursor() as cur:
+            cur.execute("SELECT @@log_bin, @@version")
+            log_bin, version = cur.fetchone()
+            identity = _identity(cur)
             if not int(log_bin):
                 return identity, None
             return identity, current_position(cur, "mariadb" in str(version).lower())
 
     def _tables(self, database: str) -> list[str]:
-        with self._connect() as conn, conn.cursor() as cur:
+        with _connect(self.upstream) as conn, conn.cursor() as cur:
             cur.execute("SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s", (database,))
             return [str(row[0]).lower() for row in cur.fetchall()]
+
+
+def server_identity(upstream: UpstreamConfig) -> str:
+    """The server's identity (blocking: run it on a thread): "mysql:<server_uuid>", or on MariaDB, which has none,
+    "mariadb:<server_id>:<hostname>:<port>:<datadir>"."""
+    with _connect(upstream) as conn, conn.cursor() as cur:
+        return _identity(cur)
+
+
+def _identity(cur: Any) -> str:
+    try:
+        cur.execute("SELECT @@server_uuid")
+        return f"mysql:{cur.fetchone()[0]}"
+    except pymysql.MySQLError:  # MariaDB
+        cur.execute("SELECT @@server_id, @@hostname, @@port, @@datadir")
+        server_id, host, port, datadir = cur.fetchone()
+        return f"mariadb:{server_id}:{host}:{port}:{datadir}"
+
+
+def _connect(upstream: UpstreamConfig) -> Any:
+    conn = pymysql.connect(host=upstream.host, port=upstream.port, user=upstream.user or "root",
+                           password=upstream.password or "", connect_timeout=int(upstream.connect_timeout) or 1,
+                           autocommit=True, **pymysql_ssl(upstream))  # fmt: skip
+    check_driver_tls(upstream, conn.server_capabilities)
+    return conn
 
 
 def _listed(header: Header) -> list[TableId]:
