@@ -258,8 +258,11 @@ def rsa_password(password: bytes, nonce: bytes, pem: bytes) -> bytes:
     """The password (NUL-terminated, as the client sent it over TLS), XORed with the scramble and encrypted with
     the server's RSA public key, OAEP padding (MySQL 8.0.5+; PyMySQL and libmysqlclient do the same). Raises
     ValueError for a key that is not a PEM RSA public key."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    try:  # imported only here: the one path that needs it (PyMySQL's `rsa` extra installs it)
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    except ImportError as exc:
+        raise ValueError("the `cryptography` package is not installed") from exc
 
     if not password.endswith(b"\x00"):
         password += b"\x00"

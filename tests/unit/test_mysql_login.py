@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
+pytest.importorskip("cryptography")
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
