@@ -22,7 +22,10 @@ the binlog, which logs every committed write in order:
 
 What it cannot see: writes made with sql_log_bin=0 (a session with SUPER/BINLOG ADMIN can skip the binlog), as the
 binlog feed cannot either; and, without the binlog mode, writes that bypassed the proxy while it ran are bounded by
-TTL as before (the snapshot does not fix that).
+TTL as before (the snapshot does not fix that). Without the binlog mode, a write through another sidecar committed
+just before the position is read, whose bus message had not arrived yet when the entries were copied, is before the
+recorded position: its stale entry can be loaded, and then lives to its TTL (the message that would have dropped it
+went to the proxy before the restart).
 """
 
 from __future__ import annotations

@@ -126,6 +126,8 @@ async def handshake(client: PacketStream, upstream: PacketStream, config: Config
     elif config.tls.mode == "require":
         raise Refused(ER_SECURE_TRANSPORT_REQUIRED, "08004",
                       "TLS is required (tls.mode: require): connect with SSL/TLS", answer.seq + 1)  # fmt: skip
+    else:
+        client.pending = client.packets.feed(received)  # plaintext: what followed is MySQL packets
     seq = greeting.seq + 1
     capabilities = response.capabilities & ~MASKED
     upstream_tls = await _upstream_tls(upstream, config, server, answer, seq, capabilities)
