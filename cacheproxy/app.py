@@ -22,10 +22,12 @@ from cacheproxy.observability.status import StatusPage
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.server import ProxyServer
 from cacheproxy.snapshot import SnapshotFailed, load_snapshot, rules_fingerprint, write_snapshot
+from cacheproxy.snapshot.store import Evidence
 from cacheproxy.upstream import open_upstream
 from cacheproxy.upstream_hosts import FailoverCollector, HostState, UpstreamHosts
 
 if TYPE_CHECKING:
+    from cacheproxy.cache.engine import CacheEngine
     from cacheproxy.mysql.server import MySQLServer
 
 log = logging.getLogger("cacheproxy.app")
@@ -111,8 +113,10 @@ class App:
             self.cache.start()
             await self.cache.start_shared()
             await self._load_snapshot()
+        elif self._snapshot_parts() is not None:
+            await self._load_mysql_snapshot()
         await self.proxy.start()
-        if self.cache is not None and self.config.snapshot.path is not None:
+        if self._snapshot_parts() is not None and self.config.snapshot.path is not None:
             self._snapshotter = asyncio.get_running_loop().create_task(self._snapshot_forever(), name="snapshots")
         if self.admin is not None:
             self.status.start()
@@ -168,7 +172,7 @@ class App:
             self._snapshotter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._snapshotter
-        if self.cache is not None and self.config.snapshot.path is not None:
+        if self._snapshot_parts() is not None and self.config.snapshot.path is not None:
             with contextlib.suppress(SnapshotFailed):  # logged; the previous snapshot stays
                 await self.snapshot_now()
         if self.hosts is not None:
@@ -209,17 +213,44 @@ class App:
             cache.loaded()
         self.metrics.snapshot_loaded(result.loaded, dict(result.dropped))
 
+    def _snapshot_parts(self) -> tuple[CacheEngine, Callable[[], float], Evidence | None] | None:
+        """The cache a snapshot holds, its clock and its evidence (None: PostgreSQL's); None: no cache."""
+        if self.cache is not None:
+            return self.cache.engine, self.cache.clock, None
+        engine = getattr(self.proxy, "engine", None)
+        if not isinstance(self.proxy, ProxyServer) and engine is not None:
+            return engine, time.monotonic, self.proxy.snapshot_evidence()
+        return None
+
+    async def _load_mysql_snapshot(self) -> None:
+        """The MySQL front end's load, before its listener and binlog feed start (see _load_snapshot)."""
+        path = self.config.snapshot.path
+        proxy = self.proxy
+        if path is None or isinstance(proxy, ProxyServer) or proxy.engine is None:
+            return
+        source = proxy.snapshot_evidence()
+        try:
+            result = await load_snapshot(path, proxy.engine, self.config.upstream, rules_fingerprint(self.config),
+                                         time.monotonic, source=source)  # fmt: skip
+        except Exception:  # a bug must not stop the proxy from starting: start cold instead
+            log.exception("snapshot: loading %s failed; cold start", path)
+            proxy.engine.flush()
+            return
+        proxy.loaded_snapshot(source)
+        self.metrics.snapshot_loaded(result.loaded, dict(result.dropped))
+
     async def snapshot_now(self) -> str:
         """Write a snapshot now (periodic, at shutdown, CACHEPROXY SNAPSHOT); a one-line summary, or SnapshotFailed
         (logged) with the previous file left whole. One snapshot at a time: a second caller waits for the first."""
         path = self.config.snapshot.path
-        if path is None or self.cache is None:
+        parts = self._snapshot_parts()
+        if path is None or parts is None:
             raise SnapshotFailed("snapshots are off: snapshot.path is not set, or the cache is disabled")
-        cache = self.cache
+        engine, clock, source = parts
         async with self._snapshot_lock:
             try:
                 result = await write_snapshot(
-                    path, cache.engine, self.config.upstream, rules_fingerprint(self.config), cache.clock
+                    path, engine, self.config.upstream, rules_fingerprint(self.config), clock, source
                 )
             except (SnapshotFailed, OSError) as exc:
                 self.metrics.snapshot_failed()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from cacheproxy.analysis.mysql import analyze_mysql
 from cacheproxy.config import UpstreamConfig
+from cacheproxy.mysql.tls import check_driver_tls, driver_ssl
 
 log = logging.getLogger("cacheproxy.mysql.catalog")
 
@@ -48,8 +49,10 @@ async def load_catalog(upstream: UpstreamConfig, database: str) -> Catalog:
         password=upstream.password or "",
         connect_timeout=upstream.connect_timeout,
         autocommit=True,
+        ssl=driver_ssl(upstream),
     )
     try:
+        check_driver_tls(upstream, conn.server_capabilities)
         async with conn.cursor() as cur:
             catalog = Catalog(database.lower())
             await cur.execute(

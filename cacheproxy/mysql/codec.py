@@ -347,6 +347,20 @@ def mask_handshake(payload: bytes, mask: int) -> bytes:
     return bytes(out)
 
 
+def offer_capabilities(payload: bytes, bits: int) -> bytes:
+    """The handshake payload with the (lower 16) capability bits in `bits` set: what the proxy itself offers on
+    top of the server's, such as CLIENT_SSL when it terminates TLS.
+
+    >>> hs = build_handshake(7, b"8.0.0", b"a" * 20, Capability.PROTOCOL_41, 45, 2, b"mysql_native_password")
+    >>> bool(parse_handshake(offer_capabilities(hs, Capability.SSL)).capabilities & Capability.SSL)
+    True
+    """
+    lower, _ = _capability_offsets(payload)
+    out = bytearray(payload)
+    _U16.pack_into(out, lower, _U16.unpack_from(out, lower)[0] | (bits & 0xFFFF))
+    return bytes(out)
+
+
 def build_handshake(
     connection_id: int, version: bytes, scramble: bytes, caps: int, charset: int, status: int, plugin: bytes
 ) -> bytes:
@@ -409,6 +423,11 @@ def build_handshake_response(
     if database is not None:
         out += database + b"\x00"
     return out + plugin + b"\x00"
+
+
+def with_capabilities(payload: bytes, capabilities: int) -> bytes:
+    """A HandshakeResponse41 (or SSLRequest) with its capability word replaced, every other byte kept."""
+    return _U32.pack(capabilities & 0xFFFFFFFF) + payload[4:]
 
 
 def mask_handshake_response(payload: bytes, mask: int) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Hashable, Iterable
 from typing import Protocol
 
@@ -24,6 +25,7 @@ class FrontEnd(Protocol):
     metrics: Metrics
     engine: CacheEngine | None
     max_packet: int
+    tls_context: ssl.SSLContext | None  # offered to clients (tls.mode not disable)
 
     @property
     def config(self) -> Config: ...

@@ -21,10 +21,13 @@ from cacheproxy.cache.keys import execute_key, query_key
 from cacheproxy.config import Config
 from cacheproxy.mysql import codec
 from cacheproxy.mysql.binlog import BinlogFeed, Invalidation
+from cacheproxy.mysql.bus import Message, RedisBus
 from cacheproxy.mysql.catalog import Catalog, TableId, load_catalog
+from cacheproxy.mysql.evidence import MySQLEvidence, server_identity
 from cacheproxy.mysql.interfaces import PLAN_PENDING, Plan
 from cacheproxy.mysql.session import MySQLSession, table_ids
 from cacheproxy.mysql.state import SessionState
+from cacheproxy.mysql.tls import server_context
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.rules import Decision, RuleSet
 
@@ -51,6 +54,7 @@ class MySQLServer:
             metrics.set_stats_source(self.engine.stats)
         self.rules = RuleSet(config.rules, cache.default_ttl)
         self.max_packet = config.limits.max_message_size
+        self.tls_context = server_context(config)  # tls.mode, tls.cert, tls.key
         self._analyses: OrderedDict[bytes, MyInfo] = OrderedDict()
         self._catalogs: dict[str, Catalog] = {}
         # (statement, current database) -> its dependencies; cleared whenever a catalog or the rules change.
@@ -61,9 +65,15 @@ class MySQLServer:
         self._live: dict[MySQLSession, asyncio.Task[None]] = {}
         self.accepting = False
         self._feed: BinlogFeed | None = None
+        self._resume_at: str | None = None  # where the binlog feed starts, after a snapshot load
         # With invalidation.binlog on, why the feed is not following the binlog (None: it is); nothing is served
         # from the cache meanwhile.
-        self.feed_down: str | None = "the binlog feed is starting" if config.invalidation.binlog else None
+        self.feed_down: str | None = None
+        # Why nothing is served from the cache, by source ("binlog", "bus"); `feed_down` is the first of them.
+        self._down: dict[str, str] = {}
+        if config.invalidation.binlog:
+            self._set_down("binlog", "the binlog feed is starting")
+        self._bus: RedisBus | None = None
 
     @property
     def config(self) -> Config:
@@ -73,6 +83,7 @@ class MySQLServer:
     def config(self, config: Config) -> None:
         """A reload (App.reload swaps the whole config): new rules apply to new entries."""
         self._config = config
+        self.tls_context = server_context(config)
         self.rules = RuleSet(config.rules, config.cache.default_ttl)
         self._forget_plans()
 
@@ -96,23 +107,91 @@ class MySQLServer:
         log.info("MySQL front end listening on %s", listen)
         if self._config.invalidation.binlog and self.engine is not None:
             self._feed = BinlogFeed(self._config.upstream, self._on_feed_invalidation, self._on_feed_state)
+            self._feed.start_at = self._resume_at
             self._feed.start()
+        shared = self._config.cache.shared
+        if shared.url and self.engine is not None:
+            self._set_down("bus", "the invalidation bus is starting")
+            self._bus = RedisBus(shared.url, self._bus_scope, self._on_bus_message, self._on_bus_state, shared.timeout)
+            await self._bus.start()
+
+    def _set_down(self, source: str, why: str | None) -> None:
+        """Record why `source` cannot vouch for the cache (None: it can again); while any cannot, nothing is
+        served from the cache nor stored in it (cache_plan reads `feed_down`)."""
+        if why is None:
+            self._down.pop(source, None)
+        else:
+            self._down[source] = why
+        self.feed_down = next(iter(self._down.values()), None)
+
+    # -- the invalidation bus across sidecars (cacheproxy/mysql/bus.py) ----------------------------------------
+
+    async def _bus_scope(self) -> str:
+        """The bus channel's scope: cache.shared.namespace, else the server's identity (the same for every
+        sidecar of one server, whatever host name their URLs use)."""
+        namespace = self._config.cache.shared.namespace
+        if namespace:
+            return namespace
+        identity: str = await asyncio.to_thread(server_identity, self._config.upstream)
+        return identity
+
+    def _on_bus_state(self, ok: bool, why: str) -> None:
+        if ok:
+            self._set_down("bus", None)
+            return
+        self._set_down("bus", why)
+        self._invalidate_all_here("invalidation bus lost")  # messages were missed: nothing cached can be trusted
+
+    def _on_bus_message(self, message: Message) -> None:
+        self.metrics.bus_message("received")
+        if message.everything:
+            self._invalidate_all_here("bus: another sidecar's write with unknown effects")
+            return
+        self._invalidate_here(message.tables, message.databases)
+        self._invalidate_databases_here(message.ddl, "ddl")
+
+    def _publish(self, message: Message) -> None:
+        if self._bus is not None:
+            self._bus.publish(message)
+            self.metrics.bus_message("published")
+
+    # -- snapshots (cacheproxy/snapshot with cacheproxy/mysql/evidence.py) -------------------------------------
+
+    def snapshot_evidence(self) -> MySQLEvidence:
+        """What proves this cache's snapshot valid: the binlog, read from the feed's applied position when
+        invalidation.binlog is on, else the server's binlog position unchanged."""
+        binlog = self._config.invalidation.binlog
+        return MySQLEvidence(self._config.upstream, self._applied_position if binlog else None, self.expand_written)
+
+    def _applied_position(self) -> str | None:
+        return self._feed.applied if self._feed is not None and "binlog" not in self._down else None
+
+    def loaded_snapshot(self, evidence: MySQLEvidence) -> None:
+        """A snapshot was loaded (before `start`): the binlog feed continues where the load's reading stopped."""
+        self._resume_at = evidence.resume_at
+
+    async def expand_written(self, ids: Iterable[TableId]) -> tuple[set[TableId], set[str]]:
+        """Written tables -> what their writes reach (as `_expand`), the catalogs read first."""
+        ids = list(ids)
+        for database in sorted({db for db, _ in ids}):
+            await self.catalog(database)
+        return self._expand(ids)
 
     def _on_feed_state(self, ok: bool, why: str) -> None:
         if ok:
-            self.feed_down = None
+            self._set_down("binlog", None)
             return
-        self.feed_down = f"the binlog feed is down: {why}"
-        self.invalidate_all("binlog feed lost")  # writes were missed: nothing cached can be trusted
+        self._set_down("binlog", f"the binlog feed is down: {why}")
+        self._invalidate_all_here("binlog feed lost")  # writes were missed: nothing cached can be trusted
 
     def _on_feed_invalidation(self, effects: Invalidation) -> None:
         tables, databases, everything = effects
         self.metrics.bus_message("received")
         if everything:
-            self.invalidate_all("binlog: effects unknown")
+            self._invalidate_all_here("binlog: effects unknown")
             return
         expanded, more = self._expand(tables)
-        self.invalidate(expanded, databases | more)
+        self._invalidate_here(expanded, databases | more)  # every sidecar with the feed sees the binlog itself
         for database in databases:
             self._catalogs.pop(database, None)
             self._forget_plans()
@@ -147,6 +226,8 @@ class MySQLServer:
         self.accepting = False
         if self._feed is not None:
             self._feed.stop()
+        if self._bus is not None:
+            await self._bus.stop()
         if self._server is not None:
             self._server.close()
         for session in list(self._live):
@@ -313,6 +394,12 @@ class MySQLServer:
         return seen, databases
 
     def invalidate(self, tables: Iterable[TableId], databases: Iterable[str]) -> None:
+        """A write through this sidecar: invalidate here, and tell the other sidecars."""
+        tables, databases = frozenset(tables), frozenset(databases)
+        self._invalidate_here(tables, databases)
+        self._publish(Message(tables, databases))
+
+    def _invalidate_here(self, tables: Iterable[TableId], databases: Iterable[str]) -> None:
         if self.engine is None:
             return
         self.engine.invalidate_tables(tables)
@@ -320,6 +407,12 @@ class MySQLServer:
             self.engine.invalidate_database(database)
 
     def invalidate_databases(self, databases: Iterable[str], reason: str) -> None:
+        """DDL through this sidecar: the databases' entries and catalogs go, here and on the other sidecars."""
+        databases = frozenset(databases)
+        self._invalidate_databases_here(databases, reason)
+        self._publish(Message(ddl=databases))
+
+    def _invalidate_databases_here(self, databases: Iterable[str], reason: str) -> None:
         self._forget_plans()
         for database in databases:
             self._catalogs.pop(database, None)
@@ -329,6 +422,11 @@ class MySQLServer:
             self.metrics.database_invalidated(reason)
 
     def invalidate_all(self, reason: str) -> None:
+        """A statement through this sidecar whose effects are unknown: everything goes, everywhere."""
+        self._invalidate_all_here(reason)
+        self._publish(Message(everything=True))
+
+    def _invalidate_all_here(self, reason: str) -> None:
         log.debug("every entry dropped: %s", reason)
         self._catalogs.clear()
         self._forget_plans()

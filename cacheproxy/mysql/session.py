@@ -1,11 +1,12 @@
 """One MySQL client connection: relays its handshake and commands to its own upstream connection, and caches reads.
 
 The relay is byte-faithful: every packet goes through as the peer sent it, sequence ids included, except the
-greeting's capability flags (compression, TLS, query attributes and MariaDB's extended capabilities are masked: the
-proxy does not implement them). Authentication is relayed whatever the plugin (mysql_native_password,
-caching_sha2_password with its RSA exchange, ed25519, auth switches), so the client's connection id is the upstream
-thread's own and KILL QUERY reaches the right thread. Commands are answered one at a time; the `ResponseTracker`
-tells where each answer ends.
+greeting's capability flags (compression, query attributes and MariaDB's extended capabilities are masked: the
+proxy does not implement them; CLIENT_SSL is the proxy's own, which terminates TLS: cacheproxy/mysql/login.py, which
+also renumbers the connection phase when only one side uses TLS). Authentication is relayed whatever the plugin
+(mysql_native_password, caching_sha2_password with its RSA exchange, ed25519, auth switches), so the client's
+connection id is the upstream thread's own and KILL QUERY reaches the right thread. Commands are answered one at a
+time; the `ResponseTracker` tells where each answer ends.
 """
 
 from __future__ import annotations
@@ -25,22 +26,13 @@ from cacheproxy.mysql import codec
 from cacheproxy.mysql.admin import is_admin_command, run_admin
 from cacheproxy.mysql.codec import Capability, CodecError, Command, Packet, PacketReader, Reply, ResponseTracker
 from cacheproxy.mysql.interfaces import PLAN_PENDING, FrontEnd
+from cacheproxy.mysql.login import MASKED, Link, Refused, authenticate, handshake
 from cacheproxy.mysql.state import SessionState
+from cacheproxy.mysql.tls_stream import ByteReader, ByteWriter
 from cacheproxy.policy.rules import Decision
 
 log = logging.getLogger("cacheproxy.mysql.session")
 
-# What the proxy cannot honour: the greeting it relays does not offer these.
-MASKED = (
-    Capability.COMPRESS
-    | Capability.SSL
-    | Capability.ZSTD_COMPRESSION
-    | Capability.QUERY_ATTRIBUTES
-    | Capability.SSL_VERIFY_SERVER_CERT
-    | Capability.MULTI_FACTOR_AUTHENTICATION
-    | Capability.CAPABILITY_EXTENSION
-    | Capability.OPTIONAL_RESULTSET_METADATA
-)
 _READ_SIZE = 256 * 1024
 _U32 = struct.Struct("<I")
 # Statement kinds that may change data (reads that call a possibly stored function are flagged on their own).
@@ -74,8 +66,9 @@ class Stream:
     reply being relayed, raw runs of whole packets (`reply_bytes`)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str, max_payload: int):
-        self.reader = reader
-        self.writer = writer
+        # Plain streams, or a TLSStream as both once the client has started TLS (cacheproxy/mysql/login.py).
+        self.reader: ByteReader = reader
+        self.writer: ByteWriter = writer
         self.name = name
         self.max_payload = max_payload
         self.packets = PacketReader(max_payload)
@@ -153,6 +146,7 @@ class MySQLSession:
         self.statements: dict[int, Prepared] = {}  # by the server's statement id
         self.busy = False
         self.next_seq = 1  # the sequence id of the next packet of the reply being relayed
+        self.link = Link(False, False, b"", b"")  # the connection phase's transports and scramble
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -199,40 +193,33 @@ class MySQLSession:
             return False
         self.upstream = Stream(reader, writer, "upstream", self.server.max_packet)
         self.server.metrics.upstream_opened()
-        greeting = await self.upstream.read()
-        if greeting.payload[:1] == b"\xff":  # the server refused us (too many connections, host blocked)
-            self.client.write(greeting.raw)
+        try:
+            greeted = await handshake(self.client, self.upstream, self.server.config, self.server.tls_context)
+        except Refused as exc:
+            self.client.write(exc.packet())
+            raise Closed(f"connection refused: {exc.message}") from exc
+        if greeted is None:
             return False
-        handshake = codec.parse_handshake(greeting.payload)
-        masked = codec.mask_handshake(greeting.payload, MASKED)
-        self.client.write(codec.encode_packet(greeting.seq, masked))
-        answer = await self.client.read()
-        response = codec.parse_handshake_response(answer.payload)
-        if response.ssl_request:
-            self._send_error(ER_NOT_SUPPORTED, "08004", "cacheproxy: TLS to the proxy is not supported", answer.seq + 1)
-            return False
-        self.upstream.write(codec.encode_packet(answer.seq, codec.mask_handshake_response(answer.payload, MASKED)))
-        capabilities = response.capabilities & (handshake.capabilities & ~MASKED)
+        server, response, self.link = greeted.handshake, greeted.response, greeted.link
+        capabilities = response.capabilities & (server.capabilities & ~MASKED)
         database = response.database.decode() if response.database else None
-        self.state = SessionState(response.user.decode(), database, response.charset, capabilities, handshake.status)
+        self.state = SessionState(response.user.decode(), database, response.charset, capabilities, server.status)
         return await self._authenticate()
 
     async def _authenticate(self) -> bool:
         """Relay an authentication exchange (after a handshake response or COM_CHANGE_USER) to its OK or ERR."""
         assert self.upstream is not None
-        tracker = ResponseTracker(Reply.AUTH, deprecate_eof=False)
-        while True:
-            packet = await self.upstream.read()
-            self.client.write(packet.raw)
-            step = tracker.feed(packet.payload)
-            if step == "done":
-                if tracker.error is not None:
-                    return False
-                if tracker.status is not None and self.state is not None:
-                    self.state.on_status(tracker.status)
-                return True
-            if step == "client":
-                self.upstream.write((await self.client.read()).raw)
+        try:
+            tracker = await authenticate(self.client, self.upstream, self.link)
+        except Refused as exc:
+            self.client.write(exc.packet())
+            raise Closed(f"authentication refused: {exc.message}") from exc
+        self.link.delta = 0  # a later exchange (COM_CHANGE_USER) starts at sequence id 0 on both sides
+        if tracker.error is not None:
+            return False
+        if tracker.status is not None and self.state is not None:
+            self.state.on_status(tracker.status)
+        return True
 
     # -- commands ----------------------------------------------------------------------------------------------
 

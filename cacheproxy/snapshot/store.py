@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import WHOLE_DATABASE, TableId, base_table
@@ -64,6 +64,37 @@ class LoadResult:
     aside: str | None = None
 
 
+class Evidence(Protocol):
+    """What identifies the upstream and proves a snapshot's entries still valid: PostgreSQL's system identifier and
+    per-table counters (`PostgresEvidence`), or MySQL's server identity and binlog (cacheproxy/mysql/evidence.py)."""
+
+    errors: tuple[type[BaseException], ...]  # what reading it may raise: a failure, never a bug
+
+    async def read_cluster(self) -> evidence.Cluster: ...
+
+    async def read_database(self, database: str) -> dict[str, object]: ...
+
+    async def unchanged(self, header: Header, followed: set[str] | None) -> dict[TableId, bool]: ...
+
+
+class PostgresEvidence:
+    """The PostgreSQL front end's evidence (evidence.py), read over control connections as the URL's user."""
+
+    errors: tuple[type[BaseException], ...] = evidence.ERRORS
+
+    def __init__(self, upstream: UpstreamConfig) -> None:
+        self.upstream = upstream
+
+    async def read_cluster(self) -> evidence.Cluster:
+        return await evidence.read_cluster(self.upstream, _control_database(self.upstream))
+
+    async def read_database(self, database: str) -> dict[str, object]:
+        return await evidence.read_database(self.upstream, database)
+
+    async def unchanged(self, header: Header, followed: set[str] | None) -> dict[TableId, bool]:
+        return await _unchanged_tables(header, self.upstream, followed)
+
+
 def rules_fingerprint(config: Config) -> str:
     """A digest of what decides TTLs and cacheability: the rules and the default TTL."""
     text = repr((config.rules, config.cache.default_ttl))
@@ -78,7 +109,12 @@ def _control_database(upstream: UpstreamConfig) -> str:
 
 
 async def write_snapshot(
-    path: str, engine: CacheEngine, upstream: UpstreamConfig, rules: str, clock: Callable[[], float]
+    path: str,
+    engine: CacheEngine,
+    upstream: UpstreamConfig,
+    rules: str,
+    clock: Callable[[], float],
+    source: Evidence | None = None,
 ) -> WriteResult:
     """Write the cache to `path`: a temp file, fsync, atomic rename, fsync of the directory.
 
@@ -93,15 +129,16 @@ async def write_snapshot(
     for index in range(engine.shard_count):
         databases.update(table[0] for entry in engine.shard_entries(index) for table in entry.tables)
         await asyncio.sleep(0)
+    source = source if source is not None else PostgresEvidence(upstream)
     try:
-        cluster = await evidence.read_cluster(upstream, _control_database(upstream))
-    except evidence.ERRORS as exc:
+        cluster = await source.read_cluster()
+    except source.errors as exc:
         raise SnapshotFailed(f"cannot read the upstream's identity: {_describe(exc)}") from exc
     known: dict[str, object] = {}
     for database in sorted(databases):
         try:
-            known[database] = await evidence.read_database(upstream, database)
-        except evidence.ERRORS as exc:  # its entries are left out: without evidence they could not be trusted
+            known[database] = await source.read_database(database)
+        except source.errors as exc:  # its entries are left out: without evidence they could not be trusted
             log.warning("snapshot: database %r left out, its evidence cannot be read: %s", database, _describe(exc))
     header = Header(VERSION, time.time(), cluster.system_identifier, cluster.wal_lsn, rules, known, cluster.timeline)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -192,6 +229,7 @@ async def load_snapshot(
     rules: str,
     clock: Callable[[], float],
     listen: Callable[[list[str]], Awaitable[set[str]]] | None = None,
+    source: Evidence | None = None,
 ) -> LoadResult:
     """Load `path` into `engine`, keeping only entries that are live and whose every table shows no change.
 
@@ -208,7 +246,8 @@ async def load_snapshot(
         log.info("snapshot: no file at %s: cold start", path)
         return LoadResult("missing")
     try:
-        result = await _load(path, engine, upstream, rules, clock, listen)
+        result = await _load(path, engine, source if source is not None else PostgresEvidence(upstream), rules,
+                             clock, listen)  # fmt: skip
     except SnapshotCorrupt as exc:
         engine.flush()  # whatever was put from the valid blocks before the damage: a bad file serves nothing
         aside = _set_aside(path)
@@ -225,7 +264,7 @@ async def load_snapshot(
 async def _load(
     path: str,
     engine: CacheEngine,
-    upstream: UpstreamConfig,
+    source: Evidence,
     rules: str,
     clock: Callable[[], float],
     listen: Callable[[list[str]], Awaitable[set[str]]] | None,
@@ -234,8 +273,8 @@ async def _load(
     with open(path, "rb") as file:
         header = _read_header(file, decoder)
         try:
-            cluster = await evidence.read_cluster(upstream, _control_database(upstream))
-        except evidence.ERRORS as exc:
+            cluster = await source.read_cluster()
+        except source.errors as exc:
             log.error("snapshot: cannot verify %s against the upstream (%s); cold start", path, _describe(exc))
             return LoadResult("unverifiable")
         if cluster.system_identifier != header.system_identifier:
@@ -253,7 +292,11 @@ async def _load(
             log.warning("snapshot: the rules changed since %s was written; its entries are not loaded", path)
             return LoadResult("loaded", dropped=Counter(rules_changed=_count_rest(file, decoder)))
         followed = await listen(list(header.databases)) if listen is not None else None
-        valid = await _unchanged_tables(header, upstream, followed)
+        try:
+            valid = await source.unchanged(header, followed)
+        except source.errors as exc:
+            log.error("snapshot: cannot verify %s against the upstream (%s); cold start", path, _describe(exc))
+            return LoadResult("unverifiable")
         result = LoadResult("loaded")
         while True:
             event = _next(file, decoder)

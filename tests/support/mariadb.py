@@ -40,7 +40,9 @@ class MariaDB:
         self.socket = str(root / "mysqld.sock")
 
     @classmethod
-    def start(cls) -> MariaDB:
+    def start(cls, extra: tuple[str, ...] = (), *, binlog: bool = True) -> MariaDB:
+        """Start one; `extra` are more mariadbd options (e.g. --ssl-cert=... for a TLS server); `binlog`: with a
+        row-based binlog (off: MariaDB's own default)."""
         if shutil.which("mariadbd") is None and not Path("/usr/sbin/mariadbd").exists():
             raise RuntimeError("mariadbd is not installed (Debian: mariadb-server; .ci/setup installs it)")
         root = Path(tempfile.mkdtemp(prefix="cacheproxy-mariadb-"))
@@ -57,7 +59,8 @@ class MariaDB:
             ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={data}", f"--port={port}", "--bind-address=127.0.0.1",
              f"--socket={root / 'mysqld.sock'}", f"--pid-file={root / 'mysqld.pid'}", "--skip-name-resolve",
              "--innodb-buffer-pool-size=64M", "--max-connections=500", "--max-allowed-packet=16M",
-             "--log-bin=" + str(root / "binlog"), "--binlog-format=ROW", "--server-id=1", *user],
+             *(["--log-bin=" + str(root / "binlog"), "--binlog-format=ROW"] if binlog else []), "--server-id=1",
+             *user, *extra],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         server = cls(root, port, process)
