@@ -123,7 +123,10 @@ def _remove_inplace() -> None:
     from importlib.machinery import EXTENSION_SUFFIXES
 
     package = ROOT / "cacheproxy"
-    candidates = [package / f"{GROUP.split('.')[-1]}__mypyc", *(ROOT / path.removesuffix(".py") for path in HOT_MODULES)]
+    candidates = [
+        package / f"{GROUP.split('.')[-1]}__mypyc",
+        *(ROOT / path.removesuffix(".py") for path in HOT_MODULES),
+    ]
     for stem in candidates:
         for suffix in EXTENSION_SUFFIXES:
             stem.with_name(stem.name + suffix).unlink(missing_ok=True)
