@@ -46,6 +46,8 @@ HOT_MODULES = [
     "cacheproxy/policy/verdict.py",
     "cacheproxy/policy/classify.py",
     "cacheproxy/analysis/fingerprint.py",
+    # A subclass of CacheEngine (the engine with several workers): interpreted code cannot subclass compiled classes.
+    "cacheproxy/workers/engine.py",
 ]
 # The shared library of the group, inside the package (an editable install maps only `cacheproxy` to the source).
 GROUP = "cacheproxy._hot"

@@ -120,11 +120,16 @@ def activate(environ: Mapping[str, str] = os.environ) -> Mode:
 
 
 def loaded_compiled() -> list[str]:
-    """The modules of the package imported so far from extension modules (what actually runs compiled)."""
-    return sorted(
-        name
-        for name, module in list(sys.modules.items())
-        if name.startswith("cacheproxy.")
-        and isinstance(getattr(module, "__spec__", None), ModuleSpec)
-        and isinstance(module.__spec__.loader, importlib.machinery.ExtensionFileLoader)
-    )
+    """The modules of the package imported so far from extension modules (what actually runs compiled), without
+    the group's shared library (`_hot__mypyc`, the code of them all)."""
+    found = []
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        loader = spec.loader if isinstance(spec, ModuleSpec) else None
+        if (
+            name.startswith("cacheproxy.")
+            and not name.endswith("__mypyc")
+            and isinstance(loader, importlib.machinery.ExtensionFileLoader)
+        ):
+            found.append(name)
+    return sorted(found)
