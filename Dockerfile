@@ -19,7 +19,10 @@
 FROM python:3.11-slim AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# gcc and libc headers: setup.py compiles the hot path with mypyc (README: "Compiled hot path"; without them the
+# build goes on in pure Python). Only this stage has them: the final one installs the built wheel.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY cacheproxy ./cacheproxy
 RUN pip wheel --wheel-dir /wheels .
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING
 
+import cacheproxy
 from cacheproxy.advice.report import current_advice
 from cacheproxy.config import Config, ConfigError, UpstreamConfig
 from cacheproxy.errors import CONFIG_FILE_ERROR, ProxyError, UpstreamError
@@ -107,6 +108,10 @@ class App:
 
     async def start(self) -> None:
         log.info("upstream %s", self.config.upstream.masked_url())
+        # Which code runs the request loop (cacheproxy/mode.py): the mypyc build or the .py files, and why.
+        log.log(
+            logging.WARNING if "changed" in cacheproxy.MODE.reason else logging.INFO, "%s", cacheproxy.MODE.describe()
+        )
         if self.hosts is not None:
             await self.hosts.start()
         if self.cache is not None:

@@ -346,8 +346,12 @@ class _Collector:
         yield from _invalidation_families(m)
         yield from _snapshot_families(m)
         yield GaugeMetricFamily("cacheproxy_uptime_seconds", "Seconds since the proxy started.", value=m.uptime())
-        info = GaugeMetricFamily("cacheproxy_info", "The proxy's version; always 1.", labels=["version"])
-        info.add_metric([m._version], 1)
+        info = GaugeMetricFamily(
+            "cacheproxy_info",
+            "The proxy's version, and whether its hot path runs compiled (mypyc) or pure Python; always 1.",
+            labels=["version", "hot_path"],
+        )
+        info.add_metric([m._version, cacheproxy.MODE.name], 1)
         yield info
 
     def _connection_families(self) -> Iterator[Metric]:

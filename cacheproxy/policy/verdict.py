@@ -143,11 +143,13 @@ def hidden_code(info: QueryInfo, catalog: Catalog) -> tuple[str, bool] | None:
         for schema, name in sorted(code.writing_views):
             if name in info.names:
                 found.append((f"may read view {schema}.{name}, whose query calls a function", True))
-    for symbol in sorted(info.operators & code.operators.keys()):
+    # dict keys first: `frozenset & keys` returns a set (keys' __rand__), not the frozenset typeshed declares, and
+    # compiled code checks the declared type.
+    for symbol in sorted(code.operators.keys() & info.operators):
         found.append((f"uses operator {symbol}, whose function is not immutable", code.operators[symbol]))
-    for target in sorted(info.casts & code.casts.keys()):
+    for target in sorted(code.casts.keys() & info.casts):
         found.append((f"casts to {target} by a function that is not immutable", code.casts[target]))
-    for name in sorted(info.attributes & code.row_functions.keys()):
+    for name in sorted(code.row_functions.keys() & info.attributes):
         found.append((f"may call {name}() in attribute notation (x.{name}), which is not immutable",
                       code.row_functions[name]))  # fmt: skip
     if code.implicit_casts is not None:

@@ -18,10 +18,11 @@ _INT16 = Struct("!H")
 _INT32 = Struct("!I")
 _INT32S = Struct("!i")
 
-PARSE_COMPLETE = encode(b"1")
-BIND_COMPLETE = encode(b"2")
-CLOSE_COMPLETE = encode(b"3")
-NO_DATA = encode(b"n")
+# Annotated: other modules of the compiled group use them at import, where an inferred type may not be known yet.
+PARSE_COMPLETE: bytes = encode(b"1")
+BIND_COMPLETE: bytes = encode(b"2")
+CLOSE_COMPLETE: bytes = encode(b"3")
+NO_DATA: bytes = encode(b"n")
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,7 +78,9 @@ class Pending:
     capture: Capture | None = None
     copy_from: bool = False  # an Execute of COPY ... FROM STDIN: Syncs sent until CopyDone may be ignored
     during_copy: bool = False  # a Sync sent after a COPY FROM Execute, before the client ended the copy
-    on_done: object = None  # opaque to the tracker: handed back when the request completes
+    # Opaque to the tracker: handed back when the request completes. (`| None` is redundant for mypy, but a bare
+    # `object` annotation of a dataclass field breaks mypyc's compiled class at import: KeyError 'object'.)
+    on_done: object | None = None
     seen_error: bool = field(default=False)
 
 

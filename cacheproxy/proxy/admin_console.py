@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Sequence
 
+import cacheproxy
 from cacheproxy.advice.advisor import advise
 from cacheproxy.advice.report import CONSOLE_COLUMNS, console_rows
 from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, base_table
@@ -124,7 +125,10 @@ class AdminConsole:
         return self._server.cache
 
     def _stats(self) -> list[list[str | None]]:
-        rows: list[list[str | None]] = [["client_connections", str(self._server.client_count)]]
+        rows: list[list[str | None]] = [
+            ["client_connections", str(self._server.client_count)],
+            ["hot_path", cacheproxy.MODE.name],  # compiled (mypyc) or pure (cacheproxy/mode.py)
+        ]
         service = self._server.cache
         if service is None:
             return [*rows, ["cache_enabled", "false"]]

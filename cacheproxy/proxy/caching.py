@@ -502,9 +502,7 @@ class CachingRelay:
         # lives until the Sync, and is kept here until then (bound upstream if a forwarded message needs it).
         batch = self._batch
         idle = self.tx.status is IDLE
-        self._found = None
-        if self._found_more:
-            self._found_more.clear()
+        self._forget_found()
         if use == ANSWER and (batch[-1][0] == m.SYNC or idle or all(t != m.BIND for t, _ in batch)):
             self._missed = None
             try:
@@ -547,14 +545,20 @@ class CachingRelay:
         self._forward_batch(out)
         return True
 
+    def _forget_found(self) -> None:
+        """Resets the advisor's hits of a batch before its lookups (which set them). A method, not assignments in the
+        caller: mypy would keep `self._found` narrowed to None there after the lookups, and compiled code checks
+        that narrowed type (TypeError when a lookup did set it)."""
+        self._found = None
+        if self._found_more:
+            self._found_more.clear()
+
     def _held_batch_answerable(self) -> bool:
         """The batch held so far (no Sync or Flush yet) could be answered here as it stands, and its replies would
         fit in the server's output buffer (8 kB), which it would not send before a Sync or Flush."""
         if self._cache_use() != ANSWER:
             return False
-        self._found = None
-        if self._found_more:
-            self._found_more.clear()
+        self._forget_found()
         try:
             answer = local_answers.answer_batch(
                 self._batch, self.registry, self.tx.status.ready, self.tx.status is IDLE, self, dry_run=True

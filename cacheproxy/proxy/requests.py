@@ -38,7 +38,7 @@ class Fill:
     deferred: bool = False  # read inside a transaction block: stored only if that transaction commits
     stale_for: float = 0.0  # the rule's stale_if_error window
     # The shared tier's generations read before the query went upstream (cache/shared_tier.py `Stamp`), if any.
-    shared: object = None
+    shared: object | None = None  # (`| None`: see replies.Pending.on_done)
 
 
 @dataclass(slots=True)

@@ -275,7 +275,9 @@ def test_metrics_sum_the_workers(
     assert samples["cacheproxy_workers"] == 2 and samples["cacheproxy_workers_reporting"] == 2
     per_worker = [samples[f'cacheproxy_worker_client_connections{{worker="{i}"}}'] for i in range(2)]
     assert per_worker == [len(by_worker[0]), len(by_worker[1])]
-    assert samples[f'cacheproxy_info{{version="{cacheproxy.__version__}"}}'] == 1
+    [info] = [name for name in samples if name.startswith("cacheproxy_info{")]
+    assert f'version="{cacheproxy.__version__}"' in info and f'hot_path="{cacheproxy.MODE.name}"' in info
+    assert samples[info] == 1
 
 
 def test_no_stale_reads_under_concurrent_writes_across_workers(

@@ -8,6 +8,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import cacheproxy
 from cacheproxy.cache.engine import CacheStats
 from cacheproxy.observability.metrics import DURATION_BUCKETS, Metrics
 
@@ -246,7 +247,7 @@ def test_catalog_loads_uptime_and_info() -> None:
     assert value(s, "cacheproxy_catalog_loads_total", result="ok") == 2
     assert value(s, "cacheproxy_catalog_loads_total", result="error") == 1
     assert value(s, "cacheproxy_uptime_seconds") == 42.5
-    assert value(s, "cacheproxy_info", version="9.9.9") == 1
+    assert value(s, "cacheproxy_info", version="9.9.9", hot_path=cacheproxy.MODE.name) == 1
 
 
 def test_instances_are_independent() -> None:
