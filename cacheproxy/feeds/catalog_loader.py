@@ -199,6 +199,7 @@ class CatalogLoader:
         self._functions: dict[str, tuple[list[tuple[str, str, bool]], frozenset[str], frozenset[str]]] = {}
         # database -> its kept control connection, the address it went to, and the queries prepared on it
         self._conns: dict[str, tuple[asyncpg.Connection, tuple[str, int], dict[str, object]]] = {}
+        self._released: set[str] = set()  # databases released while a load of theirs was in flight
         # The pg_stat_statements queryids the rules name: resolved to statement ids with each load (issue 17).
         self.queryids: frozenset[int] = frozenset()
 
@@ -240,7 +241,11 @@ class CatalogLoader:
     async def release(self, database: str) -> None:
         """Close the connection kept for `database` (a load in flight finishes on it, then closes it)."""
         kept = self._conns.pop(database, None)
-        if kept is not None and database not in self._loading:
+        if database in self._loading:
+            # A load in flight closes its connection when it ends, including one it has not opened yet (else that
+            # one would be kept, and a DROP DATABASE made elsewhere would meet it).
+            self._released.add(database)
+        elif kept is not None:
             await _close_quietly(kept[0])
 
     def mark_stale(self, database: str) -> None:
@@ -264,7 +269,10 @@ class CatalogLoader:
         started = time.monotonic()
         epoch = self._ddl_epochs.get(database, 0)
         try:
-            catalog = await self._read(database)
+            try:
+                catalog = await self._read(database)
+            finally:
+                self._released.discard(database)  # (this load's connection, if released meanwhile, is closed)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ssl.SSLError) as exc:
             del self._loading[database]
             if database not in self._failed:
@@ -342,7 +350,9 @@ class CatalogLoader:
                 del self._conns[database]
             await _close_quietly(conn)
             raise
-        if self._conns.get(database, (None,))[0] is not conn:
+        if database in self._released or self._conns.get(database, (None,))[0] is not conn:
+            if self._conns.get(database, (None,))[0] is conn:
+                del self._conns[database]
             await _close_quietly(conn)  # released while we read
         self._versions += 1
         catalog = self._build(database, relations, inherits, cascades, functions)
