@@ -31,7 +31,7 @@ from cacheproxy.cache import keys
 from cacheproxy.cache.entry import Entry, TableId
 from cacheproxy.cache.keys import CacheKey
 from cacheproxy.config import LimitsConfig
-from cacheproxy.errors import ProtocolViolation
+from cacheproxy.errors import ProtocolViolation, ProxyError
 from cacheproxy.policy.classify import Classified, dependencies
 from cacheproxy.policy.verdict import WriteScope
 from cacheproxy.protocol import frontend as fe
@@ -504,7 +504,7 @@ class CachingRelay:
         idle = self.tx.status is IDLE
         self._forget_found()
         if use == ANSWER and (batch[-1][0] == m.SYNC or idle or all(t != m.BIND for t, _ in batch)):
-            self._missed = None
+            self._forget_missed()
             try:
                 hot = local_answers.answer_hot(batch, self._statements, self.tx.status.ready, idle, self)
                 if hot is None and self._missed is not None:
@@ -521,6 +521,8 @@ class CachingRelay:
                     self.registry.local_portals = {}  # (a Sync ends the implicit transaction, and its portals)
             except ProtocolViolation:
                 hot = None  # a malformed message: the server will say what is wrong with it
+            except ProxyError:
+                raise  # the client's error (a session limit): not a failure of the lookup to relay around
             except Exception:
                 log.exception("session %d: cache lookup failed; relaying the batch upstream", self.session.id)
                 hot = None
@@ -552,6 +554,11 @@ class CachingRelay:
         self._found = None
         if self._found_more:
             self._found_more.clear()
+
+    def _forget_missed(self) -> None:
+        """Resets the hot lookup's miss before it runs (which may set it): a method for the reason `_forget_found`
+        gives (an assignment here made compiled code reject the Missed that answer_hot then stored)."""
+        self._missed = None
 
     def _held_batch_answerable(self) -> bool:
         """The batch held so far (no Sync or Flush yet) could be answered here as it stands, and its replies would
