@@ -27,9 +27,9 @@ from cacheproxy.mysql.evidence import MySQLEvidence, server_identity
 from cacheproxy.mysql.interfaces import PLAN_PENDING, Plan
 from cacheproxy.mysql.session import MySQLSession, table_ids
 from cacheproxy.mysql.state import SessionState
-from cacheproxy.mysql.tls import server_context
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.policy.rules import Decision, RuleSet
+from cacheproxy.proxy.server import server_tls_context  # (the same tls.* settings as the PostgreSQL front end)
 
 log = logging.getLogger("cacheproxy.mysql.server")
 
@@ -54,7 +54,7 @@ class MySQLServer:
             metrics.set_stats_source(self.engine.stats)
         self.rules = RuleSet(config.rules, cache.default_ttl)
         self.max_packet = config.limits.max_message_size
-        self.tls_context = server_context(config)  # tls.mode, tls.cert, tls.key
+        self.tls_context = server_tls_context(config)  # tls.mode, tls.cert, tls.key
         self._analyses: OrderedDict[bytes, MyInfo] = OrderedDict()
         self._catalogs: dict[str, Catalog] = {}
         # (statement, current database) -> its dependencies; cleared whenever a catalog or the rules change.
@@ -83,7 +83,7 @@ class MySQLServer:
     def config(self, config: Config) -> None:
         """A reload (App.reload swaps the whole config): new rules apply to new entries."""
         self._config = config
-        self.tls_context = server_context(config)
+        self.tls_context = server_tls_context(config)
         self.rules = RuleSet(config.rules, config.cache.default_ttl)
         self._forget_plans()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from cacheproxy.config import Config, UpstreamConfig
+from cacheproxy.config import UpstreamConfig
 from cacheproxy.mysql.codec import Capability
 from cacheproxy.upstream import client_ssl_context
 
@@ -23,17 +23,6 @@ _REQUIRED = ("require", "verify-ca", "verify-full")
 
 class UpstreamTLSError(Exception):
     """TLS to the upstream is required and the server does not offer it, or the TLS handshake failed."""
-
-
-def server_context(config: Config) -> ssl.SSLContext | None:
-    """The context offered to clients, or None when tls.mode is disable (CLIENT_SSL is then not offered)."""
-    tls = config.tls
-    if tls.mode == "disable" or tls.cert is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(tls.cert, tls.key)
-    return context
 
 
 def upstream_context(cfg: UpstreamConfig, server_capabilities: int) -> ssl.SSLContext | None:
