@@ -28,20 +28,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from struct import pack
 from typing import Any
 
+from bench.hit_path import _Session as _Host  # (the same stand-in session as the hit-path benchmark)
 from cacheproxy.catalog.model import Catalog, Relation
 from cacheproxy.config import build_config
 from cacheproxy.protocol.framing import encode
 from cacheproxy.proxy.cache_service import CacheService
 from cacheproxy.proxy.caching import CachingRelay
-from cacheproxy.proxy.listens import Listens
 from cacheproxy.proxy.session import Session
-from cacheproxy.proxy.transaction import TransactionTracker
 
 MODES = ("simple", "extended", "prepared")
 KINDS = ("hit", "miss", "write", "pass")
@@ -91,36 +90,6 @@ def scenario(mode: str, kind: str) -> Scenario:
     name = b"w" if kind == "write" else b"r"
     return Scenario(_parse(name, sql + "$1") + encode(b"S"), _PARSE_COMPLETE + _READY,
                     lambda n: _bind_execute(name, n), _BIND_COMPLETE + result + _READY)  # fmt: skip
-
-
-class _Host:
-    """The RelayHost of a session whose client always reads its answers."""
-
-    id = 1
-    database = "db"
-    user = "u"
-
-    def __init__(self) -> None:
-        self.startup_parameters: Mapping[str, str] = {"user": "u", "database": "db"}
-        self.parameters: dict[str, str] = {"TimeZone": "UTC"}
-        self.transaction = TransactionTracker(1, self.startup_parameters, self.parameters)
-        self.listens = Listens()
-
-    def note_parameter(self, body: bytes) -> None: ...
-    def note_error(self, body: bytes) -> None: ...
-    def admin_command(self, sql: bytes) -> bytes:
-        return b""
-
-    def client_backlogged(self) -> bool:
-        return False
-
-    def pause_client(self) -> None: ...
-    def resume_client(self) -> None: ...
-    def spawn(self, coro: Coroutine[object, object, None]) -> None:
-        coro.close()
-
-    def run_guarded(self, fn: Callable[[], None]) -> None:
-        fn()
 
 
 class _Counter:
