@@ -46,6 +46,12 @@ HOT_MODULES = [
     "cacheproxy/policy/verdict.py",
     "cacheproxy/policy/classify.py",
     "cacheproxy/analysis/fingerprint.py",
+    # What a miss or a write also runs: a simple statement's row by its fingerprint's template, the advisor's
+    # counters, the metrics.
+    "cacheproxy/analysis/points.py",
+    "cacheproxy/analysis/strings.py",
+    "cacheproxy/advice/workload.py",
+    "cacheproxy/observability/metrics.py",
     # A subclass of CacheEngine (the engine with several workers): interpreted code cannot subclass compiled classes.
     "cacheproxy/workers/engine.py",
 ]

@@ -63,7 +63,7 @@ class StatementStats:
         self.timed += 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StatementSample:
     """A copy of one statement's counters at one moment: the advisor's input."""
 
@@ -83,6 +83,40 @@ class StatementSample:
     upstream_seconds: float
     timed: int = 0
 
+    def __init__(
+        self,
+        database: str,
+        id: str,
+        text: str,
+        kind: str,
+        tables: tuple[str, ...],
+        cacheable: bool,
+        reason: str | None,
+        rule: str,
+        ttl: float,
+        strategy: str,
+        hits: int,
+        misses: int,
+        bypasses: int,
+        upstream_seconds: float,
+        timed: int = 0,
+    ) -> None:
+        self.database = database
+        self.id = id
+        self.text = text
+        self.kind = kind
+        self.tables = tables
+        self.cacheable = cacheable
+        self.reason = reason
+        self.rule = rule
+        self.ttl = ttl
+        self.strategy = strategy
+        self.hits = hits
+        self.misses = misses
+        self.bypasses = bypasses
+        self.upstream_seconds = upstream_seconds
+        self.timed = timed
+
     @property
     def calls(self) -> int:
         return self.hits + self.misses + self.bypasses
@@ -93,7 +127,7 @@ class StatementSample:
         return self.upstream_seconds / self.timed if self.timed else 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Observed:
     """The workload over `seconds`: statements, and writes per (database, table) (a write statement that completed,
     or an invalidation from another proxy or the replication stream), and writes of unknown reach per database."""
@@ -103,6 +137,20 @@ class Observed:
     table_writes: dict[tuple[str, str], int]
     database_writes: dict[str, int]
     overflow: bool = False  # some statements or tables were not told apart (the bounds)
+
+    def __init__(
+        self,
+        seconds: float,
+        statements: tuple[StatementSample, ...],
+        table_writes: dict[tuple[str, str], int],
+        database_writes: dict[str, int],
+        overflow: bool = False,
+    ) -> None:
+        self.seconds = seconds
+        self.statements = statements
+        self.table_writes = table_writes
+        self.database_writes = database_writes
+        self.overflow = overflow
 
 
 class Workload:

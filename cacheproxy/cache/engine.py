@@ -22,7 +22,7 @@ from cacheproxy.cache.entry import Entry, TableId
 from cacheproxy.cache.shard import Shard
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CacheStats:
     """Counters (since start) and gauges (now) of a shard or, summed with `+`, of the whole cache.
 
@@ -39,6 +39,30 @@ class CacheStats:
     bytes: int = 0
     max_bytes: int = 0
     rejected: int = 0
+
+    def __init__(
+        self,
+        hits: int = 0,
+        misses: int = 0,
+        sets: int = 0,
+        evictions: int = 0,
+        expirations: int = 0,
+        invalidations: int = 0,
+        entries: int = 0,
+        bytes: int = 0,
+        max_bytes: int = 0,
+        rejected: int = 0,
+    ) -> None:
+        self.hits = hits
+        self.misses = misses
+        self.sets = sets
+        self.evictions = evictions
+        self.expirations = expirations
+        self.invalidations = invalidations
+        self.entries = entries
+        self.bytes = bytes
+        self.max_bytes = max_bytes
+        self.rejected = rejected
 
     def __add__(self, other: CacheStats) -> CacheStats:
         return CacheStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))

@@ -35,7 +35,7 @@ def lex_point(text: str, write: bool, key_of: KeyOf) -> Point | None:
     return write_point(text, key_of) if write else read_point(text, key_of)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Classified:
     """A statement's analysis and, for reads, the verdict under the catalog version it was judged with.
 
@@ -50,6 +50,24 @@ class Classified:
     statement: str | None = None  # its fingerprint id (advice/statements.py), as rules and advice name it
     # Its counters for the advisor (advice/workload.py), shared by every text of its fingerprint: a hit adds one.
     stats: StatementStats | None = None
+
+    def __init__(
+        self,
+        info: QueryInfo,
+        verdict: ReadVerdict,
+        catalog_version: int,
+        point: Point | None = None,
+        point_tables: frozenset[str] = frozenset(),
+        statement: str | None = None,
+        stats: StatementStats | None = None,
+    ) -> None:
+        self.info = info
+        self.verdict = verdict
+        self.catalog_version = catalog_version
+        self.point = point
+        self.point_tables = point_tables
+        self.statement = statement
+        self.stats = stats
 
 
 def classify(

@@ -15,7 +15,7 @@ from cacheproxy.policy.rules import RuleSet
 UNKNOWN_TARGET = UNKNOWN_TABLE[1]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ReadVerdict:
     """For a read: cacheable or why not; the table names its result depends on; the TTL and rule."""
 
@@ -28,8 +28,28 @@ class ReadVerdict:
     in_transaction: str = "until_write"  # may it be served inside a transaction block (see config.Rule)
     stale_if_error: float = 0.0  # served this long past expiry while the upstream cannot be reached (0: never)
 
+    def __init__(
+        self,
+        cacheable: bool,
+        reason: str | None,
+        tables: frozenset[str] = frozenset(),
+        ttl: float = 0.0,
+        rule: str = "",
+        strategy: str = "lazy",
+        in_transaction: str = "until_write",
+        stale_if_error: float = 0.0,
+    ) -> None:
+        self.cacheable = cacheable
+        self.reason = reason
+        self.tables = tables
+        self.ttl = ttl
+        self.rule = rule
+        self.strategy = strategy
+        self.in_transaction = in_transaction
+        self.stale_if_error = stale_if_error
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True, unsafe_hash=True)
 class WriteScope:
     """What a statement may have changed: named tables, or everything in the database (`everything`)."""
 
@@ -38,6 +58,15 @@ class WriteScope:
     why: str | None = None
     ddl: bool = False  # the schema may have changed: the catalog must be read again once it is committed
     code: str = "other"  # for metrics, when `everything`: ddl | unknown_effects | triggers | function_call | other
+
+    def __init__(
+        self, tables: frozenset[str], everything: bool, why: str | None = None, ddl: bool = False, code: str = "other"
+    ) -> None:
+        self.tables = tables
+        self.everything = everything
+        self.why = why
+        self.ddl = ddl
+        self.code = code
 
     @property
     def empty(self) -> bool:

@@ -12,7 +12,6 @@ from struct import Struct
 from cacheproxy.errors import PROGRAM_LIMIT_EXCEEDED, ProtocolViolation
 
 _HEADER = Struct("!cI")
-_INT32 = Struct("!I")
 HEADER_SIZE = 5
 
 # (type byte as int, offset of the type byte in the region, offset one past the message's last byte)
@@ -45,38 +44,53 @@ class Framer:
         return partial
 
     def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
-        if self._buf:
-            self._buf += data
-            buf: bytes | bytearray = self._buf
-        else:
-            buf = data
         frames: list[Frame] = []
-        pos = 0
-        end_of_data = len(buf)
-        unpack = _INT32.unpack_from
-        max_size = self._max_size
-        while end_of_data - pos >= HEADER_SIZE:
-            length = unpack(buf, pos + 1)[0]
-            if length < 4:
-                raise ProtocolViolation(f"invalid message length {length} for message type {chr(buf[pos])!r}")
-            if length > max_size:
-                raise ProtocolViolation(
-                    f"message of type {chr(buf[pos])!r} is {length} bytes, over the limit of {max_size} bytes",
-                    sqlstate=PROGRAM_LIMIT_EXCEEDED,
-                )
-            end = pos + 1 + length
-            if end > end_of_data:
-                break
-            frames.append((buf[pos], pos, end))
-            pos = end
-        if buf is data:
-            if pos == end_of_data:
-                return data, frames
-            self._buf = bytearray(data[pos:])
-            return data[:pos], frames
-        region = bytes(self._buf[:pos])
-        del self._buf[:pos]
-        return region, frames
+        if self._buf:
+            return self._feed_buffered(data, frames)
+        pos = _scan(data, frames, self._max_size)
+        if pos == len(data):
+            return data, frames
+        self._buf = bytearray(data[pos:])
+        return data[:pos], frames
+
+    def _feed_buffered(self, data: bytes, frames: list[Frame]) -> tuple[bytes, list[Frame]]:
+        buffer = self._buf
+        buffer += data
+        if len(buffer) >= HEADER_SIZE:
+            length = _length(bytes(buffer[:HEADER_SIZE]), 0)
+            if 4 <= length <= self._max_size and length + 1 > len(buffer):
+                return b"", frames  # the first message is still incomplete: no copy, no scan (a large row arriving)
+        whole = bytes(buffer)
+        pos = _scan(whole, frames, self._max_size)
+        del buffer[:pos]
+        return whole[:pos], frames
+
+
+def _length(buf: bytes, pos: int) -> int:
+    """The Int32 length of the message whose type byte is at `pos` (bytes indexed one by one: compiled, this is a
+    few machine instructions, where Struct.unpack_from is a call through Python's API)."""
+    return (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
+
+
+def _scan(buf: bytes, frames: list[Frame], max_size: int) -> int:
+    """Appends the frame of each whole message of `buf` to `frames`; returns the offset past the last one."""
+    pos = 0
+    end_of_data = len(buf)
+    while end_of_data - pos >= HEADER_SIZE:
+        length = _length(buf, pos)
+        if length < 4:
+            raise ProtocolViolation(f"invalid message length {length} for message type {chr(buf[pos])!r}")
+        if length > max_size:
+            raise ProtocolViolation(
+                f"message of type {chr(buf[pos])!r} is {length} bytes, over the limit of {max_size} bytes",
+                sqlstate=PROGRAM_LIMIT_EXCEEDED,
+            )
+        end = pos + 1 + length
+        if end > end_of_data:
+            break
+        frames.append((buf[pos], pos, end))
+        pos = end
+    return pos
 
 
 def split_messages(data: bytes, max_size: int = 1 << 30) -> list[tuple[int, bytes]]:

@@ -25,14 +25,19 @@ CLOSE_COMPLETE: bytes = encode(b"3")
 NO_DATA: bytes = encode(b"n")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Parse:
     statement: str
     query: str
     param_types: tuple[int, ...]
 
+    def __init__(self, statement: str, query: str, param_types: tuple[int, ...]) -> None:
+        self.statement = statement
+        self.query = query
+        self.param_types = param_types
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True, unsafe_hash=True)
 class Bind:
     portal: str
     statement: str
@@ -41,23 +46,41 @@ class Bind:
     arguments: bytes
     result_formats: tuple[int, ...]
 
+    def __init__(self, portal: str, statement: str, arguments: bytes, result_formats: tuple[int, ...]) -> None:
+        self.portal = portal
+        self.statement = statement
+        self.arguments = arguments
+        self.result_formats = result_formats
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True, unsafe_hash=True)
 class Describe:
     kind: str  # "S" (statement) or "P" (portal)
     name: str
 
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind = kind
+        self.name = name
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True, unsafe_hash=True)
 class Execute:
     portal: str
     max_rows: int
 
+    def __init__(self, portal: str, max_rows: int) -> None:
+        self.portal = portal
+        self.max_rows = max_rows
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True, unsafe_hash=True)
 class Close:
     kind: str
     name: str
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind = kind
+        self.name = name
 
 
 def _cstring(body: bytes, pos: int) -> tuple[str, int]:

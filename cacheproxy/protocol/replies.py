@@ -83,6 +83,26 @@ class Pending:
     on_done: object | None = None
     seen_error: bool = field(default=False)
 
+    def __init__(
+        self,
+        op: Op,
+        strip: bool = False,
+        quiet: bool = False,
+        capture: Capture | None = None,
+        copy_from: bool = False,
+        during_copy: bool = False,
+        on_done: object | None = None,
+        seen_error: bool = False,
+    ) -> None:
+        self.op = op
+        self.strip = strip
+        self.quiet = quiet
+        self.capture = capture
+        self.copy_from = copy_from
+        self.during_copy = during_copy
+        self.on_done = on_done
+        self.seen_error = seen_error
+
 
 # Replies that end each request (besides ErrorResponse, which ends the request and skips to Sync).
 _ENDS: dict[Op, bytes] = {
@@ -106,12 +126,16 @@ _CAPTURED_HEADERS = frozenset(b"tT")
 _CAPTURED_BODY = frozenset(b"DCs")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Outcome:
     """What to do with one upstream message."""
 
     relay: bool
     done: list[Pending]  # requests completed by this message (in order), with their captures
+
+    def __init__(self, relay: bool, done: list[Pending]) -> None:
+        self.relay = relay
+        self.done = done
 
 
 _RELAY = Outcome(True, _NONE)

@@ -24,11 +24,31 @@ class Statement:
     inferred: tuple[int, ...] = ()
     shaped: bytes | None = None  # the last cached RowDescription found to match it (a fast path for same_shape)
 
+    def __init__(
+        self,
+        query: bytes,
+        param_types: tuple[int, ...],
+        upstream: bool,
+        description: bytes | None = None,
+        inferred: tuple[int, ...] = (),
+        shaped: bytes | None = None,
+    ) -> None:
+        self.query = query
+        self.param_types = param_types
+        self.upstream = upstream
+        self.description = description
+        self.inferred = inferred
+        self.shaped = shaped
+
 
 @dataclass(slots=True)
 class Portal:
     statement: Statement
     bind: fe.Bind
+
+    def __init__(self, statement: Statement, bind: fe.Bind) -> None:
+        self.statement = statement
+        self.bind = bind
 
 
 # A portal bound by a batch answered here that ended in a Flush (it lives until the Sync): its statement, its Bind,

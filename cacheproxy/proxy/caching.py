@@ -70,7 +70,7 @@ _BATCH_TYPES = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
 _MIN_WHOLE_BATCH, _MAX_WHOLE_BATCH = 2, 8
 
 
-class CachingRelay:
+class CachingRelay(local_answers.Lookups):
     """The caching relay of one session (its transports are already taken over by Links)."""
 
     def __init__(
@@ -103,7 +103,7 @@ class CachingRelay:
         self.on_upstream_data = self.inflight.on_upstream_data
         # Lookups.count: a hit or miss is counted once its outcome is known (and, with verification on, sampled).
         self._verify = service.verifier
-        self.count: Callable[[Hashable, Entry | None], None] = (
+        self._count: Callable[[Hashable, Entry | None], None] = (
             self._verify.counting(self._tier.count, self.tx) if self._verify.rate else self._tier.count
         )
         # The shared tier behind the in-process one (cache/shared_tier.py): asked on an in-process miss (`strict`:
@@ -597,6 +597,9 @@ class CachingRelay:
         return answer.replies
 
     # Lookups for local_answers (called only when `_cache_use()` is ANSWER).
+
+    def count(self, key: Hashable, entry: Entry | None) -> None:
+        self._count(key, entry)
 
     def result(self, statement: Statement, arguments: bytes, max_rows: int) -> Entry | None:
         """The cached result of an Execute, or None (not counted: see Lookups.count)."""

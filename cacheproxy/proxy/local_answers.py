@@ -13,10 +13,12 @@ batch. Both give the same answer for the hot shape.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal, Protocol
+from typing import Literal
+
+from mypy_extensions import mypyc_attr
 
 from cacheproxy.cache.entry import Entry
 from cacheproxy.protocol import frontend as fe
@@ -46,24 +48,29 @@ WAIT = Wait.WAIT
 Message = tuple[int, bytes]
 
 
-class Lookups(Protocol):
+# A base class, not a Protocol: compiled with mypyc, a call through a Protocol goes through Python's API (a few
+# thousand CPU instructions), one through a base class is a native call. Interpreted subclasses (the offline relay,
+# tests) are allowed.
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Lookups:
     """What the answers are made of: the session's cache lookups (the caller's policy decides what is servable)."""
 
     def result(self, statement: Statement, arguments: bytes, max_rows: int) -> Entry | None:
         """The cached result (RowDescription first) of executing `statement` bound with `arguments` (a Bind's bytes
         after its two names) up to `max_rows`; None for a miss. Not counted: the batch may yet go upstream."""
-        ...
+        raise NotImplementedError
 
     def fill_in_flight(self, statement: Statement, arguments: bytes, max_rows: int) -> bool:
         """After a miss: True when another session is filling that result and the caller now waits for it."""
-        ...
+        raise NotImplementedError
 
     def description(self, statement: Statement) -> bytes | None:
         """The cached Describe reply of `statement` (ParameterDescription, then RowDescription or NoData)."""
-        ...
+        raise NotImplementedError
 
-    # Count a lookup made by `result` once it is served (the tier's own count: no layer between).
-    count: Callable[[Hashable, Entry | None], None]
+    def count(self, key: Hashable, entry: Entry | None) -> None:
+        """Count a lookup made by `result` once it is served (the tier's own count: no layer between)."""
+        raise NotImplementedError
 
 
 @dataclass(slots=True)
@@ -77,6 +84,20 @@ class Answer:
     # Portals it bound before a Flush (they live until the Sync): kept here, bound upstream if something forwarded
     # later uses them.
     local_portals: dict[str, LocalPortal] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        replies: bytes,
+        parsed: dict[str, Statement] | None = None,
+        closed: list[str] | None = None,
+        created: list[tuple[str, Statement]] | None = None,
+        local_portals: dict[str, LocalPortal] | None = None,
+    ) -> None:
+        self.replies = replies
+        self.parsed = {} if parsed is None else parsed
+        self.closed = [] if closed is None else closed
+        self.created = [] if created is None else created
+        self.local_portals = {} if local_portals is None else local_portals
 
 
 def answer_hot(

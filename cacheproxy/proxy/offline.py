@@ -70,7 +70,7 @@ class LoginMemory:
         return self._seen.get(_startup_key(startup))
 
 
-class OfflineRelay:
+class OfflineRelay(local_answers.Lookups):
     """Answers one client from the cache only (see the module docstring). `run()` returns why it ended."""
 
     def __init__(
@@ -97,7 +97,7 @@ class OfflineRelay:
         self._batch: list[tuple[int, bytes]] = []
         self._skipping = False  # an error was sent for the batch: discard up to its Sync, as PostgreSQL does
         self._stale_used: list[Entry] = []
-        self.count: Callable[[Hashable, Entry | None], None] = service.tier.count
+        self._count: Callable[[Hashable, Entry | None], None] = service.tier.count
         tx.epoch = str(service.settings_epoch)
         tx.parameter_reported()
 
@@ -175,6 +175,9 @@ class OfflineRelay:
         return error
 
     # Lookups for local_answers: only entries of rules with stale_if_error, live or within their window.
+
+    def count(self, key: Hashable, entry: Entry | None) -> None:
+        self._count(key, entry)
 
     def result(self, statement: Statement, arguments: bytes, max_rows: int) -> Entry | None:
         classified = self.service.classify(self.database, statement.query, self.tx.strings)

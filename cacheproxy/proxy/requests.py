@@ -40,6 +40,30 @@ class Fill:
     # The shared tier's generations read before the query went upstream (cache/shared_tier.py `Stamp`), if any.
     shared: object | None = None  # (`| None`: see replies.Pending.on_done)
 
+    def __init__(
+        self,
+        key: CacheKey,
+        tables: frozenset[TableId],
+        generations: tuple[int, ...],
+        ttl: float,
+        query: str,
+        rule: str,
+        leader: bool,
+        deferred: bool = False,
+        stale_for: float = 0.0,
+        shared: object | None = None,
+    ) -> None:
+        self.key = key
+        self.tables = tables
+        self.generations = generations
+        self.ttl = ttl
+        self.query = query
+        self.rule = rule
+        self.leader = leader
+        self.deferred = deferred
+        self.stale_for = stale_for
+        self.shared = shared
+
 
 @dataclass(slots=True)
 class Request:
@@ -55,6 +79,26 @@ class Request:
     discards_all: bool = False  # ... and it is DISCARD ALL
     stats: StatementStats | None = None  # its statement's advisor counters (advice/workload.py)
 
+    def __init__(
+        self,
+        scope: WriteScope | None,
+        kind: str,
+        outcome: str,
+        started: float,
+        sql: bytes,
+        changes_state: bool = False,
+        discards_all: bool = False,
+        stats: StatementStats | None = None,
+    ) -> None:
+        self.scope = scope
+        self.kind = kind
+        self.outcome = outcome
+        self.started = started
+        self.sql = sql
+        self.changes_state = changes_state
+        self.discards_all = discards_all
+        self.stats = stats
+
 
 @dataclass(slots=True)
 class Missed:
@@ -67,6 +111,15 @@ class Missed:
     key: ExecuteKey | None  # None: not a read this session may read from the cache (a write...)
     classified: Classified
 
+    def __init__(
+        self, statement: Statement, arguments: bytes, max_rows: int, key: ExecuteKey | None, classified: Classified
+    ) -> None:
+        self.statement = statement
+        self.arguments = arguments
+        self.max_rows = max_rows
+        self.key = key
+        self.classified = classified
+
 
 @dataclass(slots=True)
 class ParseDone:
@@ -76,12 +129,20 @@ class ParseDone:
     statement: Statement
     replay: bool = False
 
+    def __init__(self, name: str, statement: Statement, replay: bool = False) -> None:
+        self.name = name
+        self.statement = statement
+        self.replay = replay
+
 
 @dataclass(slots=True)
 class Described:
     """A Describe of a statement sent upstream: its reply tells the client the statement's RowDescription."""
 
     statement: Statement
+
+    def __init__(self, statement: Statement) -> None:
+        self.statement = statement
 
 
 class IsolationProbe:
@@ -93,3 +154,6 @@ class IsolationProbe:
 @dataclass(slots=True)
 class Refresh:
     """A write-through refresh this session sent for another result: counted when it completes."""
+
+    def __init__(self) -> None:
+        pass

@@ -52,7 +52,7 @@ _SCHEMA_FUNCTIONS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class TxEnd:
     """A transaction ended at a ReadyForQuery (an explicit block, or an implicit one)."""
 
@@ -62,6 +62,22 @@ class TxEnd:
     fills: tuple[tuple[Fill, bytes], ...]  # results read inside it, to store now (see the rules above)
     settings_changed: bool  # SET/RESET/DISCARD ALL applied (state_digest changed)
     discarded: bool  # DISCARD ALL among them: prepared statements are gone too
+
+    def __init__(
+        self,
+        committed: bool,
+        chained: bool,
+        writes: tuple[WriteScope, ...],
+        fills: tuple[tuple[Fill, bytes], ...],
+        settings_changed: bool,
+        discarded: bool,
+    ) -> None:
+        self.committed = committed
+        self.chained = chained
+        self.writes = writes
+        self.fills = fills
+        self.settings_changed = settings_changed
+        self.discarded = discarded
 
 
 # The common ends, preallocated: most transactions are a lone autocommit statement that wrote nothing.

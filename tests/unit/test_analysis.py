@@ -392,3 +392,13 @@ def test_copy_of_a_query_that_writes_is_a_write(sql: str, writes: set[TableRef])
 def test_copy_of_a_read_stays_a_read() -> None:
     info = analyze("COPY (SELECT * FROM items) TO STDOUT")
     assert info.kind is Kind.READ and info.reads == {(None, "items")} and not info.writes
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=40) | st.sampled_from([b"NOW", b"\x00\x00\x00\x05Today", b"snow", b"curRent", b"1234"]))
+def test_names_time_word_prefilter_agrees_with_the_regex(data: bytes) -> None:
+    """names_time_word skips its regex when no "t"/"o" is there: every time-dependent word must have one."""
+    from cacheproxy.analysis.lexer import _TIME_WORD_BYTES, TIME_DEPENDENT_WORDS, names_time_word
+
+    assert all("t" in word or "o" in word for word in TIME_DEPENDENT_WORDS)
+    assert names_time_word(data) == (_TIME_WORD_BYTES.search(data) is not None)

@@ -225,3 +225,26 @@ def test_sasl_mechanism_list_round_trip() -> None:
 
 def test_parameter_status() -> None:
     assert m.decode_parameter_status(b"TimeZone\x00UTC\x00") == ("TimeZone", "UTC")
+
+
+def test_oversized_message_is_refused_when_its_header_arrives_in_pieces() -> None:
+    framer = Framer(1000)
+    assert framer.feed(b"Q\x00") == (b"", [])
+    with pytest.raises(ProtocolViolation) as info:
+        framer.feed((5000).to_bytes(4, "big")[1:] + b"x" * 10)
+    assert info.value.sqlstate == PROGRAM_LIMIT_EXCEEDED
+
+
+def test_a_large_message_in_many_reads_is_held_until_whole_then_relayed_with_what_follows() -> None:
+    big = encode(b"D", b"r" * 100_000)
+    stream = encode(b"T", b"desc") + big + encode(b"C", b"SELECT 1\x00") + b"Z\x00"
+    framer = Framer(1 << 20)
+    regions: list[bytes] = []
+    types: list[int] = []
+    for start in range(0, len(stream), 4096):
+        region, frames = framer.feed(stream[start : start + 4096])
+        regions.append(region)
+        types += [frame[0] for frame in frames]
+    assert b"".join(regions) == stream[:-2] and framer.buffered == 2  # the last, partial header stays
+    assert bytes(types) == b"TDC"
+    assert sum(1 for region in regions if region) == 2  # T; then D once whole, with the C behind it

@@ -12,7 +12,7 @@ from cacheproxy.protocol import frontend as fe
 from cacheproxy.protocol import messages as m
 from cacheproxy.protocol.framing import encode
 from cacheproxy.protocol.statements import Statement, StatementRegistry
-from cacheproxy.proxy.local_answers import WAIT, Answer, answer_batch, answer_hot
+from cacheproxy.proxy.local_answers import WAIT, Answer, Lookups, answer_batch, answer_hot
 
 QUERY = "SELECT a FROM t WHERE id = $1"
 HEADER = m.row_description(["a"])
@@ -50,7 +50,7 @@ def close_statement(name: str) -> tuple[int, bytes]:
 SYNC = (m.SYNC, encode(b"S"))
 
 
-class Lookups:
+class FakeLookups(Lookups):
     """The cache as a dict of results by Bind arguments; `filling`: arguments another session is filling."""
 
     def __init__(self, *, results: dict[bytes, bytes] | None = None, described: bool = True) -> None:
@@ -78,24 +78,24 @@ class Lookups:
 
 def test_hot_batch_hit_is_parse_bind_complete_the_result_and_ready() -> None:
     statements: dict[str, Statement] = {}
-    replies = answer_hot([parse(""), bind(), describe("P"), execute(), SYNC], statements, READY, True, Lookups())
+    replies = answer_hot([parse(""), bind(), describe("P"), execute(), SYNC], statements, READY, True, FakeLookups())
     assert replies == fe.PARSE_COMPLETE + fe.BIND_COMPLETE + RESULT + READY
     assert statements[""].query == QUERY.encode() and not statements[""].upstream
 
 
 def test_hot_batch_without_describe_is_not_answered_for_a_statement_never_described() -> None:
     # The client decodes the rows with a description it was given: with none, the server's to answer.
-    assert answer_hot([parse(""), bind(), execute(), SYNC], {}, READY, True, Lookups()) is None
+    assert answer_hot([parse(""), bind(), execute(), SYNC], {}, READY, True, FakeLookups()) is None
 
 
 @pytest.mark.parametrize(
     ("lookups", "expected"),
     [
-        pytest.param(Lookups(results={}), None, id="miss"),
-        pytest.param(Lookups(results={arguments(b"8"): RESULT}), None, id="other-arguments"),
+        pytest.param(FakeLookups(results={}), None, id="miss"),
+        pytest.param(FakeLookups(results={arguments(b"8"): RESULT}), None, id="other-arguments"),
     ],
 )
-def test_hot_batch_miss_changes_nothing(lookups: Lookups, expected: None) -> None:
+def test_hot_batch_miss_changes_nothing(lookups: FakeLookups, expected: None) -> None:
     statements: dict[str, Statement] = {}
     batch = [parse(""), bind(), describe("P"), execute(), SYNC]
     assert answer_hot(batch, statements, READY, True, lookups) is expected
@@ -103,7 +103,7 @@ def test_hot_batch_miss_changes_nothing(lookups: Lookups, expected: None) -> Non
 
 
 def test_hot_batch_waits_for_another_sessions_fill() -> None:
-    lookups = Lookups(results={})
+    lookups = FakeLookups(results={})
     lookups.filling.add(arguments())
     assert answer_hot([parse(""), bind(), describe("P"), execute(), SYNC], {}, READY, True, lookups) is WAIT
 
@@ -118,30 +118,31 @@ def test_hot_batch_waits_for_another_sessions_fill() -> None:
     ],
 )
 def test_other_shapes_go_to_the_general_path(batch: list[tuple[int, bytes]]) -> None:
-    assert answer_hot(batch, {}, READY, True, Lookups()) is False
+    assert answer_hot(batch, {}, READY, True, FakeLookups()) is False
 
 
 def test_bind_of_a_prepared_statement_needs_the_shape_the_client_was_given() -> None:
     prepared = Statement(QUERY.encode(), (), upstream=True)
     statements = {"s": prepared}
-    assert answer_hot([bind("s"), execute(), SYNC], statements, READY, True, Lookups()) is None  # never described
+    assert answer_hot([bind("s"), execute(), SYNC], statements, READY, True, FakeLookups()) is None  # never described
     prepared.description = HEADER
     assert (
-        answer_hot([bind("s"), execute(), SYNC], statements, READY, True, Lookups()) == fe.BIND_COMPLETE + ROWS + READY
+        answer_hot([bind("s"), execute(), SYNC], statements, READY, True, FakeLookups())
+        == fe.BIND_COMPLETE + ROWS + READY
     )
 
 
 def test_general_path_gives_the_hot_answer_for_the_hot_shape() -> None:
     batch = [parse(""), bind(), describe("P"), execute(), SYNC]
-    answer = answer_batch(batch, StatementRegistry(10), READY, True, Lookups())
+    answer = answer_batch(batch, StatementRegistry(10), READY, True, FakeLookups())
     assert isinstance(answer, Answer)
-    assert answer.replies == answer_hot(batch, {}, READY, True, Lookups())
+    assert answer.replies == answer_hot(batch, {}, READY, True, FakeLookups())
 
 
 def test_prepare_describe_execute_of_a_named_statement() -> None:
     registry = StatementRegistry(10)
     batch = [parse("s1"), describe("S", "s1"), bind("s1"), execute(), SYNC]
-    answer = answer_batch(batch, registry, READY, True, Lookups())
+    answer = answer_batch(batch, registry, READY, True, FakeLookups())
     assert isinstance(answer, Answer)
     assert answer.replies == fe.PARSE_COMPLETE + DESCRIPTION + fe.BIND_COMPLETE + ROWS + READY
     assert [name for name, _ in answer.created] == ["s1"]  # to be created upstream, quietly
@@ -152,23 +153,23 @@ def test_prepare_describe_execute_of_a_named_statement() -> None:
 @pytest.mark.parametrize(
     ("batch", "statements", "lookups"),
     [
-        pytest.param([parse("s1"), SYNC], {}, Lookups(described=False), id="unproven-parse"),
+        pytest.param([parse("s1"), SYNC], {}, FakeLookups(described=False), id="unproven-parse"),
         pytest.param(
-            [parse("s1"), SYNC], {"s1": Statement(b"SELECT 1", (), upstream=True)}, Lookups(), id="already-exists"
+            [parse("s1"), SYNC], {"s1": Statement(b"SELECT 1", (), upstream=True)}, FakeLookups(), id="already-exists"
         ),
-        pytest.param([parse(""), bind(), execute(), execute(), SYNC], {}, Lookups(), id="execute-again-continues"),
-        pytest.param([parse(""), bind(), SYNC], {}, Lookups(), id="bind-never-executed"),
+        pytest.param([parse(""), bind(), execute(), execute(), SYNC], {}, FakeLookups(), id="execute-again-continues"),
+        pytest.param([parse(""), bind(), SYNC], {}, FakeLookups(), id="bind-never-executed"),
         pytest.param(
             [close_statement("s1"), SYNC],
             {"s1": Statement(QUERY.encode(), (), upstream=True)},
-            Lookups(),
+            FakeLookups(),
             id="close-of-a-statement-upstream",
         ),
-        pytest.param([close_statement("s1"), parse(""), SYNC], {}, Lookups(), id="close-before-use"),
+        pytest.param([close_statement("s1"), parse(""), SYNC], {}, FakeLookups(), id="close-before-use"),
     ],
 )
 def test_batches_the_server_must_answer(
-    batch: list[tuple[int, bytes]], statements: dict[str, Statement], lookups: Lookups
+    batch: list[tuple[int, bytes]], statements: dict[str, Statement], lookups: FakeLookups
 ) -> None:
     registry = StatementRegistry(10)
     registry.statements.update(statements)
@@ -178,26 +179,26 @@ def test_batches_the_server_must_answer(
 def test_close_of_a_local_statement_is_answered() -> None:
     registry = StatementRegistry(10)
     registry.statements["s1"] = Statement(QUERY.encode(), (), upstream=False)
-    answer = answer_batch([close_statement("s1"), SYNC], registry, READY, True, Lookups())
+    answer = answer_batch([close_statement("s1"), SYNC], registry, READY, True, FakeLookups())
     assert isinstance(answer, Answer)
     assert answer.replies == fe.CLOSE_COMPLETE + READY and answer.closed == ["s1"]
 
 
 def test_general_path_waits_for_a_fill_in_flight() -> None:
-    lookups = Lookups(results={})
+    lookups = FakeLookups(results={})
     lookups.filling.add(arguments())
     assert answer_batch([parse("s1"), bind("s1"), execute(), SYNC], StatementRegistry(10), READY, True, lookups) is WAIT
 
 
 def test_hits_are_counted_only_when_the_batch_is_answered_here() -> None:
-    lookups = Lookups()
+    lookups = FakeLookups()
     answer_hot([parse(""), bind(), describe("P"), execute(), SYNC], {}, READY, True, lookups)
     assert lookups.counted == [arguments()]
-    no_description = Lookups(described=False)  # the Parse is proven by the statement's own stored result
+    no_description = FakeLookups(described=False)  # the Parse is proven by the statement's own stored result
     batch = [parse("s1"), bind("s1"), describe("P"), execute(), SYNC]
     assert answer_batch(batch, StatementRegistry(10), READY, True, no_description)
     assert no_description.counted == [arguments()]
-    missing = Lookups(results={})
+    missing = FakeLookups(results={})
     assert answer_batch([parse(""), bind(), execute(), SYNC], StatementRegistry(10), READY, True, missing) is None
     assert missing.counted == []
 
@@ -205,26 +206,28 @@ def test_hits_are_counted_only_when_the_batch_is_answered_here() -> None:
 def test_a_named_portal_in_a_transaction_block_must_exist_upstream() -> None:
     batch = [bind("", "p"), execute("p"), SYNC]
     statements = {"": Statement(QUERY.encode(), (), upstream=True, description=HEADER)}
-    assert answer_hot(batch, statements, READY, False, Lookups()) is None
+    assert answer_hot(batch, statements, READY, False, FakeLookups()) is None
     registry = StatementRegistry(10)
     registry.statements.update(statements)
-    assert answer_batch([parse("s1"), bind("s1", "p"), execute("p"), SYNC], registry, READY, False, Lookups()) is None
+    assert (
+        answer_batch([parse("s1"), bind("s1", "p"), execute("p"), SYNC], registry, READY, False, FakeLookups()) is None
+    )
 
 
 def test_a_bind_before_a_flush_keeps_its_portal_here_until_the_sync() -> None:
     registry = StatementRegistry(10)
     registry.statements["s1"] = Statement(QUERY.encode(), (), upstream=True, description=HEADER)
     flush = (m.FLUSH, encode(b"H"))
-    answer = answer_batch([bind("s1", "p"), flush], registry, READY, True, Lookups())
+    answer = answer_batch([bind("s1", "p"), flush], registry, READY, True, FakeLookups())
     assert isinstance(answer, Answer) and answer.replies == fe.BIND_COMPLETE
     assert list(answer.local_portals) == ["p"] and answer.local_portals["p"][2] is None  # bound, not executed
     registry.local_portals = answer.local_portals
-    answer = answer_batch([execute("p"), SYNC], registry, READY, True, Lookups())
+    answer = answer_batch([execute("p"), SYNC], registry, READY, True, FakeLookups())
     assert isinstance(answer, Answer) and answer.replies == ROWS + READY and answer.local_portals == {}
 
 
 def test_a_dry_run_changes_nothing_and_counts_nothing() -> None:
-    lookups = Lookups()
+    lookups = FakeLookups()
     statement = Statement(QUERY.encode(), (), upstream=True, description=HEADER)
     registry = StatementRegistry(10)
     registry.statements["s1"] = statement
