@@ -130,7 +130,7 @@ class Target:
             config = build_config(_CONFIG)
             service = CacheService(config)
             catalog = Catalog.build("db", 1, [Relation("public", "t", "r", False)], [], [], [])
-            service.catalogs._catalogs["db"] = catalog.with_primary_keys([("public", "t", "id")])
+            service.catalogs.install("db", catalog.with_primary_keys([("public", "t", "id")]))
             self.relay = CachingRelay(_Host(), service, config.limits, self.to_server.write, self.to_client.write)
             self.client_data, self.server_data = self.relay.on_client_data, self.relay.on_upstream_data
         else:

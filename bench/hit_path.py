@@ -85,7 +85,7 @@ async def _relay() -> tuple[CachingRelay, list[int]]:
     config = build_config({"listen": "127.0.0.1:0", "upstream": "postgresql://u@127.0.0.1:1/db",
                            "admin": {"listen": None}, "invalidation": {"bus": False}})  # fmt: skip
     service = CacheService(config)
-    service.catalogs._catalogs["db"] = Catalog.build("db", 1, [Relation("public", "t", "r", False)], [], [], [])
+    service.catalogs.install("db", Catalog.build("db", 1, [Relation("public", "t", "r", False)], [], [], []))
     written = [0, 0]  # bytes to the client, to the server
 
     def to_client(data: bytes) -> None:

@@ -9,10 +9,11 @@ share one overflow counter and tables are not counted (the advice says so)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
-MAX_STATEMENTS = 2000
-MAX_TABLES = 2000
-OVERFLOW = "_other"
+MAX_STATEMENTS: Final = 2000
+MAX_TABLES: Final = 2000
+OVERFLOW: Final = "_other"
 
 
 class StatementStats:

@@ -14,17 +14,18 @@ alone; block comments that nest or do not end take the slower token-by-token pat
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from cacheproxy.analysis.lexer import NUMBER, SPACE, STRING, Token, scan, special_words
 
-_NOT_AFTER_IDENT = r"(?<![A-Za-z0-9_$\x80-\U0010ffff])"
-_WORD = r"[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*+"
-_WS = r"[ \t\n\r\f\v]"  # PostgreSQL's whitespace is ASCII only: other spaces are identifier characters
-_COMMENT = r"(?:--[^\n\r]*+|/\*[^*]*+\*++(?:[^/*][^*]*+\*++)*+/)"
+_NOT_AFTER_IDENT: Final = r"(?<![A-Za-z0-9_$\x80-\U0010ffff])"
+_WORD: Final = r"[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*+"
+_WS: Final = r"[ \t\n\r\f\v]"  # PostgreSQL's whitespace is ASCII only: other spaces are identifier characters
+_COMMENT: Final = r"(?:--[^\n\r]*+|/\*[^*]*+\*++(?:[^/*][^*]*+\*++)*+/)"
 
 # `plain` swallows, in one match, everything that is kept as is: words not followed by a quote (E'', U&'' prefixes),
 # operators, punctuation, $n parameters and single spaces. Only literals, comments and odd whitespace cost a call.
-_FP_RE = re.compile(
+_FP_RE: Final = re.compile(
     rf"""
     (?P<plain>(?:{_WORD}(?!['&])|\$[0-9]++|[^ \t\n\r\f\v'"$0-9.A-Za-z_\x80-\U0010ffff/-]++|/(?!\*)|-(?!-)
         |\.(?![0-9])|[ ](?!{_WS}|--|/\*))++)
@@ -44,7 +45,7 @@ _FP_RE = re.compile(
     """,
     re.VERBOSE,
 )
-_SUB = {"estring": "e", "ustring": "u", "bstring": "b", "nstring": "n", "string": "", "dollar": "dollar"}
+_SUB: Final = {"estring": "e", "ustring": "u", "bstring": "b", "nstring": "n", "string": "", "dollar": "dollar"}
 
 
 class _NeedsSlowPath(Exception):
@@ -88,7 +89,7 @@ def fingerprint(sql: str) -> str:
         return fingerprint_slow(sql)
 
 
-_LITERAL_GROUPS = frozenset(("number", *_SUB))
+_LITERAL_GROUPS: Final = frozenset(("number", *_SUB))
 
 
 def fingerprint_literals(sql: str) -> tuple[str, list[str] | None]:

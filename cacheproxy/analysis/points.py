@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from cacheproxy.analysis.lexer import (
     NUMBER,
@@ -41,13 +41,13 @@ from cacheproxy.analysis.lexer import (
     tokenize,
 )
 
-_INT_TYPES = frozenset({"int", "int2", "int4", "int8", "integer", "bigint", "smallint"})
+_INT_TYPES: Final = frozenset({"int", "int2", "int4", "int8", "integer", "bigint", "smallint"})
 # Words that end a WHERE clause at the top level.
-_WHERE_END = frozenset({"order", "group", "having", "limit", "offset", "window", "fetch", "for", "returning"})
+_WHERE_END: Final = frozenset({"order", "group", "having", "limit", "offset", "window", "fetch", "for", "returning"})
 # Words that bring other rows in (set operations, `TABLE t` subqueries): a statement with any of them is not a point.
-_OTHER_ROWS = frozenset({"union", "intersect", "except", "table"})
+_OTHER_ROWS: Final = frozenset({"union", "intersect", "except", "table"})
 # Words that make splitting a WHERE clause on AND unsound, or add rows: a point equality must be a true conjunct.
-_WHERE_REJECT = frozenset({"or", "case", "between"})
+_WHERE_REJECT: Final = frozenset({"or", "case", "between"})
 
 
 class Operand(NamedTuple):
@@ -375,8 +375,8 @@ def _set_targets(tokens: Sequence[Token], i: int) -> set[str] | None:
 # -- by fingerprint -------------------------------------------------------------------------------------------------
 
 # Literal values standing for the literals of a fingerprint in its probe text: _MARK + the literal's position.
-_MARK = 1_000_000_000
-_ASCII_DIGITS = re.compile(r"[0-9]+")
+_MARK: Final = 1_000_000_000
+_ASCII_DIGITS: Final = re.compile(r"[0-9]+")
 
 
 class PointTemplates:

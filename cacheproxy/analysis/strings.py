@@ -16,11 +16,12 @@ SQL_ASCII or another ASCII-safe encoding read as UTF-8, standard strings), for w
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Final
 
 # PostgreSQL client encodings (docs 24.3.1, table "Character Sets") -> Python codecs. UTF8 and SQL_ASCII are read
 # as UTF-8 (SQL_ASCII is not converted by the server either). An encoding missing here (MULE_INTERNAL, EUC_TW) has
 # no Python codec: a non-ASCII statement of such a session is not analyzed (see `decode`).
-_CODECS = {
+_CODECS: Final = {
     "utf8": "utf-8", "unicode": "utf-8", "sql_ascii": "utf-8",
     "latin1": "iso8859-1", "latin2": "iso8859-2", "latin3": "iso8859-3", "latin4": "iso8859-4",
     "latin5": "iso8859-9", "latin6": "iso8859-10", "latin7": "iso8859-13", "latin8": "iso8859-14",
@@ -33,7 +34,7 @@ _CODECS = {
     "sjis": "cp932", "shift_jis_2004": "shift_jis_2004", "big5": "cp950", "gbk": "gbk", "gb18030": "gb18030",
     "uhc": "cp949", "johab": "johab",
 }  # fmt: skip
-UNKNOWN = "?"  # no codec: the statement's text cannot be known when it is not ASCII
+UNKNOWN: Final = "?"  # no codec: the statement's text cannot be known when it is not ASCII
 
 
 @lru_cache(maxsize=64)

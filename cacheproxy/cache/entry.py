@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from typing import Final
 
 # (database, table name): the unit of invalidation. Deliberately coarse: the proxy maps schema-qualified names onto
 # it, so a write to any schema's table `t` invalidates every cached `t` of that database.
@@ -13,14 +14,14 @@ TableId = tuple[str, str]
 # NUL): "t\x00<bucket>" for the point reads of keys in that bucket of `t`, "t\x00*" for every other read of `t`
 # (analysis/points.py). A write to one row invalidates its bucket and "t\x00*"; a write to `t` invalidates "t", on
 # which both kinds depend too. Keys are bucketed so that the engine's generation counters stay bounded.
-ROW_BUCKETS = 16384  # at most this many generation counters per table (about 1.6 MB)
+ROW_BUCKETS: Final = 16384  # at most this many generation counters per table (about 1.6 MB)
 
 
 # Every entry also depends on its database as a whole, under a name no table can have: a result that reads no table
 # (`SELECT f()`, `SELECT 'ok'::mood > 'sad'::mood`, a Describe's type OIDs) still depends on the database's catalog
 # (function bodies, types, privileges), so invalidating the database (DDL, GRANT/REVOKE, a catalog change seen by the
 # poll, a lost feed) must drop it too.
-WHOLE_DATABASE = "\x00"
+WHOLE_DATABASE: Final = "\x00"
 
 
 def database_id(database: str) -> TableId:
@@ -50,10 +51,10 @@ def base_table(name: str) -> str:
 # Fixed bytes accounted per entry on top of its value, key and query text: the Entry object, its slot in the shard's
 # dict, its links and its reverse-index memberships. An estimate, not a measurement: it only has to be the right size
 # so that a budget full of tiny results still holds a bounded number of entries.
-ENTRY_OVERHEAD = 200
+ENTRY_OVERHEAD: Final = 200
 
 # Fixed bytes accounted per key (the tuple object and its hash slot), on top of its str/bytes members.
-KEY_OVERHEAD = 64
+KEY_OVERHEAD: Final = 64
 
 
 def key_size(key: Hashable) -> int:
@@ -186,4 +187,4 @@ def make_sentinel() -> Entry:
 
 # What a removed entry's links point at. Not the entry itself: a self-loop is a reference cycle, and an evicted entry
 # (with its possibly large value) would then wait for a full GC pass instead of being freed by reference counting.
-DETACHED: Entry = make_sentinel()
+DETACHED: Final[Entry] = make_sentinel()

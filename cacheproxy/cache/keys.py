@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable, Iterable, Mapping
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 # Startup parameters that cannot change a query's result (options, TimeZone, DateStyle, search_path... can).
-NEUTRAL_STARTUP = frozenset(("application_name", "fallback_application_name", "user", "database", "replication"))
+NEUTRAL_STARTUP: Final = frozenset(("application_name", "fallback_application_name", "user", "database", "replication"))
 # Reported parameters (ParameterStatus) that cannot change a result.
-NEUTRAL_REPORTED = frozenset(("application_name",))
+NEUTRAL_REPORTED: Final = frozenset(("application_name",))
 
 
 class QueryKey(NamedTuple):
@@ -56,8 +56,8 @@ class DescribeKey(NamedTuple):
 
 CacheKey = QueryKey | ExecuteKey | DescribeKey
 # Built with tuple.__new__ directly: a NamedTuple's own __new__ is a Python function, one call more per lookup.
-_new = tuple.__new__
-_TYPED = {("q", 5): QueryKey, ("x", 8): ExecuteKey, ("d", 6): DescribeKey}
+_new: Final = tuple.__new__
+_TYPED: Final = {("q", 5): QueryKey, ("x", 8): ExecuteKey, ("d", 6): DescribeKey}
 
 
 def state_digest(startup: Mapping[str, str], reported: Mapping[str, str], set_history: Iterable[bytes]) -> bytes:

@@ -193,6 +193,9 @@ class CatalogLoader:
         self._loading: dict[str, asyncio.Task[Catalog | None]] = {}
         self._failed: set[str] = set()
         self._stale: set[str] = set()
+        # What `get` answers, kept as a dict: the loaded catalogs that are not stale. The request path (compiled)
+        # reads it directly, for every query; only `_publish` changes it.
+        self.fresh: dict[str, Catalog] = {}
         self._ddl_epochs: dict[str, int] = {}  # bumped by mark_stale: a load that started before is not fresh
         self._versions = 0
         # database -> the function rows of its last load, and the immutable and system function names they gave
@@ -205,9 +208,20 @@ class CatalogLoader:
 
     def get(self, database: str) -> Catalog | None:
         """The catalog to decide with, or None (not loaded yet, stale after DDL, or unreadable)."""
-        if database in self._stale:
-            return None
-        return self._catalogs.get(database)
+        return self.fresh.get(database)
+
+    def install(self, database: str, catalog: Catalog) -> None:
+        """Decide with `catalog` from now on, as if just loaded (in-process benchmarks and tools)."""
+        self._catalogs[database] = catalog
+        self._stale.discard(database)
+        self._publish(database)
+
+    def _publish(self, database: str) -> None:
+        catalog = self._catalogs.get(database)
+        if catalog is None or database in self._stale:
+            self.fresh.pop(database, None)
+        else:
+            self.fresh[database] = catalog
 
     def last_known(self, database: str) -> Catalog | None:
         """The newest catalog even if stale: for invalidation, where an older picture is still a useful superset."""
@@ -251,6 +265,7 @@ class CatalogLoader:
     def mark_stale(self, database: str) -> None:
         """DDL went through: decisions must wait for a reload (one started before now does not count)."""
         self._stale.add(database)
+        self._publish(database)
         self._ddl_epochs[database] = self._ddl_epochs.get(database, 0) + 1
 
     def reload(self, database: str) -> None:
@@ -291,6 +306,7 @@ class CatalogLoader:
             raise
         del self._loading[database]
         self._catalogs[database] = catalog
+        self._publish(database)
         if self._on_load is not None:
             self._on_load(True)
         if self._ddl_epochs.get(database, 0) != epoch:
@@ -298,6 +314,7 @@ class CatalogLoader:
             self._start(database)
             return catalog
         self._stale.discard(database)
+        self._publish(database)
         log.info(
             "catalog of database %r loaded: %d relations, %d immutable functions (%.0f ms)",
             database,

@@ -20,6 +20,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
+from typing import Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -28,15 +29,16 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 import cacheproxy
 from cacheproxy.cache.engine import CacheStats
 
-QUERY_KINDS = ("read", "write", "ddl", "tx", "session", "other")
+QUERY_KINDS: Final = ("read", "write", "ddl", "tx", "session", "other")
 # analysis.model.Kind spells the transaction kind "transaction": accept it so callers can pass `Kind.value`.
-_KIND_ALIASES = {"transaction": "tx"}
-QUERY_OUTCOMES = ("hit", "miss", "bypass")
-INVALIDATION_REASONS = ("ddl", "unknown_effects", "triggers", "function_call", "other")
-BUS_DIRECTIONS = ("published", "received")
-REFRESH_RESULTS = ("stored", "failed", "skipped")
+_KIND_ALIASES: Final = {"transaction": "tx"}
+QUERY_OUTCOMES: Final = ("hit", "miss", "bypass")
+INVALIDATION_REASONS: Final = ("ddl", "unknown_effects", "triggers", "function_call", "other")
+BUS_DIRECTIONS: Final = ("published", "received")
+REFRESH_RESULTS: Final = ("stored", "failed", "skipped")
 
 # 20 µs (a hit served from memory) .. 10 s (a slow upstream query); roughly 1-2.5-5 per decade.
+# Not Final: compiled, a Final tuple is inlined where used, and the generator below then found its static unset.
 DURATION_BUCKETS = (
     0.00002,
     0.00005,
@@ -58,17 +60,17 @@ DURATION_BUCKETS = (
     10.0,
 )
 # The `le` label values, as prometheus_client spells them (its floatToGoString is repr() in this range).
-_BUCKET_LABELS = (*(repr(b) for b in DURATION_BUCKETS), "+Inf")
+_BUCKET_LABELS: Final = (*(repr(b) for b in DURATION_BUCKETS), "+Inf")
 
 # What generate_latest() writes (prometheus_client >= 0.22 names it CONTENT_TYPE_PLAIN_0_0_4; 0.20 lacks the name).
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
-OTHER_TABLE = "_other"
+OTHER_TABLE: Final = "_other"
 # Refusal reasons come from code, not from clients, but are free-form: bound them anyway.
-MAX_REFUSED_REASONS = 20
+MAX_REFUSED_REASONS: Final = 20
 
 # (metric name, CacheStats field, help) for the counters and gauges read from the stats callback at scrape time.
-_CACHE_COUNTERS = (
+_CACHE_COUNTERS: Final = (
     ("cacheproxy_cache_hits", "hits", "Cache lookups that found a live entry."),
     ("cacheproxy_cache_misses", "misses", "Cache lookups that found no live entry."),
     ("cacheproxy_cache_evictions", "evictions", "Entries evicted to stay within the byte budget."),
@@ -77,7 +79,7 @@ _CACHE_COUNTERS = (
     ("cacheproxy_cache_sets", "sets", "Entries stored."),
     ("cacheproxy_cache_rejected", "rejected", "Stores refused: too big, ttl <= 0, or raced an invalidation."),
 )
-_CACHE_GAUGES = (
+_CACHE_GAUGES: Final = (
     ("cacheproxy_cache_entries", "entries", "Entries in the cache now."),
     ("cacheproxy_cache_bytes", "bytes", "Bytes accounted to the cache's entries now."),
     ("cacheproxy_cache_max_bytes", "max_bytes", "The cache's byte budget."),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind, QueryInfo
@@ -19,8 +20,8 @@ from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read
 # Statements longer than this are not analyzed: the analyzer is pure Python (a few µs per byte) and runs on the event
 # loop, so a multi-megabyte bulk INSERT would stall every session. Such statements are never cached, and count as
 # writing anything: the whole database is invalidated after them.
-MAX_ANALYZED_BYTES = 16 * 1024
-NO_CATALOG = ReadVerdict(False, "the catalog of this database is not loaded (yet)")
+MAX_ANALYZED_BYTES: Final = 16 * 1024
+NO_CATALOG: Final = ReadVerdict(False, "the catalog of this database is not loaded (yet)")
 
 # (arguments of a bound statement, parameter number from 1) -> (format, value or None for NULL), or None when there
 # is no such parameter. For PostgreSQL: protocol.frontend.bind_parameter over a Bind's arguments.
@@ -162,9 +163,9 @@ def row_scope(
 
 
 # Declared parameter types a point key may be given as: unspecified (the server infers the key's type), int2/4/8.
-_INT_PARAM_TYPES = frozenset({0, 20, 21, 23})
-_INT_SIZES = {21: 2, 23: 4, 20: 8}  # int2, int4, int8
-_TEXT_INT = re.compile(rb"\s*[+-]?[0-9]+\s*")
+_INT_PARAM_TYPES: Final = frozenset({0, 20, 21, 23})
+_INT_SIZES: Final = {21: 2, 23: 4, 20: 8}  # int2, int4, int8
+_TEXT_INT: Final = re.compile(rb"\s*[+-]?[0-9]+\s*")
 
 
 def point_value(

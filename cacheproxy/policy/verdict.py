@@ -7,12 +7,13 @@ what the operator wants. All three must agree before a result is stored: when un
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo, TxOp
 from cacheproxy.catalog.model import CACHEABLE_RELKINDS, RELKIND_NAMES, Catalog
 from cacheproxy.policy.rules import RuleSet
 
-UNKNOWN_TARGET = UNKNOWN_TABLE[1]
+UNKNOWN_TARGET: Final = UNKNOWN_TABLE[1]
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -73,7 +74,7 @@ class WriteScope:
         return not self.tables and not self.everything
 
 
-NOTHING = WriteScope(frozenset(), False)
+NOTHING: Final = WriteScope(frozenset(), False)
 
 
 def judge_read(info: QueryInfo, catalog: Catalog, rules: RuleSet, statement: str | None = None) -> ReadVerdict:

@@ -8,11 +8,12 @@ looks at the few messages it cares about by offset.
 from __future__ import annotations
 
 from struct import Struct
+from typing import Final
 
 from cacheproxy.errors import PROGRAM_LIMIT_EXCEEDED, ProtocolViolation
 
-_HEADER = Struct("!cI")
-HEADER_SIZE = 5
+_HEADER: Final = Struct("!cI")
+HEADER_SIZE: Final = 5
 
 # (type byte as int, offset of the type byte in the region, offset one past the message's last byte)
 Frame = tuple[int, int, int]

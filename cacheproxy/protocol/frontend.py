@@ -10,19 +10,20 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from struct import Struct
+from typing import Final
 
 from cacheproxy.errors import ProtocolViolation
 from cacheproxy.protocol.framing import encode
 
-_INT16 = Struct("!H")
-_INT32 = Struct("!I")
-_INT32S = Struct("!i")
+_INT16: Final = Struct("!H")
+_INT32: Final = Struct("!I")
+_INT32S: Final = Struct("!i")
 
 # Annotated: other modules of the compiled group use them at import, where an inferred type may not be known yet.
-PARSE_COMPLETE: bytes = encode(b"1")
-BIND_COMPLETE: bytes = encode(b"2")
-CLOSE_COMPLETE: bytes = encode(b"3")
-NO_DATA: bytes = encode(b"n")
+PARSE_COMPLETE: Final[bytes] = encode(b"1")
+BIND_COMPLETE: Final[bytes] = encode(b"2")
+CLOSE_COMPLETE: Final[bytes] = encode(b"3")
+NO_DATA: Final[bytes] = encode(b"n")
 
 
 @dataclass(slots=True, unsafe_hash=True)

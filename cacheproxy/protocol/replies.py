@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Final
 
 from cacheproxy.errors import ProtocolViolation
 
@@ -105,7 +106,7 @@ class Pending:
 
 
 # Replies that end each request (besides ErrorResponse, which ends the request and skips to Sync).
-_ENDS: dict[Op, bytes] = {
+_ENDS: Final[dict[Op, bytes]] = {
     Op.PARSE: b"1",
     Op.BIND: b"2",
     Op.DESCRIBE_STATEMENT: b"Tn",
@@ -118,12 +119,12 @@ _ENDS: dict[Op, bytes] = {
 }
 for _op, _ends in _ENDS.items():
     _op.ends = _ends
-_ASYNC = frozenset(b"NAS")
-_CYCLE_OPS = frozenset((Op.SYNC, Op.QUERY, Op.FUNCTION_CALL))
-_NONE: list[Pending] = []  # shared empty result: the common case allocates nothing
-_CAPTURED_HEADERS = frozenset(b"tT")
+_ASYNC: Final = frozenset(b"NAS")
+_CYCLE_OPS: Final = frozenset((Op.SYNC, Op.QUERY, Op.FUNCTION_CALL))
+_NONE: Final[list[Pending]] = []  # shared empty result: the common case allocates nothing
+_CAPTURED_HEADERS: Final = frozenset(b"tT")
 # PortalSuspended ends a result cut at the Execute's row limit; the key includes the limit, so it replays exactly.
-_CAPTURED_BODY = frozenset(b"DCs")
+_CAPTURED_BODY: Final = frozenset(b"DCs")
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -138,8 +139,8 @@ class Outcome:
         self.done = done
 
 
-_RELAY = Outcome(True, _NONE)
-_STRIP = Outcome(False, _NONE)
+_RELAY: Final = Outcome(True, _NONE)
+_STRIP: Final = Outcome(False, _NONE)
 
 
 class ReplyTracker:

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 from cacheproxy.advice.statements import id_of, loose
 from cacheproxy.advice.workload import StatementStats, Workload
@@ -31,7 +31,6 @@ from cacheproxy.analysis.strings import decode as decode_sql
 from cacheproxy.cache.engine import CacheEngine
 from cacheproxy.cache.entry import WHOLE_DATABASE, Entry, TableId, base_table
 from cacheproxy.cache.shared_tier import SharedTier
-from cacheproxy.cache.tier import CacheTier
 from cacheproxy.catalog.model import Catalog
 from cacheproxy.config import Config
 from cacheproxy.feeds.bus import Invalidation, InvalidationBus
@@ -44,12 +43,12 @@ from cacheproxy.policy.rules import RuleSet
 from cacheproxy.policy.verdict import ReadVerdict, WriteScope, judge_read, write_scope
 from cacheproxy.verify.verifier import Verifier, bypass_reason
 
-log = logging.getLogger("cacheproxy.cache")
+log: Final = logging.getLogger("cacheproxy.cache")
 
-_SWEEP_INTERVAL = 1.0
-_SWEEP_CHECKS = 2048
-_CLASSIFY_MEMO = 50_000
-_MEMO_MAX_STATEMENT = 4096  # bytes: bounds the memo to ~200 MiB of statement text at worst
+_SWEEP_INTERVAL: Final = 1.0
+_SWEEP_CHECKS: Final = 2048
+_CLASSIFY_MEMO: Final = 50_000
+_MEMO_MAX_STATEMENT: Final = 4096  # bytes: bounds the memo to ~200 MiB of statement text at worst
 
 
 class CacheService:
@@ -62,7 +61,9 @@ class CacheService:
         self.engine = CacheEngine(max_memory=cache.max_memory, max_entry_size=cache.max_entry_size, shards=cache.shards)
         # The request path goes through the tier interface only (the engine's other operations, for the admin console
         # and snapshots, stay specific to the in-process tier).
-        self.tier: CacheTier = self.engine
+        # The tier the relays look up and store through (cache/tier.py's CacheTier): typed as the engine, whose
+        # methods compiled code then calls natively (through the Protocol each call goes through Python's API).
+        self.tier: CacheEngine = self.engine
         self.analyzer = Analyzer(cache.analysis_cache_size)
         self.rules = RuleSet(config.rules, cache.default_ttl)
         self.catalogs = CatalogLoader(config.upstream, self.metrics.catalog_loaded)
@@ -143,7 +144,7 @@ class CacheService:
 
     def classify(self, database: str, sql: bytes, strings: str = "") -> Classified:
         """`strings`: the session's string rules (analysis.strings.mode), "" for UTF-8 and standard strings."""
-        catalog = self.catalogs.get(database)
+        catalog = self.catalogs.fresh.get(database)  # (`get`, read directly: every query)
         version = catalog.version if catalog is not None else -1
         memo_key = (database, sql, strings)
         found = self._memo.get(memo_key)
@@ -719,7 +720,7 @@ class CacheService:
                 log.exception("cache sweep failed")
 
 
-_KINDS = {"transaction": "tx"}  # analysis.model.Kind values -> the metrics' kind labels (the rest are the same)
+_KINDS: Final = {"transaction": "tx"}  # analysis.model.Kind values -> the metrics' kind labels (the rest are the same)
 
 
 def _describe(stats: StatementStats, classified: Classified) -> None:

@@ -24,6 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Hashable
 from random import random
+from typing import Final
 
 from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind
@@ -49,24 +50,24 @@ from cacheproxy.proxy.interfaces import RelayHost
 from cacheproxy.proxy.local_answers import WAIT
 from cacheproxy.proxy.requests import KIND_LABELS, Fill, Missed, Request
 
-log = logging.getLogger("cacheproxy.caching")
+log: Final = logging.getLogger("cacheproxy.caching")
 
 # A batch held for a Sync is forwarded anyway past this many messages, or limits.max_pipeline_bytes.
-_MAX_BATCH_MESSAGES = 512
+_MAX_BATCH_MESSAGES: Final = 512
 # PostgreSQL's output buffer (PQ_SEND_BUFFER_SIZE): it sends replies before a Sync or Flush only once this fills.
-_SERVER_OUTPUT_BUFFER = 8192
+_SERVER_OUTPUT_BUFFER: Final = 8192
 # How long a miss waits for another session's fill of the same key before asking upstream itself.
-_SINGLE_FLIGHT_WAIT = 2.0
+_SINGLE_FLIGHT_WAIT: Final = 2.0
 # How long a session waits for its database's catalog before deciding without the cache.
-_CATALOG_WAIT = 2.0
-_REFRESH_WAIT = 5.0  # a request behind write-through refreshes waits this long for them, then goes upstream
-_RELEASE_WAIT = 10.0  # a DROP DATABASE waits this long for the proxy's own connections to it to close
-_ADMIN_WAIT = 60.0  # a CACHEPROXY command pipelined behind slow queries waits for their replies this long
-_SYNC = b"S\x00\x00\x00\x04"
+_CATALOG_WAIT: Final = 2.0
+_REFRESH_WAIT: Final = 5.0  # a request behind write-through refreshes waits this long for them, then goes upstream
+_RELEASE_WAIT: Final = 10.0  # a DROP DATABASE waits this long for the proxy's own connections to it to close
+_ADMIN_WAIT: Final = 60.0  # a CACHEPROXY command pipelined behind slow queries waits for their replies this long
+_SYNC: Final = b"S\x00\x00\x00\x04"
 # Messages after which the cache may answer (a hit): checked against a client that does not read its answers.
-_CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FLUSH))
+_CYCLE_ENDS: Final = frozenset((m.QUERY, m.SYNC, m.FLUSH))
 # Messages held in a batch until its Sync; a batch of this many messages read whole takes `_whole_batch`.
-_BATCH_TYPES = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
+_BATCH_TYPES: Final = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
 _MIN_WHOLE_BATCH, _MAX_WHOLE_BATCH = 2, 8
 
 
@@ -420,7 +421,7 @@ class CachingRelay(local_answers.Lookups):
         invalidation feed to start listening."""
         service = self.service
         # (service.catalog_ready, read directly: this runs for every batch)
-        if self._waited or (service.catalogs.get(self.database) is not None and self.database not in service.blind):
+        if self._waited or (self.database in service.catalogs.fresh and self.database not in service.blind):
             return False
         pending = service.watch(self.database)
         if pending is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from typing import Final
 
 from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.lexer import names_time_word
@@ -36,13 +37,13 @@ from cacheproxy.proxy.requests import KIND_LABELS, Described, Fill, IsolationPro
 from cacheproxy.proxy.transaction import TxEnd
 
 # Asked after a BEGIN that names no isolation level, pipelined behind it (see probe_isolation); its reply is stripped.
-_ISOLATION_PROBE = encode(b"Q", b"SHOW transaction_isolation\x00")
+_ISOLATION_PROBE: Final = encode(b"Q", b"SHOW transaction_isolation\x00")
 
 # What `cache_use` decides, weakest first.
-NONE = 0  # the session may not use the cache now: forward, store nothing
-BLIND = 1  # it may, but its database's invalidation feed is down (or not up yet): forward, store nothing
-STORE = 2  # results read now may be stored, but nothing answered here: extended messages are in flight upstream
-ANSWER = 3  # answer from the cache, and store what is read
+NONE: Final = 0  # the session may not use the cache now: forward, store nothing
+BLIND: Final = 1  # it may, but its database's invalidation feed is down (or not up yet): forward, store nothing
+STORE: Final = 2  # results read now may be stored, but nothing answered here: extended messages are in flight upstream
+ANSWER: Final = 3  # answer from the cache, and store what is read
 
 
 class InFlight:

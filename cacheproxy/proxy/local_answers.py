@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import Final, Literal
 
 from mypy_extensions import mypyc_attr
 
@@ -33,7 +33,7 @@ from cacheproxy.protocol.statements import (
     same_shape,
 )
 
-_PARSE_BIND_COMPLETE = fe.PARSE_COMPLETE + fe.BIND_COMPLETE
+_PARSE_BIND_COMPLETE: Final = fe.PARSE_COMPLETE + fe.BIND_COMPLETE
 
 
 class Wait(Enum):
@@ -42,7 +42,7 @@ class Wait(Enum):
     WAIT = "wait"
 
 
-WAIT = Wait.WAIT
+WAIT: Final = Wait.WAIT
 
 # One message of a batch: its type byte and the whole message (header included).
 Message = tuple[int, bytes]

@@ -5,6 +5,7 @@ the proxy's own isolation probe, a write-through refresh."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from cacheproxy.advice.workload import StatementStats
 from cacheproxy.analysis.model import Kind
@@ -14,7 +15,7 @@ from cacheproxy.policy.classify import Classified
 from cacheproxy.policy.verdict import WriteScope
 from cacheproxy.protocol.statements import Statement
 
-KIND_LABELS = {
+KIND_LABELS: Final = {
     Kind.READ: "read",
     Kind.WRITE: "write",
     Kind.DDL: "ddl",

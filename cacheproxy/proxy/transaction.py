@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from cacheproxy.analysis.model import UNKNOWN_TABLE, Kind, QueryInfo, TxInfo, TxOp
 from cacheproxy.analysis.strings import mode as string_mode
@@ -40,14 +41,14 @@ from cacheproxy.policy.verdict import ReadVerdict, WriteScope
 from cacheproxy.protocol.messages import IDLE, IN_BLOCK, TX_STATUS_OF, TxStatus
 from cacheproxy.proxy.requests import Fill, IsolationProbe
 
-log = logging.getLogger("cacheproxy.caching")
+log: Final = logging.getLogger("cacheproxy.caching")
 
 # Isolation levels under which every statement sees the latest committed data, as a cached result does.
-FRESH_ISOLATION = ("read committed", "read uncommitted")
-_SET_CONFIG = ("set_config", "pg_catalog.set_config")
+FRESH_ISOLATION: Final = ("read committed", "read uncommitted")
+_SET_CONFIG: Final = ("set_config", "pg_catalog.set_config")
 # Session-state functions whose answer names the backend's own temporary schema once it has one (current_schemas(true)
 # lists it; current_schema() returns it when pg_temp comes first in the search_path).
-_SCHEMA_FUNCTIONS = frozenset(
+_SCHEMA_FUNCTIONS: Final = frozenset(
     {"current_schema", "current_schemas", "pg_catalog.current_schema", "pg_catalog.current_schemas"}
 )
 
@@ -81,7 +82,7 @@ class TxEnd:
 
 
 # The common ends, preallocated: most transactions are a lone autocommit statement that wrote nothing.
-_PLAIN = [TxEnd(bool(i & 2), bool(i & 1), (), (), False, False) for i in range(4)]  # [committed * 2 + chained]
+_PLAIN: Final = [TxEnd(bool(i & 2), bool(i & 1), (), (), False, False) for i in range(4)]  # [committed * 2 + chained]
 
 
 class TransactionTracker:
