@@ -15,7 +15,8 @@ calls per request (cProfile; deterministic, independent of the machine's load). 
 requests under `valgrind --tool=callgrind` and prints CPU instructions per request instead (stable to about 1%,
 with a fixed hash seed; about a minute): each measured run is bracketed by `os.getppid()` calls, before which
 callgrind dumps its counters (`--dump-before`), so that start-up and warm-up are left out. `--profile MODE KIND`
-prints the top functions of one.
+prints the top functions of one by cProfile (interpreted code only); `--top MODE KIND` by callgrind: the functions
+with the most CPU instructions per request, inclusive (compiled and interpreted, CPython's own C functions too).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import cProfile
 import os
 import pstats
+import re
 import shutil
 import subprocess
 import sys
@@ -200,10 +202,12 @@ def _calls(case: Case) -> float:
     return pstats.Stats(profile).total_calls / len(case.requests)  # type: ignore[attr-defined,no-any-return]
 
 
-async def marked() -> None:
+async def marked(only: tuple[str, str] | None = None) -> None:
     """Under callgrind: each case's measured requests between two `os.getppid()` marks (see `instructions`)."""
     for mode in MODES:
         for kind in KINDS:
+            if only is not None and (mode, kind) != only:
+                continue
             case = Case(mode, kind, _REQUESTS)
             case.warm()
             os.getppid()
@@ -233,6 +237,49 @@ def instructions() -> None:
     _table({case: total / _REQUESTS for case, total in zip(cases, measured, strict=False)})
 
 
+def top(mode: str, kind: str, count: int = 25) -> None:
+    """The functions with the most instructions per request (inclusive) for one mode and kind, by callgrind."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_annotate") is None:
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "cg.out"
+        command = ["valgrind", "--tool=callgrind", "--dump-before=os_getppid", f"--callgrind-out-file={out}",
+                   os.path.realpath(sys.executable), "-m", "bench.cost", "--marked", mode, kind]  # fmt: skip
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        measured = Path(f"{out}.2")  # (dump 1: up to the first mark; dump 2: the measured requests)
+        annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(measured)],
+                                   check=True, capture_output=True, text=True).stdout  # fmt: skip
+    print(f"CPU instructions per request, inclusive, {mode} {kind} (callgrind; top {count})")
+    for instructions, name in _top_functions(annotated, count):
+        print(f"{instructions / _REQUESTS:10,.0f}  {name}")
+
+
+def _top_functions(annotated: str, count: int) -> list[tuple[int, str]]:
+    """callgrind_annotate's inclusive lines as (instructions, readable name): mypyc's C names made dotted, the
+    driver's frames (the event loop, this module) left out, each name once."""
+    seen: dict[str, int] = {}
+    totals = re.search(r"([\d,]+) \([\s\d.]+%\)\s+PROGRAM TOTALS", annotated)
+    everything = int(totals.group(1).replace(",", "")) if totals else 0
+    for line in annotated.splitlines():
+        match = re.match(r"\s*([\d,]+) \([\s\d.]+%\)\s+(\S+)", line)
+        if match is None:
+            continue
+        instructions, where = int(match.group(1).replace(",", "")), match.group(2)
+        function = where.rsplit(":", 1)[-1].split("'")[0]
+        if function.startswith("CPyDef_"):
+            name = function.removeprefix("CPyDef_").replace("___", ".")  # module___Class___method
+        elif function.startswith(("CPyPy_", "0x", "_start", "main", "__libc")) or "below main" in where:
+            continue  # (Python-callable wrappers of the same functions; the driver's own frames)
+        else:
+            name = f"{function} (CPython)"
+        if name not in seen and len(seen) < 4 * count:
+            seen[name] = instructions
+    # The frames around the measured calls (the interpreter running this module, the event loop) include all of it.
+    ranked = [(value, name) for name, value in seen.items() if value < 0.97 * everything]
+    return ranked[:count]
+
+
 def _total(path: Path) -> int:
     for line in path.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
@@ -248,7 +295,11 @@ def _table(values: dict[tuple[str, str], float]) -> None:
 
 def main(argv: list[str]) -> None:
     if "--marked" in argv:
-        asyncio.run(marked())
+        at = argv.index("--marked")
+        asyncio.run(marked((argv[at + 1], argv[at + 2]) if len(argv) > at + 2 else None))
+    elif "--top" in argv:
+        at = argv.index("--top")
+        top(argv[at + 1], argv[at + 2])
     elif "--instructions" in argv:
         instructions()
     else:
