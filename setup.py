@@ -39,6 +39,7 @@ HOT_MODULES = [
     "cacheproxy/proxy/transaction.py",
     "cacheproxy/proxy/requests.py",
     "cacheproxy/proxy/cache_service.py",
+    "cacheproxy/proxy/plain_relay.py",
     "cacheproxy/cache/engine.py",
     "cacheproxy/cache/shard.py",
     "cacheproxy/cache/entry.py",

@@ -29,7 +29,7 @@ from cacheproxy.errors import (
 )
 from cacheproxy.observability.metrics import Metrics
 from cacheproxy.protocol import messages as m
-from cacheproxy.protocol.framing import HEADER_SIZE, Framer, encode
+from cacheproxy.protocol.framing import HEADER_SIZE, encode
 from cacheproxy.protocol.messages import IDLE
 from cacheproxy.protocol.startup import (
     CancelRequest,
@@ -47,6 +47,7 @@ from cacheproxy.proxy.interfaces import ConsoleSession
 from cacheproxy.proxy.link import Link
 from cacheproxy.proxy.listens import Listens
 from cacheproxy.proxy.offline import OfflineRelay, offline_startup
+from cacheproxy.proxy.plain_relay import FATAL_SEVERITIES, PlainStreams
 from cacheproxy.proxy.reattach import RelayState, Survival, relay_state, successor
 from cacheproxy.proxy.spare_upstream import SpareUpstream
 from cacheproxy.proxy.streams import (
@@ -68,13 +69,8 @@ log = logging.getLogger("cacheproxy.session")
 # Authentication requests after which the server waits for nothing from the client (AuthenticationOk and
 # AuthenticationSASLFinal); every other request code expects one PasswordMessage-family reply.
 _NO_REPLY_AUTH = frozenset((m.AUTH_OK, m.AUTH_SASL_FINAL))
-# PostgreSQL's own message-size ceiling (1 GB for a field, plus headers): server messages are trusted up to it.
-_MAX_BACKEND_MESSAGE = (1 << 30) + (1 << 20)
 _CLOSE_GRACE = 5.0
 _MAX_NEGOTIATIONS = 2
-_FATAL_SEVERITIES = frozenset(("FATAL", "PANIC"))
-# Frontend messages that end a request cycle; each one gets exactly one ReadyForQuery.
-_CYCLE_ENDS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
 # Bytes queued for a client beyond which the caching relay stops answering its requests (hits are written by the
 # proxy itself, so the server's own backpressure does not hold them): resumed when the buffer drains.
 _CLIENT_BACKLOG = 1 << 20
@@ -169,14 +165,12 @@ class Session:
         self._client_writer = writer
         self._up_reader: asyncio.StreamReader | None = None
         self._up_writer: asyncio.StreamWriter | None = None
-        self._in_flight = 0  # request cycles (Query/Sync/FunctionCall) forwarded and not yet answered by 'Z'
-        self._open_batch = False  # extended-protocol messages forwarded since the last Sync
         self._client_terminated = False
         self._upstream_fatal = False  # the upstream already told the client why it is closing
         self._close_requested: str | None = None
         self._relay_end: asyncio.Future[str] | None = None
-        self._client_framer = Framer(server.config.limits.max_message_size)
-        self._up_framer = Framer(_MAX_BACKEND_MESSAGE)
+        # With the cache off: what the relay reads of both streams (its loops compiled: proxy/plain_relay.py).
+        self._plain = PlainStreams(server.config.limits.max_message_size, self.transaction, self.parameters)
         self._idle_timeout = server.config.limits.idle_client_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
         self._caching: CachingRelay | None = None
@@ -200,7 +194,7 @@ class Session:
             return False
         if self._caching is not None:
             return not self._caching.busy
-        return not self._in_flight and not self._open_batch
+        return not self._plain.in_flight and not self._plain.open_batch
 
     @property
     def user(self) -> str:
@@ -618,27 +612,22 @@ class Session:
                 self._client_terminated = True
                 self._end_relay("client sent Terminate")
             return
+        plain = self._plain
         try:
-            region, frames = self._client_framer.feed(data)
+            region, frames = plain.client_framer.feed(data)
         except ProtocolViolation as exc:
             self._end_relay(exc)
             return
         if frames and frames[0][0] == m.QUERY and self._answer_admin_command(region, frames):
             return
-        for msg_type, _, _ in frames:
-            if msg_type in _CYCLE_ENDS:
-                self._in_flight += 1
-                self._open_batch = False
-            elif msg_type == m.TERMINATE:
-                self._client_terminated = True
-            elif msg_type not in m.FRONTEND_TYPES:
-                self._end_relay(ProtocolViolation(f"invalid frontend message type {msg_type}"))
-                return
-            elif msg_type not in (m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
-                self._open_batch = True
+        invalid = plain.count_client(frames)
+        if invalid >= 0:
+            self._end_relay(ProtocolViolation(f"invalid frontend message type {invalid}"))
+            return
         if region:
             self._up_writer_transport().write(region)
-        if self._client_terminated:
+        if plain.terminated:
+            self._client_terminated = True
             self._end_relay("client sent Terminate")
 
     def _on_upstream_data(self, data: bytes) -> None:
@@ -651,18 +640,10 @@ class Session:
             self._guarded(self._caching.on_upstream_data, data)
             self._after_upstream_data()
             return
-        region, frames = self._up_framer.feed(data)
-        for msg_type, start, end in frames:
-            if msg_type == m.READY_FOR_QUERY:
-                if self._in_flight:
-                    self._in_flight -= 1
-                self.transaction.on_ready(region[start + HEADER_SIZE : start + HEADER_SIZE + 1])
-            elif msg_type == m.PARAMETER_STATUS:
-                name, value = m.decode_parameter_status(region[start + HEADER_SIZE : end])
-                self.parameters[name] = value
-            elif msg_type == m.ERROR_RESPONSE:
-                severity = m.decode_error_fields(region[start + HEADER_SIZE : end]).get("V", "")
-                self._upstream_fatal = self._upstream_fatal or severity in _FATAL_SEVERITIES
+        plain = self._plain
+        region = plain.from_upstream(data)
+        if plain.fatal:
+            self._upstream_fatal = True
         self._client_writer.transport.write(region)
         self._after_upstream_data()
 
@@ -687,7 +668,7 @@ class Session:
     def _answer_admin_command(self, region: bytes, frames: list[tuple[int, int, int]]) -> bool:
         """Without the cache the relay reads no queries, but the admin console must still answer: a lone Query
         starting with CACHEPROXY, with nothing in flight, is answered here."""
-        if len(frames) != 1 or frames[0][0] != m.QUERY or self._in_flight or self._open_batch:
+        if len(frames) != 1 or frames[0][0] != m.QUERY or self._plain.in_flight or self._plain.open_batch:
             return False
         sql = region[HEADER_SIZE:-1]
         if not is_admin_command(sql):
@@ -707,7 +688,7 @@ class Session:
 
     def note_error(self, body: bytes) -> None:
         severity = m.decode_error_fields(body).get("V", "")
-        self._upstream_fatal = self._upstream_fatal or severity in _FATAL_SEVERITIES
+        self._upstream_fatal = self._upstream_fatal or severity in FATAL_SEVERITIES
 
     def client_backlogged(self) -> bool:
         """The client has more than `_CLIENT_BACKLOG` bytes of answers it has not read yet."""
