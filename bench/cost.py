@@ -220,14 +220,7 @@ def instructions() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory() as directory:
-        out = Path(directory) / "cg.out"
-        command = ["valgrind", "--tool=callgrind", "--dump-before=os_getppid", f"--callgrind-out-file={out}",
-                   os.path.realpath(sys.executable), "-m", "bench.cost", "--marked"]  # fmt: skip
-        # A fixed hash seed: str hashes (dict probes, set order) then do not vary the counts from run to run.
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        dumps = sorted(Path(directory).glob("cg.out.*"), key=lambda path: int(path.name.rsplit(".", 1)[1]))
-        totals = [_total(path) for path in dumps]
+        totals = [_total(path) for path in _callgrind(Path(directory))]
     # Dumps: before each case's first mark (its set-up), then its measured requests at its second mark.
     measured = totals[1::2]
     cases = [(mode, kind) for mode in MODES for kind in KINDS]
@@ -237,17 +230,23 @@ def instructions() -> None:
     _table({case: total / _REQUESTS for case, total in zip(cases, measured, strict=False)})
 
 
+def _callgrind(directory: Path, *only: str) -> list[Path]:
+    """Run this module's `marked` requests (all cases, or `only` MODE KIND) under callgrind; its dumps, in order."""
+    out = directory / "cg.out"
+    command = ["valgrind", "--tool=callgrind", "--dump-before=os_getppid", f"--callgrind-out-file={out}",
+               os.path.realpath(sys.executable), "-m", "bench.cost", "--marked", *only]  # fmt: skip
+    # A fixed hash seed: str hashes (dict probes, set order) then do not vary the counts from run to run.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return sorted(directory.glob("cg.out.*"), key=lambda path: int(path.name.rsplit(".", 1)[1]))
+
+
 def top(mode: str, kind: str, count: int = 25) -> None:
     """The functions with the most instructions per request (inclusive) for one mode and kind, by callgrind."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_annotate") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory() as directory:
-        out = Path(directory) / "cg.out"
-        command = ["valgrind", "--tool=callgrind", "--dump-before=os_getppid", f"--callgrind-out-file={out}",
-                   os.path.realpath(sys.executable), "-m", "bench.cost", "--marked", mode, kind]  # fmt: skip
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        measured = Path(f"{out}.2")  # (dump 1: up to the first mark; dump 2: the measured requests)
+        measured = _callgrind(Path(directory), mode, kind)[1]  # (dump 1: up to the first mark; 2: the requests)
         annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(measured)],
                                    check=True, capture_output=True, text=True).stdout  # fmt: skip
     print(f"CPU instructions per request, inclusive, {mode} {kind} (callgrind; top {count})")

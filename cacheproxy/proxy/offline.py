@@ -97,7 +97,6 @@ class OfflineRelay(local_answers.Lookups):
         self._batch: list[tuple[int, bytes]] = []
         self._skipping = False  # an error was sent for the batch: discard up to its Sync, as PostgreSQL does
         self._stale_used: list[Entry] = []
-        self._count: Callable[[Hashable, Entry | None], None] = service.tier.count
         tx.epoch = str(service.settings_epoch)
         tx.parameter_reported()
 
@@ -177,7 +176,7 @@ class OfflineRelay(local_answers.Lookups):
     # Lookups for local_answers: only entries of rules with stale_if_error, live or within their window.
 
     def count(self, key: Hashable, entry: Entry | None) -> None:
-        self._count(key, entry)
+        self.service.tier.count(key, entry)
 
     def result(self, statement: Statement, arguments: bytes, max_rows: int) -> Entry | None:
         classified = self.service.classify(self.database, statement.query, self.tx.strings)
