@@ -108,6 +108,7 @@ class SharedTier:
         self._probe: asyncio.Task[None] | None = None
         self._owed: dict[bytes, bytes] = {}  # generation key -> value: bumps not made while the tier was away
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._storing = 0  # fills sent and not yet answered (stats: a sidecar's reads may miss what these hold)
         self.last_error: str | None = None
 
     # -- life -------------------------------------------------------------------------------------------------
@@ -329,7 +330,11 @@ class SharedTier:
             await pipe.execute()
 
         self.counters.fills += 1
-        self._spawn(self._call(store))
+        self._storing += 1
+        self._spawn(self._call(store)).add_done_callback(self._stored)
+
+    def _stored(self, _task: asyncio.Task[Any]) -> None:
+        self._storing -= 1
 
     def bump(
         self, database: str, names: Iterable[str], *, everything: bool = False, read: Iterable[str] = ()
@@ -458,6 +463,7 @@ class SharedTier:
             "hit_ratio": c.hits / lookups if lookups else None,
             "errors": c.errors,
             "fills": c.fills,
+            "fills_in_flight": self._storing,
             "bumps": c.bumps,
             "owed_bumps": len(self._owed),
             "breaker_opened": c.breaker_opened,
