@@ -196,14 +196,13 @@ def test_killed_worker_is_restarted(
     survivor.execute("SELECT v FROM kv WHERE k = 1").fetchone()
     assert _stat(survivor, "misses") == misses + 1
     # The restarted worker serves, and read-your-writes holds across the restart.
-    with ExitStack() as stack:
-        fresh = [stack.enter_context(_connect(proxy, pg, dbname)) for _ in range(12)]
-        assert {_worker(conn) for conn in fresh} == {0, 1}
-        for value in range(1, 30):
-            for conn in fresh:
-                conn.execute("SELECT v FROM kv WHERE k = 1").fetchone()
-            survivor.execute("UPDATE kv SET v = %s WHERE k = 1", (value,))
-            assert {conn.execute("SELECT v FROM kv WHERE k = 1").fetchone() for conn in fresh} == {(value,)}
+    # (connections opened until each worker has several: the kernel's hash may put a dozen on one worker)
+    fresh = [conn for conns in spread(proxy, 6).values() for conn in conns]
+    for value in range(1, 30):
+        for conn in fresh:
+            conn.execute("SELECT v FROM kv WHERE k = 1").fetchone()
+        survivor.execute("UPDATE kv SET v = %s WHERE k = 1", (value,))
+        assert {conn.execute("SELECT v FROM kv WHERE k = 1").fetchone() for conn in fresh} == {(value,)}
 
 
 def test_graceful_shutdown_stops_every_worker(
@@ -316,15 +315,14 @@ def test_snapshot_written_by_worker_0_warms_every_worker(
     admin_port = free_port()
     again = _start(start_cli_proxy, snapshot=snapshot, admin={**ADMIN, "listen": f"127.0.0.1:{admin_port}"})
     assert _scrape(admin_port)["cacheproxy_snapshot_entries_loaded_total"] >= 2 * 20  # every worker loaded it
-    with ExitStack() as stack:
-        conns = [stack.enter_context(_connect(again, pg, dbname)) for _ in range(8)]
-        assert {_worker(conn) for conn in conns} == {0, 1}
-        for conn in conns:
-            for key in range(1, 21):
-                assert conn.execute("SELECT id FROM t WHERE id = %s", (key,)).fetchone() == (key,)
+    # (connections opened until each worker has several: the kernel's hash may put all of a few on one worker)
+    conns = [conn for on_worker in spread(again, 4).values() for conn in on_worker]
+    for conn in conns:
+        for key in range(1, 21):
+            assert conn.execute("SELECT id FROM t WHERE id = %s", (key,)).fetchone() == (key,)
     samples = _scrape(admin_port)
     assert samples["cacheproxy_cache_misses_total"] == 0
-    assert samples["cacheproxy_cache_hits_total"] == 8 * 20
+    assert samples["cacheproxy_cache_hits_total"] == len(conns) * 20
 
 
 def test_port_in_use_exits_1(tmp_path: Path) -> None:
