@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from cacheproxy.config import build_config
-from cacheproxy.proxy.spare_upstream import MAX_AGE, SpareUpstream
+from cacheproxy.proxy.spare_upstream import MAX_AGE, REPLENISH_DELAY, SpareUpstream
 from cacheproxy.upstream import choose_address
 from tests.support.faulty import FaultyLink
 from tests.support.pgcluster import PgCluster
@@ -141,3 +141,39 @@ async def test_a_spare_is_not_used_when_too_old_or_for_another_address(pg: PgClu
     finally:
         await spares.close()
     assert spares.taken == 1
+
+
+async def test_the_replacement_of_a_taken_spare_is_opened_once(pg: PgCluster) -> None:
+    """A taken spare's replacement is opened after REPLENISH_DELAY (not during the taker's login); a client that comes
+    sooner finds none, opens its own connection and starts the replacement then, which the timer does not repeat."""
+    config = build_config(proxy_config(pg.url()), source="<test>")
+    spares = SpareUpstream(lambda: config)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def connect() -> bool:
+        _, writer, spare = await spares.connect()
+        writers.append(writer)
+        return spare
+
+    async def opened(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while spares.opened < count:
+            assert time.monotonic() < deadline, "no spare opened"
+            await asyncio.sleep(0.005)
+
+    try:
+        assert not await connect()
+        await opened(1)
+        assert await connect()  # takes it: the replacement is due later
+        assert spares.opened == 1
+        assert not await connect()  # before the timer: its own connection, and the replacement starts now
+        await opened(2)
+        await asyncio.sleep(REPLENISH_DELAY * 5)
+        assert spares.opened == 2  # (the timer was cancelled: one replacement, not two)
+        assert await connect()
+        await opened(3)  # a spare taken with no client after it: the timer opens its replacement
+    finally:
+        for writer in writers:
+            writer.close()
+        await spares.close()
+    assert spares.taken == 2
