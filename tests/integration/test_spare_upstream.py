@@ -46,6 +46,14 @@ def _opened(spares: SpareUpstream, count: int) -> Callable[[], bool]:
     return lambda: spares.opened == count
 
 
+async def _spares_opened(spares: SpareUpstream, count: int) -> None:
+    """(On the loop that opens them: `_wait_for` polls from another thread.)"""
+    deadline = time.monotonic() + 10
+    while spares.opened < count:
+        assert time.monotonic() < deadline, "no spare opened"
+        await asyncio.sleep(0.005)
+
+
 def _login(pg: PgCluster, proxy: ProxyThread, dbname: str) -> tuple[object, ...] | None:
     user, password = pg.SCRAM_USER, pg.SCRAM_PASSWORD
     with psycopg.connect(pg.dsn(user=user, password=password, dbname=dbname, port=proxy.port)) as conn:
@@ -119,20 +127,14 @@ async def test_a_spare_is_not_used_when_too_old_or_for_another_address(pg: PgClu
         writer.close()
         return spare
 
-    async def ready(count: int) -> None:
-        deadline = time.monotonic() + 10
-        while spares.opened < count:
-            assert time.monotonic() < deadline, "no spare opened"
-            await asyncio.sleep(0.02)
-
     try:
         assert not await connect()  # the first connection: nothing was opened ahead yet
-        await ready(1)
+        await _spares_opened(spares, 1)
         assert await connect()
-        await ready(2)
+        await _spares_opened(spares, 2)
         now[0] += MAX_AGE  # (its expiry timer runs on the loop's own clock: the age check at take time suffices)
         assert not await connect()
-        await ready(3)
+        await _spares_opened(spares, 3)
         choose_address(config.upstream, (pg.host, faulty.port))  # a failover chose another server
         try:
             assert not await connect()
@@ -155,23 +157,17 @@ async def test_the_replacement_of_a_taken_spare_is_opened_once(pg: PgCluster) ->
         writers.append(writer)
         return spare
 
-    async def opened(count: int) -> None:
-        deadline = time.monotonic() + 10
-        while spares.opened < count:
-            assert time.monotonic() < deadline, "no spare opened"
-            await asyncio.sleep(0.005)
-
     try:
         assert not await connect()
-        await opened(1)
+        await _spares_opened(spares, 1)
         assert await connect()  # takes it: the replacement is due later
         assert spares.opened == 1
         assert not await connect()  # before the timer: its own connection, and the replacement starts now
-        await opened(2)
+        await _spares_opened(spares, 2)
         await asyncio.sleep(REPLENISH_DELAY * 5)
         assert spares.opened == 2  # (the timer was cancelled: one replacement, not two)
         assert await connect()
-        await opened(3)  # a spare taken with no client after it: the timer opens its replacement
+        await _spares_opened(spares, 3)  # a spare taken with no client after it: the timer opens its replacement
     finally:
         for writer in writers:
             writer.close()
