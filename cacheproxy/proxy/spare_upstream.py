@@ -36,9 +36,9 @@ MAX_AGE = 20.0
 DEMAND_WINDOW = 60.0
 # The replacement of a spare just taken is opened this long after, not at once: the postmaster's fork of a backend and
 # the sslmode round trip would compete for the CPU with the login and first query of the session that took the spare
-# (on a 2-core host, psycopg's connect + SELECT 1 + close through the proxy took 0.2-0.5 ms longer with the
-# replacement opened at once). Short enough that it is ready for a client coming a few ms later; a client that finds
-# no spare starts the replacement at once (and opens its own connection, as without spares).
+# (on a 2-core host, psycopg's connect + SELECT 1 + close through the caching proxy took 0.3 ms longer with the
+# replacement opened at once: README, "Connects"). Short enough that it is ready for a client coming a few ms later;
+# a client that finds no spare starts the replacement at once (and opens its own connection, as without spares).
 REPLENISH_DELAY = 0.003
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
