@@ -79,6 +79,11 @@ class SpareUpstream:
         self.taken = 0  # sessions that got a spare (tests and the benchmark read these)
         self.opened = 0  # spares opened
 
+    @property
+    def opening(self) -> int:
+        """Spares being opened now (a replacement due on the timer is not counted until it starts)."""
+        return self._opening
+
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
         """An upstream connection for a new session: a spare when one is ready (True), else a new one (False).
 

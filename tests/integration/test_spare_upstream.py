@@ -160,13 +160,15 @@ async def test_the_replacement_of_a_taken_spare_is_opened_once(pg: PgCluster) ->
     try:
         assert not await connect()
         await _spares_opened(spares, 1)
-        assert await connect()  # takes it: the replacement is due later
-        assert spares.opened == 1
+        assert await connect()  # takes it: the replacement is due later, not started during this login
+        assert spares.opening == 0
         assert not await connect()  # before the timer: its own connection, and the replacement starts now
+        assert spares.opening == 1
         await _spares_opened(spares, 2)
         await asyncio.sleep(REPLENISH_DELAY * 5)
-        assert spares.opened == 2  # (the timer was cancelled: one replacement, not two)
+        assert (spares.opened, spares.opening) == (2, 0)  # one replacement, not one more when the timer was due
         assert await connect()
+        assert spares.opening == 0
         await _spares_opened(spares, 3)  # a spare taken with no client after it: the timer opens its replacement
     finally:
         for writer in writers:
