@@ -110,6 +110,13 @@ def proxy(pg: PgCluster) -> Iterator[ProxyThread]:
         yield running
 
 
+@pytest.fixture(scope="session")
+def cache_off_proxy(pg: PgCluster) -> Iterator[ProxyThread]:
+    """The same with `cache.enabled: false`: sessions relayed by proxy/plain_relay.py, not the caching relay."""
+    with ProxyThread.from_mapping(proxy_config(pg.url(dbname="postgres"), cache={"enabled": False})) as running:
+        yield running
+
+
 @pytest.fixture
 def start_proxy(pg: PgCluster) -> Iterator[Callable[..., ProxyThread]]:
     """Start a private proxy with config overrides, e.g. `start_proxy(limits={"max_client_connections": 2})`."""

@@ -41,6 +41,15 @@ USER, PASSWORD = PgCluster.SCRAM_USER, PgCluster.SCRAM_PASSWORD
 Connect = Callable[..., psycopg.Connection[Any]]
 
 
+@pytest.fixture(scope="module", params=["cache on", "cache off"])
+def proxy(request: pytest.FixtureRequest, proxy: ProxyThread) -> ProxyThread:
+    """Every test here runs through both relays: the caching one and the cache-off one (proxy/plain_relay.py)."""
+    if request.param == "cache off":
+        off: ProxyThread = request.getfixturevalue("cache_off_proxy")
+        return off
+    return proxy
+
+
 def opener(pg: PgCluster, proxy: ProxyThread, dbname: str) -> Iterator[Connect]:
     """Yields `connect(proxied: bool, **kwargs)`, a sync connection to `dbname`; all are closed at teardown."""
     opened: list[psycopg.Connection[Any]] = []

@@ -28,6 +28,15 @@ from tests.support.rawpg import (
 INT4PL_OID = 177  # pg_proc: int4pl(int4, int4)
 
 
+@pytest.fixture(scope="module", params=["cache on", "cache off"])
+def proxy(request: pytest.FixtureRequest, proxy: ProxyThread) -> ProxyThread:
+    """Every test here runs through both relays: the caching one and the cache-off one (proxy/plain_relay.py)."""
+    if request.param == "cache off":
+        off: ProxyThread = request.getfixturevalue("cache_off_proxy")
+        return off
+    return proxy
+
+
 def test_startup_relays_parameters_and_issues_its_own_secret(pg: PgCluster, proxy: ProxyThread) -> None:
     with RawConn(proxy.host, proxy.port) as via, RawConn(pg.host, pg.port) as direct:
         params = {"application_name": "raw-test", "options": "-c search_path=pg_catalog"}
