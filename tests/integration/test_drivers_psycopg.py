@@ -34,20 +34,14 @@ from tests.support.compare import (
     assert_same_value,
 )
 from tests.support.pgcluster import PgCluster
-from tests.support.proxy import ProxyThread
+from tests.support.proxy import ProxyThread, through_both_relays
 
 USER, PASSWORD = PgCluster.SCRAM_USER, PgCluster.SCRAM_PASSWORD
 
 Connect = Callable[..., psycopg.Connection[Any]]
 
 
-@pytest.fixture(scope="module", params=["cache on", "cache off"])
-def proxy(request: pytest.FixtureRequest, proxy: ProxyThread) -> ProxyThread:
-    """Every test here runs through both relays: the caching one and the cache-off one (proxy/plain_relay.py)."""
-    if request.param == "cache off":
-        off: ProxyThread = request.getfixturevalue("cache_off_proxy")
-        return off
-    return proxy
+proxy = through_both_relays()  # every test here runs through both relays
 
 
 def opener(pg: PgCluster, proxy: ProxyThread, dbname: str) -> Iterator[Connect]:

@@ -15,7 +15,7 @@ import pytest
 from cacheproxy.protocol.framing import encode
 from cacheproxy.protocol.startup import encode_ssl_request, encode_startup
 from tests.support.pgcluster import PgCluster
-from tests.support.proxy import ProxyThread
+from tests.support.proxy import ProxyThread, through_both_relays
 from tests.support.rawpg import (
     RawConn,
     backend_key,
@@ -28,13 +28,7 @@ from tests.support.rawpg import (
 INT4PL_OID = 177  # pg_proc: int4pl(int4, int4)
 
 
-@pytest.fixture(scope="module", params=["cache on", "cache off"])
-def proxy(request: pytest.FixtureRequest, proxy: ProxyThread) -> ProxyThread:
-    """Every test here runs through both relays: the caching one and the cache-off one (proxy/plain_relay.py)."""
-    if request.param == "cache off":
-        off: ProxyThread = request.getfixturevalue("cache_off_proxy")
-        return off
-    return proxy
+proxy = through_both_relays()  # every test here runs through both relays
 
 
 def test_startup_relays_parameters_and_issues_its_own_secret(pg: PgCluster, proxy: ProxyThread) -> None:

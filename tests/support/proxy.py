@@ -9,6 +9,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import pytest
+
 from cacheproxy.app import App, new_event_loop
 from cacheproxy.config import Config, build_config
 
@@ -83,3 +85,18 @@ def proxy_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
         else:
             data[key] = value
     return data
+
+
+def through_both_relays() -> Any:
+    """A module's `proxy` fixture that runs each of its tests through the caching relay and through the cache-off
+    one (proxy/plain_relay.py): `proxy = through_both_relays()` in a test module. (The session's `proxy`, cache on,
+    and `cache_off_proxy` are tests/conftest.py's.)"""
+
+    @pytest.fixture(scope="module", params=["cache on", "cache off"])
+    def proxy(request: pytest.FixtureRequest, proxy: ProxyThread) -> ProxyThread:
+        if request.param == "cache off":
+            off: ProxyThread = request.getfixturevalue("cache_off_proxy")
+            return off
+        return proxy
+
+    return proxy
