@@ -110,9 +110,7 @@ class SpareUpstream:
         return reader, writer, False
 
     def _replenish(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()  # (whether it fired or a client came first: either way, the replacement starts now)
         if self._closed:
             return
         for _ in range(self._config().limits.spare_upstream_connections - len(self._spares) - self._opening):
@@ -141,6 +139,11 @@ class SpareUpstream:
         finally:
             self._opening -= 1
 
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _expire(self, spare: _Spare) -> None:
         """A spare reached MAX_AGE unused: close it, and open another while clients keep coming."""
         if spare not in self._spares:
@@ -153,9 +156,7 @@ class SpareUpstream:
     async def close(self) -> None:
         """Close the spares and stop opening new ones (shutdown)."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
